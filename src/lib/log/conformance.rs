@@ -1,0 +1,288 @@
+//! The conformance suite every log storage must pass.
+//!
+//! Each check takes a function that makes a fresh, empty storage; clones of
+//! a storage must refer to the same directory, so a check can reopen the log.
+//! [`log_conformance_tests!`](crate::log_conformance_tests) turns the suite
+//! into one `#[test]` per check.
+
+use super::format::{Entry, Kind, PAYLOAD_MAX};
+use super::{LogError, LogOptions, SegmentLog, Storage, SyncPolicy};
+
+/// Cluster id used by the suite.
+pub const CLUSTER: u64 = 0xfa1c_0000_0000_0001;
+
+fn opts(segment_bytes_max: u64) -> LogOptions {
+    LogOptions {
+        segment_bytes_max,
+        ..LogOptions::new(CLUSTER, 1)
+    }
+}
+
+/// A deterministic entry for op `op`.
+pub fn entry(view: u64, op: u64) -> Entry {
+    let kind = Kind::ALL[(op % 5) as usize];
+    Entry {
+        view,
+        op,
+        kind,
+        conn: op % 7,
+        time_ns: 1_780_000_000_000_000_000 + op * 1000,
+        payload: format!("payload of op {op} in view {view}")
+            .into_bytes()
+            .repeat((op % 4) as usize),
+    }
+}
+
+fn entries(view: u64, ops: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    ops.map(|op| entry(view, op)).collect()
+}
+
+fn open<S: Storage + Clone>(s: &S, o: LogOptions) -> SegmentLog<S> {
+    SegmentLog::open(s.clone(), o).expect("open").0
+}
+
+fn read_all<S: Storage>(log: &SegmentLog<S>) -> Vec<Entry> {
+    log.read(log.first_op(), usize::MAX, usize::MAX)
+        .expect("read")
+}
+
+/// A new log is empty, starts at op 1, and says it was created.
+pub fn new_log_is_empty<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let (log, rec) = SegmentLog::open(s.clone(), opts(1 << 20)).unwrap();
+    assert!(rec.created);
+    assert_eq!((log.first_op(), log.last_op(), log.next_op()), (1, 0, 1));
+    assert!(read_all(&log).is_empty());
+    drop(log);
+    let (log, rec) = SegmentLog::open(s, opts(1 << 20)).unwrap();
+    assert!(!rec.created);
+    assert!(rec.torn.is_none());
+    assert_eq!(log.last_op(), 0);
+}
+
+/// What is appended reads back, whole and in ranges, before and after reopening.
+pub fn append_then_read<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(1 << 20));
+    let want = entries(1, 1..=50);
+    log.append(&want[..10]).unwrap();
+    log.append(&want[10..]).unwrap();
+    assert_eq!(log.sync().unwrap(), 50);
+    assert_eq!(read_all(&log), want);
+    assert_eq!(log.read(20, 5, usize::MAX).unwrap(), want[19..24].to_vec());
+    assert_eq!(log.entry(33).unwrap(), want[32]);
+    assert_eq!(log.read(51, 10, usize::MAX).unwrap(), vec![]);
+    // A byte budget stops after the entry that crosses it, but always returns one.
+    assert_eq!(log.read(1, 100, 0).unwrap().len(), 1);
+    drop(log);
+    let log = open(&s, opts(1 << 20));
+    assert_eq!(read_all(&log), want);
+    assert_eq!(log.durable_op(), 50);
+}
+
+/// Ops must be consecutive; a wrong op or an oversized payload changes nothing.
+pub fn rejects_out_of_order_and_oversized<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(1 << 20));
+    log.append(&entries(1, 1..=3)).unwrap();
+    match log.append(&[entry(1, 5)]) {
+        Err(LogError::Sequence {
+            expected: 4,
+            got: 5,
+        }) => {}
+        other => panic!("expected a sequence error, got {other:?}"),
+    }
+    let mut bad = entries(1, 4..=6);
+    bad[2].op = 9;
+    assert!(matches!(log.append(&bad), Err(LogError::Sequence { .. })));
+    let mut big = entry(1, 4);
+    big.payload = vec![0; PAYLOAD_MAX + 1];
+    assert!(matches!(log.append(&[big]), Err(LogError::TooLarge(_))));
+    assert_eq!(log.last_op(), 3);
+    assert_eq!(read_all(&log), entries(1, 1..=3));
+}
+
+/// Entries spread over many segments read back across segment boundaries and survive reopening.
+pub fn rollover_across_segments<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(600));
+    let want = entries(2, 1..=200);
+    for chunk in want.chunks(7) {
+        log.append(chunk).unwrap();
+        log.sync().unwrap();
+    }
+    let segs = log.segments();
+    assert!(segs.len() > 10, "only {} segments", segs.len());
+    for w in segs.windows(2) {
+        assert_eq!(w[0].last_op + 1, w[1].first_op);
+    }
+    assert_eq!(read_all(&log), want);
+    assert_eq!(
+        log.read(97, 40, usize::MAX).unwrap(),
+        want[96..136].to_vec()
+    );
+    drop(log);
+    let mut log = open(&s, opts(600));
+    assert_eq!(log.segments().len(), segs.len());
+    assert_eq!(read_all(&log), want);
+    log.append(&entries(3, 201..=210)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let log = open(&s, opts(600));
+    assert_eq!(log.last_op(), 210);
+    assert_eq!(log.entry(205).unwrap(), entry(3, 205));
+}
+
+/// Truncation drops the suffix durably (within a segment and across
+/// segments), and new entries continue the chain.
+pub fn truncate_suffix<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(700));
+    log.append(&entries(1, 1..=120)).unwrap();
+    log.sync().unwrap();
+    let before = log.segments().len();
+    log.truncate_after(100).unwrap();
+    assert_eq!(log.last_op(), 100);
+    log.truncate_after(40).unwrap();
+    assert!(log.segments().len() < before);
+    assert_eq!(log.last_op(), 40);
+    assert!(log.durable_op() <= 40);
+    // Truncating at or after the end does nothing.
+    log.truncate_after(40).unwrap();
+    log.truncate_after(1000).unwrap();
+    let mut want = entries(1, 1..=40);
+    want.extend(entries(5, 41..=60));
+    log.append(&want[40..]).unwrap();
+    log.sync().unwrap();
+    assert_eq!(read_all(&log), want);
+    drop(log);
+    let mut log = open(&s, opts(700));
+    assert_eq!(read_all(&log), want);
+    // Truncate everything.
+    log.truncate_after(0).unwrap();
+    assert_eq!(log.last_op(), 0);
+    log.append(&entries(9, 1..=3)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let log = open(&s, opts(700));
+    assert_eq!(read_all(&log), entries(9, 1..=3));
+}
+
+/// Compaction removes whole segments below an op, never the active one, and
+/// reading below the new first op is an error.
+pub fn compaction_removes_old_segments<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(600));
+    log.append(&entries(1, 1..=100)).unwrap();
+    log.sync().unwrap();
+    let removed = log.remove_segments_below(50).unwrap();
+    assert!(removed > 0);
+    let first = log.first_op();
+    assert!(first > 1 && first <= 50, "first op {first}");
+    assert!(matches!(
+        log.read(1, 1, usize::MAX),
+        Err(LogError::OutOfRange { .. })
+    ));
+    assert_eq!(read_all(&log), entries(1, first..=100));
+    // Never removes the segment being written.
+    log.remove_segments_below(u64::MAX).unwrap();
+    assert_eq!(log.segments().len(), 1);
+    assert_eq!(log.last_op(), 100);
+    let first = log.first_op();
+    drop(log);
+    let mut log = open(&s, opts(600));
+    assert_eq!(log.first_op(), first);
+    assert_eq!(log.last_op(), 100);
+    // Truncating below the first op is refused.
+    if first > 1 {
+        assert!(matches!(
+            log.truncate_after(first - 2),
+            Err(LogError::OutOfRange { .. })
+        ));
+    }
+    log.append(&entries(1, 101..=102)).unwrap();
+    assert_eq!(log.entry(102).unwrap(), entry(1, 102));
+}
+
+/// Reset starts the log over at any op (after a snapshot is installed).
+pub fn reset_starts_over<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(600));
+    log.append(&entries(1, 1..=30)).unwrap();
+    log.sync().unwrap();
+    log.reset(1001, 0xabcd).unwrap();
+    assert_eq!((log.first_op(), log.last_op()), (1001, 1000));
+    log.append(&entries(4, 1001..=1005)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let log = open(&s, opts(600));
+    assert_eq!(log.first_op(), 1001);
+    assert_eq!(read_all(&log), entries(4, 1001..=1005));
+}
+
+/// A log of another cluster or node is refused, and a second writer is locked out.
+pub fn refuses_other_owner_and_second_writer<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    let s = fresh();
+    let mut log = open(&s, opts(1 << 20));
+    log.append(&entries(1, 1..=2)).unwrap();
+    log.sync().unwrap();
+    match SegmentLog::open(s.clone(), opts(1 << 20)) {
+        Err(LogError::Locked(_)) => {}
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("a second writer opened a locked log"),
+    }
+    drop(log);
+    let other_node = LogOptions::new(CLUSTER, 2);
+    assert!(matches!(
+        SegmentLog::open(s.clone(), other_node),
+        Err(LogError::WrongOwner { .. })
+    ));
+    let other_cluster = LogOptions::new(CLUSTER + 1, 1);
+    assert!(matches!(
+        SegmentLog::open(s.clone(), other_cluster),
+        Err(LogError::WrongOwner { .. })
+    ));
+    assert_eq!(read_all(&open(&s, opts(1 << 20))), entries(1, 1..=2));
+}
+
+/// Every sync policy reads back the same; `always` is durable at return.
+pub fn sync_policies<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    for policy in [SyncPolicy::Always, SyncPolicy::Batch, SyncPolicy::Never] {
+        let s = fresh();
+        let o = LogOptions {
+            sync: policy,
+            ..opts(800)
+        };
+        let mut log = open(&s, o.clone());
+        log.append(&entries(1, 1..=40)).unwrap();
+        if policy == SyncPolicy::Always {
+            assert_eq!(log.durable_op(), 40);
+        }
+        assert_eq!(log.sync().unwrap(), 40);
+        drop(log);
+        assert_eq!(
+            read_all(&open(&s, o)),
+            entries(1, 1..=40),
+            "policy {policy}"
+        );
+    }
+}
+
+/// Expands to one `#[test]` per conformance check, for a storage made by `$fresh`.
+#[macro_export]
+macro_rules! log_conformance_tests {
+    ($fresh:expr) => {
+        $crate::log_conformance_tests!(@each $fresh;
+            new_log_is_empty, append_then_read, rejects_out_of_order_and_oversized,
+            rollover_across_segments, truncate_suffix, compaction_removes_old_segments,
+            reset_starts_over, refuses_other_owner_and_second_writer, sync_policies);
+    };
+    (@each $fresh:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::log::conformance::$name($fresh);
+            }
+        )*
+    };
+}

@@ -1,0 +1,715 @@
+//! The writable log: append with group commit, recovery, rollover,
+//! truncation and compaction.
+
+use super::LogError;
+use super::format::{self, CHAIN_START, Entry, SEGMENT_HEADER_LEN, SegmentHeader};
+use super::scan::{self, ScannedSegment, TornTail, Window};
+use super::storage::{Storage, StorageFile};
+
+/// When appended records are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// `fdatasync` after every append call.
+    Always,
+    /// `fdatasync` once per [`SegmentLog::sync`] call, covering every append
+    /// since the last one (group commit). Nothing may be acknowledged to
+    /// anyone before that call returns.
+    #[default]
+    Batch,
+    /// Never `fdatasync`: records reach the disk when the OS writes them back.
+    /// A power loss can lose acknowledged entries. Benchmarks and tests only.
+    Never,
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(SyncPolicy::Always),
+            "batch" => Ok(SyncPolicy::Batch),
+            "never" => Ok(SyncPolicy::Never),
+            _ => Err(format!(
+                "unknown sync policy {s:?} (expected always, batch or never)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncPolicy::Always => "always",
+            SyncPolicy::Batch => "batch",
+            SyncPolicy::Never => "never",
+        })
+    }
+}
+
+/// How to open a log.
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// The cluster the log belongs to; a log of another cluster is refused.
+    pub cluster_id: u64,
+    /// The replica that writes it; a log of another replica is refused.
+    pub node_id: u32,
+    /// A segment is closed and a new one started once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// When appends become durable.
+    pub sync: SyncPolicy,
+    /// The op of the first entry of a new log.
+    pub first_op: u64,
+}
+
+impl LogOptions {
+    /// Defaults (64 MiB segments, `batch`, first op 1) for a cluster and node.
+    pub fn new(cluster_id: u64, node_id: u32) -> LogOptions {
+        LogOptions {
+            cluster_id,
+            node_id,
+            segment_bytes_max: 64 << 20,
+            sync: SyncPolicy::Batch,
+            first_op: 1,
+        }
+    }
+}
+
+/// What [`SegmentLog::open`] found and repaired.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Recovery {
+    /// Whether the log was created by this open.
+    pub created: bool,
+    /// Segments in the log.
+    pub segments: usize,
+    /// First op held.
+    pub first_op: u64,
+    /// Last op held (`first_op - 1` when empty).
+    pub last_op: u64,
+    /// A torn tail that was cut off.
+    pub torn: Option<TornTail>,
+}
+
+/// Public facts about one segment.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SegmentInfo {
+    /// File name.
+    pub name: String,
+    /// First op.
+    pub first_op: u64,
+    /// Last op (`first_op - 1` when empty).
+    pub last_op: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+struct Segment<F> {
+    meta: ScannedSegment,
+    /// Open for writing: only the last segment.
+    file: Option<F>,
+}
+
+/// A replica's log on some [`Storage`].
+pub struct SegmentLog<S: Storage> {
+    storage: S,
+    opts: LogOptions,
+    segments: Vec<Segment<S::File>>,
+    next_op: u64,
+    last_crc: u32,
+    durable_op: u64,
+    poisoned: bool,
+    buf: Vec<u8>,
+    _lock: Box<dyn Send>,
+}
+
+impl<S: Storage> SegmentLog<S> {
+    /// Opens the log in `storage`, creating it when the directory is empty,
+    /// and recovers from a crash: a torn tail is cut off and reported in the
+    /// returned [`Recovery`]; any other damage is an error and nothing is changed.
+    pub fn open(storage: S, opts: LogOptions) -> Result<(SegmentLog<S>, Recovery), LogError> {
+        assert!(opts.first_op >= 1, "ops start at 1");
+        let lock = storage.lock().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                LogError::Locked(e.to_string())
+            } else {
+                LogError::io(format!("locking {}", storage.describe("LOCK")), e)
+            }
+        })?;
+        let outcome = scan::scan_log(&storage, u64::MAX, |_| Ok(true), |_| {})?;
+        let mut log = SegmentLog {
+            storage,
+            segments: Vec::new(),
+            next_op: opts.first_op,
+            last_crc: CHAIN_START,
+            durable_op: opts.first_op - 1,
+            poisoned: false,
+            buf: Vec::with_capacity(1 << 20),
+            opts,
+            _lock: lock,
+        };
+        let mut recovery = Recovery::default();
+        for seg in &outcome.segments {
+            log.check_owner(seg)?;
+        }
+        if let Some(torn) = &outcome.torn {
+            if torn.whole_segment {
+                log.storage
+                    .remove(&torn.segment)
+                    .map_err(|e| LogError::io(format!("removing torn segment {}", torn.file), e))?;
+                log.sync_dir()?;
+            } else {
+                let last = outcome
+                    .segments
+                    .last()
+                    .expect("a torn record lies in a segment");
+                let mut f = log.open_rw(&last.name)?;
+                f.set_len(torn.offset)
+                    .and_then(|_| f.sync_data())
+                    .map_err(|e| {
+                        LogError::io(format!("cutting the torn tail of {}", torn.file), e)
+                    })?;
+            }
+            recovery.torn = Some(torn.clone());
+        }
+        if outcome.segments.is_empty() {
+            let first = log.opts.first_op;
+            log.create_segment(first, CHAIN_START)?;
+            recovery.created = outcome.torn.is_none();
+        } else {
+            let n = outcome.segments.len();
+            for (i, meta) in outcome.segments.into_iter().enumerate() {
+                let file = if i + 1 == n {
+                    Some(log.open_rw(&meta.name)?)
+                } else {
+                    None
+                };
+                log.segments.push(Segment { meta, file });
+            }
+            let last = &log.segments[n - 1].meta;
+            log.next_op = last.last_op + 1;
+            log.last_crc = last.last_crc;
+            // Everything found on disk after recovery counts as durable: it
+            // survived a restart (or it is on its way there and a later sync covers it).
+            log.durable_op = last.last_op;
+        }
+        recovery.segments = log.segments.len();
+        recovery.first_op = log.first_op();
+        recovery.last_op = log.last_op();
+        Ok((log, recovery))
+    }
+
+    fn check_owner(&self, seg: &ScannedSegment) -> Result<(), LogError> {
+        let h = &seg.header;
+        if h.cluster_id != self.opts.cluster_id || h.node_id != self.opts.node_id {
+            return Err(LogError::WrongOwner {
+                file: self.storage.describe(&seg.name),
+                expected: format!(
+                    "cluster {:#x} node {}",
+                    self.opts.cluster_id, self.opts.node_id
+                ),
+                found: format!("cluster {:#x} node {}", h.cluster_id, h.node_id),
+            });
+        }
+        Ok(())
+    }
+
+    fn open_rw(&self, name: &str) -> Result<S::File, LogError> {
+        self.storage
+            .open_rw(name)
+            .map_err(|e| LogError::io(format!("opening {}", self.storage.describe(name)), e))
+    }
+
+    fn sync_dir(&mut self) -> Result<(), LogError> {
+        if self.opts.sync == super::SyncPolicy::Never {
+            return Ok(());
+        }
+        self.storage.sync_dir().map_err(|e| {
+            self.poisoned = true;
+            LogError::io(
+                format!("syncing directory {}", self.storage.describe("")),
+                e,
+            )
+        })
+    }
+
+    fn create_segment(&mut self, first_op: u64, prev_crc: u32) -> Result<(), LogError> {
+        let name = scan::segment_name(first_op);
+        let header = SegmentHeader {
+            version: format::FORMAT_VERSION,
+            cluster_id: self.opts.cluster_id,
+            node_id: self.opts.node_id,
+            first_op,
+            prev_crc,
+            created_ns: super::now_ns(),
+        };
+        let describe = self.storage.describe(&name);
+        let mut file = self
+            .storage
+            .create_new(&name)
+            .map_err(|e| LogError::io(format!("creating {describe}"), e))?;
+        let written = file
+            .write_all_at(&format::encode_segment_header(&header), 0)
+            .and_then(|_| {
+                if self.opts.sync == SyncPolicy::Never {
+                    Ok(())
+                } else {
+                    file.sync_data()
+                }
+            });
+        if let Err(e) = written {
+            // Leave no half-made segment behind (best effort; recovery would cut it anyway).
+            let _ = self.storage.remove(&name);
+            return Err(LogError::io(format!("writing the header of {describe}"), e));
+        }
+        self.sync_dir()?;
+        if let Some(last) = self.segments.last_mut() {
+            last.file = None;
+        }
+        self.segments.push(Segment {
+            meta: ScannedSegment {
+                name,
+                header,
+                last_op: first_op - 1,
+                last_crc: prev_crc,
+                len: SEGMENT_HEADER_LEN as u64,
+                index: Vec::new(),
+            },
+            file: Some(file),
+        });
+        self.next_op = first_op;
+        self.last_crc = prev_crc;
+        Ok(())
+    }
+
+    /// The first op the log holds (or would hold, when empty).
+    pub fn first_op(&self) -> u64 {
+        self.segments
+            .first()
+            .map(|s| s.meta.header.first_op)
+            .unwrap_or(self.next_op)
+    }
+
+    /// The last op appended (`first_op() - 1` when empty).
+    pub fn last_op(&self) -> u64 {
+        self.next_op - 1
+    }
+
+    /// The op the next appended entry must carry.
+    pub fn next_op(&self) -> u64 {
+        self.next_op
+    }
+
+    /// The last op known to be on disk.
+    pub fn durable_op(&self) -> u64 {
+        self.durable_op
+    }
+
+    /// The chain value after the last record.
+    pub fn last_crc(&self) -> u32 {
+        self.last_crc
+    }
+
+    /// The options the log was opened with.
+    pub fn options(&self) -> &LogOptions {
+        &self.opts
+    }
+
+    /// Facts about every segment, oldest first.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.segments
+            .iter()
+            .map(|s| SegmentInfo {
+                name: s.meta.name.clone(),
+                first_op: s.meta.header.first_op,
+                last_op: s.meta.last_op,
+                bytes: s.meta.len,
+            })
+            .collect()
+    }
+
+    /// Appends entries, which must carry consecutive ops starting at
+    /// [`next_op`](Self::next_op). They are written to the OS at once and are
+    /// durable after the next [`sync`](Self::sync) (policy `batch`), at
+    /// return (policy `always`), or whenever the OS decides (policy `never`).
+    ///
+    /// On an I/O error, a prefix of the entries may have been appended
+    /// (see [`last_op`](Self::last_op)); the rest can be retried.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        for (k, e) in entries.iter().enumerate() {
+            let expected = self.next_op + k as u64;
+            if e.op != expected {
+                return Err(LogError::Sequence {
+                    expected,
+                    got: e.op,
+                });
+            }
+            if e.payload.len() > format::PAYLOAD_MAX {
+                return Err(LogError::TooLarge(e.payload.len()));
+            }
+        }
+        let max = self.opts.segment_bytes_max;
+        let mut i = 0;
+        while i < entries.len() {
+            let seg_len = self.active().meta.len;
+            let seg_has_records = self.active().meta.last_op >= self.active().meta.header.first_op;
+            if seg_has_records && seg_len + entries[i].encoded_len() as u64 > max {
+                self.rollover()?;
+            }
+            let seg_len = self.active().meta.len;
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.clear();
+            let mut crc = self.last_crc;
+            let start = i;
+            let mut index_add = Vec::new();
+            let mut last_indexed = self.active().meta.index.last().map(|x| x.1);
+            while i < entries.len() {
+                let e = &entries[i];
+                let at = seg_len + buf.len() as u64;
+                if i > start && at + e.encoded_len() as u64 > max {
+                    break;
+                }
+                if last_indexed.is_none_or(|l| at - l >= scan::INDEX_STRIDE) {
+                    index_add.push((e.op, at, crc));
+                    last_indexed = Some(at);
+                }
+                crc = format::encode_record(e, crc, &mut buf);
+                i += 1;
+            }
+            let result = self.write_active(&buf, seg_len);
+            self.buf = buf;
+            result?;
+            let written = self.buf.len() as u64;
+            let seg = self.active_mut();
+            seg.meta.len += written;
+            seg.meta.last_op = entries[i - 1].op;
+            seg.meta.last_crc = crc;
+            seg.meta.index.extend(index_add);
+            self.next_op = entries[i - 1].op + 1;
+            self.last_crc = crc;
+        }
+        if self.buf.capacity() > 8 << 20 {
+            self.buf = Vec::with_capacity(1 << 20);
+        }
+        if self.opts.sync == SyncPolicy::Always {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn write_active(&mut self, buf: &[u8], at: u64) -> Result<(), LogError> {
+        let describe = self.storage.describe(&self.active().meta.name);
+        let file = self
+            .active_mut()
+            .file
+            .as_mut()
+            .expect("the last segment is open");
+        if let Err(e) = file.write_all_at(buf, at) {
+            // Cut whatever part of the write landed, so that a later append at
+            // the same offset cannot leave stale records behind it.
+            if file.set_len(at).is_err() {
+                self.poisoned = true;
+            }
+            return Err(LogError::io(
+                format!("appending to {describe} at offset {at}"),
+                e,
+            ));
+        }
+        Ok(())
+    }
+
+    fn active(&self) -> &Segment<S::File> {
+        self.segments.last().expect("a log always has a segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment<S::File> {
+        self.segments
+            .last_mut()
+            .expect("a log always has a segment")
+    }
+
+    fn rollover(&mut self) -> Result<(), LogError> {
+        if self.opts.sync != SyncPolicy::Never {
+            self.sync_active()?;
+        }
+        let (next, crc) = (self.next_op, self.last_crc);
+        self.create_segment(next, crc)
+    }
+
+    fn sync_active(&mut self) -> Result<(), LogError> {
+        let describe = self.storage.describe(&self.active().meta.name);
+        let file = self
+            .active_mut()
+            .file
+            .as_mut()
+            .expect("the last segment is open");
+        if let Err(e) = file.sync_data() {
+            self.poisoned = true;
+            return Err(LogError::io(format!("fdatasync of {describe}"), e));
+        }
+        Ok(())
+    }
+
+    /// Makes every appended entry durable (one `fdatasync` for all of them)
+    /// and returns the last durable op.
+    pub fn sync(&mut self) -> Result<u64, LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        if self.durable_op < self.last_op() && self.opts.sync != SyncPolicy::Never {
+            self.sync_active()?;
+        }
+        self.durable_op = self.last_op();
+        Ok(self.durable_op)
+    }
+
+    /// Finds the segment holding `op`.
+    fn segment_of(&self, op: u64) -> Option<usize> {
+        let i = self
+            .segments
+            .partition_point(|s| s.meta.header.first_op <= op);
+        if i == 0 {
+            return None;
+        }
+        let s = &self.segments[i - 1].meta;
+        (op <= s.last_op).then_some(i - 1)
+    }
+
+    fn out_of_range(&self, op: u64) -> LogError {
+        LogError::OutOfRange {
+            op,
+            first: self.first_op(),
+            last: self.last_op(),
+        }
+    }
+
+    /// Reads entries from `from` on: at most `max_entries` of them and, past
+    /// the first, at most `max_bytes` of payload.
+    pub fn read(
+        &self,
+        from: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, LogError> {
+        let mut out = Vec::new();
+        if from > self.last_op() || max_entries == 0 {
+            return Ok(out);
+        }
+        let mut si = self
+            .segment_of(from)
+            .ok_or_else(|| self.out_of_range(from))?;
+        let mut op = from;
+        let mut bytes = 0usize;
+        let mut window = Window::default();
+        while si < self.segments.len() && out.len() < max_entries {
+            let seg = &self.segments[si];
+            let describe = self.storage.describe(&seg.meta.name);
+            let opened;
+            let file: &S::File = match &seg.file {
+                Some(f) => f,
+                None => {
+                    opened = self
+                        .storage
+                        .open_ro(&seg.meta.name)
+                        .map_err(|e| LogError::io(format!("opening {describe}"), e))?;
+                    &opened
+                }
+            };
+            let (mut at_op, mut offset, mut prev) = locate(seg, op);
+            window.invalidate();
+            while at_op <= seg.meta.last_op && out.len() < max_entries {
+                let h = scan::next_record(file, &mut window, offset, seg.meta.len, at_op, prev)
+                    .map_err(|e| LogError::io(format!("reading {describe}"), e))?
+                    .map_err(|bad| LogError::Corrupt {
+                        file: describe.clone(),
+                        offset,
+                        reason: bad.to_string(),
+                    })?
+                    .ok_or_else(|| LogError::Corrupt {
+                        file: describe.clone(),
+                        offset,
+                        reason: format!("op {at_op} missing: the file is shorter than expected"),
+                    })?;
+                let len = h.encoded_len();
+                if h.op >= op {
+                    if !out.is_empty() && bytes + h.payload_len > max_bytes {
+                        return Ok(out);
+                    }
+                    let raw = window
+                        .get(file, offset, len)
+                        .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
+                    let (_, entry) = format::decode_entry(raw).map_err(|e| LogError::Corrupt {
+                        file: describe.clone(),
+                        offset,
+                        reason: e.to_string(),
+                    })?;
+                    bytes += h.payload_len;
+                    out.push(entry);
+                }
+                prev = h.crc;
+                offset += len as u64;
+                at_op += 1;
+            }
+            op = at_op;
+            si += 1;
+        }
+        Ok(out)
+    }
+
+    /// Reads one entry.
+    pub fn entry(&self, op: u64) -> Result<Entry, LogError> {
+        self.read(op, 1, usize::MAX)?
+            .pop()
+            .ok_or_else(|| self.out_of_range(op))
+    }
+
+    /// Removes every entry after `op`, durably. The view change uses this to
+    /// drop entries the new view does not have.
+    pub fn truncate_after(&mut self, op: u64) -> Result<(), LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        if op >= self.last_op() {
+            return Ok(());
+        }
+        if op + 1 < self.first_op() {
+            return Err(self.out_of_range(op));
+        }
+        let si = self.segment_of(op + 1).expect("op + 1 lies within the log");
+        // Where record op + 1 starts, and its prev (the chain value after op).
+        let (offset, prev) = {
+            let seg = &self.segments[si];
+            let describe = self.storage.describe(&seg.meta.name);
+            let file = match &seg.file {
+                Some(_) => None,
+                None => Some(
+                    self.storage
+                        .open_ro(&seg.meta.name)
+                        .map_err(|e| LogError::io(format!("opening {describe}"), e))?,
+                ),
+            };
+            let file = file.as_ref().or(seg.file.as_ref()).expect("a file");
+            let (mut at_op, mut offset, mut prev) = locate(seg, op + 1);
+            let mut window = Window::default();
+            while at_op < op + 1 {
+                let h = scan::next_record(file, &mut window, offset, seg.meta.len, at_op, prev)
+                    .map_err(|e| LogError::io(format!("reading {describe}"), e))?
+                    .map_err(|bad| LogError::Corrupt {
+                        file: describe.clone(),
+                        offset,
+                        reason: bad.to_string(),
+                    })?
+                    .ok_or_else(|| LogError::Corrupt {
+                        file: describe.clone(),
+                        offset,
+                        reason: "file shorter than expected".into(),
+                    })?;
+                prev = h.crc;
+                offset += h.encoded_len() as u64;
+                at_op += 1;
+            }
+            (offset, prev)
+        };
+        // Later segments go first: a crash in between leaves a prefix of the old log.
+        while self.segments.len() > si + 1 {
+            let seg = self.segments.pop().expect("checked");
+            drop(seg.file);
+            self.storage.remove(&seg.meta.name).map_err(|e| {
+                LogError::io(
+                    format!("removing {}", self.storage.describe(&seg.meta.name)),
+                    e,
+                )
+            })?;
+        }
+        self.sync_dir()?;
+        let name = self.segments[si].meta.name.clone();
+        let describe = self.storage.describe(&name);
+        let mut file = match self.segments[si].file.take() {
+            Some(f) => f,
+            None => self.open_rw(&name)?,
+        };
+        let cut = file.set_len(offset).and_then(|_| {
+            if self.opts.sync == SyncPolicy::Never {
+                Ok(())
+            } else {
+                file.sync_data()
+            }
+        });
+        if let Err(e) = cut {
+            self.poisoned = true;
+            return Err(LogError::io(
+                format!("truncating {describe} at offset {offset}"),
+                e,
+            ));
+        }
+        let seg = &mut self.segments[si];
+        seg.file = Some(file);
+        seg.meta.len = offset;
+        seg.meta.last_op = op;
+        seg.meta.last_crc = prev;
+        seg.meta.index.retain(|p| p.0 <= op);
+        self.next_op = op + 1;
+        self.last_crc = prev;
+        self.durable_op = self.durable_op.min(op);
+        Ok(())
+    }
+
+    /// Removes every segment whose entries all lie below `op` (compaction
+    /// after a snapshot). The segment being written is never removed. Returns
+    /// how many segments were removed.
+    pub fn remove_segments_below(&mut self, op: u64) -> Result<usize, LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let mut removed = 0;
+        // Oldest first: a crash in between leaves a contiguous suffix.
+        while self.segments.len() > 1 && self.segments[0].meta.last_op < op {
+            let name = self.segments[0].meta.name.clone();
+            self.storage.remove(&name).map_err(|e| {
+                LogError::io(format!("removing {}", self.storage.describe(&name)), e)
+            })?;
+            self.segments.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.sync_dir()?;
+        }
+        Ok(removed)
+    }
+
+    /// Drops the whole log and starts it again at `next_op`, chained to
+    /// `prev_crc` (after installing a snapshot that covers everything before).
+    pub fn reset(&mut self, next_op: u64, prev_crc: u32) -> Result<(), LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        assert!(next_op >= 1, "ops start at 1");
+        while let Some(seg) = self.segments.pop() {
+            drop(seg.file);
+            self.storage.remove(&seg.meta.name).map_err(|e| {
+                LogError::io(
+                    format!("removing {}", self.storage.describe(&seg.meta.name)),
+                    e,
+                )
+            })?;
+        }
+        self.sync_dir()?;
+        self.create_segment(next_op, prev_crc)?;
+        self.durable_op = next_op - 1;
+        Ok(())
+    }
+}
+
+/// The best starting point for reading `op` in a segment: (op, offset, chain value before it).
+fn locate<F>(seg: &Segment<F>, op: u64) -> (u64, u64, u32) {
+    let i = seg.meta.index.partition_point(|p| p.0 <= op);
+    if i == 0 {
+        return (
+            seg.meta.header.first_op,
+            SEGMENT_HEADER_LEN as u64,
+            seg.meta.header.prev_crc,
+        );
+    }
+    seg.meta.index[i - 1]
+}

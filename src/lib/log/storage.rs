@@ -1,0 +1,485 @@
+//! Where segment files live: a real directory, or an in-memory one that can
+//! simulate a crash (unsynced writes lost, the last write torn).
+//!
+//! The log is generic over [`Storage`] so that the same code, and the same
+//! on-disk format, runs on a real disk and inside the deterministic simulator.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A directory of segment files.
+///
+/// To be correct, an implementation must make a file's data durable on
+/// [`StorageFile::sync_data`], and the set of names durable on
+/// [`Storage::sync_dir`]; the log calls both before it reports anything
+/// durable.
+pub trait Storage: Send + 'static {
+    /// An open file.
+    type File: StorageFile;
+    /// Names of the files in the directory (no particular order).
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Creates a new, empty file; fails if it exists.
+    fn create_new(&self, name: &str) -> io::Result<Self::File>;
+    /// Opens an existing file for reading and writing.
+    fn open_rw(&self, name: &str) -> io::Result<Self::File>;
+    /// Opens an existing file for reading only.
+    fn open_ro(&self, name: &str) -> io::Result<Self::File>;
+    /// Removes a file.
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Makes creations and removals durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// A name for the file in messages (a path for real directories).
+    fn describe(&self, name: &str) -> String;
+    /// Takes an exclusive writer lock on the directory, held until the guard drops.
+    fn lock(&self) -> io::Result<Box<dyn Send>>;
+}
+
+/// One open file.
+pub trait StorageFile: Send + 'static {
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 at the end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Cuts or extends the file to `len` bytes.
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Makes the file's data durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+
+    /// Reads exactly `buf.len()` bytes at `offset`, or fewer at the end of the file;
+    /// returns how many were read.
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// A real directory on a file system.
+#[derive(Clone, Debug)]
+pub struct FsStorage {
+    dir: PathBuf,
+}
+
+impl FsStorage {
+    /// Uses `dir`, creating it when `create` is set.
+    pub fn new(dir: impl AsRef<Path>, create: bool) -> io::Result<FsStorage> {
+        let dir = dir.as_ref().to_path_buf();
+        if create {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let meta = std::fs::metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        Ok(FsStorage { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A real file.
+#[derive(Debug)]
+pub struct FsFile(File);
+
+impl StorageFile for FsFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(&self.0, buf, offset)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(&self.0, buf, offset)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+struct FsLock {
+    _file: File,
+}
+
+impl Storage for FsStorage {
+    type File = FsFile;
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+    fn create_new(&self, name: &str) -> io::Result<FsFile> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(name))
+            .map(FsFile)
+    }
+    fn open_rw(&self, name: &str) -> io::Result<FsFile> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(name))
+            .map(FsFile)
+    }
+    fn open_ro(&self, name: &str) -> io::Result<FsFile> {
+        File::open(self.dir.join(name)).map(FsFile)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.dir.join(name))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send>> {
+        use std::io::Write;
+        let path = self.dir.join("LOCK");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        // flock: released by the kernel when the process dies, so a crash
+        // never leaves a stale lock behind.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is locked by another falcon process{}",
+                        self.dir.display(),
+                        match holder.trim() {
+                            "" => String::new(),
+                            pid => format!(" (pid {pid})"),
+                        }
+                    ),
+                ));
+            }
+            return Err(err);
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Box::new(FsLock { _file: file }))
+    }
+}
+
+/// An in-memory directory for tests and the simulator.
+///
+/// Each file keeps what was written and what was last made durable; a
+/// [`MemStorage::crash`] keeps the durable state plus a random, possibly torn,
+/// part of what was not synced — as a real disk may after a power loss.
+/// Clones share the same directory.
+#[derive(Clone, Default)]
+pub struct MemStorage {
+    state: Arc<Mutex<MemState>>,
+}
+
+#[derive(Default)]
+struct MemState {
+    files: BTreeMap<String, Arc<Mutex<MemFileData>>>,
+    /// Names made durable by the last `sync_dir`.
+    durable_names: BTreeMap<String, Arc<Mutex<MemFileData>>>,
+    locked: bool,
+    /// When set, writes fail with "no space" once a file would exceed this many bytes in total.
+    space_bytes: Option<u64>,
+}
+
+#[derive(Default, Clone)]
+struct MemFileData {
+    data: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+/// An in-memory file.
+pub struct MemFile {
+    data: Arc<Mutex<MemFileData>>,
+    storage: Arc<Mutex<MemState>>,
+    writable: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemStorage {
+    /// A new, empty directory.
+    pub fn new() -> MemStorage {
+        MemStorage::default()
+    }
+
+    /// Simulates a power loss: every file keeps its durable bytes; of the bytes
+    /// written since the last sync, a random prefix survives and the rest is
+    /// lost or, for the last few bytes, replaced by zeros or garbage. Files
+    /// created or removed since the last directory sync may come back or vanish.
+    /// `seed` makes the outcome reproducible. The writer lock is released.
+    pub fn crash(&self, seed: u64) {
+        let mut rng = SplitMix(seed);
+        let mut st = lock(&self.state);
+        let mut names: BTreeMap<String, Arc<Mutex<MemFileData>>> = BTreeMap::new();
+        for (name, f) in st.durable_names.iter() {
+            names.insert(name.clone(), f.clone());
+        }
+        // Creations not yet made durable survive half of the time.
+        for (name, f) in st.files.iter() {
+            if !names.contains_key(name) && rng.next() % 2 == 0 {
+                names.insert(name.clone(), f.clone());
+            }
+        }
+        for f in names.values() {
+            let mut f = lock(f);
+            let durable = f.durable.clone();
+            let mut kept = durable.clone();
+            // The unsynced part: bytes of `data` past a common prefix with `durable`.
+            if f.data.len() > durable.len() && f.data.starts_with(&durable) {
+                let extra = &f.data[durable.len()..];
+                let keep = (rng.next() % (extra.len() as u64 + 1)) as usize;
+                kept.extend_from_slice(&extra[..keep]);
+                match rng.next() % 4 {
+                    // A torn sector: the tail of what was kept is garbage or zeros.
+                    0 if keep > 0 => {
+                        let n = 1 + (rng.next() % keep.min(16) as u64) as usize;
+                        let at = kept.len() - n;
+                        for b in &mut kept[at..] {
+                            *b = rng.next() as u8;
+                        }
+                    }
+                    1 => {
+                        let n = (rng.next() % 64) as usize;
+                        kept.extend(std::iter::repeat_n(0u8, n));
+                    }
+                    _ => {}
+                }
+            }
+            f.data = kept.clone();
+            f.durable = kept;
+        }
+        st.files = names.clone();
+        st.durable_names = names;
+        st.locked = false;
+    }
+
+    /// Limits the total bytes of all files; writes beyond it fail with "no space".
+    pub fn set_space_limit(&self, bytes: Option<u64>) {
+        lock(&self.state).space_bytes = bytes;
+    }
+
+    /// The current contents of a file (for tests that damage files on purpose).
+    pub fn read_file(&self, name: &str) -> Option<Vec<u8>> {
+        lock(&self.state)
+            .files
+            .get(name)
+            .map(|f| lock(f).data.clone())
+    }
+
+    /// Replaces a file's contents, durably (for tests that damage files on purpose).
+    pub fn write_file(&self, name: &str, bytes: &[u8]) {
+        let mut st = lock(&self.state);
+        let f = Arc::new(Mutex::new(MemFileData {
+            data: bytes.to_vec(),
+            durable: bytes.to_vec(),
+        }));
+        st.files.insert(name.to_string(), f.clone());
+        st.durable_names.insert(name.to_string(), f);
+    }
+
+    /// A deep copy that shares nothing with `self`.
+    pub fn snapshot(&self) -> MemStorage {
+        let st = lock(&self.state);
+        let copy = |m: &BTreeMap<String, Arc<Mutex<MemFileData>>>| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), Arc::new(Mutex::new(lock(v).clone()))))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let files = copy(&st.files);
+        let durable_names = st
+            .durable_names
+            .keys()
+            .filter_map(|k| files.get(k).map(|f| (k.clone(), f.clone())))
+            .collect();
+        MemStorage {
+            state: Arc::new(Mutex::new(MemState {
+                files,
+                durable_names,
+                locked: false,
+                space_bytes: st.space_bytes,
+            })),
+        }
+    }
+}
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
+}
+
+struct MemLock(Arc<Mutex<MemState>>);
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        lock(&self.0).locked = false;
+    }
+}
+
+impl Storage for MemStorage {
+    type File = MemFile;
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(lock(&self.state).files.keys().cloned().collect())
+    }
+    fn create_new(&self, name: &str) -> io::Result<MemFile> {
+        let mut st = lock(&self.state);
+        if st.files.contains_key(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                name.to_string(),
+            ));
+        }
+        let data = Arc::new(Mutex::new(MemFileData::default()));
+        st.files.insert(name.to_string(), data.clone());
+        Ok(MemFile {
+            data,
+            storage: self.state.clone(),
+            writable: true,
+        })
+    }
+    fn open_rw(&self, name: &str) -> io::Result<MemFile> {
+        let st = lock(&self.state);
+        let data = st.files.get(name).ok_or_else(|| not_found(name))?.clone();
+        Ok(MemFile {
+            data,
+            storage: self.state.clone(),
+            writable: true,
+        })
+    }
+    fn open_ro(&self, name: &str) -> io::Result<MemFile> {
+        let mut f = self.open_rw(name)?;
+        f.writable = false;
+        Ok(f)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        st.files
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| not_found(name))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        st.durable_names = st.files.clone();
+        Ok(())
+    }
+    fn describe(&self, name: &str) -> String {
+        format!("mem:{name}")
+    }
+    fn lock(&self) -> io::Result<Box<dyn Send>> {
+        let mut st = lock(&self.state);
+        if st.locked {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "in-memory log is locked by another writer",
+            ));
+        }
+        st.locked = true;
+        Ok(Box::new(MemLock(self.state.clone())))
+    }
+}
+
+impl StorageFile for MemFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.data).data.len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let f = lock(&self.data);
+        let Ok(offset) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        if offset >= f.data.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(f.data.len() - offset);
+        buf[..n].copy_from_slice(&f.data[offset..offset + n]);
+        Ok(n)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only"));
+        }
+        let offset = offset as usize;
+        let end = offset + buf.len();
+        let limit = lock(&self.storage).space_bytes;
+        let mut f = lock(&self.data);
+        if let Some(limit) = limit {
+            if end as u64 > limit && end > f.data.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on device",
+                ));
+            }
+        }
+        if f.data.len() < end {
+            f.data.resize(end, 0);
+        }
+        f.data[offset..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        lock(&self.data).data.resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        let mut f = lock(&self.data);
+        f.durable = f.data.clone();
+        Ok(())
+    }
+}
+
+/// A small deterministic generator (SplitMix64) so simulations need no crate.
+#[derive(Clone, Debug)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
