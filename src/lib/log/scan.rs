@@ -148,10 +148,18 @@ impl Window {
     }
 
     /// Bytes at `offset`: at least `min` of them unless the file ends first.
-    pub fn get<F: StorageFile>(&mut self, file: &F, offset: u64, min: usize) -> io::Result<&[u8]> {
+    /// Reads ahead up to 1 MiB, but not past `end_hint` (the known file length).
+    pub fn get<F: StorageFile>(
+        &mut self,
+        file: &F,
+        offset: u64,
+        min: usize,
+        end_hint: u64,
+    ) -> io::Result<&[u8]> {
         let end = self.start + self.len as u64;
         if offset < self.start || offset + min as u64 > end {
-            let want = min.max(CHUNK);
+            let ahead = end_hint.saturating_sub(offset).min(CHUNK as u64) as usize;
+            let want = min.max(ahead);
             if self.buf.len() < want {
                 self.buf.resize(want, 0);
             }
@@ -197,7 +205,7 @@ pub fn next_record<F: StorageFile>(
     if offset >= file_len {
         return Ok(Ok(None));
     }
-    let head = window.get(file, offset, RECORD_HEADER_LEN)?;
+    let head = window.get(file, offset, RECORD_HEADER_LEN, file_len)?;
     let need = if head.len() >= 4 {
         let l = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if (RECORD_HEADER_LEN..=RECORD_HEADER_LEN + format::PAYLOAD_MAX).contains(&l) {
@@ -208,7 +216,7 @@ pub fn next_record<F: StorageFile>(
     } else {
         RECORD_HEADER_LEN
     };
-    let bytes = window.get(file, offset, need)?;
+    let bytes = window.get(file, offset, need, file_len)?;
     let avail = bytes.len().min((file_len - offset) as usize);
     let h = match format::decode_record(&bytes[..avail]) {
         Ok(h) => h,
@@ -238,13 +246,13 @@ pub fn valid_record_after<F: StorageFile>(file: &F, after: u64, file_len: u64) -
     let mut window = Window::default();
     let mut at = after + RECORD_ALIGN as u64;
     while at + RECORD_HEADER_LEN as u64 <= file_len {
-        let b = window.get(file, at, RECORD_HEADER_LEN)?;
+        let b = window.get(file, at, RECORD_HEADER_LEN, file_len)?;
         let l = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
         if (RECORD_HEADER_LEN..=RECORD_HEADER_LEN + format::PAYLOAD_MAX).contains(&l)
             && at + format::padded_len(l) as u64 <= file_len
             && format::Kind::from_byte(b[8]).is_some()
         {
-            let b = window.get(file, at, format::padded_len(l))?;
+            let b = window.get(file, at, format::padded_len(l), file_len)?;
             if format::decode_record(b).is_ok() {
                 return Ok(true);
             }
@@ -426,7 +434,7 @@ pub fn scan_log<S: Storage>(
                     }
                     if h.op >= from_op {
                         let raw = window
-                            .get(&file, offset, len)
+                            .get(&file, offset, len, file_len)
                             .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
                         let seen = Seen {
                             segment: name,

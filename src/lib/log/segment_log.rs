@@ -187,9 +187,13 @@ impl<S: Storage> SegmentLog<S> {
             let last = &log.segments[n - 1].meta;
             log.next_op = last.last_op + 1;
             log.last_crc = last.last_crc;
-            // Everything found on disk after recovery counts as durable: it
-            // survived a restart (or it is on its way there and a later sync covers it).
             log.durable_op = last.last_op;
+            // What survived a process restart may still sit in the page cache
+            // only: make it durable before anyone relies on it.
+            if log.opts.sync != SyncPolicy::Never {
+                log.sync_active()?;
+                log.sync_dir()?;
+            }
         }
         recovery.segments = log.segments.len();
         recovery.first_op = log.first_op();
@@ -537,7 +541,7 @@ impl<S: Storage> SegmentLog<S> {
                         return Ok(out);
                     }
                     let raw = window
-                        .get(file, offset, len)
+                        .get(file, offset, len, seg.meta.len)
                         .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
                     let (_, entry) = format::decode_entry(raw).map_err(|e| LogError::Corrupt {
                         file: describe.clone(),

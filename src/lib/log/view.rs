@@ -253,7 +253,7 @@ impl<S: Storage> Follow<'_, S> {
             match step {
                 Ok(Some(h)) => {
                     let len = h.encoded_len();
-                    let payload = match self.window.get(file, self.offset, len) {
+                    let payload = match self.window.get(file, self.offset, len, self.file_len) {
                         Ok(raw) => {
                             raw[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len].to_vec()
                         }
