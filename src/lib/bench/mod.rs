@@ -1,1 +1,133 @@
-//! bench
+//! `falcon bench`: measurements that compare falcon with its baseline side
+//! by side, in one run, and print their setup.
+
+pub mod log_bench;
+pub mod stats;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::output::{Status, Ui};
+
+/// Arguments of `falcon bench`.
+#[derive(Clone, Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub struct BenchArgs {
+    /// The durable log: append throughput and append-to-durable latency for
+    /// 64 B and 4 KiB records per sync policy, group commit with many
+    /// writers, and `--verify` speed, beside the disk's own write+fdatasync rate.
+    #[arg(long, group = "what")]
+    pub log: bool,
+
+    /// Round trip of the transport, perftest style (not built yet: a later release).
+    #[arg(long, group = "what")]
+    pub rtt: bool,
+
+    /// Consensus latency and throughput (not built yet: a later release).
+    #[arg(long, group = "what")]
+    pub consensus: bool,
+
+    /// Where --log puts its scratch log (on the disk to measure; removed afterwards).
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    pub dir: PathBuf,
+
+    /// How long each measurement runs.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Size of the log that --log builds to measure --verify speed.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub verify_mib: u64,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  falcon bench --log                         the log on /var/tmp's disk, 2 s per test
+  falcon bench --log --dir /data --duration 5s
+  falcon bench --log --json > log-bench.json
+
+Every benchmark prints its setup and measures its baseline in the same run:
+for --log, the disk's own write+fdatasync rate for the same write pattern.";
+
+/// Why a benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// Any other I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A mode that a later release builds.
+    #[error("{0}")]
+    NotBuilt(String),
+}
+
+/// Runs `falcon bench`.
+pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, BenchError> {
+    if args.log {
+        return log_bench::run(args, ui, out);
+    }
+    let which = if args.rtt {
+        "--rtt"
+    } else if args.consensus {
+        "--consensus"
+    } else {
+        return Err(BenchError::NotBuilt(
+            "choose what to measure: --log (the other modes, --rtt and --consensus, come with the replication engine)"
+                .into(),
+        ));
+    };
+    Err(BenchError::NotBuilt(format!(
+        "falcon bench {which} is not built yet: it arrives with the consensus engine and transports; \
+         this release measures --log"
+    )))
+}
+
+/// The machine and place a benchmark ran on, printed beside every result.
+pub fn setup_lines(dir: &std::path::Path) -> Vec<(String, String)> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    vec![
+        ("date".into(), crate::output::rfc3339(crate::log::now_ns())),
+        ("cpu".into(), format!("{cpu} ({cores} cores)")),
+        ("kernel".into(), kernel),
+        ("falcon".into(), env!("CARGO_PKG_VERSION").into()),
+        (
+            "directory".into(),
+            format!("{} ({})", dir.display(), filesystem_of(dir)),
+        ),
+    ]
+}
+
+/// The file system type and device a path lives on, from /proc/mounts.
+pub fn filesystem_of(path: &std::path::Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        if path.starts_with(f[1]) && best.as_ref().is_none_or(|b| f[1].len() >= b.0) {
+            best = Some((f[1].len(), format!("{} on {}", f[2], f[0])));
+        }
+    }
+    best.map(|b| b.1)
+        .unwrap_or_else(|| "unknown file system".into())
+}

@@ -37,6 +37,7 @@ struct State {
     durable_op: u64,
     failed: Option<(io::ErrorKind, String)>,
     closing: bool,
+    rounds: u64,
 }
 
 struct Shared {
@@ -68,6 +69,7 @@ impl GroupCommit {
                 durable_op: log.durable_op(),
                 failed: None,
                 closing: false,
+                rounds: 0,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -96,7 +98,10 @@ impl GroupCommit {
                     batch.clear();
                     let mut st = lock(&sh.state);
                     match result {
-                        Ok(durable) => st.durable_op = durable,
+                        Ok(durable) => {
+                            st.durable_op = durable;
+                            st.rounds += 1;
+                        }
                         Err(e) => {
                             let kind = match &e {
                                 LogError::Io { source, .. } => source.kind(),
@@ -194,6 +199,11 @@ impl GroupCommit {
         let op = self.submit(view, kind, conn, time_ns, payload)?;
         self.wait_durable(op)?;
         Ok(op)
+    }
+
+    /// How many append+fdatasync rounds the log thread has completed.
+    pub fn rounds(&self) -> u64 {
+        lock(&self.shared.state).rounds
     }
 
     /// The last durable op.

@@ -19,6 +19,7 @@
 //!   log is reopened (the page cache can no longer be trusted).
 
 pub mod conformance;
+pub mod fixtures;
 pub mod format;
 pub mod group_commit;
 pub mod scan;
@@ -29,7 +30,7 @@ pub mod view;
 pub use format::{Entry, Kind};
 pub use group_commit::{GroupCommit, GroupCommitOptions};
 pub use scan::TornTail;
-pub use segment_log::{LogOptions, Recovery, SegmentInfo, SegmentLog, SyncPolicy};
+pub use segment_log::{Clock, LogOptions, Recovery, SegmentInfo, SegmentLog, SyncPolicy};
 pub use storage::{FsStorage, MemStorage, Storage, StorageFile};
 pub use view::{Follow, FollowEvent, LogView};
 

@@ -59,6 +59,34 @@ pub struct LogOptions {
     pub sync: SyncPolicy,
     /// The op of the first entry of a new log.
     pub first_op: u64,
+    /// The wall clock for segment headers (ns since the Unix epoch); the
+    /// simulator and the fixture generator pass their own.
+    pub clock: Clock,
+}
+
+/// A source of wall-clock time in ns since the Unix epoch.
+#[derive(Clone)]
+pub struct Clock(pub std::sync::Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock(std::sync::Arc::new(super::now_ns))
+    }
+    /// A clock that always reads `ns`.
+    pub fn fixed(ns: u64) -> Clock {
+        Clock(std::sync::Arc::new(move || ns))
+    }
+    /// The current time.
+    pub fn now_ns(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now_ns())
+    }
 }
 
 impl LogOptions {
@@ -70,6 +98,7 @@ impl LogOptions {
             segment_bytes_max: 64 << 20,
             sync: SyncPolicy::Batch,
             first_op: 1,
+            clock: Clock::system(),
         }
     }
 }
@@ -243,7 +272,7 @@ impl<S: Storage> SegmentLog<S> {
             node_id: self.opts.node_id,
             first_op,
             prev_crc,
-            created_ns: super::now_ns(),
+            created_ns: self.opts.clock.now_ns(),
         };
         let describe = self.storage.describe(&name);
         let mut file = self

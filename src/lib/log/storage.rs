@@ -159,7 +159,11 @@ impl Storage for FsStorage {
         File::open(&self.dir)?.sync_all()
     }
     fn describe(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
+        if name.is_empty() {
+            self.dir.display().to_string()
+        } else {
+            self.dir.join(name).display().to_string()
+        }
     }
     fn lock(&self) -> io::Result<Box<dyn Send>> {
         use std::io::Write;

@@ -1,0 +1,118 @@
+//! The command line: the one source of truth for parsing, `--help`, the man
+//! pages and the shell completions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use falcon::bench::BenchArgs;
+use falcon::inspect::LogInspectArgs;
+use falcon::output::ColorChoice;
+
+const ABOUT: &str =
+    "Keep an unmodified server program, or a QEMU virtual machine, running when its host dies";
+
+const LONG_ABOUT: &str = "\
+falcon runs the same program on 3 to 9 replicas and puts every input it receives into one total \
+order with a Multi-Paxos engine. An input reaches the program only after a majority of replicas \
+has it on disk, so nothing a client saw acknowledged is lost when a host dies.";
+
+const EXAMPLES: &str = "\
+Examples:
+  falcon log-inspect data/1/log             summary of a replica's log
+  falcon log-inspect data/1/log --verify    check every checksum (exit 1 if corrupt)
+  falcon bench --log                        the log against the raw disk
+
+Exit status:
+  0  success
+  1  failure (the command ran and found or hit a problem; see the message)
+  2  usage error (bad arguments, or a subcommand this release does not have yet)";
+
+/// falcon's command line.
+#[derive(Debug, Parser)]
+#[command(name = "falcon", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+#[command(propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Machine-readable output (JSON; JSON Lines for record streams).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More detail on standard error (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Only errors on standard error.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// When to use colour.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, global = true, value_name = "WHEN")]
+    pub color: ColorChoice,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a server program as one replica of a cluster (not in this release yet)
+    #[command(after_help = REPLICATE_EXAMPLES)]
+    Replicate(Later),
+
+    /// Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)
+    #[command(after_help = TAP_EXAMPLES)]
+    TapAttach(Later),
+
+    /// Measure the log, round trips and consensus, beside their baselines
+    Bench(BenchArgs),
+
+    /// Read, verify, follow and export a replica's log
+    LogInspect(LogInspectArgs),
+
+    /// Show cluster status and move leadership to another replica (not in this release yet)
+    #[command(after_help = FAILOVER_EXAMPLES)]
+    Failover(Later),
+
+    /// Write the man pages and shell completions (for packagers)
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+
+    /// Write the fixture logs under fixtures/ (for falcon's own tests)
+    #[command(hide = true)]
+    MakeFixtures(GenerateArgs),
+}
+
+/// Arguments of a subcommand that a later release builds.
+#[derive(Debug, Args)]
+pub struct Later {
+    /// Arguments (accepted and ignored: this subcommand is not built yet).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<String>,
+}
+
+/// Where to write generated files.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+const REPLICATE_EXAMPLES: &str = "\
+Planned usage (issue #4; this release exits with status 2):
+  falcon replicate --config cluster.toml --node 1 -- redis-server --port 6380 --save ''
+  falcon replicate --config cluster.toml --node 2 -- redis-server --port 6380 --save ''";
+
+const TAP_EXAMPLES: &str = "\
+Planned usage (issue #7; this release exits with status 2):
+  falcon tap-attach tap0 --config cluster.toml --node 1";
+
+const FAILOVER_EXAMPLES: &str = "\
+Planned usage (issue #8; this release exits with status 2):
+  falcon failover status --config cluster.toml
+  falcon failover transfer --to 2 --config cluster.toml";
