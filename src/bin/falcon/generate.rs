@@ -38,7 +38,9 @@ fn man_page(cmd: &clap::Command, name: &str) -> anyhow::Result<Vec<u8>> {
     }
     man.render_extra_section(&mut buf)?;
     buf.write_all(EXIT_STATUS.as_bytes())?;
-    man.render_version_section(&mut buf)?;
+    if cmd.get_version().is_some() || cmd.get_long_version().is_some() {
+        man.render_version_section(&mut buf)?;
+    }
     Ok(buf)
 }
 
@@ -55,7 +57,10 @@ pub fn write_all(out: &Path) -> anyhow::Result<()> {
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
     };
     write(man_dir.join("falcon.1"), &man_page(&cmd, "falcon")?)?;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("falcon-{}", sub.get_name());
         let sub = sub
             .clone()

@@ -1,0 +1,128 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_falcon_global_optspecs
+    string join \n json v/verbose q/quiet color= h/help V/version
+end
+
+function __fish_falcon_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_falcon_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_falcon_using_subcommand
+    set -l cmd (__fish_falcon_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c falcon -n "__fish_falcon_needs_command" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_needs_command" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_needs_command" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_needs_command" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_needs_command" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "replicate" -d 'Run a server program as one replica of a cluster (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "generate" -d 'Write the man pages and shell completions (for packagers)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "make-fixtures" -d 'Write the fixture logs under fixtures/ (for falcon\'s own tests)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l dir -d 'Where --log puts its scratch log (on the disk to measure; removed afterwards)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l duration -d 'How long each measurement runs' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l verify-mib -d 'Size of the log that --log builds to measure --verify speed' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l log -d 'The durable log: append throughput and append-to-durable latency for 64 B and 4 KiB records per sync policy, group commit with many writers, and `--verify` speed, beside the disk\'s own write+fdatasync rate'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport, perftest style (not built yet: a later release)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'Consensus latency and throughput (not built yet: a later release)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l hex -d 'A full hex dump of the record with this op' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l interval -d 'How often --follow looks for new records' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l export-pcap -d 'Write Open/Data/Close records as TCP/IP flows (and Frame records as they are) to a pcap file' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l pcap-port -d 'The server port of the flows in --export-pcap, so analysers decode the protocol' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l from -d 'Only records with op >= OP' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l to -d 'Only records with op <= OP' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l conn -d 'Only records of this connection' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l kind -d 'Only records of this kind (repeat for several): open, data, close, frame, noop' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l limit -d 'Stop after this many records' -r
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l entries -d 'One row per record: op, view, kind, connection, bytes, time and a preview of the payload'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l summary -d 'The summary (the default); with --json, as one JSON object'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l verify -d 'Check every checksum and the hash chain; exit 1 with the file and byte offset of the first bad record'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l strict -d 'With --verify: a torn tail (a write cut short by a crash) also fails'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l follow -d 'Print records as a running replica appends them, until Ctrl-C'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -l out -d 'Output directory' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand generate" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -l out -d 'Output directory' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "replicate" -d 'Run a server program as one replica of a cluster (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "generate" -d 'Write the man pages and shell completions (for packagers)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "make-fixtures" -d 'Write the fixture logs under fixtures/ (for falcon\'s own tests)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

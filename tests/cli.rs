@@ -1,0 +1,158 @@
+//! The command line itself: help, exit codes, generated man pages and completions.
+
+mod util;
+use util::*;
+
+#[test]
+fn help_lists_every_subcommand_with_a_summary() {
+    let r = run(&["--help"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for sub in [
+        "replicate",
+        "tap-attach",
+        "bench",
+        "log-inspect",
+        "failover",
+    ] {
+        let line = r
+            .lines()
+            .into_iter()
+            .find(|l| l.trim_start().starts_with(sub))
+            .unwrap_or_else(|| panic!("{sub} missing: {r:?}"));
+        assert!(
+            line.trim().len() > sub.len() + 10,
+            "no summary for {sub}: {line}"
+        );
+    }
+    for flag in ["--json", "--verbose", "--quiet", "--color"] {
+        assert!(r.stdout.contains(flag), "{flag} missing");
+    }
+    assert!(r.stdout.contains("Exit status"));
+    assert!(
+        !r.stdout.contains("generate"),
+        "hidden commands stay hidden"
+    );
+}
+
+#[test]
+fn every_subcommand_has_a_help_page_with_examples() {
+    for sub in [
+        "replicate",
+        "tap-attach",
+        "bench",
+        "log-inspect",
+        "failover",
+    ] {
+        let r = run(&[sub, "--help"]);
+        assert_eq!(r.code, 0, "{sub}: {r:?}");
+        assert!(
+            r.stdout.contains("falcon ")
+                && (r.stdout.contains("Examples") || r.stdout.contains("Planned usage")),
+            "{sub}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn later_subcommands_say_so_and_exit_2() {
+    for (args, issue) in [
+        (
+            vec!["replicate", "--", "redis-server", "--port", "6380"],
+            "#4",
+        ),
+        (vec!["tap-attach", "tap0"], "#7"),
+        (vec!["failover", "status"], "#8"),
+        (vec!["bench", "--rtt"], "not built yet"),
+    ] {
+        let r = run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains("not built yet") && r.stderr.contains(issue),
+            "{args:?}: {r:?}"
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "one clear line: {r:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(run(&["no-such-command"]).code, 2);
+    assert_eq!(run(&["log-inspect"]).code, 2);
+    let r = run(&["log-inspect", "x", "--kind", "banana"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("unknown kind"), "{r:?}");
+    assert_eq!(
+        run(&["log-inspect", "x", "--verify", "--entries"]).code,
+        2,
+        "modes exclude each other"
+    );
+    assert_eq!(
+        run(&["log-inspect", "x", "--follow", "--interval", "soon"]).code,
+        2,
+        "durations are humantime"
+    );
+}
+
+#[test]
+fn version_prints() {
+    let r = run(&["--version"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.starts_with("falcon "), "{r:?}");
+}
+
+#[test]
+fn committed_man_pages_and_completions_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&["generate", "--out", dir.path().to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for sub in ["man", "completions"] {
+        let fresh = tree(&dir.path().join(sub));
+        let committed = tree(&root().join(sub));
+        let names =
+            |t: &[(std::path::PathBuf, Vec<u8>)]| t.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&fresh),
+            names(&committed),
+            "{sub}/ differs: run `cargo run -- generate --out .`"
+        );
+        for ((name, a), (_, b)) in fresh.iter().zip(&committed) {
+            assert!(
+                a == b,
+                "{sub}/{} is stale: run `cargo run -- generate --out .`",
+                name.display()
+            );
+        }
+    }
+    let man = std::fs::read_to_string(root().join("man/falcon.1")).unwrap();
+    assert!(
+        man.contains("EXIT STATUS"),
+        "exit codes are documented in the man page"
+    );
+    for sub in [
+        "replicate",
+        "tap-attach",
+        "bench",
+        "log-inspect",
+        "failover",
+    ] {
+        assert!(root().join(format!("man/falcon-{sub}.1")).exists());
+    }
+}
+
+#[test]
+fn committed_fixtures_are_what_make_fixtures_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&["make-fixtures", "--out", dir.path().to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let fresh = tree(&dir.path().join("logs"));
+    let committed = tree(&root().join("fixtures/logs"));
+    assert_eq!(fresh.len(), committed.len());
+    for ((na, a), (nb, b)) in fresh.iter().zip(&committed) {
+        assert_eq!(na, nb);
+        assert!(
+            a == b,
+            "fixtures/logs/{} differs from what `falcon make-fixtures --out fixtures` writes",
+            na.display()
+        );
+    }
+}
