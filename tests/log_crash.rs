@@ -77,7 +77,7 @@ fn crash_at_every_byte_of_the_last_record() {
             match fill {
                 Fill::Cut => {}
                 Fill::Zeros => bytes.resize(full.len(), 0),
-                Fill::Garbage => bytes.extend((k..rec_len).map(|_| rng.next() as u8)),
+                Fill::Garbage => bytes.extend((k..rec_len).map(|_| rng.next_u64() as u8)),
             }
             c.write_file(&name, &bytes);
             let (mut log, rec) = SegmentLog::open(c.clone(), opts())

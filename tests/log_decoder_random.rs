@@ -14,23 +14,23 @@ fn random_bytes_never_panic_the_record_decoder() {
         format::encode_record(&entry(1, op), 0, &mut valid);
     }
     for i in 0..200_000u64 {
-        let len = (rng.next() % 300) as usize;
+        let len = (rng.next_u64() % 300) as usize;
         let mut buf: Vec<u8> = if i % 2 == 0 {
-            (0..len).map(|_| rng.next() as u8).collect()
+            (0..len).map(|_| rng.next_u64() as u8).collect()
         } else {
             // Mutate a valid stream: flips, truncation, plausible lengths.
-            let start = (rng.next() % valid.len() as u64) as usize & !7;
+            let start = (rng.next_u64() % valid.len() as u64) as usize & !7;
             let mut b = valid[start..(start + len).min(valid.len())].to_vec();
-            for _ in 0..(rng.next() % 4) {
+            for _ in 0..(rng.next_u64() % 4) {
                 if !b.is_empty() {
-                    let at = (rng.next() % b.len() as u64) as usize;
-                    b[at] = rng.next() as u8;
+                    let at = (rng.next_u64() % b.len() as u64) as usize;
+                    b[at] = rng.next_u64() as u8;
                 }
             }
             b
         };
         if i % 7 == 0 && buf.len() >= 4 {
-            buf[..4].copy_from_slice(&((rng.next() % 400) as u32).to_le_bytes());
+            buf[..4].copy_from_slice(&((rng.next_u64() % 400) as u32).to_le_bytes());
         }
         let _ = decode_record(&buf);
         let _ = decode_segment_header(&buf);
@@ -62,17 +62,17 @@ fn random_segment_files_never_panic_recovery_or_inspection() {
         .collect();
     for _ in 0..3_000 {
         let s = base.snapshot();
-        let name = &names[(rng.next() % names.len() as u64) as usize];
+        let name = &names[(rng.next_u64() % names.len() as u64) as usize];
         let mut bytes = s.read_file(name).unwrap();
-        match rng.next() % 3 {
-            0 => bytes.truncate((rng.next() % (bytes.len() as u64 + 1)) as usize),
+        match rng.next_u64() % 3 {
+            0 => bytes.truncate((rng.next_u64() % (bytes.len() as u64 + 1)) as usize),
             1 => {
-                for _ in 0..1 + rng.next() % 8 {
-                    let at = (rng.next() % bytes.len() as u64) as usize;
-                    bytes[at] = rng.next() as u8;
+                for _ in 0..1 + rng.next_u64() % 8 {
+                    let at = (rng.next_u64() % bytes.len() as u64) as usize;
+                    bytes[at] = rng.next_u64() as u8;
                 }
             }
-            _ => bytes = (0..rng.next() % 2048).map(|_| rng.next() as u8).collect(),
+            _ => bytes = (0..rng.next_u64() % 2048).map(|_| rng.next_u64() as u8).collect(),
         }
         s.write_file(name, &bytes);
         if let Ok(view) = LogView::new(s.clone()) {

@@ -93,7 +93,9 @@ fn disk_rate(
             .read(true)
             .open(p)
     };
+    settle();
     let mut file = open(&path)?;
+    let mut rolled = Vec::new();
     let buf = vec![0x5au8; bytes_per_sync];
     let mut offset = 0u64;
     let mut samples = Vec::new();
@@ -108,10 +110,13 @@ fn disk_rate(
         samples.push(t.elapsed());
         offset += buf.len() as u64;
         n += 1;
-        // Roll over like the log does, so both pay for new files alike.
+        // Roll over to a new file like the log does, keeping the old one
+        // (deleting it would let unsynced pages vanish without write-back).
         if offset >= 64 << 20 {
             drop(file);
-            std::fs::remove_file(&path)?;
+            let kept = path.with_extension(format!("{}", rolled.len()));
+            std::fs::rename(&path, &kept)?;
+            rolled.push(kept);
             file = open(&path)?;
             offset = 0;
         }
@@ -119,7 +124,16 @@ fn disk_rate(
     let secs = start.elapsed().as_secs_f64();
     drop(file);
     std::fs::remove_file(&path)?;
+    for p in rolled {
+        std::fs::remove_file(p)?;
+    }
     Ok((n as f64 / secs, summarize(&mut samples)))
+}
+
+/// Writes back everything dirty, so one test's leftovers do not slow the next.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 fn record_bytes(payload: usize) -> usize {
@@ -140,6 +154,7 @@ fn falcon_single(
         SyncPolicy::Batch
     };
     let mut log = fresh_log(dir, &name, sync)?;
+    settle();
     let batch_len = if per_sync == 0 { 1024 } else { per_sync };
     let body = vec![0xa5u8; payload];
     let mut batch: Vec<Entry> = (0..batch_len as u64).map(|i| entry(i + 1, &body)).collect();
@@ -174,6 +189,7 @@ fn falcon_group(
 ) -> Result<(f64, Summary, f64), BenchError> {
     let name = format!("group-{payload}");
     let log = fresh_log(dir, &name, SyncPolicy::Batch)?;
+    settle();
     let gc = Arc::new(GroupCommit::start(log, GroupCommitOptions::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();

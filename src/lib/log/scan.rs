@@ -125,21 +125,13 @@ pub fn read_header<F: StorageFile>(
 }
 
 /// A buffered window over a file, for sequential record reads.
+#[derive(Default)]
 pub struct Window {
     buf: Vec<u8>,
     start: u64,
     len: usize,
 }
 
-impl Default for Window {
-    fn default() -> Self {
-        Window {
-            buf: Vec::new(),
-            start: 0,
-            len: 0,
-        }
-    }
-}
 
 impl Window {
     /// Drops buffered bytes (after the file changed under us).

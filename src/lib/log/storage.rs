@@ -39,6 +39,7 @@ pub trait Storage: Send + 'static {
 }
 
 /// One open file.
+#[allow(clippy::len_without_is_empty)]
 pub trait StorageFile: Send + 'static {
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
@@ -264,7 +265,7 @@ impl MemStorage {
         }
         // Creations not yet made durable survive half of the time.
         for (name, f) in st.files.iter() {
-            if !names.contains_key(name) && rng.next() % 2 == 0 {
+            if !names.contains_key(name) && rng.next_u64() % 2 == 0 {
                 names.insert(name.clone(), f.clone());
             }
         }
@@ -275,19 +276,19 @@ impl MemStorage {
             // The unsynced part: bytes of `data` past a common prefix with `durable`.
             if f.data.len() > durable.len() && f.data.starts_with(&durable) {
                 let extra = &f.data[durable.len()..];
-                let keep = (rng.next() % (extra.len() as u64 + 1)) as usize;
+                let keep = (rng.next_u64() % (extra.len() as u64 + 1)) as usize;
                 kept.extend_from_slice(&extra[..keep]);
-                match rng.next() % 4 {
+                match rng.next_u64() % 4 {
                     // A torn sector: the tail of what was kept is garbage or zeros.
                     0 if keep > 0 => {
-                        let n = 1 + (rng.next() % keep.min(16) as u64) as usize;
+                        let n = 1 + (rng.next_u64() % keep.min(16) as u64) as usize;
                         let at = kept.len() - n;
                         for b in &mut kept[at..] {
-                            *b = rng.next() as u8;
+                            *b = rng.next_u64() as u8;
                         }
                     }
                     1 => {
-                        let n = (rng.next() % 64) as usize;
+                        let n = (rng.next_u64() % 64) as usize;
                         kept.extend(std::iter::repeat_n(0u8, n));
                     }
                     _ => {}
@@ -479,7 +480,7 @@ pub struct SplitMix(pub u64);
 
 impl SplitMix {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
