@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what falcon needs to build and test on Debian 12 or newer, then
+# builds it. Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libpcap-dev pkg-config tcpdump util-linux)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "falcon setup: installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "falcon setup: cargo not found. falcon needs Rust 1.85 or newer (edition 2024);" >&2
+    echo "install it with rustup (https://rustup.rs), then run this again." >&2
+    exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+cargo build --release --locked
