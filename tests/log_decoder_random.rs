@@ -72,7 +72,11 @@ fn random_segment_files_never_panic_recovery_or_inspection() {
                     bytes[at] = rng.next_u64() as u8;
                 }
             }
-            _ => bytes = (0..rng.next_u64() % 2048).map(|_| rng.next_u64() as u8).collect(),
+            _ => {
+                bytes = (0..rng.next_u64() % 2048)
+                    .map(|_| rng.next_u64() as u8)
+                    .collect()
+            }
         }
         s.write_file(name, &bytes);
         if let Ok(view) = LogView::new(s.clone()) {

@@ -132,7 +132,6 @@ pub struct Window {
     len: usize,
 }
 
-
 impl Window {
     /// Drops buffered bytes (after the file changed under us).
     pub fn invalidate(&mut self) {

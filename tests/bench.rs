@@ -1,0 +1,69 @@
+//! `falcon bench --log` runs end to end and reports every row with its
+//! baseline (a functional check; the numbers are in docs/BENCHMARKS.md).
+
+mod util;
+use util::*;
+
+#[test]
+fn bench_log_reports_falcon_beside_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&[
+        "bench",
+        "--log",
+        "--duration",
+        "50ms",
+        "--verify-mib",
+        "2",
+        "--json",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    assert!(
+        j["setup"]["directory"]
+            .as_str()
+            .unwrap()
+            .contains(dir.path().to_str().unwrap())
+    );
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    for row in rows {
+        assert!(row["records_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["disk_records_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["latency"]["samples"].as_u64().unwrap() > 0, "{row}");
+    }
+    for v in j["verify"].as_array().unwrap() {
+        assert!(v["gb_per_s"].as_f64().unwrap() > 0.0);
+    }
+    // The scratch directory is removed.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let r = run(&[
+        "bench",
+        "--log",
+        "--duration",
+        "20ms",
+        "--verify-mib",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for want in [
+        "cpu:",
+        "directory:",
+        "falcon rec/s",
+        "disk rec/s",
+        "group commit",
+        "log-inspect --verify",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {r:?}");
+    }
+}
+
+#[test]
+fn bench_without_a_mode_is_a_usage_error() {
+    let r = run(&["bench"]);
+    assert_eq!(r.code, 2, "{r:?}");
+}
