@@ -30,7 +30,7 @@ pub fn summarize(samples: &mut [Duration]) -> Summary {
         return Summary::default();
     }
     samples.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let us = |d: Duration| d.as_nanos() as f64 / 1e3;
     let n = samples.len();
     let pct = |p: f64| us(samples[((n as f64 * p).ceil() as usize).clamp(1, n) - 1]);
     let avg = samples.iter().map(|&d| us(d)).sum::<f64>() / n as f64;
