@@ -459,3 +459,46 @@ fn a_closed_pipe_is_not_an_error() {
     assert!(status.success(), "{status:?} {err}");
     assert!(err.is_empty(), "{err}");
 }
+
+#[test]
+fn verify_shows_a_progress_bar_on_a_terminal_for_a_large_log() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!(
+            "`script` (util-linux) is needed to give falcon a terminal; scripts/setup.sh installs it"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = SegmentLog::open(
+        FsStorage::new(dir.path(), false).unwrap(),
+        LogOptions::new(1, 1),
+    )
+    .unwrap();
+    let body = "y".repeat(60_000);
+    let batch: Vec<Entry> = (1..=1300).map(|op| entry(1, op, &body)).collect();
+    log.append(&batch).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let cmd = format!(
+        "{} log-inspect {} --verify",
+        env!("CARGO_BIN_EXE_falcon"),
+        dir.path().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("verifying") && text.contains("MiB"),
+        "no progress bar on a terminal: {text}"
+    );
+    assert!(text.contains("1300 records"), "{text}");
+    // Not on a pipe.
+    let r = run_at(dir.path(), &["--verify"]);
+    assert!(!r.stderr.contains("verifying"), "{r:?}");
+}

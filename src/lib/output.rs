@@ -136,6 +136,7 @@ impl Ui {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_message(what.to_string());
+        pb.tick();
         pb
     }
 }

@@ -432,7 +432,6 @@ impl<S: Storage> SegmentLog<S> {
     }
 
     fn write_active(&mut self, buf: &[u8], at: u64) -> Result<(), LogError> {
-        let describe = self.storage.describe(&self.active().meta.name);
         let file = self
             .active_mut()
             .file
@@ -444,6 +443,7 @@ impl<S: Storage> SegmentLog<S> {
             if file.set_len(at).is_err() {
                 self.poisoned = true;
             }
+            let describe = self.storage.describe(&self.active().meta.name);
             return Err(LogError::io(
                 format!("appending to {describe} at offset {at}"),
                 e,
@@ -471,7 +471,6 @@ impl<S: Storage> SegmentLog<S> {
     }
 
     fn sync_active(&mut self) -> Result<(), LogError> {
-        let describe = self.storage.describe(&self.active().meta.name);
         let file = self
             .active_mut()
             .file
@@ -479,6 +478,7 @@ impl<S: Storage> SegmentLog<S> {
             .expect("the last segment is open");
         if let Err(e) = file.sync_data() {
             self.poisoned = true;
+            let describe = self.storage.describe(&self.active().meta.name);
             return Err(LogError::io(format!("fdatasync of {describe}"), e));
         }
         Ok(())
