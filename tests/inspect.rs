@@ -335,7 +335,7 @@ fn entry(view: u64, op: u64, text: &str) -> Entry {
         kind: Kind::Data,
         conn: 9,
         time_ns: 1,
-        payload: text.as_bytes().to_vec(),
+        payload: text.as_bytes().to_vec().into(),
     }
 }
 

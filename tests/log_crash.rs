@@ -49,7 +49,7 @@ fn log_with_last_record(
         kind: Kind::Data,
         conn: 3,
         time_ns: 42,
-        payload: vec![b'x'; last_payload],
+        payload: vec![b'x'; last_payload].into(),
     };
     log.append(std::slice::from_ref(&last)).unwrap();
     log.sync().unwrap();
@@ -281,7 +281,7 @@ proptest! {
             match op {
                 Op::Append { n, size } => {
                     let next = l.next_op();
-                    let batch: Vec<Entry> = (next..next + n).map(|op| Entry { payload: vec![op as u8; size], ..entry(view, op) }).collect();
+                    let batch: Vec<Entry> = (next..next + n).map(|op| Entry { payload: vec![op as u8; size].into(), ..entry(view, op) }).collect();
                     l.append(&batch).unwrap();
                     model.extend(batch);
                 }

@@ -59,7 +59,7 @@ fn entry(op: u64, payload: &[u8]) -> Entry {
         kind: Kind::Data,
         conn: op % 64,
         time_ns: op,
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
     }
 }
 

@@ -29,7 +29,8 @@ pub fn entry(view: u64, op: u64) -> Entry {
         time_ns: 1_780_000_000_000_000_000 + op * 1000,
         payload: format!("payload of op {op} in view {view}")
             .into_bytes()
-            .repeat((op % 4) as usize),
+            .repeat((op % 4) as usize)
+            .into(),
     }
 }
 
@@ -96,7 +97,7 @@ pub fn rejects_out_of_order_and_oversized<S: Storage + Clone>(fresh: impl Fn() -
     bad[2].op = 9;
     assert!(matches!(log.append(&bad), Err(LogError::Sequence { .. })));
     let mut big = entry(1, 4);
-    big.payload = vec![0; PAYLOAD_MAX + 1];
+    big.payload = vec![0; PAYLOAD_MAX + 1].into();
     assert!(matches!(log.append(&[big]), Err(LogError::TooLarge(_))));
     assert_eq!(log.last_op(), 3);
     assert_eq!(read_all(&log), entries(1, 1..=3));

@@ -72,7 +72,7 @@ pub fn redis_session() -> Vec<Entry> {
                 kind,
                 conn,
                 time_ns: T0 + op * 1_500_000 + gap,
-                payload,
+                payload: payload.into(),
             }
         })
         .collect()
@@ -140,7 +140,7 @@ pub fn vm_frames() -> Vec<Entry> {
             kind: if i == 0 { Kind::Noop } else { Kind::Frame },
             conn: 0,
             time_ns: T0 + i as u64 * 1_000_000,
-            payload: f,
+            payload: f.into(),
         })
         .collect()
 }
@@ -216,7 +216,7 @@ pub fn write_all(out: &Path) -> Result<Vec<PathBuf>, LogError> {
         kind: Kind::Data,
         conn: 4,
         time_ns: T0 + 2_000_000_000,
-        payload: resp(&[b"SET", b"lost", b"never acknowledged"]),
+        payload: resp(&[b"SET", b"lost", b"never acknowledged"]).into(),
     });
     write_log(&torn, &more)?;
     let (seg, offset, len) = locate(&torn, more.len() as u64)?;

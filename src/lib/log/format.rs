@@ -138,8 +138,8 @@ pub struct Entry {
     pub conn: u64,
     /// The leader's clock when it proposed the entry, ns since the Unix epoch.
     pub time_ns: u64,
-    /// The bytes.
-    pub payload: Vec<u8>,
+    /// The bytes (shared, cheap to clone).
+    pub payload: bytes::Bytes,
 }
 
 impl Entry {
@@ -393,7 +393,8 @@ pub fn decode_record(b: &[u8]) -> Result<RecordHeader, DecodeError> {
 /// Decodes the record at the start of `b` into an owned [`Entry`].
 pub fn decode_entry(b: &[u8]) -> Result<(RecordHeader, Entry), DecodeError> {
     let h = decode_record(b)?;
-    let payload = b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len].to_vec();
+    let payload =
+        bytes::Bytes::copy_from_slice(&b[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len]);
     Ok((
         h,
         Entry {
@@ -421,7 +422,7 @@ mod tests {
             kind: Kind::Data,
             conn: 7,
             time_ns: 1_700_000_000_000_000_000,
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
         }
     }
 

@@ -166,7 +166,7 @@ impl GroupCommit {
             kind,
             conn,
             time_ns,
-            payload,
+            payload: payload.into(),
         });
         if st.queue.len() == 1 {
             sh.work.notify_one();
