@@ -1,0 +1,542 @@
+//! Engine messages and their versioned binary encoding.
+//!
+//! Every frame starts with a fixed header: magic `0xFA1C`, format version,
+//! message type, cluster id, sender and receiver. All integers are
+//! little-endian and fixed-width. The decoder checks every length against
+//! the bytes it has and against [`MESSAGE_BYTES_MAX`], and returns a
+//! [`DecodeError`] for anything malformed — it never panics.
+
+use bytes::Bytes;
+
+use crate::log::{Entry, Kind};
+
+/// Identifies a replica: 0 .. n-1.
+pub type NodeId = u32;
+
+/// Frame magic.
+pub const MAGIC: u16 = 0xFA1C;
+/// Encoding version written and accepted.
+pub const WIRE_VERSION: u8 = 1;
+/// The largest encoded message accepted (64 MiB).
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// The most entries one message may carry.
+pub const MESSAGE_ENTRIES_MAX: usize = 1 << 16;
+/// Bytes of the fixed frame header.
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 8 + 4 + 4;
+
+/// An engine message with its routing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The cluster; a message of another cluster is refused.
+    pub cluster: u64,
+    /// Sender.
+    pub from: NodeId,
+    /// Receiver.
+    pub to: NodeId,
+    /// The message.
+    pub msg: Message,
+}
+
+/// The protocol (Viewstamped Replication form of Multi-Paxos).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Leader → follower: entries `op_start ..` and the commit point. The first
+    /// Prepare of a view doubles as VR's StartView: a follower that is behind
+    /// in views installs it when it starts at or below its commit point + 1.
+    Prepare {
+        /// The leader's view.
+        view: u64,
+        /// Op of the first entry (entries are consecutive).
+        op_start: u64,
+        /// The entries (may be empty: then it is a probe).
+        entries: Vec<Entry>,
+        /// The leader's commit point.
+        commit: u64,
+    },
+    /// Follower → leader: every entry up to `op` is durable here, in `view`.
+    PrepareOk {
+        /// View.
+        view: u64,
+        /// Highest op held, durably, consistent with the leader's log.
+        op: u64,
+    },
+    /// Leader → follower: the commit point, on idle heartbeats.
+    Commit {
+        /// View.
+        view: u64,
+        /// Commit point.
+        commit: u64,
+    },
+    /// Follower → leader: my log ends before your entries start; send from `from`.
+    Missing {
+        /// The view the follower is (or wants to be) in.
+        view: u64,
+        /// First op needed.
+        from: u64,
+    },
+    /// A replica asks everyone to move to `view`.
+    StartViewChange {
+        /// The new view.
+        view: u64,
+    },
+    /// A replica → the new leader: its log, for the merge.
+    DoViewChange {
+        /// The new view.
+        view: u64,
+        /// The last view in which the sender's log was in step with a leader.
+        log_view: u64,
+        /// Last op of the sender's log.
+        last_op: u64,
+        /// The sender's commit point.
+        commit: u64,
+        /// Op of the first entry sent.
+        op_start: u64,
+        /// Entries `op_start ..= last_op`.
+        entries: Vec<Entry>,
+    },
+    /// The new leader → a replica: resend your DoViewChange with entries from `from`.
+    RequestDoViewChange {
+        /// The new view.
+        view: u64,
+        /// First op wanted.
+        from: u64,
+    },
+    /// Reply to a message of an older view: the sender is behind.
+    NewerView {
+        /// The replier's view.
+        view: u64,
+    },
+    /// Leader → follower: the entries you need are compacted away here; fetch a
+    /// snapshot covering everything up to `op`.
+    NeedSnapshot {
+        /// View.
+        view: u64,
+        /// The snapshot must cover at least up to this op.
+        op: u64,
+    },
+}
+
+impl Message {
+    /// The view the message belongs to.
+    pub fn view(&self) -> u64 {
+        match self {
+            Message::Prepare { view, .. }
+            | Message::PrepareOk { view, .. }
+            | Message::Commit { view, .. }
+            | Message::Missing { view, .. }
+            | Message::StartViewChange { view }
+            | Message::DoViewChange { view, .. }
+            | Message::RequestDoViewChange { view, .. }
+            | Message::NewerView { view }
+            | Message::NeedSnapshot { view, .. } => *view,
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Prepare { .. } => "prepare",
+            Message::PrepareOk { .. } => "prepare_ok",
+            Message::Commit { .. } => "commit",
+            Message::Missing { .. } => "missing",
+            Message::StartViewChange { .. } => "start_view_change",
+            Message::DoViewChange { .. } => "do_view_change",
+            Message::RequestDoViewChange { .. } => "request_do_view_change",
+            Message::NewerView { .. } => "newer_view",
+            Message::NeedSnapshot { .. } => "need_snapshot",
+        }
+    }
+}
+
+/// Why bytes are not a valid message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the message needs.
+    #[error("truncated message: {0} more bytes needed")]
+    Truncated(usize),
+    /// Bad magic.
+    #[error("not a falcon engine message (magic {0:#06x})")]
+    BadMagic(u16),
+    /// Another encoding version.
+    #[error("message encoding version {0} not supported (this falcon speaks {WIRE_VERSION})")]
+    Version(u8),
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// Over a size limit.
+    #[error("{what} of {size} exceeds the limit of {max}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An entry kind byte that is not a kind.
+    #[error("unknown entry kind {0}")]
+    BadKind(u8),
+    /// Entries whose ops do not count up from the start op.
+    #[error("entry ops are not consecutive from {0}")]
+    NotConsecutive(u64),
+    /// Bytes after the end of the message.
+    #[error("{0} bytes after the end of the message")]
+    Trailing(usize),
+}
+
+const T_PREPARE: u8 = 1;
+const T_PREPARE_OK: u8 = 2;
+const T_COMMIT: u8 = 3;
+const T_MISSING: u8 = 4;
+const T_SVC: u8 = 5;
+const T_DVC: u8 = 6;
+const T_RDVC: u8 = 7;
+const T_NEWER: u8 = 8;
+const T_SNAP: u8 = 9;
+
+fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.view.to_le_bytes());
+        out.extend_from_slice(&e.op.to_le_bytes());
+        out.push(e.kind.to_byte());
+        out.extend_from_slice(&e.conn.to_le_bytes());
+        out.extend_from_slice(&e.time_ns.to_le_bytes());
+        out.extend_from_slice(&(e.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&e.payload);
+    }
+}
+
+/// Appends the encoding of `env` to `out`.
+pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(WIRE_VERSION);
+    let u64s = |out: &mut Vec<u8>, xs: &[u64]| {
+        for x in xs {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    };
+    let t = match &env.msg {
+        Message::Prepare { .. } => T_PREPARE,
+        Message::PrepareOk { .. } => T_PREPARE_OK,
+        Message::Commit { .. } => T_COMMIT,
+        Message::Missing { .. } => T_MISSING,
+        Message::StartViewChange { .. } => T_SVC,
+        Message::DoViewChange { .. } => T_DVC,
+        Message::RequestDoViewChange { .. } => T_RDVC,
+        Message::NewerView { .. } => T_NEWER,
+        Message::NeedSnapshot { .. } => T_SNAP,
+    };
+    out.push(t);
+    out.extend_from_slice(&env.cluster.to_le_bytes());
+    out.extend_from_slice(&env.from.to_le_bytes());
+    out.extend_from_slice(&env.to.to_le_bytes());
+    match &env.msg {
+        Message::Prepare {
+            view,
+            op_start,
+            entries,
+            commit,
+        } => {
+            u64s(out, &[*view, *op_start, *commit]);
+            put_entries(out, entries);
+        }
+        Message::PrepareOk { view, op } => u64s(out, &[*view, *op]),
+        Message::Commit { view, commit } => u64s(out, &[*view, *commit]),
+        Message::Missing { view, from } => u64s(out, &[*view, *from]),
+        Message::StartViewChange { view } => u64s(out, &[*view]),
+        Message::DoViewChange {
+            view,
+            log_view,
+            last_op,
+            commit,
+            op_start,
+            entries,
+        } => {
+            u64s(out, &[*view, *log_view, *last_op, *commit, *op_start]);
+            put_entries(out, entries);
+        }
+        Message::RequestDoViewChange { view, from } => u64s(out, &[*view, *from]),
+        Message::NewerView { view } => u64s(out, &[*view]),
+        Message::NeedSnapshot { view, op } => u64s(out, &[*view, *op]),
+    }
+}
+
+/// Encodes into a new buffer.
+pub fn to_bytes(env: &Envelope) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode(env, &mut v);
+    v
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() - self.at < n {
+            return Err(DecodeError::Truncated(n - (self.b.len() - self.at)));
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn entries(&mut self, op_start: u64) -> Result<Vec<Entry>, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > MESSAGE_ENTRIES_MAX {
+            return Err(DecodeError::TooLarge {
+                what: "entry count",
+                size: n,
+                max: MESSAGE_ENTRIES_MAX,
+            });
+        }
+        // Each entry takes at least 37 bytes: refuse counts the bytes cannot hold
+        // before allocating for them.
+        let left = self.b.len() - self.at;
+        if n * 37 > left {
+            return Err(DecodeError::Truncated(n * 37 - left));
+        }
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            let view = self.u64()?;
+            let op = self.u64()?;
+            let kb = self.u8()?;
+            let kind = Kind::from_byte(kb).ok_or(DecodeError::BadKind(kb))?;
+            let conn = self.u64()?;
+            let time_ns = self.u64()?;
+            let len = self.u32()? as usize;
+            if len > crate::log::format::PAYLOAD_MAX {
+                return Err(DecodeError::TooLarge {
+                    what: "payload",
+                    size: len,
+                    max: crate::log::format::PAYLOAD_MAX,
+                });
+            }
+            if op_start.checked_add(i as u64) != Some(op) {
+                return Err(DecodeError::NotConsecutive(op_start));
+            }
+            let payload = Bytes::copy_from_slice(self.take(len)?);
+            v.push(Entry {
+                view,
+                op,
+                kind,
+                conn,
+                time_ns,
+                payload,
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// Decodes one whole message; `b` must hold exactly one.
+pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
+    if b.len() > MESSAGE_BYTES_MAX {
+        return Err(DecodeError::TooLarge {
+            what: "message",
+            size: b.len(),
+            max: MESSAGE_BYTES_MAX,
+        });
+    }
+    let mut r = Reader { b, at: 0 };
+    let magic = r.u16()?;
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = r.u8()?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let t = r.u8()?;
+    let cluster = r.u64()?;
+    let from = r.u32()?;
+    let to = r.u32()?;
+    let msg = match t {
+        T_PREPARE => {
+            let (view, op_start, commit) = (r.u64()?, r.u64()?, r.u64()?);
+            let entries = r.entries(op_start)?;
+            Message::Prepare {
+                view,
+                op_start,
+                entries,
+                commit,
+            }
+        }
+        T_PREPARE_OK => Message::PrepareOk {
+            view: r.u64()?,
+            op: r.u64()?,
+        },
+        T_COMMIT => Message::Commit {
+            view: r.u64()?,
+            commit: r.u64()?,
+        },
+        T_MISSING => Message::Missing {
+            view: r.u64()?,
+            from: r.u64()?,
+        },
+        T_SVC => Message::StartViewChange { view: r.u64()? },
+        T_DVC => {
+            let (view, log_view, last_op, commit, op_start) =
+                (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let entries = r.entries(op_start)?;
+            Message::DoViewChange {
+                view,
+                log_view,
+                last_op,
+                commit,
+                op_start,
+                entries,
+            }
+        }
+        T_RDVC => Message::RequestDoViewChange {
+            view: r.u64()?,
+            from: r.u64()?,
+        },
+        T_NEWER => Message::NewerView { view: r.u64()? },
+        T_SNAP => Message::NeedSnapshot {
+            view: r.u64()?,
+            op: r.u64()?,
+        },
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    if r.at != b.len() {
+        return Err(DecodeError::Trailing(b.len() - r.at));
+    }
+    Ok(Envelope {
+        cluster,
+        from,
+        to,
+        msg,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: u64) -> Vec<Entry> {
+        (5..5 + n)
+            .map(|op| Entry {
+                view: 2,
+                op,
+                kind: Kind::Data,
+                conn: 9,
+                time_ns: 77,
+                payload: Bytes::from(vec![op as u8; op as usize]),
+            })
+            .collect()
+    }
+
+    pub(crate) fn samples() -> Vec<Message> {
+        vec![
+            Message::Prepare {
+                view: 3,
+                op_start: 5,
+                entries: entries(3),
+                commit: 4,
+            },
+            Message::Prepare {
+                view: 3,
+                op_start: 9,
+                entries: vec![],
+                commit: 8,
+            },
+            Message::PrepareOk { view: 3, op: 7 },
+            Message::Commit { view: 3, commit: 7 },
+            Message::Missing { view: 3, from: 2 },
+            Message::StartViewChange { view: 4 },
+            Message::DoViewChange {
+                view: 4,
+                log_view: 3,
+                last_op: 7,
+                commit: 4,
+                op_start: 5,
+                entries: entries(3),
+            },
+            Message::RequestDoViewChange { view: 4, from: 1 },
+            Message::NewerView { view: 9 },
+            Message::NeedSnapshot { view: 4, op: 100 },
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        for msg in samples() {
+            let env = Envelope {
+                cluster: 0xfa1c,
+                from: 1,
+                to: 2,
+                msg,
+            };
+            let b = to_bytes(&env);
+            assert_eq!(decode(&b), Ok(env));
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_trailing_byte_is_an_error() {
+        for msg in samples() {
+            let b = to_bytes(&Envelope {
+                cluster: 1,
+                from: 0,
+                to: 1,
+                msg,
+            });
+            for cut in 0..b.len() {
+                assert!(decode(&b[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert_eq!(decode(&long), Err(DecodeError::Trailing(1)));
+        }
+    }
+
+    #[test]
+    fn impossible_fields_are_refused() {
+        let mut b = to_bytes(&Envelope {
+            cluster: 1,
+            from: 0,
+            to: 1,
+            msg: Message::Prepare {
+                view: 1,
+                op_start: 5,
+                entries: entries(2),
+                commit: 0,
+            },
+        });
+        // Entry count far beyond the bytes.
+        let count_at = HEADER_LEN + 24;
+        let mut huge = b.clone();
+        huge[count_at..count_at + 4].copy_from_slice(&60_000u32.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(DecodeError::Truncated(_))));
+        huge[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(DecodeError::TooLarge { .. })));
+        // Ops out of order.
+        let op_at = count_at + 4 + 8;
+        b[op_at..op_at + 8].copy_from_slice(&6u64.to_le_bytes());
+        assert_eq!(decode(&b), Err(DecodeError::NotConsecutive(5)));
+        assert_eq!(
+            decode(&[0xff, 0xff, 1, 1]),
+            Err(DecodeError::BadMagic(0xffff))
+        );
+    }
+}

@@ -1,0 +1,1166 @@
+//! One replica's state machine.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::message::{Envelope, Message, NodeId};
+use crate::log::storage::SplitMix;
+use crate::log::{Entry, Kind};
+
+/// Switches that break the protocol on purpose, so tests can show that the
+/// simulator's checkers catch real bugs. Never set in production.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// The leader commits with one acknowledgement fewer than a majority.
+    pub commit_at_minority: bool,
+    /// The new leader keeps its own log instead of the best of the majority's.
+    pub skip_log_merge: bool,
+}
+
+/// Static configuration of one replica.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The cluster; messages of other clusters are refused.
+    pub cluster_id: u64,
+    /// This replica.
+    pub id: NodeId,
+    /// Number of replicas: 1, 3, 5, 7 or 9.
+    pub n: u32,
+    /// The leader sends a heartbeat (or retransmits) after this much silence to a follower.
+    pub heartbeat_ns: u64,
+    /// A follower starts a view change after hearing nothing from the leader
+    /// for a random time in `[election_timeout_ns, 2 * election_timeout_ns)`.
+    pub election_timeout_ns: u64,
+    /// Entries per Prepare at most.
+    pub batch_entries_max: usize,
+    /// Payload bytes per Prepare at most (at least one entry is always sent).
+    pub batch_bytes_max: usize,
+    /// Ops sent to a follower and not yet acknowledged, at most.
+    pub pipeline_ops_max: u64,
+    /// Ops appended by the leader and not yet committed, at most; proposals
+    /// beyond are refused with [`Reject::Busy`].
+    pub uncommitted_max: u64,
+    /// A leadership transfer gives up after this long.
+    pub transfer_timeout_ns: u64,
+    /// Protocol-breaking switches for tests.
+    pub bugs: Bugs,
+}
+
+impl Config {
+    /// Defaults for replica `id` of `n` (10 ms heartbeats, 150 ms election timeout).
+    pub fn new(cluster_id: u64, id: NodeId, n: u32) -> Config {
+        Config {
+            cluster_id,
+            id,
+            n,
+            heartbeat_ns: 10_000_000,
+            election_timeout_ns: 150_000_000,
+            batch_entries_max: 1024,
+            batch_bytes_max: 1 << 20,
+            pipeline_ops_max: 16_384,
+            uncommitted_max: 65_536,
+            transfer_timeout_ns: 2_000_000_000,
+            bugs: Bugs::default(),
+        }
+    }
+
+    fn quorum(&self) -> usize {
+        (self.n as usize) / 2 + 1
+    }
+
+    /// The leader of `view`.
+    pub fn leader_of(&self, view: u64) -> NodeId {
+        (view % u64::from(self.n)) as NodeId
+    }
+}
+
+/// One input from outside, before it has an op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// What it is.
+    pub kind: Kind,
+    /// Its connection (0 for none).
+    pub conn: u64,
+    /// Its bytes.
+    pub payload: Bytes,
+}
+
+/// What a replica must have on disk besides its log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PersistentState {
+    /// The highest view this replica has taken part in: it never acts in a lower one.
+    pub view: u64,
+    /// The last view in which its log was in step with that view's leader.
+    pub log_view: u64,
+}
+
+/// Inputs.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Time passed (the time is given to `step`).
+    Tick,
+    /// A message from a peer.
+    Receive(Envelope),
+    /// Client events to order (only the leader accepts them).
+    Propose(Vec<Event>),
+    /// The log is durable up to `op`.
+    Durable {
+        /// Last durable op.
+        op: u64,
+    },
+    /// Hand leadership to replica `to` (planned failover).
+    TransferLeadership {
+        /// The replica to lead next.
+        to: NodeId,
+    },
+    /// The node installed a snapshot covering every op up to `op`; the log now starts at `op + 1`.
+    SnapshotInstalled {
+        /// Last op the snapshot covers.
+        op: u64,
+    },
+    /// Entries below `below` are covered by a snapshot and may leave memory (and the log).
+    Compacted {
+        /// First op still needed.
+        below: u64,
+    },
+}
+
+/// Why a proposal was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// This replica does not lead (a hint where the leader is, if known).
+    NotLeader(Option<NodeId>),
+    /// Too many uncommitted entries: back off and retry.
+    Busy,
+}
+
+/// The role of a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Leads the current view.
+    Leader,
+    /// Follows the current view's leader.
+    Follower,
+    /// Taking part in a view change.
+    ViewChange,
+}
+
+/// Whether the view is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Normal operation in the current view.
+    Normal,
+    /// Changing views: not accepting entries until the new view starts.
+    ViewChange,
+}
+
+/// Outputs, to be executed in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Append these entries (consecutive ops after the current last op).
+    Append(Vec<Entry>),
+    /// Remove every entry after `after`; durable before the next command.
+    /// Cancels every held `Send` whose barrier is above `after`.
+    Truncate {
+        /// Last op kept.
+        after: u64,
+    },
+    /// Make the log durable, then write this state durably, before the next command.
+    SaveState(PersistentState),
+    /// Send a message, once the log is durable up to `after_durable` (0: at once).
+    Send {
+        /// Receiver.
+        to: NodeId,
+        /// The message.
+        msg: Message,
+        /// Barrier: the log must be durable up to this op first.
+        after_durable: u64,
+    },
+    /// Committed entries, in op order, exactly once each.
+    Deliver(Vec<Entry>),
+    /// The role or view changed.
+    RoleChanged {
+        /// New role.
+        role: Role,
+        /// View.
+        view: u64,
+        /// The view's leader.
+        leader: NodeId,
+    },
+    /// Proposals that were not accepted.
+    Rejected {
+        /// The events, given back.
+        events: Vec<Event>,
+        /// Why.
+        reason: Reject,
+    },
+    /// Fetch a snapshot covering every op up to `op` from `from`, install it,
+    /// then give [`Input::SnapshotInstalled`].
+    FetchSnapshot {
+        /// Who has it.
+        from: NodeId,
+        /// It must cover at least up to this op.
+        op: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Dvc {
+    log_view: u64,
+    last_op: u64,
+    commit: u64,
+    op_start: u64,
+    entries: Vec<Entry>,
+}
+
+/// One replica of the state machine.
+pub struct Replica {
+    cfg: Config,
+    rng: SplitMix,
+    now: u64,
+    view: u64,
+    log_view: u64,
+    status: Status,
+    /// Entries `first_op ..= last_op`.
+    log: VecDeque<Entry>,
+    first_op: u64,
+    commit: u64,
+    delivered: u64,
+    durable: u64,
+    open_conns: BTreeSet<u64>,
+    election_deadline: u64,
+    last_resend: u64,
+    // Leader state.
+    acked: Vec<u64>,
+    next: Vec<u64>,
+    last_sent: Vec<u64>,
+    transfer: Option<(NodeId, u64)>,
+    // View change state (at the new leader).
+    dvcs: BTreeMap<NodeId, Dvc>,
+    snapshot_wait: Option<u64>,
+}
+
+impl Replica {
+    /// A replica with an empty log, in view 0 (led by replica 0).
+    pub fn new(cfg: Config, seed: u64, now: u64) -> Replica {
+        Replica::restart(
+            cfg,
+            seed,
+            now,
+            PersistentState::default(),
+            1,
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// A replica restarted from its durable state: the view state, and the
+    /// log's entries from `first_op` on (ops before it are covered by a
+    /// snapshot whose open connections are `open_conns`).
+    pub fn restart(
+        cfg: Config,
+        seed: u64,
+        now: u64,
+        state: PersistentState,
+        first_op: u64,
+        entries: Vec<Entry>,
+        open_conns: Vec<u64>,
+    ) -> Replica {
+        assert!(
+            matches!(cfg.n, 1 | 3 | 5 | 7 | 9),
+            "cluster size {} is not 1, 3, 5, 7 or 9",
+            cfg.n
+        );
+        assert!(
+            cfg.id < cfg.n,
+            "replica id {} out of range for {} replicas",
+            cfg.id,
+            cfg.n
+        );
+        assert!(first_op >= 1);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(
+                e.op,
+                first_op + i as u64,
+                "restart entries must be consecutive"
+            );
+        }
+        let n = cfg.n as usize;
+        let mut r = Replica {
+            rng: SplitMix(seed ^ (u64::from(cfg.id) << 32)),
+            now,
+            view: state.view,
+            log_view: state.log_view,
+            status: Status::Normal,
+            log: entries.into(),
+            first_op,
+            commit: first_op - 1,
+            delivered: first_op - 1,
+            durable: 0,
+            open_conns: open_conns.into_iter().collect(),
+            election_deadline: 0,
+            last_resend: now,
+            acked: vec![0; n],
+            next: vec![1; n],
+            last_sent: vec![now; n],
+            transfer: None,
+            dvcs: BTreeMap::new(),
+            snapshot_wait: None,
+            cfg,
+        };
+        r.durable = r.last_op();
+        let leads = r.cfg.leader_of(r.view) == r.cfg.id;
+        if r.cfg.n == 1 {
+            r.status = Status::Normal;
+        } else if r.view == 0 && r.log_view == 0 && r.log.is_empty() && leads {
+            // A brand-new cluster: replica 0 leads view 0 at once.
+            r.become_leader_state();
+        } else if r.log_view != r.view || leads {
+            // Crashed during a view change, or while leading: let the others
+            // (or the timer) move to a new view.
+            r.status = Status::ViewChange;
+        }
+        r.reset_election_deadline();
+        r
+    }
+
+    /// The current view.
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+    /// Normal or changing views.
+    pub fn status(&self) -> Status {
+        self.status
+    }
+    /// The role now.
+    pub fn role(&self) -> Role {
+        match self.status {
+            Status::ViewChange => Role::ViewChange,
+            Status::Normal if self.is_leader() => Role::Leader,
+            Status::Normal => Role::Follower,
+        }
+    }
+    /// The leader of the current view.
+    pub fn leader(&self) -> NodeId {
+        self.cfg.leader_of(self.view)
+    }
+    /// Highest committed op known here.
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+    /// Last op in the log.
+    pub fn last_op(&self) -> u64 {
+        self.first_op + self.log.len() as u64 - 1
+    }
+    /// First op in memory.
+    pub fn first_op(&self) -> u64 {
+        self.first_op
+    }
+    /// The entry at `op`, if in memory.
+    pub fn entry(&self, op: u64) -> Option<&Entry> {
+        if op < self.first_op {
+            return None;
+        }
+        self.log.get((op - self.first_op) as usize)
+    }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Persistent state as it should be on disk now.
+    pub fn persistent_state(&self) -> PersistentState {
+        PersistentState {
+            view: self.view,
+            log_view: self.log_view,
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.cfg.leader_of(self.view) == self.cfg.id
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let t = self.cfg.election_timeout_ns.max(1);
+        self.election_deadline = self.now + t + self.rng.next_u64() % t;
+    }
+
+    fn send(&self, out: &mut Vec<Command>, to: NodeId, msg: Message) {
+        out.push(Command::Send {
+            to,
+            msg,
+            after_durable: 0,
+        });
+    }
+
+    fn others(&self) -> impl Iterator<Item = NodeId> + use<> {
+        let me = self.cfg.id;
+        (0..self.cfg.n).filter(move |&i| i != me)
+    }
+
+    /// Feeds one input at time `now` (ns, monotonic) and appends the commands to `out`.
+    pub fn step(&mut self, now: u64, input: Input, out: &mut Vec<Command>) {
+        self.now = self.now.max(now);
+        match input {
+            Input::Tick => self.on_tick(out),
+            Input::Receive(env) => self.on_receive(env, out),
+            Input::Propose(events) => self.on_propose(events, out),
+            Input::Durable { op } => {
+                self.durable = self.durable.max(op.min(self.last_op()));
+                if self.is_leader() && self.status == Status::Normal {
+                    self.try_commit(out);
+                }
+            }
+            Input::TransferLeadership { to } => {
+                if self.is_leader()
+                    && self.status == Status::Normal
+                    && to != self.cfg.id
+                    && to < self.cfg.n
+                {
+                    self.transfer = Some((to, self.now + self.cfg.transfer_timeout_ns));
+                    self.check_transfer(out);
+                }
+            }
+            Input::SnapshotInstalled { op } => self.on_snapshot_installed(op, out),
+            Input::Compacted { below } => {
+                let below = below.min(self.delivered + 1);
+                while self.first_op < below && !self.log.is_empty() {
+                    self.log.pop_front();
+                    self.first_op += 1;
+                }
+            }
+        }
+    }
+
+    // ---- proposals and the normal case (leader) ----
+
+    fn on_propose(&mut self, events: Vec<Event>, out: &mut Vec<Command>) {
+        if self.status != Status::Normal || !self.is_leader() || self.transfer.is_some() {
+            let hint = match (self.status, self.transfer) {
+                (_, Some((to, _))) => Some(to),
+                (Status::Normal, None) => Some(self.leader()),
+                _ => None,
+            };
+            out.push(Command::Rejected {
+                events,
+                reason: Reject::NotLeader(hint),
+            });
+            return;
+        }
+        if events.is_empty() {
+            return;
+        }
+        let uncommitted = self.last_op() - self.commit;
+        if uncommitted + events.len() as u64 > self.cfg.uncommitted_max {
+            out.push(Command::Rejected {
+                events,
+                reason: Reject::Busy,
+            });
+            return;
+        }
+        let mut batch = Vec::with_capacity(events.len());
+        let mut op = self.last_op();
+        for ev in events {
+            op += 1;
+            batch.push(Entry {
+                view: self.view,
+                op,
+                kind: ev.kind,
+                conn: ev.conn,
+                time_ns: self.now,
+                payload: ev.payload,
+            });
+        }
+        self.append_local(batch, out);
+        for f in self.others() {
+            self.pump(f, out);
+        }
+        if self.cfg.n == 1 {
+            self.try_commit(out);
+        }
+    }
+
+    fn append_local(&mut self, batch: Vec<Entry>, out: &mut Vec<Command>) {
+        if batch.is_empty() {
+            return;
+        }
+        debug_assert_eq!(batch[0].op, self.last_op() + 1);
+        self.log.extend(batch.iter().cloned());
+        out.push(Command::Append(batch));
+    }
+
+    /// Sends follower `f` what it lacks, within its window.
+    fn pump(&mut self, f: NodeId, out: &mut Vec<Command>) {
+        let fi = f as usize;
+        let last = self.last_op();
+        if self.next[fi] < self.first_op && self.next[fi] <= last {
+            // What it needs is compacted away: it needs a snapshot.
+            self.send(
+                out,
+                f,
+                Message::NeedSnapshot {
+                    view: self.view,
+                    op: self.first_op - 1,
+                },
+            );
+            self.last_sent[fi] = self.now;
+            return;
+        }
+        while self.next[fi] <= last && self.next[fi] <= self.acked[fi] + self.cfg.pipeline_ops_max {
+            let start = self.next[fi];
+            let mut entries = Vec::new();
+            let mut bytes = 0usize;
+            let mut op = start;
+            while op <= last && entries.len() < self.cfg.batch_entries_max {
+                let e = self.entry(op).expect("op within the log");
+                if !entries.is_empty() && bytes + e.payload.len() > self.cfg.batch_bytes_max {
+                    break;
+                }
+                bytes += e.payload.len();
+                entries.push(e.clone());
+                op += 1;
+            }
+            self.next[fi] = op;
+            self.send(
+                out,
+                f,
+                Message::Prepare {
+                    view: self.view,
+                    op_start: start,
+                    entries,
+                    commit: self.commit,
+                },
+            );
+            self.last_sent[fi] = self.now;
+        }
+    }
+
+    fn try_commit(&mut self, out: &mut Vec<Command>) {
+        let me = self.cfg.id as usize;
+        let mut acks: Vec<u64> = self.acked.clone();
+        acks[me] = self.durable.min(self.last_op());
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let mut q = self.cfg.quorum();
+        if self.cfg.bugs.commit_at_minority && q > 1 {
+            q -= 1;
+        }
+        let candidate = acks[q - 1];
+        if candidate > self.commit {
+            self.commit = candidate;
+            self.deliver(out);
+            // Followers that have everything learn the new commit point now,
+            // not with the next request.
+            for f in self.others() {
+                if self.next[f as usize] > self.last_op() {
+                    self.send(
+                        out,
+                        f,
+                        Message::Commit {
+                            view: self.view,
+                            commit: self.commit,
+                        },
+                    );
+                    self.last_sent[f as usize] = self.now;
+                }
+            }
+            self.check_transfer(out);
+        }
+    }
+
+    fn deliver(&mut self, out: &mut Vec<Command>) {
+        let upto = self.commit.min(self.last_op());
+        if upto <= self.delivered {
+            return;
+        }
+        let mut batch = Vec::with_capacity((upto - self.delivered) as usize);
+        for op in self.delivered + 1..=upto {
+            let e = self
+                .entry(op)
+                .expect("committed entries are in memory")
+                .clone();
+            match e.kind {
+                Kind::Open => {
+                    self.open_conns.insert(e.conn);
+                }
+                Kind::Close => {
+                    self.open_conns.remove(&e.conn);
+                }
+                _ => {}
+            }
+            batch.push(e);
+        }
+        self.delivered = upto;
+        out.push(Command::Deliver(batch));
+    }
+
+    fn check_transfer(&mut self, out: &mut Vec<Command>) {
+        let Some((to, deadline)) = self.transfer else {
+            return;
+        };
+        if self.now > deadline || !self.is_leader() || self.status != Status::Normal {
+            self.transfer = None;
+            return;
+        }
+        if self.acked[to as usize] >= self.last_op() {
+            self.transfer = None;
+            let n = u64::from(self.cfg.n);
+            let mut v = self.view + 1;
+            while v % n != u64::from(to) {
+                v += 1;
+            }
+            self.start_view_change(v, out);
+        }
+    }
+
+    // ---- time ----
+
+    fn on_tick(&mut self, out: &mut Vec<Command>) {
+        let hb = self.cfg.heartbeat_ns;
+        match self.status {
+            Status::Normal if self.is_leader() => {
+                for f in self.others() {
+                    let fi = f as usize;
+                    if self.now.saturating_sub(self.last_sent[fi]) < hb {
+                        continue;
+                    }
+                    if self.acked[fi] < self.last_op() {
+                        // Retransmit from what it acknowledged.
+                        self.next[fi] = self.acked[fi] + 1;
+                        self.pump(f, out);
+                    } else {
+                        self.send(
+                            out,
+                            f,
+                            Message::Commit {
+                                view: self.view,
+                                commit: self.commit,
+                            },
+                        );
+                        self.last_sent[fi] = self.now;
+                    }
+                }
+                self.check_transfer(out);
+            }
+            Status::Normal => {
+                if self.now >= self.election_deadline && self.cfg.n > 1 {
+                    self.start_view_change(self.view + 1, out);
+                }
+            }
+            Status::ViewChange => {
+                if self.now >= self.election_deadline {
+                    self.start_view_change(self.view + 1, out);
+                } else if self.now.saturating_sub(self.last_resend) >= hb {
+                    // Messages may be lost: say it again.
+                    self.last_resend = self.now;
+                    let v = self.view;
+                    for f in self.others() {
+                        self.send(out, f, Message::StartViewChange { view: v });
+                    }
+                    if self.is_leader() {
+                        self.try_start_view(out);
+                    } else {
+                        self.send_dvc(self.commit + 1, out);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- view change ----
+
+    fn start_view_change(&mut self, view: u64, out: &mut Vec<Command>) {
+        debug_assert!(view > self.view);
+        self.view = view;
+        self.status = Status::ViewChange;
+        self.dvcs.clear();
+        self.transfer = None;
+        self.last_resend = self.now;
+        self.reset_election_deadline();
+        out.push(Command::SaveState(self.persistent_state()));
+        out.push(Command::RoleChanged {
+            role: Role::ViewChange,
+            view,
+            leader: self.leader(),
+        });
+        for f in self.others() {
+            self.send(out, f, Message::StartViewChange { view });
+        }
+        if self.is_leader() {
+            self.try_start_view(out);
+        } else {
+            self.send_dvc(self.commit + 1, out);
+        }
+    }
+
+    fn send_dvc(&self, from: u64, out: &mut Vec<Command>) {
+        let from = from.max(self.first_op).min(self.last_op() + 1);
+        let entries: Vec<Entry> = (from..=self.last_op())
+            .filter_map(|op| self.entry(op).cloned())
+            .collect();
+        self.send(
+            out,
+            self.leader(),
+            Message::DoViewChange {
+                view: self.view,
+                log_view: self.log_view,
+                last_op: self.last_op(),
+                commit: self.commit,
+                op_start: from,
+                entries,
+            },
+        );
+    }
+
+    /// At the new leader: with a majority of DoViewChanges, merge the logs and start the view.
+    fn try_start_view(&mut self, out: &mut Vec<Command>) {
+        if self.status != Status::ViewChange || !self.is_leader() {
+            return;
+        }
+        if self.dvcs.len() + 1 < self.cfg.quorum() {
+            return;
+        }
+        // The best log: highest log view, then longest. Ties prefer our own.
+        let mut best: Option<NodeId> = None;
+        let mut best_key = (self.log_view, self.last_op());
+        if !self.cfg.bugs.skip_log_merge {
+            for (&from, d) in &self.dvcs {
+                if (d.log_view, d.last_op) > best_key {
+                    best_key = (d.log_view, d.last_op);
+                    best = Some(from);
+                }
+            }
+        }
+        let new_commit = self
+            .dvcs
+            .values()
+            .map(|d| d.commit)
+            .fold(self.commit, u64::max);
+        if let Some(b) = best {
+            let d = &self.dvcs[&b];
+            if d.op_start > self.commit + 1 {
+                // We lack entries between our commit point and what it sent.
+                let from = self.commit + 1;
+                self.send(
+                    out,
+                    b,
+                    Message::RequestDoViewChange {
+                        view: self.view,
+                        from,
+                    },
+                );
+                return;
+            }
+            let d = self.dvcs.remove(&b).expect("present");
+            // Keep our entries up to the first one that differs from the best log.
+            let mut keep = d.op_start - 1;
+            for e in &d.entries {
+                match self.entry(e.op) {
+                    Some(mine) if mine.view == e.view => keep = e.op,
+                    _ => break,
+                }
+            }
+            if keep < self.last_op() {
+                self.truncate_local(keep, out);
+            }
+            let rest: Vec<Entry> = d.entries.into_iter().filter(|e| e.op > keep).collect();
+            self.append_local(rest, out);
+            if self.last_op() > d.last_op {
+                let cut = d.last_op;
+                self.truncate_local(cut, out);
+            }
+        }
+        self.commit = self.commit.max(new_commit.min(self.last_op()));
+        self.log_view = self.view;
+        let dvc_commits: BTreeMap<NodeId, u64> =
+            self.dvcs.iter().map(|(&k, d)| (k, d.commit)).collect();
+        self.dvcs.clear();
+        self.become_leader_state();
+        for f in self.others() {
+            let fi = f as usize;
+            self.next[fi] = dvc_commits
+                .get(&f)
+                .map(|c| c + 1)
+                .unwrap_or(self.commit + 1)
+                .max(1);
+        }
+        out.push(Command::SaveState(self.persistent_state()));
+        out.push(Command::RoleChanged {
+            role: Role::Leader,
+            view: self.view,
+            leader: self.cfg.id,
+        });
+        self.deliver(out);
+        // The view starts with a Noop, then closes every connection still open,
+        // so every replica closes them alike.
+        let mut open = self.open_conns.clone();
+        for op in self.commit + 1..=self.last_op() {
+            let e = self.entry(op).expect("in memory");
+            match e.kind {
+                Kind::Open => {
+                    open.insert(e.conn);
+                }
+                Kind::Close => {
+                    open.remove(&e.conn);
+                }
+                _ => {}
+            }
+        }
+        let mut batch = Vec::new();
+        let mut op = self.last_op();
+        let mut push = |kind, conn| {
+            op += 1;
+            batch.push(Entry {
+                view: self.view,
+                op,
+                kind,
+                conn,
+                time_ns: self.now,
+                payload: Bytes::new(),
+            });
+        };
+        push(Kind::Noop, 0);
+        for conn in open {
+            push(Kind::Close, conn);
+        }
+        self.append_local(batch, out);
+        for f in self.others() {
+            self.pump(f, out);
+        }
+        self.try_commit(out);
+    }
+
+    fn become_leader_state(&mut self) {
+        self.status = Status::Normal;
+        let n = self.cfg.n as usize;
+        self.acked = vec![0; n];
+        self.next = vec![self.commit + 1; n];
+        self.last_sent = vec![0; n];
+        self.transfer = None;
+    }
+
+    fn truncate_local(&mut self, after: u64, out: &mut Vec<Command>) {
+        assert!(
+            after + 1 >= self.first_op,
+            "truncation below the first op in memory"
+        );
+        assert!(
+            after >= self.delivered,
+            "truncating delivered entries (op {after} < delivered {})",
+            self.delivered
+        );
+        while self.last_op() > after {
+            self.log.pop_back();
+        }
+        self.durable = self.durable.min(after);
+        out.push(Command::Truncate { after });
+    }
+
+    /// Moves to a higher view we learnt of from a message of its normal
+    /// operation: we missed its start, so we wait for the leader's log.
+    fn adopt_view(&mut self, view: u64, out: &mut Vec<Command>) {
+        self.view = view;
+        self.status = Status::ViewChange;
+        self.dvcs.clear();
+        self.transfer = None;
+        self.reset_election_deadline();
+        out.push(Command::SaveState(self.persistent_state()));
+        out.push(Command::RoleChanged {
+            role: Role::ViewChange,
+            view,
+            leader: self.leader(),
+        });
+    }
+
+    /// Installs a leader's log that starts at `op_start` (StartView / catch-up
+    /// across views): everything above `op_start - 1` is replaced.
+    fn install(
+        &mut self,
+        from: NodeId,
+        op_start: u64,
+        entries: Vec<Entry>,
+        commit: u64,
+        out: &mut Vec<Command>,
+    ) {
+        if op_start > self.commit + 1 || op_start < self.first_op {
+            // Our entries between the commit point and op_start may be stale.
+            let from_op = (self.commit + 1).max(self.first_op);
+            self.send(
+                out,
+                from,
+                Message::Missing {
+                    view: self.view,
+                    from: from_op,
+                },
+            );
+            return;
+        }
+        let mut keep = op_start - 1;
+        for e in &entries {
+            match self.entry(e.op) {
+                Some(mine) if mine.view == e.view && e.op <= self.last_op() => keep = e.op,
+                _ => break,
+            }
+        }
+        if keep < self.last_op() {
+            self.truncate_local(keep.max(self.delivered), out);
+        }
+        let rest: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.op > self.last_op())
+            .collect();
+        self.append_local(rest, out);
+        self.status = Status::Normal;
+        self.log_view = self.view;
+        out.push(Command::SaveState(self.persistent_state()));
+        out.push(Command::RoleChanged {
+            role: Role::Follower,
+            view: self.view,
+            leader: self.leader(),
+        });
+        self.reset_election_deadline();
+        self.learn_commit(commit, out);
+        out.push(Command::Send {
+            to: from,
+            msg: Message::PrepareOk {
+                view: self.view,
+                op: self.last_op(),
+            },
+            after_durable: self.last_op(),
+        });
+    }
+
+    fn learn_commit(&mut self, commit: u64, out: &mut Vec<Command>) {
+        let c = commit.min(self.last_op());
+        if c > self.commit {
+            self.commit = c;
+            self.deliver(out);
+        }
+    }
+
+    // ---- messages ----
+
+    fn on_receive(&mut self, env: Envelope, out: &mut Vec<Command>) {
+        if env.cluster != self.cfg.cluster_id
+            || env.from >= self.cfg.n
+            || env.from == self.cfg.id
+            || env.to != self.cfg.id
+        {
+            return;
+        }
+        let from = env.from;
+        let v = env.msg.view();
+        if v < self.view {
+            if !matches!(env.msg, Message::NewerView { .. }) {
+                self.send(out, from, Message::NewerView { view: self.view });
+            }
+            return;
+        }
+        if v > self.view {
+            match &env.msg {
+                Message::StartViewChange { .. }
+                | Message::DoViewChange { .. }
+                | Message::RequestDoViewChange { .. } => self.start_view_change(v, out),
+                _ => {
+                    if self.cfg.leader_of(v) == self.cfg.id {
+                        // A view we lead started without us (we crashed while
+                        // leading it): move past it.
+                        self.start_view_change(v + 1, out);
+                        return;
+                    }
+                    self.adopt_view(v, out);
+                }
+            }
+        }
+        match env.msg {
+            Message::Prepare {
+                op_start,
+                entries,
+                commit,
+                ..
+            } => self.on_prepare(from, op_start, entries, commit, out),
+            Message::PrepareOk { op, .. } => {
+                if self.status == Status::Normal && self.is_leader() {
+                    let fi = from as usize;
+                    if op > self.acked[fi] {
+                        self.acked[fi] = op.min(self.last_op());
+                        self.next[fi] = self.next[fi].max(self.acked[fi] + 1);
+                        self.try_commit(out);
+                    }
+                    self.pump(from, out);
+                    self.check_transfer(out);
+                }
+            }
+            Message::Commit { commit, .. } => {
+                if from != self.leader() {
+                    return;
+                }
+                match self.status {
+                    Status::Normal => {
+                        self.reset_election_deadline();
+                        self.learn_commit(commit, out);
+                    }
+                    Status::ViewChange => {
+                        let from_op = (self.commit + 1).max(self.first_op);
+                        self.send(
+                            out,
+                            from,
+                            Message::Missing {
+                                view: self.view,
+                                from: from_op,
+                            },
+                        );
+                    }
+                }
+            }
+            Message::Missing { from: from_op, .. } => {
+                if self.status == Status::Normal && self.is_leader() {
+                    let fi = from as usize;
+                    self.next[fi] = from_op.clamp(1, self.last_op() + 1);
+                    if self.next[fi] <= self.acked[fi] {
+                        // It lost what it acknowledged in an earlier view: count again.
+                        self.acked[fi] = self.next[fi] - 1;
+                    }
+                    self.pump(from, out);
+                }
+            }
+            Message::StartViewChange { .. } => {}
+            Message::DoViewChange {
+                log_view,
+                last_op,
+                commit,
+                op_start,
+                entries,
+                ..
+            } => {
+                if !self.is_leader() {
+                    return;
+                }
+                match self.status {
+                    Status::ViewChange => {
+                        let consistent = entries.len() as u64
+                            == (last_op + 1).saturating_sub(op_start)
+                            && entries.first().is_none_or(|e| e.op == op_start);
+                        if !consistent {
+                            return;
+                        }
+                        self.dvcs.insert(
+                            from,
+                            Dvc {
+                                log_view,
+                                last_op,
+                                commit,
+                                op_start,
+                                entries,
+                            },
+                        );
+                        self.try_start_view(out);
+                    }
+                    Status::Normal => {
+                        // It missed our start: send it the log from its commit point.
+                        let fi = from as usize;
+                        self.next[fi] = (commit + 1).min(self.last_op() + 1);
+                        self.pump(from, out);
+                    }
+                }
+            }
+            Message::RequestDoViewChange { from: from_op, .. } => {
+                if self.status == Status::ViewChange && from == self.leader() {
+                    self.send_dvc(from_op, out);
+                }
+            }
+            Message::NewerView { .. } => {
+                if self.status == Status::ViewChange && !self.is_leader() {
+                    let from_op = (self.commit + 1).max(self.first_op);
+                    let leader = self.leader();
+                    self.send(
+                        out,
+                        leader,
+                        Message::Missing {
+                            view: self.view,
+                            from: from_op,
+                        },
+                    );
+                }
+            }
+            Message::NeedSnapshot { op, .. } => {
+                if from == self.leader() && op > self.commit && self.snapshot_wait.is_none() {
+                    self.snapshot_wait = Some(op);
+                    out.push(Command::FetchSnapshot { from, op });
+                }
+            }
+        }
+    }
+
+    fn on_prepare(
+        &mut self,
+        from: NodeId,
+        op_start: u64,
+        entries: Vec<Entry>,
+        commit: u64,
+        out: &mut Vec<Command>,
+    ) {
+        if from != self.leader() || self.is_leader() {
+            return;
+        }
+        if entries
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.op != op_start + i as u64 || e.view > self.view)
+        {
+            return;
+        }
+        if self.status == Status::ViewChange {
+            self.install(from, op_start, entries, commit, out);
+            return;
+        }
+        self.reset_election_deadline();
+        let last = self.last_op();
+        if op_start > last + 1 {
+            self.send(
+                out,
+                from,
+                Message::Missing {
+                    view: self.view,
+                    from: last + 1,
+                },
+            );
+            self.learn_commit(commit, out);
+            return;
+        }
+        let new: Vec<Entry> = entries.into_iter().filter(|e| e.op > last).collect();
+        self.append_local(new, out);
+        self.learn_commit(commit, out);
+        out.push(Command::Send {
+            to: from,
+            msg: Message::PrepareOk {
+                view: self.view,
+                op: self.last_op(),
+            },
+            after_durable: self.last_op(),
+        });
+    }
+
+    fn on_snapshot_installed(&mut self, op: u64, out: &mut Vec<Command>) {
+        self.snapshot_wait = None;
+        if op <= self.commit {
+            return;
+        }
+        self.log.clear();
+        self.first_op = op + 1;
+        self.commit = op;
+        self.delivered = op;
+        self.durable = op;
+        if self.status == Status::Normal && !self.is_leader() {
+            let leader = self.leader();
+            self.send(
+                out,
+                leader,
+                Message::Missing {
+                    view: self.view,
+                    from: op + 1,
+                },
+            );
+        }
+    }
+}
