@@ -12,3 +12,4 @@ pub mod consensus;
 pub mod inspect;
 pub mod log;
 pub mod output;
+pub mod sim;

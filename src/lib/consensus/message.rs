@@ -40,15 +40,28 @@ pub struct Envelope {
 /// The protocol (Viewstamped Replication form of Multi-Paxos).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// Leader → follower: entries `op_start ..` and the commit point. The first
-    /// Prepare of a view doubles as VR's StartView: a follower that is behind
-    /// in views installs it when it starts at or below its commit point + 1.
+    /// Leader → follower: entries `op_start ..` and the commit point, for a
+    /// follower already in step with this view.
     Prepare {
         /// The leader's view.
         view: u64,
         /// Op of the first entry (entries are consecutive).
         op_start: u64,
         /// The entries (may be empty: then it is a probe).
+        entries: Vec<Entry>,
+        /// The leader's commit point.
+        commit: u64,
+    },
+    /// Leader → follower: the leader's whole log from `op_start` to its last
+    /// op. Starts the view at a follower (VR's StartView), and answers
+    /// `Missing`. A follower installs it only whole, so a replica's log view
+    /// never claims a log it holds only in part.
+    StartView {
+        /// The leader's view.
+        view: u64,
+        /// Op of the first entry.
+        op_start: u64,
+        /// Entries `op_start ..=` the leader's last op.
         entries: Vec<Entry>,
         /// The leader's commit point.
         commit: u64,
@@ -121,6 +134,7 @@ impl Message {
     pub fn view(&self) -> u64 {
         match self {
             Message::Prepare { view, .. }
+            | Message::StartView { view, .. }
             | Message::PrepareOk { view, .. }
             | Message::Commit { view, .. }
             | Message::Missing { view, .. }
@@ -136,6 +150,7 @@ impl Message {
     pub fn name(&self) -> &'static str {
         match self {
             Message::Prepare { .. } => "prepare",
+            Message::StartView { .. } => "start_view",
             Message::PrepareOk { .. } => "prepare_ok",
             Message::Commit { .. } => "commit",
             Message::Missing { .. } => "missing",
@@ -193,6 +208,7 @@ const T_DVC: u8 = 6;
 const T_RDVC: u8 = 7;
 const T_NEWER: u8 = 8;
 const T_SNAP: u8 = 9;
+const T_START_VIEW: u8 = 10;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -218,6 +234,7 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     };
     let t = match &env.msg {
         Message::Prepare { .. } => T_PREPARE,
+        Message::StartView { .. } => T_START_VIEW,
         Message::PrepareOk { .. } => T_PREPARE_OK,
         Message::Commit { .. } => T_COMMIT,
         Message::Missing { .. } => T_MISSING,
@@ -233,6 +250,12 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     out.extend_from_slice(&env.to.to_le_bytes());
     match &env.msg {
         Message::Prepare {
+            view,
+            op_start,
+            entries,
+            commit,
+        }
+        | Message::StartView {
             view,
             op_start,
             entries,
@@ -371,14 +394,23 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
     let from = r.u32()?;
     let to = r.u32()?;
     let msg = match t {
-        T_PREPARE => {
+        T_PREPARE | T_START_VIEW => {
             let (view, op_start, commit) = (r.u64()?, r.u64()?, r.u64()?);
             let entries = r.entries(op_start)?;
-            Message::Prepare {
-                view,
-                op_start,
-                entries,
-                commit,
+            if t == T_PREPARE {
+                Message::Prepare {
+                    view,
+                    op_start,
+                    entries,
+                    commit,
+                }
+            } else {
+                Message::StartView {
+                    view,
+                    op_start,
+                    entries,
+                    commit,
+                }
             }
         }
         T_PREPARE_OK => Message::PrepareOk {

@@ -240,6 +240,10 @@ pub struct Replica {
     // View change state (at the new leader).
     dvcs: BTreeMap<NodeId, Dvc>,
     snapshot_wait: Option<u64>,
+    /// Restarted as the leader of its view: it must not start that view a
+    /// second time (it could order other entries at the same ops), so it
+    /// moves to the next view at its first step.
+    leave_view: bool,
 }
 
 impl Replica {
@@ -308,6 +312,7 @@ impl Replica {
             transfer: None,
             dvcs: BTreeMap::new(),
             snapshot_wait: None,
+            leave_view: false,
             cfg,
         };
         r.durable = r.last_op();
@@ -317,9 +322,11 @@ impl Replica {
         } else if r.view == 0 && r.log_view == 0 && r.log.is_empty() && leads {
             // A brand-new cluster: replica 0 leads view 0 at once.
             r.become_leader_state();
-        } else if r.log_view != r.view || leads {
-            // Crashed during a view change, or while leading: let the others
-            // (or the timer) move to a new view.
+        } else if leads {
+            r.status = Status::ViewChange;
+            r.leave_view = true;
+        } else if r.log_view != r.view {
+            // Crashed during a view change: wait for the view's leader.
             r.status = Status::ViewChange;
         }
         r.reset_election_deadline();
@@ -402,6 +409,10 @@ impl Replica {
     /// Feeds one input at time `now` (ns, monotonic) and appends the commands to `out`.
     pub fn step(&mut self, now: u64, input: Input, out: &mut Vec<Command>) {
         self.now = self.now.max(now);
+        if self.leave_view {
+            self.leave_view = false;
+            self.start_view_change(self.view + 1, out);
+        }
         match input {
             Input::Tick => self.on_tick(out),
             Input::Receive(env) => self.on_receive(env, out),
@@ -460,9 +471,7 @@ impl Replica {
             return;
         }
         let mut batch = Vec::with_capacity(events.len());
-        let mut op = self.last_op();
-        for ev in events {
-            op += 1;
+        for (op, ev) in (self.last_op() + 1..).zip(events) {
             batch.push(Entry {
                 view: self.view,
                 op,
@@ -825,9 +834,47 @@ impl Replica {
         }
         self.append_local(batch, out);
         for f in self.others() {
-            self.pump(f, out);
+            let from = self.next[f as usize];
+            self.send_start_view(f, from, out);
         }
         self.try_commit(out);
+    }
+
+    /// Sends follower `f` our whole log from `from` (VR's StartView).
+    fn send_start_view(&mut self, f: NodeId, from: u64, out: &mut Vec<Command>) {
+        let fi = f as usize;
+        let from = from.clamp(1, self.last_op() + 1);
+        if from < self.first_op {
+            self.send(
+                out,
+                f,
+                Message::NeedSnapshot {
+                    view: self.view,
+                    op: self.first_op - 1,
+                },
+            );
+            self.last_sent[fi] = self.now;
+            return;
+        }
+        let entries: Vec<Entry> = (from..=self.last_op())
+            .filter_map(|op| self.entry(op).cloned())
+            .collect();
+        self.next[fi] = self.last_op() + 1;
+        if self.acked[fi] >= from {
+            // It lost what it acknowledged (it moved views or restarted): count again.
+            self.acked[fi] = from - 1;
+        }
+        self.send(
+            out,
+            f,
+            Message::StartView {
+                view: self.view,
+                op_start: from,
+                entries,
+                commit: self.commit,
+            },
+        );
+        self.last_sent[fi] = self.now;
     }
 
     fn become_leader_state(&mut self) {
@@ -882,7 +929,14 @@ impl Replica {
         commit: u64,
         out: &mut Vec<Command>,
     ) {
-        if op_start > self.commit + 1 || op_start < self.first_op {
+        // In step with this view already, our log is a prefix of the leader's;
+        // otherwise only our committed entries are known to be.
+        let trusted = if self.status == Status::Normal {
+            self.last_op()
+        } else {
+            self.commit
+        };
+        if op_start > trusted + 1 || op_start < self.first_op {
             // Our entries between the commit point and op_start may be stale.
             let from_op = (self.commit + 1).max(self.first_op);
             self.send(
@@ -895,29 +949,38 @@ impl Replica {
             );
             return;
         }
-        let mut keep = op_start - 1;
-        for e in &entries {
-            match self.entry(e.op) {
-                Some(mine) if mine.view == e.view && e.op <= self.last_op() => keep = e.op,
-                _ => break,
-            }
+        // Entries of the same view at the same op are the same entry; the
+        // first one that differs starts our stale suffix.
+        let diverges = entries
+            .iter()
+            .find(|e| self.entry(e.op).is_some_and(|mine| mine.view != e.view))
+            .map(|e| e.op);
+        if let Some(op) = diverges {
+            self.truncate_local((op - 1).max(self.delivered), out);
         }
-        if keep < self.last_op() {
-            self.truncate_local(keep.max(self.delivered), out);
-        }
+        let end = op_start + entries.len() as u64 - 1;
         let rest: Vec<Entry> = entries
             .into_iter()
             .filter(|e| e.op > self.last_op())
             .collect();
         self.append_local(rest, out);
+        if self.last_op() > end && self.status == Status::ViewChange {
+            // Beyond the new leader's log: stale. (In step with the view
+            // already, entries beyond are the leader's and may be acknowledged:
+            // a late StartView must not cut them.)
+            self.truncate_local(end.max(self.delivered), out);
+        }
+        let was = (self.status, self.log_view);
         self.status = Status::Normal;
         self.log_view = self.view;
-        out.push(Command::SaveState(self.persistent_state()));
-        out.push(Command::RoleChanged {
-            role: Role::Follower,
-            view: self.view,
-            leader: self.leader(),
-        });
+        if was != (Status::Normal, self.view) {
+            out.push(Command::SaveState(self.persistent_state()));
+            out.push(Command::RoleChanged {
+                role: Role::Follower,
+                view: self.view,
+                leader: self.leader(),
+            });
+        }
         self.reset_election_deadline();
         self.learn_commit(commit, out);
         out.push(Command::Send {
@@ -979,6 +1042,19 @@ impl Replica {
                 commit,
                 ..
             } => self.on_prepare(from, op_start, entries, commit, out),
+            Message::StartView {
+                op_start,
+                entries,
+                commit,
+                ..
+            } => {
+                if from == self.leader()
+                    && !self.is_leader()
+                    && Self::consecutive(op_start, &entries, self.view)
+                {
+                    self.install(from, op_start, entries, commit, out);
+                }
+            }
             Message::PrepareOk { op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
                     let fi = from as usize;
@@ -1015,13 +1091,7 @@ impl Replica {
             }
             Message::Missing { from: from_op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
-                    let fi = from as usize;
-                    self.next[fi] = from_op.clamp(1, self.last_op() + 1);
-                    if self.next[fi] <= self.acked[fi] {
-                        // It lost what it acknowledged in an earlier view: count again.
-                        self.acked[fi] = self.next[fi] - 1;
-                    }
-                    self.pump(from, out);
+                    self.send_start_view(from, from_op, out);
                 }
             }
             Message::StartViewChange { .. } => {}
@@ -1058,9 +1128,7 @@ impl Replica {
                     }
                     Status::Normal => {
                         // It missed our start: send it the log from its commit point.
-                        let fi = from as usize;
-                        self.next[fi] = (commit + 1).min(self.last_op() + 1);
-                        self.pump(from, out);
+                        self.send_start_view(from, commit + 1, out);
                     }
                 }
             }
@@ -1103,15 +1171,20 @@ impl Replica {
         if from != self.leader() || self.is_leader() {
             return;
         }
-        if entries
-            .iter()
-            .enumerate()
-            .any(|(i, e)| e.op != op_start + i as u64 || e.view > self.view)
-        {
+        if !Self::consecutive(op_start, &entries, self.view) {
             return;
         }
         if self.status == Status::ViewChange {
-            self.install(from, op_start, entries, commit, out);
+            // We have not installed this view's log yet: ask for all of it.
+            let from_op = (self.commit + 1).max(self.first_op);
+            self.send(
+                out,
+                from,
+                Message::Missing {
+                    view: self.view,
+                    from: from_op,
+                },
+            );
             return;
         }
         self.reset_election_deadline();
@@ -1139,6 +1212,13 @@ impl Replica {
             },
             after_durable: self.last_op(),
         });
+    }
+
+    fn consecutive(op_start: u64, entries: &[Entry], view: u64) -> bool {
+        entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.op == op_start + i as u64 && e.view <= view)
     }
 
     fn on_snapshot_installed(&mut self, op: u64, out: &mut Vec<Command>) {
