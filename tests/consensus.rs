@@ -1,0 +1,888 @@
+//! The engine, step by step, named after the sections of "Viewstamped
+//! Replication Revisited" (Liskov and Cowling, 2012) they check. Each test
+//! feeds inputs and asserts the exact commands that come out.
+
+use bytes::Bytes;
+use falcon::consensus::message::{self, DecodeError};
+use falcon::consensus::{
+    Command, Config, Envelope, Event, Input, Message, PersistentState, Reject, Replica, Role,
+    Status,
+};
+use falcon::log::storage::SplitMix;
+use falcon::log::{Entry, Kind};
+
+const CLUSTER: u64 = 0xc1;
+const MS: u64 = 1_000_000;
+
+fn cfg(id: u32, n: u32) -> Config {
+    Config {
+        heartbeat_ns: 10 * MS,
+        election_timeout_ns: 100 * MS,
+        ..Config::new(CLUSTER, id, n)
+    }
+}
+
+fn ev(payload: &str) -> Event {
+    Event {
+        kind: Kind::Data,
+        conn: 7,
+        payload: Bytes::from(payload.to_string()),
+    }
+}
+
+fn entry(view: u64, op: u64, time_ns: u64, payload: &str) -> Entry {
+    Entry {
+        view,
+        op,
+        kind: Kind::Data,
+        conn: 7,
+        time_ns,
+        payload: Bytes::from(payload.to_string()),
+    }
+}
+
+fn noop(view: u64, op: u64, time_ns: u64) -> Entry {
+    Entry {
+        view,
+        op,
+        kind: Kind::Noop,
+        conn: 0,
+        time_ns,
+        payload: Bytes::new(),
+    }
+}
+
+fn recv(from: u32, to: u32, msg: Message) -> Input {
+    Input::Receive(Envelope {
+        cluster: CLUSTER,
+        from,
+        to,
+        msg,
+    })
+}
+
+fn send(to: u32, msg: Message) -> Command {
+    Command::Send {
+        to,
+        msg,
+        after_durable: 0,
+    }
+}
+
+fn step(r: &mut Replica, now: u64, input: Input) -> Vec<Command> {
+    let mut out = Vec::new();
+    r.step(now, input, &mut out);
+    out
+}
+
+fn sends(cmds: &[Command]) -> Vec<(u32, &'static str)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Send { to, msg, .. } => Some((*to, msg.name())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// 4.1 Normal operation: the primary assigns the next op, appends and sends Prepare to every backup.
+#[test]
+fn normal_4_1_leader_appends_and_prepares() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    assert_eq!(leader.role(), Role::Leader);
+    let out = step(
+        &mut leader,
+        5,
+        Input::Propose(vec![ev("SET a 1"), ev("SET b 2")]),
+    );
+    let batch = vec![entry(0, 1, 5, "SET a 1"), entry(0, 2, 5, "SET b 2")];
+    let prepare = Message::Prepare {
+        view: 0,
+        op_start: 1,
+        entries: batch.clone(),
+        commit: 0,
+    };
+    assert_eq!(
+        out,
+        vec![
+            Command::Append(batch),
+            send(1, prepare.clone()),
+            send(2, prepare)
+        ]
+    );
+}
+
+/// 4.1: a backup appends the entries and answers PrepareOk only once they are durable.
+#[test]
+fn normal_4_1_backup_persists_then_acknowledges() {
+    let mut backup = Replica::new(cfg(1, 3), 1, 0);
+    let batch = vec![entry(0, 1, 5, "SET a 1")];
+    let out = step(
+        &mut backup,
+        6,
+        recv(
+            0,
+            1,
+            Message::Prepare {
+                view: 0,
+                op_start: 1,
+                entries: batch.clone(),
+                commit: 0,
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::Append(batch),
+            Command::Send {
+                to: 0,
+                msg: Message::PrepareOk { view: 0, op: 1 },
+                after_durable: 1
+            },
+        ]
+    );
+}
+
+/// 4.1: the primary commits once a majority (itself included) has the entry,
+/// delivers it, and tells backups that have everything at once.
+#[test]
+fn normal_4_1_commit_at_a_majority_counting_the_leader() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 5, Input::Propose(vec![ev("x")]));
+    assert_eq!(
+        step(&mut leader, 6, Input::Durable { op: 1 }),
+        vec![],
+        "one of three is not a majority"
+    );
+    let out = step(
+        &mut leader,
+        7,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::Deliver(vec![entry(0, 1, 5, "x")]),
+            send(1, Message::Commit { view: 0, commit: 1 }),
+            send(2, Message::Commit { view: 0, commit: 1 }),
+        ]
+    );
+    assert_eq!(leader.commit(), 1);
+    // A late acknowledgement changes nothing.
+    assert_eq!(
+        step(
+            &mut leader,
+            8,
+            recv(2, 0, Message::PrepareOk { view: 0, op: 1 })
+        ),
+        vec![]
+    );
+}
+
+/// 4.1: with one replica, the leader's own disk is the majority: nothing commits before it.
+#[test]
+fn normal_4_1_single_replica_commits_on_its_own_disk() {
+    let mut solo = Replica::new(cfg(0, 1), 1, 0);
+    let out = step(&mut solo, 5, Input::Propose(vec![ev("x")]));
+    assert_eq!(out, vec![Command::Append(vec![entry(0, 1, 5, "x")])]);
+    assert_eq!(
+        step(&mut solo, 6, Input::Durable { op: 1 }),
+        vec![Command::Deliver(vec![entry(0, 1, 5, "x")])]
+    );
+}
+
+/// 4.1: the commit point reaches backups on an idle heartbeat, so the last
+/// request never waits for a next one; backups deliver on it.
+#[test]
+fn normal_4_1_idle_heartbeat_carries_the_commit_point() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 5, Input::Propose(vec![ev("x")]));
+    step(
+        &mut leader,
+        6,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    step(
+        &mut leader,
+        7,
+        recv(2, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    assert_eq!(
+        step(&mut leader, 8, Input::Tick),
+        vec![],
+        "not idle long enough"
+    );
+    let out = step(&mut leader, 7 + 10 * MS, Input::Tick);
+    assert_eq!(
+        out,
+        vec![
+            send(1, Message::Commit { view: 0, commit: 1 }),
+            send(2, Message::Commit { view: 0, commit: 1 })
+        ]
+    );
+
+    let mut backup = Replica::new(cfg(1, 3), 1, 0);
+    step(
+        &mut backup,
+        6,
+        recv(
+            0,
+            1,
+            Message::Prepare {
+                view: 0,
+                op_start: 1,
+                entries: vec![entry(0, 1, 5, "x")],
+                commit: 0,
+            },
+        ),
+    );
+    let out = step(
+        &mut backup,
+        20,
+        recv(0, 1, Message::Commit { view: 0, commit: 1 }),
+    );
+    assert_eq!(out, vec![Command::Deliver(vec![entry(0, 1, 5, "x")])]);
+}
+
+/// 4.1: a backup that missed entries says where its log ends instead of accepting a gap.
+#[test]
+fn normal_4_1_a_gap_asks_for_the_missing_entries() {
+    let mut backup = Replica::new(cfg(2, 3), 1, 0);
+    let out = step(
+        &mut backup,
+        6,
+        recv(
+            0,
+            2,
+            Message::Prepare {
+                view: 0,
+                op_start: 4,
+                entries: vec![entry(0, 4, 5, "d")],
+                commit: 2,
+            },
+        ),
+    );
+    assert_eq!(out, vec![send(0, Message::Missing { view: 0, from: 1 })]);
+    // The leader answers with its whole log from there (StartView).
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 1, Input::Propose(vec![ev("a"), ev("b")]));
+    let out = step(
+        &mut leader,
+        2,
+        recv(2, 0, Message::Missing { view: 0, from: 1 }),
+    );
+    assert_eq!(
+        out,
+        vec![send(
+            2,
+            Message::StartView {
+                view: 0,
+                op_start: 1,
+                entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
+                commit: 0
+            }
+        )]
+    );
+}
+
+/// 4.1: only the leader takes requests; others refuse with a hint.
+#[test]
+fn normal_4_1_proposals_at_a_backup_are_refused_with_a_hint() {
+    let mut backup = Replica::new(cfg(1, 3), 1, 0);
+    let out = step(&mut backup, 1, Input::Propose(vec![ev("x")]));
+    assert_eq!(
+        out,
+        vec![Command::Rejected {
+            events: vec![ev("x")],
+            reason: Reject::NotLeader(Some(0))
+        }]
+    );
+}
+
+/// 4.1: a bounded number of uncommitted entries; beyond it the leader pushes back.
+#[test]
+fn normal_4_1_the_uncommitted_window_is_bounded() {
+    let mut c = cfg(0, 3);
+    c.uncommitted_max = 2;
+    let mut leader = Replica::new(c, 1, 0);
+    step(&mut leader, 1, Input::Propose(vec![ev("a"), ev("b")]));
+    let out = step(&mut leader, 2, Input::Propose(vec![ev("c")]));
+    assert_eq!(
+        out,
+        vec![Command::Rejected {
+            events: vec![ev("c")],
+            reason: Reject::Busy
+        }]
+    );
+}
+
+/// 4.2 View changes: a backup that hears nothing for the timeout moves to the
+/// next view, persists it, tells everyone, and sends its log to the new leader.
+#[test]
+fn view_change_4_2_timeout_starts_a_view_change() {
+    let mut backup = Replica::new(cfg(2, 3), 1, 0);
+    step(
+        &mut backup,
+        1,
+        recv(
+            0,
+            2,
+            Message::Prepare {
+                view: 0,
+                op_start: 1,
+                entries: vec![entry(0, 1, 1, "a")],
+                commit: 0,
+            },
+        ),
+    );
+    assert_eq!(
+        step(&mut backup, 50 * MS, Input::Tick),
+        vec![],
+        "before the timeout"
+    );
+    let out = step(&mut backup, 250 * MS, Input::Tick);
+    assert_eq!(
+        out,
+        vec![
+            Command::SaveState(PersistentState {
+                view: 1,
+                log_view: 0
+            }),
+            Command::RoleChanged {
+                role: Role::ViewChange,
+                view: 1,
+                leader: 1
+            },
+            send(0, Message::StartViewChange { view: 1 }),
+            send(1, Message::StartViewChange { view: 1 }),
+            send(
+                1,
+                Message::DoViewChange {
+                    view: 1,
+                    log_view: 0,
+                    last_op: 1,
+                    commit: 0,
+                    op_start: 1,
+                    entries: vec![entry(0, 1, 1, "a")]
+                }
+            ),
+        ]
+    );
+}
+
+/// 4.2: the new leader, with a majority of logs, keeps the best (highest log
+/// view, then longest), starts the view with a Noop and sends its log to every backup.
+#[test]
+fn view_change_4_2_new_leader_merges_the_best_log() {
+    let mut next = Replica::new(cfg(1, 3), 1, 0);
+    // It has only op 1; replica 2 has ops 1 and 2 of view 0.
+    step(
+        &mut next,
+        1,
+        recv(
+            0,
+            1,
+            Message::Prepare {
+                view: 0,
+                op_start: 1,
+                entries: vec![entry(0, 1, 1, "a")],
+                commit: 0,
+            },
+        ),
+    );
+    let out = step(
+        &mut next,
+        2,
+        recv(2, 1, Message::StartViewChange { view: 1 }),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::SaveState(PersistentState {
+                view: 1,
+                log_view: 0
+            }),
+            Command::RoleChanged {
+                role: Role::ViewChange,
+                view: 1,
+                leader: 1
+            },
+            send(0, Message::StartViewChange { view: 1 }),
+            send(2, Message::StartViewChange { view: 1 }),
+        ]
+    );
+    let dvc = Message::DoViewChange {
+        view: 1,
+        log_view: 0,
+        last_op: 2,
+        commit: 1,
+        op_start: 1,
+        entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
+    };
+    let out = step(&mut next, 3, recv(2, 1, dvc));
+    let log = vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, 3)];
+    assert_eq!(
+        out,
+        vec![
+            Command::Append(vec![entry(0, 2, 1, "b")]),
+            Command::SaveState(PersistentState {
+                view: 1,
+                log_view: 1
+            }),
+            Command::RoleChanged {
+                role: Role::Leader,
+                view: 1,
+                leader: 1
+            },
+            Command::Deliver(vec![entry(0, 1, 1, "a")]),
+            Command::Append(vec![noop(1, 3, 3)]),
+            send(
+                0,
+                Message::StartView {
+                    view: 1,
+                    op_start: 2,
+                    entries: log[1..].to_vec(),
+                    commit: 1
+                }
+            ),
+            send(
+                2,
+                Message::StartView {
+                    view: 1,
+                    op_start: 2,
+                    entries: log[1..].to_vec(),
+                    commit: 1
+                }
+            ),
+        ]
+    );
+    assert_eq!(next.role(), Role::Leader);
+}
+
+/// 4.2: a log of a higher view wins over a longer log of a lower view.
+#[test]
+fn view_change_4_2_higher_log_view_beats_longer_log() {
+    let mut next = Replica::restart(
+        cfg(1, 3),
+        1,
+        0,
+        PersistentState {
+            view: 3,
+            log_view: 1,
+        },
+        1,
+        vec![
+            entry(1, 1, 1, "a"),
+            entry(1, 2, 1, "old-b"),
+            entry(1, 3, 1, "old-c"),
+        ],
+        vec![],
+    );
+    // View 4 is led by replica 1.
+    step(
+        &mut next,
+        1,
+        recv(2, 1, Message::StartViewChange { view: 4 }),
+    );
+    let out = step(
+        &mut next,
+        2,
+        recv(
+            2,
+            1,
+            Message::DoViewChange {
+                view: 4,
+                log_view: 2,
+                last_op: 2,
+                commit: 1,
+                op_start: 1,
+                entries: vec![entry(1, 1, 1, "a"), entry(2, 2, 2, "new-b")],
+            },
+        ),
+    );
+    // Its own commit point is 0 (it restarted): a log sent from op 2 would not
+    // do, so that case asks for more first.
+    assert_eq!(out[0], Command::Truncate { after: 1 });
+    assert_eq!(out[1], Command::Append(vec![entry(2, 2, 2, "new-b")]));
+    assert_eq!(next.entry(2), Some(&entry(2, 2, 2, "new-b")));
+    assert_eq!(
+        next.entry(3).map(|e| e.kind),
+        Some(Kind::Noop),
+        "the stale op 3 is gone; the view's Noop is there"
+    );
+}
+
+/// 4.2 and falcon's rule: the new view closes every connection still open,
+/// so every replica closes them alike.
+#[test]
+fn view_change_closes_every_open_connection() {
+    let open = |op, conn| Entry {
+        view: 0,
+        op,
+        kind: Kind::Open,
+        conn,
+        time_ns: 1,
+        payload: Bytes::new(),
+    };
+    let close = |op, conn| Entry {
+        view: 0,
+        op,
+        kind: Kind::Close,
+        conn,
+        time_ns: 1,
+        payload: Bytes::new(),
+    };
+    let mut next = Replica::restart(
+        cfg(1, 3),
+        1,
+        0,
+        PersistentState {
+            view: 0,
+            log_view: 0,
+        },
+        1,
+        vec![open(1, 5), open(2, 6), close(3, 5), open(4, 9)],
+        vec![],
+    );
+    step(
+        &mut next,
+        1,
+        recv(2, 1, Message::StartViewChange { view: 1 }),
+    );
+    let out = step(
+        &mut next,
+        2,
+        recv(
+            2,
+            1,
+            Message::DoViewChange {
+                view: 1,
+                log_view: 0,
+                last_op: 4,
+                commit: 4,
+                op_start: 5,
+                entries: vec![],
+            },
+        ),
+    );
+    let appended: Vec<(Kind, u64)> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::Append(es) => Some(es.iter().map(|e| (e.kind, e.conn)).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        appended,
+        vec![(Kind::Noop, 0), (Kind::Close, 6), (Kind::Close, 9)]
+    );
+}
+
+/// 4.2: a backup in a view change installs the new leader's log whole and acknowledges it.
+#[test]
+fn view_change_4_2_backup_installs_start_view() {
+    let mut backup = Replica::restart(
+        cfg(2, 3),
+        1,
+        0,
+        PersistentState {
+            view: 1,
+            log_view: 0,
+        },
+        1,
+        vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "stale")],
+        vec![],
+    );
+    assert_eq!(backup.status(), Status::ViewChange);
+    let out = step(
+        &mut backup,
+        5,
+        recv(
+            1,
+            2,
+            Message::StartView {
+                view: 1,
+                op_start: 1,
+                entries: vec![entry(0, 1, 1, "a"), noop(1, 2, 4)],
+                commit: 1,
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::Truncate { after: 1 },
+            Command::Append(vec![noop(1, 2, 4)]),
+            Command::SaveState(PersistentState {
+                view: 1,
+                log_view: 1
+            }),
+            Command::RoleChanged {
+                role: Role::Follower,
+                view: 1,
+                leader: 1
+            },
+            Command::Deliver(vec![entry(0, 1, 1, "a")]),
+            Command::Send {
+                to: 1,
+                msg: Message::PrepareOk { view: 1, op: 2 },
+                after_durable: 2
+            },
+        ]
+    );
+}
+
+/// 4.3 Recovery (with a disk): a restarted replica never acts in a view older
+/// than the one it promised; it tells the sender about the newer view.
+#[test]
+fn recovery_4_3_never_acts_in_an_older_view() {
+    // View 4 is led by replica 1; this is replica 2.
+    let mut r = Replica::restart(
+        cfg(2, 3),
+        1,
+        0,
+        PersistentState {
+            view: 4,
+            log_view: 4,
+        },
+        1,
+        vec![],
+        vec![],
+    );
+    let out = step(
+        &mut r,
+        1,
+        recv(
+            0,
+            2,
+            Message::Prepare {
+                view: 3,
+                op_start: 1,
+                entries: vec![entry(3, 1, 1, "a")],
+                commit: 0,
+            },
+        ),
+    );
+    assert_eq!(out, vec![send(0, Message::NewerView { view: 4 })]);
+    assert_eq!(r.last_op(), 0, "nothing from an older view is accepted");
+    let out = step(
+        &mut r,
+        2,
+        recv(
+            1,
+            2,
+            Message::DoViewChange {
+                view: 2,
+                log_view: 2,
+                last_op: 0,
+                commit: 0,
+                op_start: 1,
+                entries: vec![],
+            },
+        ),
+    );
+    assert_eq!(out, vec![send(1, Message::NewerView { view: 4 })]);
+}
+
+/// 4.3: a replica restarted as the leader of its view never starts that view
+/// again (it could order different entries at the same ops): it moves on.
+#[test]
+fn recovery_4_3_a_restarted_leader_leaves_its_view() {
+    let mut r = Replica::restart(
+        cfg(2, 3),
+        1,
+        0,
+        PersistentState {
+            view: 2,
+            log_view: 2,
+        },
+        1,
+        vec![],
+        vec![],
+    );
+    let out = step(&mut r, 1, Input::Tick);
+    assert_eq!(
+        out[0],
+        Command::SaveState(PersistentState {
+            view: 3,
+            log_view: 2
+        })
+    );
+    assert_eq!(r.view(), 3);
+}
+
+/// falcon: a planned transfer waits until the target has every entry, then
+/// starts the view the target leads.
+#[test]
+fn transfer_hands_leadership_to_a_caught_up_replica() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 1, Input::Propose(vec![ev("a")]));
+    assert_eq!(
+        step(&mut leader, 2, Input::TransferLeadership { to: 2 }),
+        vec![],
+        "2 has not got op 1 yet"
+    );
+    let out = step(&mut leader, 3, Input::Propose(vec![ev("refused")]));
+    assert_eq!(
+        out,
+        vec![Command::Rejected {
+            events: vec![ev("refused")],
+            reason: Reject::NotLeader(Some(2))
+        }]
+    );
+    // Op 1 is on replica 2 (not yet on the leader's disk): 2 is caught up.
+    let out = step(
+        &mut leader,
+        4,
+        recv(2, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    assert_eq!(
+        sends(&out),
+        vec![
+            (1, "start_view_change"),
+            (2, "start_view_change"),
+            (2, "do_view_change")
+        ]
+    );
+    assert!(
+        out.contains(&Command::SaveState(PersistentState {
+            view: 2,
+            log_view: 0
+        })),
+        "view 2 is led by replica 2"
+    );
+}
+
+/// Every message carries the cluster id: another cluster's message is ignored.
+#[test]
+fn a_message_of_another_cluster_is_refused() {
+    let mut backup = Replica::new(cfg(1, 3), 1, 0);
+    let mut out = Vec::new();
+    backup.step(
+        1,
+        Input::Receive(Envelope {
+            cluster: CLUSTER + 1,
+            from: 0,
+            to: 1,
+            msg: Message::Prepare {
+                view: 0,
+                op_start: 1,
+                entries: vec![entry(0, 1, 1, "x")],
+                commit: 0,
+            },
+        }),
+        &mut out,
+    );
+    assert_eq!(out, vec![]);
+    assert_eq!(backup.last_op(), 0);
+    // And a sender id outside the cluster.
+    let out = step(
+        &mut backup,
+        2,
+        recv(7, 1, Message::Commit { view: 0, commit: 0 }),
+    );
+    assert_eq!(out, vec![]);
+}
+
+/// The message decoder on random and mutated bytes: an error, never a panic
+/// (the cargo-fuzz target engine_message runs the same for longer).
+#[test]
+fn message_decoder_survives_random_bytes() {
+    let mut rng = SplitMix(42);
+    let samples: Vec<Vec<u8>> = [
+        Message::Prepare {
+            view: 1,
+            op_start: 5,
+            entries: vec![entry(1, 5, 1, "abc"), entry(1, 6, 1, "")],
+            commit: 4,
+        },
+        Message::DoViewChange {
+            view: 2,
+            log_view: 1,
+            last_op: 5,
+            commit: 4,
+            op_start: 5,
+            entries: vec![entry(1, 5, 1, "z")],
+        },
+        Message::PrepareOk { view: 1, op: 5 },
+    ]
+    .into_iter()
+    .map(|msg| {
+        message::to_bytes(&Envelope {
+            cluster: 1,
+            from: 0,
+            to: 1,
+            msg,
+        })
+    })
+    .collect();
+    let mut decoded = 0;
+    for i in 0..200_000u64 {
+        let b: Vec<u8> = if i % 2 == 0 {
+            (0..rng.next_u64() % 120)
+                .map(|_| rng.next_u64() as u8)
+                .collect()
+        } else {
+            let mut b = samples[(i % 3) as usize].clone();
+            for _ in 0..1 + rng.next_u64() % 3 {
+                let at = (rng.next_u64() % b.len() as u64) as usize;
+                b[at] = rng.next_u64() as u8;
+            }
+            b.truncate(b.len() - (rng.next_u64() % 3) as usize);
+            b
+        };
+        if message::decode(&b).is_ok() {
+            decoded += 1;
+        }
+    }
+    assert!(
+        decoded > 0,
+        "some mutations stay valid (for example a changed payload byte)"
+    );
+    assert_eq!(message::decode(&[]), Err(DecodeError::Truncated(2)));
+}
+
+/// 4.2: when the best log starts above the new leader's commit point, the
+/// new leader asks for more of it instead of guessing what lies between.
+#[test]
+fn view_change_4_2_new_leader_asks_for_the_rest_of_the_best_log() {
+    let mut next = Replica::restart(
+        cfg(1, 3),
+        1,
+        0,
+        PersistentState {
+            view: 3,
+            log_view: 1,
+        },
+        1,
+        vec![entry(1, 1, 1, "a")],
+        vec![],
+    );
+    step(
+        &mut next,
+        1,
+        recv(2, 1, Message::StartViewChange { view: 4 }),
+    );
+    let out = step(
+        &mut next,
+        2,
+        recv(
+            2,
+            1,
+            Message::DoViewChange {
+                view: 4,
+                log_view: 2,
+                last_op: 2,
+                commit: 1,
+                op_start: 2,
+                entries: vec![entry(2, 2, 2, "b")],
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![send(2, Message::RequestDoViewChange { view: 4, from: 1 })]
+    );
+    assert_eq!(next.status(), Status::ViewChange);
+}
