@@ -420,7 +420,7 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
         entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
     };
     let out = step(&mut next, 3, recv(2, 1, dvc));
-    let log = vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, 3)];
+    let log = [entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, 3)];
     assert_eq!(
         out,
         vec![
