@@ -67,3 +67,38 @@ fn bench_without_a_mode_is_a_usage_error() {
     let r = run(&["bench"]);
     assert_eq!(r.code, 2, "{r:?}");
 }
+
+#[test]
+fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
+    let r = run(&[
+        "bench",
+        "--consensus",
+        "--transport",
+        "mem",
+        "--duration",
+        "100ms",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    let clients: Vec<u64> = rows
+        .iter()
+        .map(|r| r["clients"].as_u64().unwrap())
+        .collect();
+    assert_eq!(clients, vec![1, 1, 256, 256]);
+    for row in rows {
+        assert!(row["entries_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["latency"]["samples"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert!(
+        j["setup"]["cluster"]
+            .as_str()
+            .unwrap()
+            .contains("3 replicas")
+    );
+    let r = run(&["bench", "--consensus", "--transport", "rdma"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("not built yet"), "{r:?}");
+}

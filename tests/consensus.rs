@@ -101,9 +101,14 @@ fn normal_4_1_leader_appends_and_prepares() {
         entries: batch.clone(),
         commit: 0,
     };
+    // The first step of a new leader saves its state, so a restart can tell it led view 0.
     assert_eq!(
         out,
         vec![
+            Command::SaveState(PersistentState {
+                view: 0,
+                log_view: 0
+            }),
             Command::Append(batch),
             send(1, prepare.clone()),
             send(2, prepare)
@@ -685,6 +690,32 @@ fn recovery_4_3_never_acts_in_an_older_view() {
     assert_eq!(out, vec![send(1, Message::NewerView { view: 4 })]);
 }
 
+/// 4.3: replica 0 restarted with no entries and no saved view still must not
+/// lead view 0 again: a new leader saves its state at its first step, so a
+/// restart means it may have ordered entries it no longer has.
+#[test]
+fn recovery_4_3_a_restarted_first_leader_does_not_lead_view_0_again() {
+    let mut r = Replica::restart(
+        cfg(0, 3),
+        1,
+        0,
+        PersistentState::default(),
+        1,
+        vec![],
+        vec![],
+    );
+    assert_eq!(r.status(), Status::ViewChange);
+    let out = step(&mut r, 1, Input::Propose(vec![ev("x")]));
+    assert_eq!(
+        out[0],
+        Command::SaveState(PersistentState {
+            view: 1,
+            log_view: 0
+        })
+    );
+    assert!(matches!(out.last(), Some(Command::Rejected { .. })));
+}
+
 /// 4.3: a replica restarted as the leader of its view never starts that view
 /// again (it could order different entries at the same ops): it moves on.
 #[test]
@@ -885,4 +916,29 @@ fn view_change_4_2_new_leader_asks_for_the_rest_of_the_best_log() {
         vec![send(2, Message::RequestDoViewChange { view: 4, from: 1 })]
     );
     assert_eq!(next.status(), Status::ViewChange);
+}
+
+/// Fields no correct replica can send (a view or op near 2^64) are refused
+/// before they reach the protocol, so no counter can overflow.
+#[test]
+fn impossible_views_and_ops_are_refused() {
+    let mut backup = Replica::new(cfg(1, 3), 1, 0);
+    for msg in [
+        Message::StartViewChange { view: u64::MAX },
+        Message::Commit {
+            view: 0,
+            commit: u64::MAX - 1,
+        },
+        Message::DoViewChange {
+            view: u64::MAX / 2,
+            log_view: 0,
+            last_op: u64::MAX,
+            commit: 0,
+            op_start: 1,
+            entries: vec![],
+        },
+    ] {
+        assert_eq!(step(&mut backup, 1, recv(0, 1, msg)), vec![]);
+    }
+    assert_eq!(backup.view(), 0);
 }

@@ -215,6 +215,43 @@ struct Dvc {
     entries: Vec<Entry>,
 }
 
+/// Views and ops this large cannot come from a correct replica (they would
+/// take centuries to reach); refusing them keeps every `+ 1` in range.
+const IMPOSSIBLE: u64 = u64::MAX / 4;
+
+fn plausible(msg: &Message) -> bool {
+    let fields: &[u64] = match msg {
+        Message::Prepare {
+            view,
+            op_start,
+            commit,
+            ..
+        }
+        | Message::StartView {
+            view,
+            op_start,
+            commit,
+            ..
+        } => &[*view, *op_start, *commit],
+        Message::PrepareOk { view, op } => &[*view, *op],
+        Message::Commit { view, commit } => &[*view, *commit],
+        Message::Missing { view, from } | Message::RequestDoViewChange { view, from } => {
+            &[*view, *from]
+        }
+        Message::StartViewChange { view } | Message::NewerView { view } => &[*view],
+        Message::DoViewChange {
+            view,
+            log_view,
+            last_op,
+            commit,
+            op_start,
+            ..
+        } => &[*view, *log_view, *last_op, *commit, *op_start],
+        Message::NeedSnapshot { view, op } => &[*view, *op],
+    };
+    fields.iter().all(|&x| x < IMPOSSIBLE)
+}
+
 /// One replica of the state machine.
 pub struct Replica {
     cfg: Config,
@@ -244,12 +281,19 @@ pub struct Replica {
     /// second time (it could order other entries at the same ops), so it
     /// moves to the next view at its first step.
     leave_view: bool,
+    /// New leader of view 0: save the state before the first command.
+    save_first: bool,
 }
 
 impl Replica {
-    /// A replica with an empty log, in view 0 (led by replica 0).
+    /// A replica of a new cluster: empty log, view 0 (led by replica 0).
+    ///
+    /// Replica 0 leads at once; its first step saves its state before
+    /// anything else, so that after a crash it restarts with
+    /// [`Replica::restart`] and never leads view 0 a second time. A node
+    /// must call `new` only when it has no saved state at all.
     pub fn new(cfg: Config, seed: u64, now: u64) -> Replica {
-        Replica::restart(
+        let mut r = Replica::restart(
             cfg,
             seed,
             now,
@@ -257,7 +301,13 @@ impl Replica {
             1,
             Vec::new(),
             Vec::new(),
-        )
+        );
+        if r.is_leader() && r.cfg.n > 1 {
+            r.leave_view = false;
+            r.become_leader_state();
+            r.save_first = true;
+        }
+        r
     }
 
     /// A replica restarted from its durable state: the view state, and the
@@ -313,15 +363,13 @@ impl Replica {
             dvcs: BTreeMap::new(),
             snapshot_wait: None,
             leave_view: false,
+            save_first: false,
             cfg,
         };
         r.durable = r.last_op();
         let leads = r.cfg.leader_of(r.view) == r.cfg.id;
         if r.cfg.n == 1 {
             r.status = Status::Normal;
-        } else if r.view == 0 && r.log_view == 0 && r.log.is_empty() && leads {
-            // A brand-new cluster: replica 0 leads view 0 at once.
-            r.become_leader_state();
         } else if leads {
             r.status = Status::ViewChange;
             r.leave_view = true;
@@ -409,6 +457,10 @@ impl Replica {
     /// Feeds one input at time `now` (ns, monotonic) and appends the commands to `out`.
     pub fn step(&mut self, now: u64, input: Input, out: &mut Vec<Command>) {
         self.now = self.now.max(now);
+        if self.save_first {
+            self.save_first = false;
+            out.push(Command::SaveState(self.persistent_state()));
+        }
         if self.leave_view {
             self.leave_view = false;
             self.start_view_change(self.view + 1, out);
@@ -1009,6 +1061,9 @@ impl Replica {
             || env.from == self.cfg.id
             || env.to != self.cfg.id
         {
+            return;
+        }
+        if !plausible(&env.msg) {
             return;
         }
         let from = env.from;
