@@ -942,3 +942,70 @@ fn impossible_views_and_ops_are_refused() {
     }
     assert_eq!(backup.view(), 0);
 }
+
+/// 5.2 State transfer: when the entries a follower needs are compacted away
+/// at the leader, the follower is told to fetch a snapshot, asks the node
+/// for it, and resumes after it from the next op.
+#[test]
+fn state_transfer_5_2_compacted_entries_need_a_snapshot() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(
+        &mut leader,
+        1,
+        Input::Propose(vec![ev("a"), ev("b"), ev("c")]),
+    );
+    step(&mut leader, 2, Input::Durable { op: 3 });
+    step(
+        &mut leader,
+        3,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 3 }),
+    );
+    assert_eq!(leader.commit(), 3);
+    step(&mut leader, 4, Input::Compacted { below: 3 });
+    assert_eq!(leader.first_op(), 3);
+    // Replica 2 lost everything and asks from op 1.
+    let out = step(
+        &mut leader,
+        5,
+        recv(2, 0, Message::Missing { view: 0, from: 1 }),
+    );
+    assert_eq!(out, vec![send(2, Message::NeedSnapshot { view: 0, op: 2 })]);
+
+    let mut lagging = Replica::new(cfg(2, 3), 1, 0);
+    let out = step(
+        &mut lagging,
+        6,
+        recv(0, 2, Message::NeedSnapshot { view: 0, op: 2 }),
+    );
+    assert_eq!(out, vec![Command::FetchSnapshot { from: 0, op: 2 }]);
+    assert_eq!(
+        step(
+            &mut lagging,
+            7,
+            recv(0, 2, Message::NeedSnapshot { view: 0, op: 2 })
+        ),
+        vec![],
+        "one fetch at a time"
+    );
+    let out = step(&mut lagging, 8, Input::SnapshotInstalled { op: 2 });
+    assert_eq!(out, vec![send(0, Message::Missing { view: 0, from: 3 })]);
+    assert_eq!((lagging.first_op(), lagging.commit()), (3, 2));
+    // The leader sends the rest; the follower takes it and acknowledges.
+    let out = step(
+        &mut leader,
+        9,
+        recv(2, 0, Message::Missing { view: 0, from: 3 }),
+    );
+    let Command::Send { msg, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    let out = step(&mut lagging, 10, recv(0, 2, msg.clone()));
+    assert_eq!(
+        out.last(),
+        Some(&Command::Send {
+            to: 0,
+            msg: Message::PrepareOk { view: 0, op: 3 },
+            after_durable: 3
+        })
+    );
+}

@@ -68,7 +68,7 @@ pub struct Knobs {
 impl Knobs {
     fn choose(rng: &mut SplitMix) -> Knobs {
         let pick = |rng: &mut SplitMix, lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo + 1);
-        let n = [1, 3, 3, 3, 3, 3, 5, 5, 5, 7][(rng.next_u64() % 10) as usize];
+        let n = [1, 3, 3, 3, 3, 3, 5, 5, 7, 9][(rng.next_u64() % 10) as usize];
         let max_delay = pick(rng, MS / 5, 8 * MS);
         Knobs {
             n,
