@@ -557,15 +557,7 @@ impl Replica {
         let last = self.last_op();
         if self.next[fi] < self.first_op && self.next[fi] <= last {
             // What it needs is compacted away: it needs a snapshot.
-            self.send(
-                out,
-                f,
-                Message::NeedSnapshot {
-                    view: self.view,
-                    op: self.first_op - 1,
-                },
-            );
-            self.last_sent[fi] = self.now;
+            self.send_need_snapshot(f, out);
             return;
         }
         while self.next[fi] <= last && self.next[fi] <= self.acked[fi] + self.cfg.pipeline_ops_max {
@@ -892,20 +884,22 @@ impl Replica {
         self.try_commit(out);
     }
 
+    /// Tells follower `f` that what it needs is compacted away here.
+    fn send_need_snapshot(&mut self, f: NodeId, out: &mut Vec<Command>) {
+        let msg = Message::NeedSnapshot {
+            view: self.view,
+            op: self.first_op - 1,
+        };
+        self.send(out, f, msg);
+        self.last_sent[f as usize] = self.now;
+    }
+
     /// Sends follower `f` our whole log from `from` (VR's StartView).
     fn send_start_view(&mut self, f: NodeId, from: u64, out: &mut Vec<Command>) {
         let fi = f as usize;
         let from = from.clamp(1, self.last_op() + 1);
         if from < self.first_op {
-            self.send(
-                out,
-                f,
-                Message::NeedSnapshot {
-                    view: self.view,
-                    op: self.first_op - 1,
-                },
-            );
-            self.last_sent[fi] = self.now;
+            self.send_need_snapshot(f, out);
             return;
         }
         let entries: Vec<Entry> = (from..=self.last_op())

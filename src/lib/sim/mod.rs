@@ -443,15 +443,7 @@ impl Sim {
                     };
                     let (result, _) = self.nodes[node as usize].kv.apply(&r);
                     if leader {
-                        let d = self.range(self.knobs.delay_ns);
-                        self.at(
-                            self.now + d,
-                            Ev::ToClient {
-                                client: r.client,
-                                seq: r.seq,
-                                reply: Reply::Done(result),
-                            },
-                        );
+                        self.reply(&r, Reply::Done(result));
                     }
                 }
             }
@@ -466,15 +458,7 @@ impl Sim {
                 };
                 for ev in events {
                     if let Some(r) = Request::decode(&ev.payload) {
-                        let d = self.range(self.knobs.delay_ns);
-                        self.at(
-                            self.now + d,
-                            Ev::ToClient {
-                                client: r.client,
-                                seq: r.seq,
-                                reply: Reply::Redirect(hint),
-                            },
-                        );
+                        self.reply(&r, Reply::Redirect(hint));
                     }
                 }
             }
@@ -521,6 +505,19 @@ impl Sim {
         let durable: Vec<Vec<u64>> = self.nodes.iter().map(|n| n.durable_fp.clone()).collect();
         self.check
             .majority_durable(&durable, (self.knobs.n / 2 + 1) as usize)
+    }
+
+    /// A reply to a client, over the simulated network.
+    fn reply(&mut self, r: &Request, reply: Reply) {
+        let d = self.range(self.knobs.delay_ns);
+        self.at(
+            self.now + d,
+            Ev::ToClient {
+                client: r.client,
+                seq: r.seq,
+                reply,
+            },
+        );
     }
 
     fn release(&mut self, node: u32) {
@@ -692,6 +689,7 @@ impl Sim {
         let deadline = heal_at + 8_000 * MS;
         self.at(deadline, Ev::End);
 
+        let mut settle_until: Option<u64> = None;
         while let Some(Reverse((t, _, i))) = self.queue.pop() {
             let ev = self.events[i].take().expect("scheduled");
             self.free.push(i);
@@ -859,9 +857,16 @@ impl Sim {
                     .iter()
                     .all(|c| c.op.is_none() && c.done >= c.budget)
             {
-                // Every request answered: let followers learn the last commit point, then stop.
-                self.settle()?;
-                break;
+                // Every request answered: let followers learn the last
+                // commit point for 300 ms, then check they did.
+                match settle_until {
+                    None => settle_until = Some(self.now + 300 * MS),
+                    Some(until) if self.now >= until => {
+                        self.check_converged()?;
+                        break;
+                    }
+                    Some(_) => {}
+                }
             }
         }
         self.report.sim_ns = self.now;
@@ -884,35 +889,8 @@ impl Sim {
         Ok(())
     }
 
-    /// Runs 300 ms more and checks every replica learnt the final commit point.
-    fn settle(&mut self) -> Result<(), Violation> {
-        let until = self.now + 300 * MS;
-        while let Some(Reverse((t, _, i))) = self.queue.peek().copied() {
-            if t > until {
-                break;
-            }
-            self.queue.pop();
-            let ev = self.events[i].take().expect("scheduled");
-            self.free.push(i);
-            self.now = t;
-            match ev {
-                Ev::Tick(node) => {
-                    self.step(node, Input::Tick)?;
-                    self.at(self.now + MS, Ev::Tick(node));
-                }
-                Ev::Net { to, env } => self.step(to, Input::Receive(env))?,
-                Ev::Sync { node, epoch } => {
-                    let nd = &mut self.nodes[node as usize];
-                    if nd.epoch != epoch {
-                        continue;
-                    }
-                    nd.sync_pending = false;
-                    let d = self.sync_node(node)?;
-                    self.step(node, Input::Durable { op: d })?;
-                }
-                _ => {}
-            }
-        }
+    /// Every replica learnt the final commit point.
+    fn check_converged(&self) -> Result<(), Violation> {
         let max_commit = self
             .nodes
             .iter()
