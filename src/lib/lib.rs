@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod config;
 pub mod consensus;
 pub mod inspect;
 pub mod log;

@@ -1,0 +1,456 @@
+//! The cluster file: one TOML file every replica reads, plus the replica's id.
+//!
+//! ```toml
+//! cluster = "demo"                 # cluster id; peers of another cluster are refused
+//! key_file = "cluster.key"         # shared secret: at least 32 bytes, read raw
+//! transport = "tcp"                # tcp | shm | rdma
+//! sync = "batch"                   # always | batch | never
+//! election_timeout = "150ms"
+//!
+//! [[replica]]
+//! id = 1
+//! peer = "127.0.0.1:7101"          # replica-to-replica address
+//! client = "127.0.0.1:7201"        # where clients connect
+//! app = "127.0.0.1:7001"           # where this replica's copy of the program listens
+//! data_dir = "data/1"              # log, admin socket, program output
+//! ```
+//!
+//! Relative paths are relative to the file. Every error names the file, the
+//! line and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::log::SyncPolicy;
+
+/// Where falcon looks for the cluster file when `--config` is not given.
+pub const SEARCH_PATH: [&str; 2] = ["falcon.toml", "/etc/falcon/falcon.toml"];
+/// The environment variable that names this replica when `--node` is not given.
+pub const NODE_ENV: &str = "FALCON_NODE";
+/// The shortest cluster key accepted.
+pub const KEY_BYTES_MIN: usize = 32;
+
+/// A problem with the cluster file, or with choosing this replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A field is wrong.
+    #[error("{path}:{line}: {field}: {message}")]
+    Field {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// The field (`replica[2].peer`, …).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Something about the file as a whole, or about finding this replica.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How replicas talk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// TCP (the default).
+    Tcp,
+    /// Shared memory between processes on one host.
+    Shm,
+    /// RDMA (ibverbs).
+    Rdma,
+}
+
+/// One replica of the cluster file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaConfig {
+    /// The operator's id for it (any distinct numbers).
+    pub id: u32,
+    /// Replica-to-replica address.
+    pub peer: SocketAddr,
+    /// Where clients connect.
+    pub client: SocketAddr,
+    /// Where this replica's copy of the program listens.
+    pub app: SocketAddr,
+    /// Log, admin socket, program output (absolute).
+    pub data_dir: PathBuf,
+}
+
+/// The whole cluster file, checked.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The cluster's name.
+    pub cluster: String,
+    /// The numeric cluster id carried by every message and log segment (from the name).
+    pub cluster_id: u64,
+    /// The shared key's file (absolute), if any.
+    pub key_file: Option<PathBuf>,
+    /// How replicas talk.
+    pub transport: TransportKind,
+    /// When the log syncs.
+    pub sync: SyncPolicy,
+    /// Election timeout.
+    #[serde(with = "duration_ms")]
+    pub election_timeout: Duration,
+    /// Heartbeat interval.
+    #[serde(with = "duration_ms")]
+    pub heartbeat: Duration,
+    /// Replicas, in file order; the engine's replica number is the index.
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+mod duration_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster: Spanned<String>,
+    key_file: Option<Spanned<String>>,
+    transport: Option<Spanned<String>>,
+    sync: Option<Spanned<String>>,
+    election_timeout: Option<Spanned<String>>,
+    heartbeat: Option<Spanned<String>>,
+    #[serde(default)]
+    replica: Vec<RawReplica>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplica {
+    id: Spanned<u32>,
+    peer: Spanned<String>,
+    client: Spanned<String>,
+    app: Spanned<String>,
+    data_dir: Spanned<String>,
+}
+
+/// A stable 64-bit id for a cluster name (FNV-1a).
+pub fn cluster_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl ClusterConfig {
+    /// Reads and checks the cluster file at `path`.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        ClusterConfig::parse(path, &text)
+    }
+
+    /// Checks the text of a cluster file; `path` is used for messages and relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<ClusterConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let field_err =
+            |span: std::ops::Range<usize>, field: &str, message: String| ConfigError::Field {
+                path: shown.clone(),
+                line: line_of(text, span.start),
+                field: field.to_string(),
+                message,
+            };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
+            let message = e.message().to_string();
+            let field = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.contains("field"))
+                .unwrap_or("(syntax)")
+                .to_string();
+            ConfigError::Field {
+                path: shown.clone(),
+                line,
+                field,
+                message,
+            }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+        let cluster = raw.cluster.get_ref().trim().to_string();
+        if cluster.is_empty() {
+            return Err(field_err(
+                raw.cluster.span(),
+                "cluster",
+                "must not be empty".into(),
+            ));
+        }
+        let transport = match &raw.transport {
+            None => TransportKind::Tcp,
+            Some(t) => match t.get_ref().as_str() {
+                "tcp" => TransportKind::Tcp,
+                "shm" => TransportKind::Shm,
+                "rdma" => TransportKind::Rdma,
+                other => {
+                    return Err(field_err(
+                        t.span(),
+                        "transport",
+                        format!("{other:?} is not tcp, shm or rdma"),
+                    ));
+                }
+            },
+        };
+        let sync = match &raw.sync {
+            None => SyncPolicy::Batch,
+            Some(s) => s
+                .get_ref()
+                .parse()
+                .map_err(|m| field_err(s.span(), "sync", m))?,
+        };
+        let duration = |v: &Option<Spanned<String>>,
+                        name: &str,
+                        default: Duration|
+         -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => {
+                    let d = humantime::parse_duration(s.get_ref()).map_err(|e| {
+                        field_err(
+                            s.span(),
+                            name,
+                            format!("{:?}: {e} (examples: 150ms, 2s)", s.get_ref()),
+                        )
+                    })?;
+                    if d.is_zero() {
+                        return Err(field_err(s.span(), name, "must be more than zero".into()));
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        let election_timeout = duration(
+            &raw.election_timeout,
+            "election_timeout",
+            Duration::from_millis(150),
+        )?;
+        let heartbeat = duration(&raw.heartbeat, "heartbeat", election_timeout / 10)?;
+        if heartbeat >= election_timeout {
+            let span = raw.heartbeat.as_ref().map(|h| h.span()).unwrap_or(0..0);
+            return Err(field_err(
+                span,
+                "heartbeat",
+                "must be shorter than election_timeout".into(),
+            ));
+        }
+        if !matches!(raw.replica.len(), 1 | 3 | 5 | 7 | 9) {
+            return Err(ConfigError::Other(format!(
+                "{shown}: {} [[replica]] tables; a cluster has 1, 3, 5, 7 or 9 replicas",
+                raw.replica.len()
+            )));
+        }
+        let mut replicas: Vec<ReplicaConfig> = Vec::new();
+        let mut seen: Vec<SocketAddr> = Vec::new();
+        for (i, r) in raw.replica.iter().enumerate() {
+            let name = |f: &str| format!("replica[{}].{f}", i + 1);
+            let addr = |s: &Spanned<String>, f: &str| -> Result<SocketAddr, ConfigError> {
+                s.get_ref().parse().map_err(|_| {
+                    field_err(
+                        s.span(),
+                        &name(f),
+                        format!("{:?} is not an address like 127.0.0.1:7101", s.get_ref()),
+                    )
+                })
+            };
+            let rc = ReplicaConfig {
+                id: *r.id.get_ref(),
+                peer: addr(&r.peer, "peer")?,
+                client: addr(&r.client, "client")?,
+                app: addr(&r.app, "app")?,
+                data_dir: resolve(r.data_dir.get_ref()),
+            };
+            if replicas.iter().any(|o| o.id == rc.id) {
+                return Err(field_err(
+                    r.id.span(),
+                    &name("id"),
+                    format!("id {} is used twice", rc.id),
+                ));
+            }
+            for (a, f, span) in [
+                (rc.peer, "peer", r.peer.span()),
+                (rc.client, "client", r.client.span()),
+                (rc.app, "app", r.app.span()),
+            ] {
+                if seen.contains(&a) {
+                    return Err(field_err(
+                        span,
+                        &name(f),
+                        format!("{a} is used twice in the file"),
+                    ));
+                }
+                seen.push(a);
+            }
+            if replicas.iter().any(|o| o.data_dir == rc.data_dir) {
+                return Err(field_err(
+                    r.data_dir.span(),
+                    &name("data_dir"),
+                    "two replicas share a data directory".into(),
+                ));
+            }
+            replicas.push(rc);
+        }
+        Ok(ClusterConfig {
+            path: path.to_path_buf(),
+            cluster_id: cluster_id(&cluster),
+            cluster,
+            key_file: raw.key_file.as_ref().map(|k| resolve(k.get_ref())),
+            transport,
+            sync,
+            election_timeout,
+            heartbeat,
+            replicas,
+        })
+    }
+
+    /// Finds the cluster file: `explicit`, else `falcon.toml` here, else `/etc/falcon/falcon.toml`.
+    pub fn find(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        SEARCH_PATH
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| ConfigError::Other("no cluster file: give --config FILE, or put falcon.toml here or in /etc/falcon/".into()))
+    }
+
+    /// The engine's number for the replica with operator id `id`.
+    pub fn index_of(&self, id: u32) -> Option<usize> {
+        self.replicas.iter().position(|r| r.id == id)
+    }
+
+    /// Chooses this replica: `explicit`, else `FALCON_NODE`, else the one
+    /// replica whose peer address is an address of this host. Returns its index.
+    pub fn choose_node(&self, explicit: Option<u32>) -> Result<usize, ConfigError> {
+        let ids = || {
+            self.replicas
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let wanted = match explicit {
+            Some(id) => Some((id, "--node")),
+            None => match std::env::var(NODE_ENV) {
+                Ok(v) => Some((
+                    v.trim().parse().map_err(|_| {
+                        ConfigError::Other(format!("{NODE_ENV}={v:?} is not a replica id"))
+                    })?,
+                    NODE_ENV,
+                )),
+                Err(_) => None,
+            },
+        };
+        if let Some((id, from)) = wanted {
+            return self.index_of(id).ok_or_else(|| {
+                ConfigError::Other(format!(
+                    "{from} {id}: no such replica in {} (ids: {})",
+                    self.path.display(),
+                    ids()
+                ))
+            });
+        }
+        let local: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| is_local(self.replicas[i].peer))
+            .collect();
+        match local.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ConfigError::Other(format!(
+                "none of the replicas' peer addresses is an address of this host: give --node ID (ids: {})",
+                ids()
+            ))),
+            _ => Err(ConfigError::Other(format!(
+                "several replicas' peer addresses are addresses of this host: give --node ID (ids: {})",
+                ids()
+            ))),
+        }
+    }
+}
+
+/// Whether `addr`'s IP belongs to this host (binding to it succeeds).
+fn is_local(addr: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
+}
+
+/// Reads a cluster key file: at least [`KEY_BYTES_MIN`] bytes, used raw.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let key = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if key.len() < KEY_BYTES_MIN {
+        return Err(ConfigError::Other(format!(
+            "{}: the cluster key has {} bytes; it needs at least {KEY_BYTES_MIN} (head -c 32 /dev/urandom > {})",
+            path.display(),
+            key.len(),
+            path.display()
+        )));
+    }
+    Ok(key)
+}
+
+/// Writes a new random key of 32 bytes to `path` (mode 0600); refuses to overwrite.
+pub fn generate_key(path: &Path) -> Result<(), ConfigError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    let mut rnd = std::fs::File::open("/dev/urandom").map_err(|source| ConfigError::Read {
+        path: "/dev/urandom".into(),
+        source,
+    })?;
+    std::io::Read::read_exact(&mut rnd, &mut key).map_err(|source| ConfigError::Read {
+        path: "/dev/urandom".into(),
+        source,
+    })?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+    f.write_all(&key).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}

@@ -1,0 +1,185 @@
+//! The cluster file: the documented example parses; every mistake names the
+//! line and the field.
+
+mod util;
+use std::path::Path;
+use std::time::Duration;
+
+use falcon::config::{ClusterConfig, ConfigError, TransportKind, cluster_id};
+use falcon::log::SyncPolicy;
+
+fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+    ClusterConfig::parse(Path::new("/etc/falcon/test.toml"), text)
+}
+
+const GOOD: &str = r#"cluster = "demo"
+key_file = "cluster.key"
+election_timeout = "200ms"
+
+[[replica]]
+id = 1
+peer = "127.0.0.1:7101"
+client = "127.0.0.1:7201"
+app = "127.0.0.1:7001"
+data_dir = "data/1"
+
+[[replica]]
+id = 2
+peer = "127.0.0.2:7102"
+client = "127.0.0.2:7202"
+app = "127.0.0.2:7002"
+data_dir = "/var/lib/falcon/2"
+
+[[replica]]
+id = 3
+peer = "127.0.0.3:7103"
+client = "127.0.0.3:7203"
+app = "127.0.0.3:7003"
+data_dir = "data/3"
+"#;
+
+#[test]
+fn the_documented_example_parses() {
+    let c = ClusterConfig::load(&util::root().join("fixtures/cluster.toml")).unwrap();
+    assert_eq!(c.cluster, "demo");
+    assert_eq!(c.cluster_id, cluster_id("demo"));
+    assert_eq!(c.transport, TransportKind::Tcp);
+    assert_eq!(c.sync, SyncPolicy::Batch);
+    assert_eq!(c.election_timeout, Duration::from_millis(150));
+    assert_eq!(c.heartbeat, Duration::from_millis(15));
+    assert_eq!(c.replicas.len(), 3);
+    assert_eq!(
+        c.key_file.as_deref(),
+        Some(util::root().join("fixtures/cluster.key").as_path())
+    );
+    assert_eq!(c.replicas[1].peer, "127.0.0.2:7102".parse().unwrap());
+    assert_eq!(c.replicas[2].data_dir, util::root().join("fixtures/data/3"));
+}
+
+#[test]
+fn defaults_and_relative_paths() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(
+        c.heartbeat,
+        Duration::from_millis(20),
+        "a tenth of the election timeout"
+    );
+    assert_eq!(c.replicas[0].data_dir, Path::new("/etc/falcon/data/1"));
+    assert_eq!(
+        c.replicas[1].data_dir,
+        Path::new("/var/lib/falcon/2"),
+        "absolute paths stay"
+    );
+    assert_eq!(
+        c.key_file.as_deref(),
+        Some(Path::new("/etc/falcon/cluster.key"))
+    );
+    assert_eq!(cluster_id("demo"), cluster_id("demo"));
+    assert_ne!(cluster_id("demo"), cluster_id("demo2"));
+}
+
+fn err(text: &str) -> String {
+    parse(text).expect_err("must be refused").to_string()
+}
+
+#[test]
+fn every_mistake_names_the_line_and_the_field() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            GOOD.replace("peer = \"127.0.0.2:7102\"", "peer = \"localhost\""),
+            "test.toml:14: replica[2].peer: \"localhost\" is not an address",
+        ),
+        (
+            GOOD.replace("id = 3", "id = 2"),
+            "test.toml:20: replica[3].id: id 2 is used twice",
+        ),
+        (
+            GOOD.replace("client = \"127.0.0.3:7203\"", "client = \"127.0.0.1:7201\""),
+            "test.toml:22: replica[3].client: 127.0.0.1:7201 is used twice",
+        ),
+        (
+            GOOD.replace(
+                "election_timeout = \"200ms\"",
+                "election_timeout = \"soon\"",
+            ),
+            "test.toml:3: election_timeout: \"soon\"",
+        ),
+        (
+            GOOD.replace(
+                "cluster = \"demo\"",
+                "cluster = \"demo\"\nsync = \"sometimes\"",
+            ),
+            "test.toml:2: sync: unknown sync policy",
+        ),
+        (
+            GOOD.replace(
+                "cluster = \"demo\"",
+                "cluster = \"demo\"\ntransport = \"carrier-pigeon\"",
+            ),
+            "test.toml:2: transport: \"carrier-pigeon\" is not tcp, shm or rdma",
+        ),
+        (
+            GOOD.replace("data_dir = \"data/3\"", "data_dir = \"data/1\""),
+            "test.toml:24: replica[3].data_dir: two replicas share",
+        ),
+        (
+            GOOD.replace(
+                "app = \"127.0.0.2:7002\"",
+                "app = \"127.0.0.2:7002\"\nbanana = 1",
+            ),
+            "test.toml:17: banana: unknown field `banana`",
+        ),
+        (GOOD.replace("id = 1\n", "id = \"one\"\n"), "test.toml:6:"),
+        (
+            GOOD.replace("cluster = \"demo\"\n", ""),
+            "missing field `cluster`",
+        ),
+        (
+            GOOD.replace(
+                "election_timeout = \"200ms\"",
+                "election_timeout = \"200ms\"\nheartbeat = \"1s\"",
+            ),
+            "test.toml:4: heartbeat: must be shorter",
+        ),
+        (
+            "cluster = \"x\"\n[[replica]]\nid = 1\n".to_string(),
+            "missing field",
+        ),
+        (
+            GOOD.split("[[replica]]")
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("[[replica]]"),
+            "2 [[replica]] tables; a cluster has 1, 3, 5, 7 or 9 replicas",
+        ),
+        ("cluster = [".to_string(), "test.toml:1:"),
+    ];
+    for (text, want) in cases {
+        let e = err(&text);
+        assert!(e.contains(want), "wanted {want:?} in {e:?}");
+        assert!(e.starts_with("/etc/falcon/test.toml"), "{e}");
+    }
+}
+
+#[test]
+fn choosing_this_replica() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.choose_node(Some(3)).unwrap(), 2);
+    let e = c.choose_node(Some(9)).unwrap_err().to_string();
+    assert!(
+        e.contains("--node 9: no such replica") && e.contains("ids: 1, 2, 3"),
+        "{e}"
+    );
+    // By address: 127.0.0.x are all addresses of this host, so several match.
+    let e = c.choose_node(None).unwrap_err().to_string();
+    assert!(e.contains("give --node ID"), "{e}");
+    let one_local = GOOD
+        .replace("127.0.0.2:7102", "192.0.2.55:7102")
+        .replace("127.0.0.3:7103", "192.0.2.56:7103");
+    let c = parse(&one_local).unwrap();
+    assert_eq!(
+        c.choose_node(None).unwrap(),
+        0,
+        "only replica 1's peer address is local"
+    );
+}
