@@ -14,3 +14,4 @@ pub mod inspect;
 pub mod log;
 pub mod output;
 pub mod sim;
+pub mod transport;

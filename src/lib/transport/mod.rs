@@ -1,0 +1,66 @@
+//! Moving engine messages between replicas: one trait, several transports.
+//!
+//! To be correct, a transport must: deliver only messages whose sender has
+//! proven it holds the cluster key and belongs to this cluster (never pass an
+//! unauthenticated byte to the engine); keep every queue bounded and refuse
+//! with [`SendError::Full`] instead of growing; reconnect by itself after a
+//! peer restarts. It may lose, but not corrupt, reorder within one
+//! connection, or duplicate messages — the engine tolerates loss.
+
+pub mod conformance;
+pub mod mem;
+pub mod tcp;
+
+use std::io;
+use std::time::Duration;
+
+use crate::consensus::{Envelope, NodeId};
+
+/// Why a message could not be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue for this peer is full: slow down.
+    #[error("send queue to replica {0} is full")]
+    Full(NodeId),
+    /// No such peer.
+    #[error("no replica {0}")]
+    UnknownPeer(NodeId),
+}
+
+/// Things an operator wants to see in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// An authenticated connection to or from a peer is up.
+    Connected {
+        /// The peer.
+        peer: NodeId,
+        /// Incoming (it dialled us) or outgoing.
+        incoming: bool,
+    },
+    /// A connection to or from a peer closed.
+    Lost {
+        /// The peer.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A connection was refused: wrong key, other cluster, garbage, too large…
+    Refused {
+        /// Who connected.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A transport endpoint of one replica.
+pub trait Transport {
+    /// Queues `env` for `env.to`.
+    fn send(&mut self, env: &Envelope) -> Result<(), SendError>;
+    /// Appends what has arrived to `out`, waiting up to `timeout` when nothing is ready.
+    fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> io::Result<()>;
+    /// Takes the events since the last call.
+    fn events(&mut self) -> Vec<TransportEvent>;
+    /// This replica.
+    fn id(&self) -> NodeId;
+}

@@ -1,0 +1,851 @@
+//! The TCP transport: length-prefixed engine messages over authenticated connections.
+//!
+//! Each replica dials every peer and sends its messages on that connection;
+//! it receives on the connections its peers dial. A connection starts with a
+//! mutual challenge-response over the shared cluster key:
+//!
+//! ```text
+//! dialer   → HELLO     "FALCONP1" cluster:u64 from:u32 to:u32 nonce_d:[16]
+//! listener → CHALLENGE nonce_l:[16] HMAC-SHA256(key, "listener" ‖ cluster ‖ from ‖ to ‖ nonce_d ‖ nonce_l)
+//! dialer   → AUTH      HMAC-SHA256(key, "dialer"   ‖ cluster ‖ from ‖ to ‖ nonce_d ‖ nonce_l)
+//! dialer   → frames    len:u32 message (see consensus::message), …
+//! ```
+//!
+//! A peer of another cluster, with another key, that sends garbage, an
+//! oversized frame, a message that does not match its handshake, or that
+//! does not finish the handshake in time is dropped and reported as
+//! [`TransportEvent::Refused`]; nothing it sent reaches the engine. Every
+//! queue is bounded; a dropped connection is dialled again with backoff.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use sha2::Sha256;
+
+use super::{SendError, Transport, TransportEvent};
+use crate::consensus::message::{self, MESSAGE_BYTES_MAX};
+use crate::consensus::{Envelope, NodeId};
+
+const MAGIC: &[u8; 8] = b"FALCONP1";
+const HELLO_LEN: usize = 8 + 8 + 4 + 4 + 16;
+const CHALLENGE_LEN: usize = 16 + 32;
+const AUTH_LEN: usize = 32;
+const LISTENER: Token = Token(0);
+const INCOMING_MAX: usize = 64;
+
+/// How a TCP endpoint behaves.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// The cluster.
+    pub cluster_id: u64,
+    /// This replica (index into `peers`).
+    pub id: NodeId,
+    /// Every replica's peer address, by replica number (this one's is where it listens).
+    pub peers: Vec<SocketAddr>,
+    /// The shared cluster key.
+    pub key: Vec<u8>,
+    /// Bytes queued for one peer at most.
+    pub queue_bytes_max: usize,
+    /// A connection that has not authenticated by then is dropped.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay; doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+impl TcpOptions {
+    /// Defaults for replica `id`.
+    pub fn new(cluster_id: u64, id: NodeId, peers: Vec<SocketAddr>, key: Vec<u8>) -> TcpOptions {
+        TcpOptions {
+            cluster_id,
+            id,
+            peers,
+            key,
+            queue_bytes_max: 64 << 20,
+            handshake_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_secs(2),
+        }
+    }
+}
+
+enum OutState {
+    Idle {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+        nonce_d: [u8; 16],
+        since: Instant,
+    },
+    AwaitChallenge {
+        stream: TcpStream,
+        nonce_d: [u8; 16],
+        since: Instant,
+        rbuf: Vec<u8>,
+    },
+    Ready {
+        stream: TcpStream,
+    },
+}
+
+struct Outgoing {
+    addr: SocketAddr,
+    state: OutState,
+    queue: VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    backoff: Duration,
+}
+
+enum InState {
+    AwaitHello,
+    AwaitAuth {
+        from: NodeId,
+        nonce_d: [u8; 16],
+        nonce_l: [u8; 16],
+    },
+    Ready {
+        from: NodeId,
+    },
+}
+
+struct Incoming {
+    stream: TcpStream,
+    addr: SocketAddr,
+    state: InState,
+    rbuf: Vec<u8>,
+    since: Instant,
+}
+
+/// A replica's TCP endpoint.
+pub struct TcpTransport {
+    opts: TcpOptions,
+    poll: Poll,
+    events: Events,
+    listener: TcpListener,
+    out: Vec<Option<Outgoing>>,
+    incoming: HashMap<Token, Incoming>,
+    next_token: usize,
+    notices: Vec<TransportEvent>,
+    urandom: std::fs::File,
+}
+
+fn mac(
+    key: &[u8],
+    label: &[u8],
+    cluster: u64,
+    from: NodeId,
+    to: NodeId,
+    nd: &[u8; 16],
+    nl: &[u8; 16],
+) -> Hmac<Sha256> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(label);
+    m.update(&cluster.to_le_bytes());
+    m.update(&from.to_le_bytes());
+    m.update(&to.to_le_bytes());
+    m.update(nd);
+    m.update(nl);
+    m
+}
+
+impl TcpTransport {
+    /// Listens on this replica's peer address and starts dialling the others.
+    pub fn bind(opts: TcpOptions) -> io::Result<TcpTransport> {
+        let me = opts.id as usize;
+        let addr = *opts.peers.get(me).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "replica id out of range")
+        })?;
+        if opts.key.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the TCP transport needs a cluster key",
+            ));
+        }
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("listening for peers on {addr}: {e}")))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let now = Instant::now();
+        let out = opts
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                (i != me).then(|| Outgoing {
+                    addr: a,
+                    state: OutState::Idle { retry_at: now },
+                    queue: VecDeque::new(),
+                    queued_bytes: 0,
+                    wbuf: Vec::new(),
+                    wpos: 0,
+                    backoff: opts.reconnect_min,
+                })
+            })
+            .collect();
+        let n = opts.peers.len();
+        let mut t = TcpTransport {
+            opts,
+            poll,
+            events: Events::with_capacity(256),
+            listener,
+            out,
+            incoming: HashMap::new(),
+            next_token: 1 + n,
+            notices: Vec::new(),
+            urandom: std::fs::File::open("/dev/urandom")?,
+        };
+        t.dial_due(now);
+        Ok(t)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Peers with an authenticated outgoing connection.
+    pub fn connected(&self) -> Vec<NodeId> {
+        self.out
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| {
+                matches!(
+                    o,
+                    Some(Outgoing {
+                        state: OutState::Ready { .. },
+                        ..
+                    })
+                )
+            })
+            .map(|(i, _)| i as NodeId)
+            .collect()
+    }
+
+    fn nonce(&mut self) -> [u8; 16] {
+        let mut n = [0u8; 16];
+        if self.urandom.read_exact(&mut n).is_err() {
+            // /dev/urandom does not fail on Linux; fall back to the clock anyway.
+            n[..16].copy_from_slice(&Instant::now().elapsed().as_nanos().to_le_bytes());
+        }
+        n
+    }
+
+    fn dial_due(&mut self, now: Instant) {
+        for i in 0..self.out.len() {
+            let due = matches!(&self.out[i], Some(Outgoing { state: OutState::Idle { retry_at }, .. }) if *retry_at <= now);
+            if !due {
+                continue;
+            }
+            let addr = self.out[i].as_ref().expect("checked").addr;
+            let nonce_d = self.nonce();
+            match TcpStream::connect(addr) {
+                Ok(mut stream) => {
+                    let token = Token(1 + i);
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::WRITABLE | Interest::READABLE)
+                        .is_ok()
+                    {
+                        let o = self.out[i].as_mut().expect("checked");
+                        o.state = OutState::Connecting {
+                            stream,
+                            nonce_d,
+                            since: now,
+                        };
+                    }
+                }
+                Err(_) => self.out_failed(i, now, None),
+            }
+        }
+    }
+
+    /// The outgoing connection to peer `i` failed: back off and dial again.
+    fn out_failed(&mut self, i: usize, now: Instant, reason: Option<String>) {
+        let o = self.out[i].as_mut().expect("a peer");
+        let was_ready = matches!(o.state, OutState::Ready { .. });
+        let old = std::mem::replace(
+            &mut o.state,
+            OutState::Idle {
+                retry_at: now + o.backoff,
+            },
+        );
+        match old {
+            OutState::Connecting { mut stream, .. }
+            | OutState::AwaitChallenge { mut stream, .. }
+            | OutState::Ready { mut stream } => {
+                let _ = self.poll.registry().deregister(&mut stream);
+            }
+            OutState::Idle { .. } => {}
+        }
+        o.backoff = (o.backoff * 2).min(self.opts.reconnect_max);
+        // A partly written frame cannot be resumed on a new connection.
+        o.wbuf.clear();
+        o.wpos = 0;
+        if was_ready {
+            self.notices.push(TransportEvent::Lost {
+                peer: i as NodeId,
+                reason: reason.unwrap_or_else(|| "connection closed".into()),
+            });
+        } else if let Some(r) = reason {
+            self.notices.push(TransportEvent::Refused {
+                addr: self.out[i].as_ref().expect("a peer").addr.to_string(),
+                reason: r,
+            });
+        }
+    }
+
+    fn on_outgoing(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
+        let me = self.opts.id;
+        let Some(o) = self.out[i].as_mut() else {
+            return;
+        };
+        let state = std::mem::replace(&mut o.state, OutState::Idle { retry_at: now });
+        let next = match state {
+            OutState::Connecting {
+                mut stream,
+                nonce_d,
+                since,
+            } => {
+                if !writable {
+                    OutState::Connecting {
+                        stream,
+                        nonce_d,
+                        since,
+                    }
+                } else if stream.take_error().ok().flatten().is_some()
+                    || stream.peer_addr().is_err()
+                {
+                    o.state = OutState::Connecting {
+                        stream,
+                        nonce_d,
+                        since,
+                    };
+                    return self.out_failed(i, now, None);
+                } else {
+                    let _ = stream.set_nodelay(true);
+                    let mut hello = Vec::with_capacity(HELLO_LEN);
+                    hello.extend_from_slice(MAGIC);
+                    hello.extend_from_slice(&self.opts.cluster_id.to_le_bytes());
+                    hello.extend_from_slice(&me.to_le_bytes());
+                    hello.extend_from_slice(&(i as NodeId).to_le_bytes());
+                    hello.extend_from_slice(&nonce_d);
+                    if stream.write_all(&hello).is_err() {
+                        o.state = OutState::Connecting {
+                            stream,
+                            nonce_d,
+                            since,
+                        };
+                        return self.out_failed(i, now, None);
+                    }
+                    OutState::AwaitChallenge {
+                        stream,
+                        nonce_d,
+                        since,
+                        rbuf: Vec::new(),
+                    }
+                }
+            }
+            OutState::AwaitChallenge {
+                mut stream,
+                nonce_d,
+                since,
+                mut rbuf,
+            } => {
+                if readable {
+                    match read_some(&mut stream, &mut rbuf, CHALLENGE_LEN) {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => {
+                            o.state = OutState::AwaitChallenge {
+                                stream,
+                                nonce_d,
+                                since,
+                                rbuf,
+                            };
+                            return self.out_failed(
+                                i,
+                                now,
+                                Some("the peer closed the connection during the handshake".into()),
+                            );
+                        }
+                    }
+                }
+                if rbuf.len() < CHALLENGE_LEN {
+                    OutState::AwaitChallenge {
+                        stream,
+                        nonce_d,
+                        since,
+                        rbuf,
+                    }
+                } else {
+                    let mut nonce_l = [0u8; 16];
+                    nonce_l.copy_from_slice(&rbuf[..16]);
+                    let key = &self.opts.key;
+                    let cluster = self.opts.cluster_id;
+                    let ok = mac(
+                        key,
+                        b"listener",
+                        cluster,
+                        me,
+                        i as NodeId,
+                        &nonce_d,
+                        &nonce_l,
+                    )
+                    .verify_slice(&rbuf[16..48])
+                    .is_ok();
+                    if !ok || rbuf.len() > CHALLENGE_LEN {
+                        o.state = OutState::AwaitChallenge {
+                            stream,
+                            nonce_d,
+                            since,
+                            rbuf,
+                        };
+                        return self.out_failed(
+                            i,
+                            now,
+                            Some("the peer failed the challenge (wrong cluster key?)".into()),
+                        );
+                    }
+                    let auth = mac(key, b"dialer", cluster, me, i as NodeId, &nonce_d, &nonce_l)
+                        .finalize()
+                        .into_bytes();
+                    if stream.write_all(&auth).is_err() {
+                        o.state = OutState::Ready { stream };
+                        return self.out_failed(i, now, None);
+                    }
+                    o.backoff = self.opts.reconnect_min;
+                    self.notices.push(TransportEvent::Connected {
+                        peer: i as NodeId,
+                        incoming: false,
+                    });
+                    OutState::Ready { stream }
+                }
+            }
+            OutState::Ready { mut stream } => {
+                if readable {
+                    // The listener never sends after the handshake: data or EOF means trouble.
+                    let mut b = [0u8; 64];
+                    match stream.read(&mut b) {
+                        Ok(0) => {
+                            o.state = OutState::Ready { stream };
+                            return self.out_failed(
+                                i,
+                                now,
+                                Some("the peer closed the connection".into()),
+                            );
+                        }
+                        Ok(_) => {
+                            o.state = OutState::Ready { stream };
+                            return self.out_failed(
+                                i,
+                                now,
+                                Some("the peer sent data on a one-way connection".into()),
+                            );
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            o.state = OutState::Ready { stream };
+                            return self.out_failed(i, now, Some(e.to_string()));
+                        }
+                    }
+                }
+                OutState::Ready { stream }
+            }
+            idle @ OutState::Idle { .. } => idle,
+        };
+        o.state = next;
+        self.flush(i, now);
+    }
+
+    /// Writes everything queued for peer `i` (in one write when the socket takes it).
+    fn flush(&mut self, i: usize, now: Instant) {
+        let Some(o) = self.out[i].as_mut() else {
+            return;
+        };
+        let OutState::Ready { stream } = &mut o.state else {
+            return;
+        };
+        loop {
+            if o.wpos >= o.wbuf.len() {
+                o.wbuf.clear();
+                o.wpos = 0;
+                while let Some(f) = o.queue.pop_front() {
+                    o.queued_bytes -= f.len();
+                    o.wbuf.extend_from_slice(&f);
+                    if o.wbuf.len() >= 1 << 20 {
+                        break;
+                    }
+                }
+                if o.wbuf.is_empty() {
+                    return;
+                }
+            }
+            match stream.write(&o.wbuf[o.wpos..]) {
+                Ok(0) => return self.out_failed(i, now, Some("write returned 0".into())),
+                Ok(n) => o.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.out_failed(i, now, Some(e.to_string())),
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, addr)) => {
+                    if self.incoming.len() >= INCOMING_MAX {
+                        self.notices.push(TransportEvent::Refused {
+                            addr: addr.to_string(),
+                            reason: "too many connections".into(),
+                        });
+                        continue;
+                    }
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    let _ = stream.set_nodelay(true);
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        self.incoming.insert(
+                            token,
+                            Incoming {
+                                stream,
+                                addr,
+                                state: InState::AwaitHello,
+                                rbuf: Vec::new(),
+                                since: now,
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn refuse(&mut self, token: Token, reason: String) {
+        if let Some(mut c) = self.incoming.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            match c.state {
+                InState::Ready { from } => self
+                    .notices
+                    .push(TransportEvent::Lost { peer: from, reason }),
+                _ => self.notices.push(TransportEvent::Refused {
+                    addr: c.addr.to_string(),
+                    reason,
+                }),
+            }
+        }
+    }
+
+    fn on_incoming(&mut self, token: Token, out: &mut Vec<Envelope>) {
+        let cluster = self.opts.cluster_id;
+        let me = self.opts.id;
+        let n = self.opts.peers.len() as NodeId;
+        let Some(c) = self.incoming.get_mut(&token) else {
+            return;
+        };
+        let open = match read_some(&mut c.stream, &mut c.rbuf, MESSAGE_BYTES_MAX + 4) {
+            Ok(open) => open,
+            Err(e) => return self.refuse(token, e.to_string()),
+        };
+        loop {
+            let Some(c) = self.incoming.get_mut(&token) else {
+                return;
+            };
+            match c.state {
+                InState::AwaitHello => {
+                    if c.rbuf.len() < HELLO_LEN {
+                        if c.rbuf.len() >= 8 && &c.rbuf[..8] != MAGIC
+                            || c.rbuf.len() < 8 && !MAGIC.starts_with(&c.rbuf)
+                        {
+                            return self.refuse(token, "not a falcon peer (bad greeting)".into());
+                        }
+                        break;
+                    }
+                    let b = &c.rbuf;
+                    if &b[..8] != MAGIC {
+                        return self.refuse(token, "not a falcon peer (bad greeting)".into());
+                    }
+                    let their_cluster = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+                    let from = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+                    let to = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
+                    if their_cluster != cluster {
+                        return self.refuse(
+                            token,
+                            format!("a peer of another cluster ({their_cluster:#x})"),
+                        );
+                    }
+                    if to != me || from >= n || from == me {
+                        return self.refuse(
+                            token,
+                            format!("impossible replica ids in the greeting (from {from} to {to})"),
+                        );
+                    }
+                    let mut nonce_d = [0u8; 16];
+                    nonce_d.copy_from_slice(&b[24..40]);
+                    c.rbuf.drain(..HELLO_LEN);
+                    let nonce_l = {
+                        let mut x = [0u8; 16];
+                        let _ = self.urandom.read_exact(&mut x);
+                        x
+                    };
+                    let c = self.incoming.get_mut(&token).expect("present");
+                    let m = mac(
+                        &self.opts.key,
+                        b"listener",
+                        cluster,
+                        from,
+                        me,
+                        &nonce_d,
+                        &nonce_l,
+                    )
+                    .finalize()
+                    .into_bytes();
+                    let mut challenge = nonce_l.to_vec();
+                    challenge.extend_from_slice(&m);
+                    if c.stream.write_all(&challenge).is_err() {
+                        return self
+                            .refuse(token, "the peer went away during the handshake".into());
+                    }
+                    c.state = InState::AwaitAuth {
+                        from,
+                        nonce_d,
+                        nonce_l,
+                    };
+                }
+                InState::AwaitAuth {
+                    from,
+                    nonce_d,
+                    nonce_l,
+                } => {
+                    if c.rbuf.len() < AUTH_LEN {
+                        break;
+                    }
+                    let ok = mac(
+                        &self.opts.key,
+                        b"dialer",
+                        cluster,
+                        from,
+                        me,
+                        &nonce_d,
+                        &nonce_l,
+                    )
+                    .verify_slice(&c.rbuf[..AUTH_LEN])
+                    .is_ok();
+                    if !ok {
+                        return self.refuse(
+                            token,
+                            format!("replica {from} failed authentication (wrong cluster key?)"),
+                        );
+                    }
+                    c.rbuf.drain(..AUTH_LEN);
+                    c.state = InState::Ready { from };
+                    // A newer connection from the same peer replaces an older one (it restarted).
+                    let old: Vec<Token> = self
+                        .incoming
+                        .iter()
+                        .filter(|(t, o)| {
+                            **t != token
+                                && matches!(o.state, InState::Ready { from: f } if f == from)
+                        })
+                        .map(|(t, _)| *t)
+                        .collect();
+                    for t in old {
+                        if let Some(mut o) = self.incoming.remove(&t) {
+                            let _ = self.poll.registry().deregister(&mut o.stream);
+                            self.notices.push(TransportEvent::Lost {
+                                peer: from,
+                                reason: "replaced by a newer connection".into(),
+                            });
+                        }
+                    }
+                    self.notices.push(TransportEvent::Connected {
+                        peer: from,
+                        incoming: true,
+                    });
+                }
+                InState::Ready { from } => {
+                    if c.rbuf.len() < 4 {
+                        break;
+                    }
+                    let len = u32::from_le_bytes(c.rbuf[..4].try_into().expect("4 bytes")) as usize;
+                    if len > MESSAGE_BYTES_MAX {
+                        return self.refuse(token, format!("replica {from} sent a frame of {len} bytes (limit {MESSAGE_BYTES_MAX})"));
+                    }
+                    if c.rbuf.len() < 4 + len {
+                        break;
+                    }
+                    let env = match message::decode(&c.rbuf[4..4 + len]) {
+                        Ok(env) => env,
+                        Err(e) => {
+                            return self.refuse(
+                                token,
+                                format!("replica {from} sent a malformed message: {e}"),
+                            );
+                        }
+                    };
+                    if env.cluster != cluster || env.from != from || env.to != me {
+                        return self.refuse(
+                            token,
+                            format!(
+                                "replica {from} sent a message addressed as {} → {}",
+                                env.from, env.to
+                            ),
+                        );
+                    }
+                    c.rbuf.drain(..4 + len);
+                    out.push(env);
+                }
+            }
+        }
+        if !open {
+            self.refuse(token, "connection closed".into());
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let limit = self.opts.handshake_timeout;
+        let slow: Vec<Token> = self
+            .incoming
+            .iter()
+            .filter(|(_, c)| {
+                !matches!(c.state, InState::Ready { .. }) && now.duration_since(c.since) > limit
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in slow {
+            self.refuse(t, "did not finish the handshake in time".into());
+        }
+        for i in 0..self.out.len() {
+            let stuck = matches!(&self.out[i], Some(Outgoing { state: OutState::Connecting { since, .. } | OutState::AwaitChallenge { since, .. }, .. }) if now.duration_since(*since) > limit);
+            if stuck {
+                self.out_failed(i, now, Some("the handshake timed out".into()));
+            }
+        }
+    }
+
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let retry = self.out.iter().flatten().filter_map(|o| match o.state {
+            OutState::Idle { retry_at } => Some(retry_at),
+            _ => None,
+        });
+        let hs = self
+            .incoming
+            .values()
+            .filter(|c| !matches!(c.state, InState::Ready { .. }))
+            .map(|c| c.since + self.opts.handshake_timeout);
+        retry.chain(hs).min().map(|t| t.max(now))
+    }
+}
+
+/// Reads what is there into `buf` (up to `cap` bytes held). Ok(false) at EOF.
+fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        if buf.len() >= cap {
+            return Ok(true);
+        }
+        let want = chunk.len().min(cap - buf.len());
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&mut self, env: &Envelope) -> Result<(), SendError> {
+        let i = env.to as usize;
+        let max = self.opts.queue_bytes_max;
+        let Some(Some(o)) = self.out.get_mut(i) else {
+            return Err(SendError::UnknownPeer(env.to));
+        };
+        let mut frame = vec![0u8; 4];
+        message::encode(env, &mut frame);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        if o.queued_bytes + frame.len() > max {
+            return Err(SendError::Full(env.to));
+        }
+        o.queued_bytes += frame.len();
+        o.queue.push_back(frame);
+        self.flush(i, Instant::now());
+        Ok(())
+    }
+
+    fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> io::Result<()> {
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let wait = self
+            .next_deadline(now)
+            .map_or(deadline, |d| d.min(deadline))
+            .saturating_duration_since(now);
+        let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let polled = self.poll.poll(&mut events, Some(wait));
+        let now = Instant::now();
+        if let Err(e) = polled {
+            self.events = events;
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let n = self.opts.peers.len();
+        for ev in events.iter() {
+            let t = ev.token();
+            if t == LISTENER {
+                self.accept(now);
+            } else if t.0 <= n {
+                self.on_outgoing(
+                    t.0 - 1,
+                    ev.is_readable() || ev.is_read_closed(),
+                    ev.is_writable() || ev.is_error(),
+                    now,
+                );
+            } else {
+                self.on_incoming(t, out);
+            }
+        }
+        self.events = events;
+        self.expire(now);
+        self.dial_due(now);
+        Ok(())
+    }
+
+    fn events(&mut self) -> Vec<TransportEvent> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn id(&self) -> NodeId {
+        self.opts.id
+    }
+}
+
+impl AsRawFd for TcpTransport {
+    /// The epoll descriptor: readable when `recv` has something to do, so a
+    /// node's own event loop can wait on it.
+    fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+}

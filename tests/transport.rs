@@ -1,0 +1,248 @@
+//! The transport conformance suite on every transport, and hostile peers on
+//! the TCP transport's port.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use falcon::consensus::{Envelope, Message, message};
+use falcon::transport::conformance::{CLUSTER, collect};
+use falcon::transport::tcp::{TcpOptions, TcpTransport};
+use falcon::transport::{Transport, TransportEvent};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+fn free_addrs(n: u32) -> Vec<SocketAddr> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+fn tcp_cluster_with(n: u32, key_of: impl Fn(u32) -> Vec<u8>) -> Vec<TcpTransport> {
+    let addrs = free_addrs(n);
+    (0..n)
+        .map(|id| {
+            let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), key_of(id));
+            o.queue_bytes_max = 16 << 20;
+            o.handshake_timeout = Duration::from_millis(300);
+            TcpTransport::bind(o).unwrap()
+        })
+        .collect()
+}
+
+/// `real` endpoints of a cluster of `total` replicas (the others never run:
+/// hostile tests pose as them).
+fn tcp_cluster_part(real: u32, total: u32) -> Vec<TcpTransport> {
+    let addrs = free_addrs(total);
+    (0..real)
+        .map(|id| {
+            let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
+            o.handshake_timeout = Duration::from_millis(300);
+            TcpTransport::bind(o).unwrap()
+        })
+        .collect()
+}
+
+fn tcp_cluster(n: u32) -> Vec<TcpTransport> {
+    tcp_cluster_with(n, |_| KEY.to_vec())
+}
+
+mod mem {
+    fn make(n: u32) -> Vec<falcon::transport::mem::MemTransport> {
+        falcon::transport::mem::network(n, 1024)
+    }
+    falcon::transport_conformance_tests!(make);
+}
+
+mod tcp {
+    falcon::transport_conformance_tests!(super::tcp_cluster);
+}
+
+fn env(from: u32, to: u32, op: u64) -> Envelope {
+    Envelope {
+        cluster: CLUSTER,
+        from,
+        to,
+        msg: Message::PrepareOk { view: 1, op },
+    }
+}
+
+/// Runs both endpoints for `d`, returning what each received and the events.
+fn pump(ts: &mut [TcpTransport], d: Duration) -> (Vec<Vec<Envelope>>, Vec<TransportEvent>) {
+    let mut got = vec![Vec::new(); ts.len()];
+    let mut evs = Vec::new();
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        for (i, t) in ts.iter_mut().enumerate() {
+            t.recv(Duration::from_millis(2), &mut got[i]).unwrap();
+            evs.extend(t.events());
+        }
+    }
+    (got, evs)
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_is_refused_and_nothing_it_sends_arrives() {
+    let mut ts = tcp_cluster_with(3, |id| {
+        if id == 2 {
+            b"another key, also 32 bytes long!".to_vec()
+        } else {
+            KEY.to_vec()
+        }
+    });
+    ts[2].send(&env(2, 0, 1)).unwrap();
+    ts[0].send(&env(0, 1, 2)).unwrap();
+    let (got, evs) = pump(&mut ts, Duration::from_millis(600));
+    assert!(
+        got[0].is_empty(),
+        "a message from a peer with another key arrived: {:?}",
+        got[0]
+    );
+    assert_eq!(got[1].len(), 1, "good peers still talk");
+    let refusals: Vec<&String> = evs
+        .iter()
+        .filter_map(|e| match e {
+            TransportEvent::Refused { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert!(refusals.iter().any(|r| r.contains("key")), "{evs:?}");
+}
+
+fn hello(cluster: u64, from: u32, to: u32) -> Vec<u8> {
+    let mut h = b"FALCONP1".to_vec();
+    h.extend_from_slice(&cluster.to_le_bytes());
+    h.extend_from_slice(&from.to_le_bytes());
+    h.extend_from_slice(&to.to_le_bytes());
+    h.extend_from_slice(&[9u8; 16]);
+    h
+}
+
+/// Dials `addr` as replica `from` with `key` and completes the handshake.
+fn handshake(addr: SocketAddr, from: u32, to: u32, key: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&hello(CLUSTER, from, to)).unwrap();
+    let mut ch = [0u8; 48];
+    s.read_exact(&mut ch).unwrap();
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
+    m.update(b"dialer");
+    m.update(&CLUSTER.to_le_bytes());
+    m.update(&from.to_le_bytes());
+    m.update(&to.to_le_bytes());
+    m.update(&[9u8; 16]);
+    m.update(&ch[..16]);
+    s.write_all(&m.finalize().into_bytes()).unwrap();
+    s
+}
+
+#[test]
+fn hostile_bytes_on_the_peer_port_are_refused_and_the_cluster_keeps_talking() {
+    // Replicas 3, 4 and 5 exist in the cluster but do not run: the hostile
+    // peers below hold the key and pose as them.
+    let mut ts = tcp_cluster_part(3, 6);
+    let addr = ts[0].local_addr().unwrap();
+    // Garbage.
+    let mut g = TcpStream::connect(addr).unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Another cluster.
+    let mut other = TcpStream::connect(addr).unwrap();
+    other.write_all(&hello(CLUSTER + 1, 1, 0)).unwrap();
+    // Impossible ids.
+    let mut ids = TcpStream::connect(addr).unwrap();
+    ids.write_all(&hello(CLUSTER, 9, 0)).unwrap();
+    // Slow loris: connects and says nothing.
+    let _quiet = TcpStream::connect(addr).unwrap();
+    let (early, early_evs) = pump(&mut ts, Duration::from_millis(100));
+    assert!(early[0].is_empty());
+    // Authenticated peers that then misbehave; they run on another thread
+    // because the handshake needs the endpoint to be polled.
+    let hostile = std::thread::spawn(move || {
+        // A huge length prefix.
+        let mut huge = handshake(addr, 3, 0, KEY);
+        huge.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        // A message claiming to come from someone else.
+        let mut liar = handshake(addr, 4, 0, KEY);
+        let forged = message::to_bytes(&env(1, 0, 99));
+        liar.write_all(&(forged.len() as u32).to_le_bytes())
+            .unwrap();
+        liar.write_all(&forged).unwrap();
+        // Garbage in a frame.
+        let mut bad = handshake(addr, 5, 0, KEY);
+        bad.write_all(&5u32.to_le_bytes()).unwrap();
+        bad.write_all(b"\xff\xff\xff\xff\xff").unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        (huge, liar, bad)
+    });
+    let (got, mut evs) = pump(&mut ts, Duration::from_millis(800));
+    evs.extend(early_evs);
+    let _keep_open = hostile.join().unwrap();
+    assert!(
+        got[0].is_empty(),
+        "hostile bytes reached the engine: {:?}",
+        got[0]
+    );
+    let reasons: Vec<String> = evs
+        .iter()
+        .filter_map(|e| match e {
+            TransportEvent::Refused { reason, .. } | TransportEvent::Lost { reason, .. } => {
+                Some(reason.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    for want in [
+        "bad greeting",
+        "another cluster",
+        "impossible replica ids",
+        "did not finish the handshake",
+        "frame of 4294967295 bytes",
+        "addressed as 1 → 0",
+        "malformed message",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "no refusal saying {want:?}: {reasons:?}"
+        );
+    }
+    // The real peers still talk both ways.
+    ts[1].send(&env(1, 0, 5)).unwrap();
+    ts[0].send(&env(0, 2, 6)).unwrap();
+    let (a, rest) = ts.split_at_mut(1);
+    let got = collect(&mut a[0], &mut [], 1, Duration::from_secs(5));
+    assert_eq!(got, vec![env(1, 0, 5)]);
+    let _ = rest;
+}
+
+#[test]
+fn a_restarted_peer_is_dialled_again() {
+    let addrs = free_addrs(3);
+    let mk = |id| {
+        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
+        o.reconnect_max = Duration::from_millis(100);
+        TcpTransport::bind(o).unwrap()
+    };
+    let mut a = mk(0);
+    let mut b = mk(1);
+    a.send(&env(0, 1, 1)).unwrap();
+    assert_eq!(
+        collect(&mut b, &mut [&mut a], 1, Duration::from_secs(5)).len(),
+        1
+    );
+    drop(b);
+    // Messages sent while it is down may be lost; once it is back, new ones arrive.
+    let mut b = mk(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut op = 2;
+    while got.is_empty() && Instant::now() < deadline {
+        let _ = a.send(&env(0, 1, op));
+        op += 1;
+        let mut sink = Vec::new();
+        a.recv(Duration::from_millis(10), &mut sink).unwrap();
+        b.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    assert!(!got.is_empty(), "no message after the peer restarted");
+}
