@@ -32,7 +32,7 @@ complete -c falcon -n "__fish_falcon_needs_command" -s v -l verbose -d 'More det
 complete -c falcon -n "__fish_falcon_needs_command" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_needs_command" -s V -l version -d 'Print version'
-complete -c falcon -n "__fish_falcon_needs_command" -f -a "replicate" -d 'Run a server program as one replica of a cluster (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "replicate" -d 'Run a server program as one replica of a cluster'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
@@ -40,6 +40,11 @@ complete -c falcon -n "__fish_falcon_needs_command" -f -a "failover" -d 'Show cl
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "generate" -d 'Write the man pages and shell completions (for packagers)'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "make-fixtures" -d 'Write the fixture logs under fixtures/ (for falcon\'s own tests)'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l node -d 'This replica\'s id in the cluster file (default: $FALCON_NODE, else the replica whose peer address is an address of this host)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l election-timeout -d 'Overrides the cluster file\'s election timeout' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l app-timeout -d 'How long to wait for the program to accept connections on its app address' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
@@ -56,6 +61,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s v -l verbos
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport --consensus runs over: mem (tcp, shm and rdma come with later releases)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l dir -d 'Where --log puts its scratch log (on the disk to measure; removed afterwards)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l duration -d 'How long each measurement runs' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l verify-mib -d 'Size of the log that --log builds to measure --verify speed' -r
@@ -64,7 +70,7 @@ always\t'Always'
 never\t'Never'"
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l log -d 'The durable log: append throughput and append-to-durable latency for 64 B and 4 KiB records per sync policy, group commit with many writers, and `--verify` speed, beside the disk\'s own write+fdatasync rate'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport, perftest style (not built yet: a later release)'
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'Consensus latency and throughput (not built yet: a later release)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'The consensus engine: committed entries per second and CPU per entry, 3 replicas in one process over --transport mem (no disk), 1 and 256 clients, beside the same events without replication'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -s q -l quiet -d 'Only errors on standard error'
@@ -118,7 +124,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s v -l ver
 complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s V -l version -d 'Print version'
-complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "replicate" -d 'Run a server program as one replica of a cluster (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "replicate" -d 'Run a server program as one replica of a cluster'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'

@@ -56,10 +56,6 @@ fn every_subcommand_has_a_help_page_with_examples() {
 #[test]
 fn later_subcommands_say_so_and_exit_2() {
     for (args, issue) in [
-        (
-            vec!["replicate", "--", "redis-server", "--port", "6380"],
-            "#4",
-        ),
         (vec!["tap-attach", "tap0"], "#7"),
         (vec!["failover", "status"], "#8"),
         (vec!["bench", "--rtt"], "not built yet"),

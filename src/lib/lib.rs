@@ -6,12 +6,14 @@
 //! thin layer over it. See `DESIGN.md` for the map of the modules.
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod bench;
 pub mod capture;
 pub mod config;
 pub mod consensus;
 pub mod inspect;
 pub mod log;
+pub mod node;
 pub mod output;
 pub mod sim;
 pub mod transport;

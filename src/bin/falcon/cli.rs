@@ -56,9 +56,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a server program as one replica of a cluster (not in this release yet)
-    #[command(after_help = REPLICATE_EXAMPLES)]
-    Replicate(Later),
+    /// Run a server program as one replica of a cluster
+    Replicate(falcon::node::ReplicateArgs),
 
     /// Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)
     #[command(after_help = TAP_EXAMPLES)]
@@ -102,11 +101,6 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
-
-const REPLICATE_EXAMPLES: &str = "\
-Planned usage (issue #4; this release exits with status 2):
-  falcon replicate --config cluster.toml --node 1 -- redis-server --port 6380 --save ''
-  falcon replicate --config cluster.toml --node 2 -- redis-server --port 6380 --save ''";
 
 const TAP_EXAMPLES: &str = "\
 Planned usage (issue #7; this release exits with status 2):

@@ -59,7 +59,16 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let status = match cli.command {
-        Command::Replicate(_) => later("replicate", 4),
+        Command::Replicate(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+                .context("installing the Ctrl-C handler")?;
+            match falcon::node::replicate(&args, ui, stop) {
+                Err(falcon::node::ReplicateError::Usage(m)) => Err(Usage(m).into()),
+                other => other.map_err(anyhow::Error::from),
+            }
+        }
         Command::TapAttach(_) => later("tap-attach", 7),
         Command::Failover(_) => later("failover", 8),
         Command::LogInspect(args) => {

@@ -1,0 +1,175 @@
+//! Starting, watching and stopping the replicated program.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Why the program could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No program given.
+    #[error(
+        "no program to run: give it after --, e.g. falcon replicate -- redis-server --port 7001"
+    )]
+    Missing,
+    /// It could not be started.
+    #[error("starting {program:?}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It never accepted connections.
+    #[error(
+        "{program:?} did not accept connections on {addr} within {waited:?} (is it configured to listen there?)"
+    )]
+    NotListening {
+        /// The program.
+        program: String,
+        /// Where falcon expected it.
+        addr: SocketAddr,
+        /// How long falcon waited.
+        waited: Duration,
+    },
+    /// Something already listens where the program should.
+    #[error(
+        "something already listens on {addr}: stop it first (a program left over from an earlier run?), or change app = in the cluster file"
+    )]
+    PortTaken {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// It exited while falcon waited for it.
+    #[error("{program:?} exited with {status} before it accepted connections")]
+    Exited {
+        /// The program.
+        program: String,
+        /// Its exit status.
+        status: ExitStatus,
+    },
+}
+
+/// The running program.
+pub struct App {
+    child: Child,
+    /// Its name, for messages.
+    pub program: String,
+}
+
+impl App {
+    /// Starts `argv` (same working directory and environment; its output goes
+    /// to `log_file` when given, else to the terminal) and waits until `addr`
+    /// accepts connections.
+    pub fn start(
+        argv: &[String],
+        addr: SocketAddr,
+        timeout: Duration,
+        log_file: Option<&std::path::Path>,
+    ) -> Result<App, AppError> {
+        let (program, args) = argv.split_first().ok_or(AppError::Missing)?;
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Err(AppError::PortTaken { addr });
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        // If falcon dies (even by SIGKILL), the program gets SIGTERM instead
+        // of living on as an orphan that a restarted replica would mistake
+        // for its own fresh copy.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        if let Some(path) = log_file {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| AppError::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
+            let f2 = f.try_clone().map_err(|source| AppError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+            cmd.stdout(f).stderr(f2);
+        }
+        let child = cmd.spawn().map_err(|source| AppError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let mut app = App {
+            child,
+            program: program.clone(),
+        };
+        let started = Instant::now();
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(app);
+            }
+            if let Ok(Some(status)) = app.child.try_wait() {
+                return Err(AppError::Exited {
+                    program: app.program.clone(),
+                    status,
+                });
+            }
+            if started.elapsed() > timeout {
+                app.stop(Duration::from_secs(2));
+                return Err(AppError::NotListening {
+                    program: app.program.clone(),
+                    addr,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The program's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Passes a signal on to the program.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits for it.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.exited() {
+            return Some(s);
+        }
+        self.signal(Signal::SIGTERM);
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.signal(Signal::SIGKILL);
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,813 @@
+//! One replica's event loop: the engine, the log, the transport, the proxy
+//! front end and the program, driven by one thread (mio).
+//!
+//! Data flow: a client connection on the leader becomes Open/Data/Close
+//! events; the engine orders them; every replica applies committed events to
+//! its own copy of the program over its own local connections; the leader
+//! sends the program's answers back to the client; followers read and
+//! discard theirs so the program never blocks.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::app::{App, AppError};
+use crate::config::ClusterConfig;
+use crate::consensus::{
+    Command, Config, Envelope, Event, Input, NodeId, PersistentState, Reject, Replica, Role,
+};
+use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog};
+use crate::output::Ui;
+use crate::transport::tcp::{TcpOptions, TcpTransport};
+use crate::transport::{Transport, TransportEvent};
+
+const CLIENTS: Token = Token(1);
+const PEERS: Token = Token(2);
+const CLIENT_BASE: usize = 1 << 20;
+const APP_BASE: usize = 1 << 40;
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 << 10;
+/// Bytes buffered towards one client or one program connection, at most.
+const BUFFER_MAX: usize = 16 << 20;
+
+/// What `falcon replicate` runs.
+pub struct NodeOptions {
+    /// The cluster file.
+    pub config: ClusterConfig,
+    /// This replica's index in it.
+    pub index: usize,
+    /// The cluster key.
+    pub key: Vec<u8>,
+    /// The program and its arguments.
+    pub program: Vec<String>,
+    /// How long to wait for the program to listen.
+    pub app_timeout: Duration,
+}
+
+/// Why a node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The program failed.
+    #[error(transparent)]
+    App(#[from] AppError),
+    /// Other I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What falcon was doing.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
+    let context = context.into();
+    move |source| NodeError::Io { context, source }
+}
+
+/// How the node ended.
+#[derive(Debug)]
+pub enum NodeExit {
+    /// Ctrl-C or a stop request.
+    Stopped,
+    /// The program exited on its own.
+    ProgramExited(std::process::ExitStatus),
+}
+
+struct ClientConn {
+    stream: TcpStream,
+    conn: u64,
+    out: Vec<u8>,
+}
+
+struct AppConn {
+    stream: TcpStream,
+    token: Token,
+    out: Vec<u8>,
+    connected: bool,
+}
+
+/// The state file next to the log: `view log_view`, written atomically.
+fn save_state(dir: &Path, st: PersistentState) -> io::Result<()> {
+    let tmp = dir.join("state.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{} {}", st.view, st.log_view)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("state"))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn load_state(dir: &Path) -> io::Result<Option<PersistentState>> {
+    match std::fs::read_to_string(dir.join("state")) {
+        Ok(s) => {
+            let mut it = s.split_whitespace().map(str::parse::<u64>);
+            match (it.next(), it.next()) {
+                (Some(Ok(view)), Some(Ok(log_view))) => {
+                    Ok(Some(PersistentState { view, log_view }))
+                }
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a falcon state file", dir.join("state").display()),
+                )),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+struct Node<'a> {
+    ui: &'a Ui,
+    me: NodeId,
+    cluster_id: u64,
+    app_addr: SocketAddr,
+    data_dir: PathBuf,
+    engine: Replica,
+    log: SegmentLog<FsStorage>,
+    transport: TcpTransport,
+    poll: Poll,
+    clients: HashMap<Token, ClientConn>,
+    client_of_conn: HashMap<u64, Token>,
+    apps: HashMap<u64, AppConn>,
+    app_tokens: HashMap<Token, u64>,
+    next_token: usize,
+    next_conn: u64,
+    held: Vec<(u64, NodeId, crate::consensus::Message)>,
+    durable: u64,
+    dirty: bool,
+    start: Instant,
+    role: Role,
+    clients_listener: TcpListener,
+}
+
+impl Node<'_> {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn step(&mut self, input: Input) -> Result<(), NodeError> {
+        let mut out = Vec::new();
+        let now = self.now();
+        self.engine.step(now, input, &mut out);
+        for cmd in out {
+            self.execute(cmd)?;
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, cmd: Command) -> Result<(), NodeError> {
+        match cmd {
+            Command::Append(entries) => {
+                self.log.append(&entries)?;
+                self.dirty = true;
+            }
+            Command::Truncate { after } => {
+                self.log.truncate_after(after)?;
+                self.durable = self.durable.min(after);
+                self.held.retain(|h| h.0 <= after);
+            }
+            Command::SaveState(st) => {
+                self.sync()?;
+                save_state(&self.data_dir, st).map_err(io_err(format!(
+                    "saving the view state in {}",
+                    self.data_dir.display()
+                )))?;
+            }
+            Command::Send {
+                to,
+                msg,
+                after_durable,
+            } => {
+                if after_durable <= self.durable {
+                    self.send(to, msg);
+                } else {
+                    self.held.push((after_durable, to, msg));
+                }
+            }
+            Command::Deliver(entries) => {
+                for e in entries {
+                    self.apply(e);
+                }
+            }
+            Command::RoleChanged { role, view, leader } => {
+                let was = self.role;
+                self.role = role;
+                self.ui.note(&format!(
+                    "replica {}: {} in view {view} (leader: replica {})",
+                    self.me + 1,
+                    match role {
+                        Role::Leader => "leader",
+                        Role::Follower => "follower",
+                        Role::ViewChange => "changing views",
+                    },
+                    leader + 1
+                ));
+                if was == Role::Leader && role != Role::Leader {
+                    // Clients of the old leader reconnect; the new view closes their connections everywhere.
+                    let tokens: Vec<Token> = self.clients.keys().copied().collect();
+                    for t in tokens {
+                        self.drop_client(t, false);
+                    }
+                }
+            }
+            Command::Rejected { events, reason } => {
+                // Input that cannot be ordered must not vanish silently: close its connection.
+                for ev in events {
+                    if let Some(&t) = self.client_of_conn.get(&ev.conn) {
+                        let propose_close =
+                            matches!(reason, Reject::Busy) && ev.kind != Kind::Close;
+                        self.drop_client(t, propose_close);
+                    }
+                }
+            }
+            Command::FetchSnapshot { from, op } => {
+                self.ui.error(&format!(
+                    "replica {} needs a snapshot up to op {op} from replica {}; snapshots are not supported yet: restart this replica with an empty data directory",
+                    self.me + 1,
+                    from + 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: NodeId, msg: crate::consensus::Message) {
+        let env = Envelope {
+            cluster: self.cluster_id,
+            from: self.me,
+            to,
+            msg,
+        };
+        // A full queue drops the message: the engine retransmits what matters.
+        let _ = self.transport.send(&env);
+    }
+
+    fn sync(&mut self) -> Result<(), NodeError> {
+        let d = self.log.sync()?;
+        self.dirty = false;
+        self.durable = d;
+        let ready: Vec<_> = {
+            let durable = self.durable;
+            let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.0 <= durable);
+            self.held = held;
+            ready
+        };
+        for (_, to, msg) in ready {
+            self.send(to, msg);
+        }
+        Ok(())
+    }
+
+    /// Applies one committed entry to this replica's copy of the program.
+    fn apply(&mut self, e: Entry) {
+        match e.kind {
+            Kind::Open => {
+                if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
+                    let _ = std.set_nodelay(true);
+                    let _ = std.set_nonblocking(true);
+                    let mut stream = TcpStream::from_std(std);
+                    let token = Token(APP_BASE + self.next_token);
+                    self.next_token += 1;
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        self.app_tokens.insert(token, e.conn);
+                        self.apps.insert(
+                            e.conn,
+                            AppConn {
+                                stream,
+                                token,
+                                out: Vec::new(),
+                                connected: true,
+                            },
+                        );
+                    }
+                } else {
+                    self.ui.error(&format!(
+                        "cannot connect to the program at {}",
+                        self.app_addr
+                    ));
+                }
+            }
+            Kind::Data => {
+                if let Some(a) = self.apps.get_mut(&e.conn) {
+                    if a.out.len() + e.payload.len() > BUFFER_MAX {
+                        self.ui.warn(&format!(
+                            "connection {} to the program is not draining; closing it",
+                            e.conn
+                        ));
+                        self.close_app(e.conn);
+                        return;
+                    }
+                    a.out.extend_from_slice(&e.payload);
+                    flush(&mut a.stream, &mut a.out);
+                }
+            }
+            Kind::Close => {
+                self.close_app(e.conn);
+                if let Some(&t) = self.client_of_conn.get(&e.conn) {
+                    self.drop_client(t, false);
+                }
+            }
+            Kind::Frame | Kind::Noop => {}
+        }
+    }
+
+    fn close_app(&mut self, conn: u64) {
+        if let Some(mut a) = self.apps.remove(&conn) {
+            let _ = self.poll.registry().deregister(&mut a.stream);
+            self.app_tokens.remove(&a.token);
+        }
+    }
+
+    fn drop_client(&mut self, t: Token, propose_close: bool) {
+        if let Some(mut c) = self.clients.remove(&t) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            self.client_of_conn.remove(&c.conn);
+            if propose_close && self.role == Role::Leader {
+                let _ = self.step(Input::Propose(vec![Event {
+                    kind: Kind::Close,
+                    conn: c.conn,
+                    payload: Bytes::new(),
+                }]));
+            }
+        }
+    }
+
+    fn accept_clients(&mut self) -> Result<(), NodeError> {
+        loop {
+            match self.clients_listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.role != Role::Leader {
+                        // Followers refuse clients (forwarding comes later): the client retries elsewhere.
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let token = Token(CLIENT_BASE + self.next_token);
+                    self.next_token += 1;
+                    let conn = (self.engine.view() << 32) | (self.next_conn & 0xffff_ffff);
+                    self.next_conn += 1;
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    self.clients.insert(
+                        token,
+                        ClientConn {
+                            stream,
+                            conn,
+                            out: Vec::new(),
+                        },
+                    );
+                    self.client_of_conn.insert(conn, token);
+                    self.step(Input::Propose(vec![Event {
+                        kind: Kind::Open,
+                        conn,
+                        payload: Bytes::new(),
+                    }]))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => {
+                    return Err(NodeError::Io {
+                        context: "accepting clients".into(),
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_client(&mut self, t: Token, readable: bool, writable: bool) -> Result<(), NodeError> {
+        let Some(c) = self.clients.get_mut(&t) else {
+            return Ok(());
+        };
+        if writable {
+            flush(&mut c.stream, &mut c.out);
+        }
+        if !readable {
+            return Ok(());
+        }
+        let conn = c.conn;
+        let mut events = Vec::new();
+        let mut closed = false;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => events.push(Event {
+                    kind: Kind::Data,
+                    conn,
+                    payload: Bytes::copy_from_slice(&buf[..n]),
+                }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+            if events.len() >= 16 {
+                break;
+            }
+        }
+        if closed {
+            events.push(Event {
+                kind: Kind::Close,
+                conn,
+                payload: Bytes::new(),
+            });
+        }
+        if !events.is_empty() {
+            self.step(Input::Propose(events))?;
+        }
+        if closed {
+            if let Some(mut c) = self.clients.remove(&t) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                self.client_of_conn.remove(&c.conn);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_app(&mut self, t: Token, readable: bool, writable: bool) {
+        let Some(&conn) = self.app_tokens.get(&t) else {
+            return;
+        };
+        let Some(a) = self.apps.get_mut(&conn) else {
+            return;
+        };
+        if writable {
+            a.connected = true;
+            flush(&mut a.stream, &mut a.out);
+        }
+        if !readable {
+            return;
+        }
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut answer = Vec::new();
+        let mut eof = false;
+        loop {
+            match a.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        // Only the leader's client gets the answer; followers drain and drop theirs.
+        if !answer.is_empty() {
+            if let Some(&ct) = self.client_of_conn.get(&conn) {
+                if let Some(c) = self.clients.get_mut(&ct) {
+                    if c.out.len() + answer.len() > BUFFER_MAX {
+                        self.drop_client(ct, true);
+                    } else {
+                        c.out.extend_from_slice(&answer);
+                        flush(&mut c.stream, &mut c.out);
+                    }
+                }
+            }
+        }
+        if eof {
+            self.close_app(conn);
+        }
+    }
+}
+
+/// Writes as much of `out` as the socket takes now.
+fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut done = 0;
+    while done < out.len() {
+        match stream.write(&out[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    out.drain(..done);
+}
+
+/// Runs one replica until `stop` is set or the program exits.
+pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit, NodeError> {
+    let cfg = &opts.config;
+    let me = opts.index as NodeId;
+    let rc = &cfg.replicas[opts.index];
+    std::fs::create_dir_all(&rc.data_dir)
+        .map_err(io_err(format!("creating {}", rc.data_dir.display())))?;
+    let storage = FsStorage::new(rc.data_dir.join("log"), true).map_err(io_err(format!(
+        "opening {}",
+        rc.data_dir.join("log").display()
+    )))?;
+    let (log, recovery) = SegmentLog::open(
+        storage,
+        LogOptions {
+            sync: cfg.sync,
+            ..LogOptions::new(cfg.cluster_id, me)
+        },
+    )?;
+    if let Some(t) = &recovery.torn {
+        ui.warn(&format!(
+            "cut a torn tail from the log: {} at byte offset {} ({} bytes)",
+            t.file, t.offset, t.bytes
+        ));
+    }
+    let engine_cfg = Config {
+        election_timeout_ns: cfg.election_timeout.as_nanos() as u64,
+        heartbeat_ns: cfg.heartbeat.as_nanos() as u64,
+        ..Config::new(cfg.cluster_id, me, cfg.replicas.len() as u32)
+    };
+    let seed = crate::log::now_ns() ^ u64::from(std::process::id());
+    let state = load_state(&rc.data_dir).map_err(io_err("reading the view state"))?;
+    let entries = log.read(log.first_op(), usize::MAX, usize::MAX)?;
+    let engine = match state {
+        Some(st) => Replica::restart(engine_cfg, seed, 0, st, log.first_op(), entries, Vec::new()),
+        None if log.last_op() == 0 => Replica::new(engine_cfg, seed, 0),
+        None => Replica::restart(
+            engine_cfg,
+            seed,
+            0,
+            PersistentState::default(),
+            log.first_op(),
+            entries,
+            Vec::new(),
+        ),
+    };
+    ui.note(&format!(
+        "replica {} of cluster {:?}: log {} (ops {}..={}), view {}",
+        rc.id,
+        cfg.cluster,
+        rc.data_dir.join("log").display(),
+        log.first_op(),
+        log.last_op(),
+        engine.view()
+    ));
+    let mut app = App::start(
+        &opts.program,
+        rc.app,
+        opts.app_timeout,
+        Some(&rc.data_dir.join("program.log")),
+    )?;
+    ui.note(&format!(
+        "started {} (pid {}), listening on {}",
+        app.program,
+        app.pid(),
+        rc.app
+    ));
+    let peers = cfg.replicas.iter().map(|r| r.peer).collect();
+    let transport =
+        TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, opts.key.clone()))
+            .map_err(io_err("starting the peer transport"))?;
+    let poll = Poll::new().map_err(io_err("creating the event loop"))?;
+    let mut clients_listener = TcpListener::bind(rc.client)
+        .map_err(io_err(format!("listening for clients on {}", rc.client)))?;
+    poll.registry()
+        .register(&mut clients_listener, CLIENTS, Interest::READABLE)
+        .map_err(io_err("registering"))?;
+    let tfd = transport.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
+        .map_err(io_err("registering"))?;
+    ui.note(&format!(
+        "clients connect to {}; peers on {}",
+        rc.client, rc.peer
+    ));
+    let durable = log.durable_op();
+    let mut node = Node {
+        ui,
+        me,
+        cluster_id: cfg.cluster_id,
+        app_addr: rc.app,
+        data_dir: rc.data_dir.clone(),
+        engine,
+        log,
+        transport,
+        poll,
+        clients: HashMap::new(),
+        client_of_conn: HashMap::new(),
+        apps: HashMap::new(),
+        app_tokens: HashMap::new(),
+        next_token: 0,
+        next_conn: 1,
+        held: Vec::new(),
+        durable,
+        dirty: false,
+        start: Instant::now(),
+        role: Role::ViewChange,
+        clients_listener,
+    };
+    node.role = node.engine.role();
+    let mut events = Events::with_capacity(1024);
+    let tick = Duration::from_millis(1);
+    let mut inbox = Vec::new();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            node.sync()?;
+            app.stop(Duration::from_secs(5));
+            return Ok(NodeExit::Stopped);
+        }
+        if let Some(status) = app.exited() {
+            node.sync()?;
+            return Ok(NodeExit::ProgramExited(status));
+        }
+        match node.poll.poll(&mut events, Some(tick)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(NodeError::Io {
+                    context: "waiting for events".into(),
+                    source: e,
+                });
+            }
+        }
+        for ev in events.iter() {
+            let t = ev.token();
+            let (r, w) = (
+                ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                ev.is_writable(),
+            );
+            if t == CLIENTS {
+                node.accept_clients()?;
+            } else if t == PEERS {
+                // Handled below, every turn.
+            } else if t.0 >= APP_BASE {
+                node.on_app(t, r, w);
+            } else if t.0 >= CLIENT_BASE {
+                node.on_client(t, r, w)?;
+            }
+        }
+        inbox.clear();
+        node.transport
+            .recv(Duration::ZERO, &mut inbox)
+            .map_err(io_err("receiving from peers"))?;
+        for env in inbox.drain(..) {
+            node.step(Input::Receive(env))?;
+        }
+        for ev in node.transport.events() {
+            match ev {
+                TransportEvent::Refused { addr, reason } => {
+                    ui.warn(&format!("refused a peer connection from {addr}: {reason}"))
+                }
+                TransportEvent::Lost { peer, reason } => {
+                    ui.detail(&format!("lost replica {}: {reason}", peer + 1))
+                }
+                TransportEvent::Connected { peer, incoming } => ui.detail(&format!(
+                    "connected to replica {} ({})",
+                    peer + 1,
+                    if incoming { "in" } else { "out" }
+                )),
+            }
+        }
+        node.step(Input::Tick)?;
+        if node.dirty {
+            node.sync()?;
+            let d = node.durable;
+            node.step(Input::Durable { op: d })?;
+        }
+    }
+}
+
+/// Arguments of `falcon replicate`.
+#[derive(Clone, Debug, clap::Args)]
+#[command(after_help = REPLICATE_EXAMPLES)]
+pub struct ReplicateArgs {
+    /// The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// This replica's id in the cluster file (default: $FALCON_NODE, else the
+    /// replica whose peer address is an address of this host).
+    #[arg(long, value_name = "ID")]
+    pub node: Option<u32>,
+
+    /// Overrides the cluster file's election timeout.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub election_timeout: Option<Duration>,
+
+    /// How long to wait for the program to accept connections on its app address.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub app_timeout: Duration,
+
+    /// Write a new random cluster key to FILE (mode 0600) and exit.
+    #[arg(long, value_name = "FILE", exclusive = true)]
+    pub new_key: Option<PathBuf>,
+
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, value_name = "PROGRAM")]
+    pub program: Vec<String>,
+}
+
+const REPLICATE_EXAMPLES: &str = "\
+Examples:
+  falcon replicate --new-key cluster.key
+  falcon replicate --config cluster.toml --node 1 -- redis-server --port 7001 --save ''
+  FALCON_NODE=2 falcon replicate -- redis-server --port 7002 --save ''
+
+Every replica runs the same command with its own --node. Clients connect to
+any replica's client address; the leader orders their input, every replica
+feeds it to its own copy of the program after a majority has it on disk, and
+the leader sends the program's answers back. The cluster file format is in
+fixtures/cluster.toml and falcon-replicate(1).";
+
+/// Why `falcon replicate` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// The cluster file or key.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The node.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// A usage problem.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Runs `falcon replicate`. `stop` ends it (set it from a Ctrl-C handler).
+pub fn replicate(
+    args: &ReplicateArgs,
+    ui: &Ui,
+    stop: Arc<AtomicBool>,
+) -> Result<crate::output::Status, ReplicateError> {
+    use crate::config::{self, ClusterConfig, TransportKind};
+    if let Some(path) = &args.new_key {
+        config::generate_key(path)?;
+        ui.note(&format!(
+            "wrote a new 32-byte cluster key to {}; copy it to every replica",
+            path.display()
+        ));
+        return Ok(crate::output::Status::Success);
+    }
+    if args.program.is_empty() {
+        return Err(ReplicateError::Usage("no program to run: give it after --, e.g. falcon replicate -- redis-server --port 7001".into()));
+    }
+    let path = ClusterConfig::find(args.config.as_deref())?;
+    let mut cfg = ClusterConfig::load(&path)?;
+    if let Some(t) = args.election_timeout {
+        cfg.election_timeout = t;
+        cfg.heartbeat = cfg.heartbeat.min(t / 3);
+    }
+    if cfg.transport != TransportKind::Tcp {
+        return Err(ReplicateError::Usage(format!(
+            "{}: transport {:?} is not built yet; use transport = \"tcp\"",
+            path.display(),
+            cfg.transport
+        )));
+    }
+    let index = cfg.choose_node(args.node)?;
+    let key_file = cfg.key_file.clone().ok_or_else(|| {
+        ReplicateError::Usage(format!(
+            "{}: key_file is required (falcon replicate --new-key cluster.key)",
+            path.display()
+        ))
+    })?;
+    let key = config::read_key(&key_file)?;
+    let opts = NodeOptions {
+        config: cfg,
+        index,
+        key,
+        program: args.program.clone(),
+        app_timeout: args.app_timeout,
+    };
+    match run(opts, ui, stop)? {
+        NodeExit::Stopped => Ok(crate::output::Status::Success),
+        NodeExit::ProgramExited(status) => {
+            ui.error(&format!(
+                "the program exited ({status}); this replica stopped"
+            ));
+            Ok(crate::output::Status::Failure)
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! `falcon replicate` end to end: three real `falcon` processes, each with
+//! its own real redis-server (installed by scripts/setup.sh), on loopback.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)>,
+    nodes: Vec<Option<Child>>,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+fn redis_server() -> PathBuf {
+    for p in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!(
+        "redis-server is not installed: scripts/setup.sh installs it (apt-get install redis-server)"
+    );
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(3 * n);
+        let addrs: Vec<_> = (0..n)
+            .map(|i| {
+                let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+                (a(ports[3 * i]), a(ports[3 * i + 1]), a(ports[3 * i + 2]))
+            })
+            .collect();
+        let mut toml =
+            "cluster = \"e2e\"\nkey_file = \"cluster.key\"\nelection_timeout = \"300ms\"\n"
+                .to_string();
+        for (i, (peer, client, app)) in addrs.iter().enumerate() {
+            toml.push_str(&format!(
+                "\n[[replica]]\nid = {}\npeer = \"{peer}\"\nclient = \"{client}\"\napp = \"{app}\"\ndata_dir = \"data/{}\"\n",
+                i + 1,
+                i + 1
+            ));
+        }
+        std::fs::write(dir.path().join("cluster.toml"), toml).unwrap();
+        let r = util::falcon()
+            .args(["replicate", "--new-key"])
+            .arg(dir.path().join("cluster.key"))
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{r:?}");
+        let mut c = Cluster {
+            dir,
+            addrs,
+            nodes: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let app_port = self.addrs[i].2.port().to_string();
+        let child = util::falcon()
+            .current_dir(self.dir.path())
+            .args([
+                "replicate",
+                "--config",
+                "cluster.toml",
+                "--node",
+                &(i + 1).to_string(),
+                "--",
+            ])
+            .arg(redis_server())
+            .args([
+                "--port",
+                &app_port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.path().join(format!("node{}.log", i + 1))).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        self.nodes[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The program follows falcon (parent-death signal); wait until its port is free.
+        wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(self.addrs[i].2).is_err()
+        });
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
+            .unwrap_or_default()
+    }
+
+    /// Sends one command to the replica's client address; None if it refuses or closes.
+    fn client_cmd(&self, i: usize, args: &[&str]) -> Option<String> {
+        resp(self.addrs[i].1, args)
+    }
+
+    /// The replica whose client address answers (the leader), waiting up to `within`.
+    fn leader(&self, within: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            for i in 0..self.addrs.len() {
+                if self.nodes[i].is_some()
+                    && self.client_cmd(i, &["PING"]).as_deref() == Some("+PONG")
+                {
+                    return i;
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "no leader answered within {within:?}; logs:\n{}",
+                (0..self.addrs.len())
+                    .map(|i| self.log(i))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn digest(&self, i: usize) -> Option<String> {
+        resp(self.addrs[i].2, &["DEBUG", "DIGEST"])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if let Some(mut c) = self.nodes[i].take() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A minimal RESP client: one command, one reply line (bulk strings read whole).
+fn resp(addr: SocketAddr, args: &[&str]) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let line = line.trim_end().to_string();
+    if let Some(n) = line.strip_prefix('$') {
+        let n: i64 = n.parse().ok()?;
+        if n < 0 {
+            return Some("(nil)".into());
+        }
+        let mut b = vec![0u8; n as usize + 2];
+        r.read_exact(&mut b).ok()?;
+        return Some(String::from_utf8_lossy(&b[..n as usize]).into_owned());
+    }
+    Some(line)
+}
+
+#[test]
+fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
+    let mut c = Cluster::start(3);
+    let leader = c.leader(Duration::from_secs(20));
+    // Acknowledged writes, recorded.
+    let mut acked = Vec::new();
+    for k in 0..200 {
+        let (key, val) = (format!("k{k}"), format!("v{k}"));
+        if c.client_cmd(leader, &["SET", &key, &val]).as_deref() == Some("+OK") {
+            acked.push((key, val));
+        }
+    }
+    assert_eq!(
+        acked.len(),
+        200,
+        "every write to the leader is acknowledged"
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["INCR", "counter"]).as_deref(),
+        Some(":1")
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["LPUSH", "list", "a", "b"])
+            .as_deref(),
+        Some(":2")
+    );
+    // A follower refuses clients (the client retries elsewhere).
+    let follower = (leader + 1) % 3;
+    assert_eq!(c.client_cmd(follower, &["PING"]), None);
+    // Every copy of the program reaches the same state.
+    let same = wait_until(Duration::from_secs(10), || {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    });
+    assert!(
+        same,
+        "digests differ: {:?}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>()
+    );
+
+    // The leader dies hard.
+    c.kill(leader);
+    let started = Instant::now();
+    let new_leader = c.leader(Duration::from_secs(20));
+    let failover = started.elapsed();
+    assert_ne!(new_leader, leader);
+    for (key, val) in &acked {
+        assert_eq!(
+            c.client_cmd(new_leader, &["GET", key]).as_deref(),
+            Some(val.as_str()),
+            "acknowledged write {key} lost"
+        );
+    }
+    assert_eq!(
+        c.client_cmd(new_leader, &["INCR", "counter"]).as_deref(),
+        Some(":2")
+    );
+    eprintln!("failover took {failover:?}");
+
+    // The killed replica restarts from an empty program, replays its log and catches up.
+    c.start_node(leader);
+    let same = wait_until(Duration::from_secs(20), || {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    });
+    assert!(
+        same,
+        "the restarted replica did not catch up: {:?}\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.log(leader)
+    );
+}
+
+#[test]
+fn a_wrong_key_and_a_missing_program_are_clear_errors() {
+    let r = util::run(&[
+        "replicate",
+        "--config",
+        "/nonexistent/cluster.toml",
+        "--node",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("/nonexistent/cluster.toml"), "{r:?}");
+    let r = util::run(&[
+        "replicate",
+        "--config",
+        util::root().join("fixtures/cluster.toml").to_str().unwrap(),
+        "--node",
+        "1",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("no program to run"), "{r:?}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "short").unwrap();
+    std::fs::copy(
+        util::root().join("fixtures/cluster.toml"),
+        dir.path().join("cluster.toml"),
+    )
+    .unwrap();
+    let r = util::run(&[
+        "replicate",
+        "--config",
+        dir.path().join("cluster.toml").to_str().unwrap(),
+        "--node",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("needs at least 32"), "{r:?}");
+}
