@@ -1,29 +1,81 @@
 #!/usr/bin/env bash
-# The main job on a fresh Debian machine: set up, build, and show what this
-# release does for an operator — inspect, verify, follow and export a
-# replica's log. (When `falcon replicate` lands, this becomes a replicated
-# Redis demo.)
+# The main job on a fresh Debian machine: set up, build, then run a replicated
+# Redis — three falcon replicas on this host (127.0.0.1-3), each with its own
+# redis-server — push a redis-benchmark run through it, kill the leader with
+# SIGKILL, show the failover, restart the dead replica and show that every
+# copy of Redis ends in the same state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-falcon=target/release/falcon
+falcon="$PWD/target/release/falcon"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$work"
+}
+trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "falcon log-inspect fixtures/logs/clean   (summary of a replica's log)"
-$falcon log-inspect fixtures/logs/clean
-step "falcon log-inspect fixtures/logs/clean --entries --conn 3"
-$falcon log-inspect fixtures/logs/clean --entries --conn 3
-step "falcon log-inspect fixtures/logs/clean --verify"
-$falcon log-inspect fixtures/logs/clean --verify
-step "falcon log-inspect fixtures/logs/torn-tail --verify   (a crash cut the last write)"
-$falcon log-inspect fixtures/logs/torn-tail --verify
-step "falcon log-inspect fixtures/logs/corrupt-middle --verify   (bit rot: exit 1)"
-if $falcon log-inspect fixtures/logs/corrupt-middle --verify; then exit 1; else echo "exit status $?"; fi
-step "falcon log-inspect fixtures/logs/clean --export-pcap session.pcap && tcpdump -r session.pcap"
-$falcon log-inspect fixtures/logs/clean --export-pcap "$work/session.pcap"
-tcpdump -r "$work/session.pcap" -nn -A 2>/dev/null | grep -m 8 -E "Flags|SET|GET" || true
-step "falcon bench --log --duration 300ms   (the log against the raw disk)"
-$falcon bench --log --duration 300ms --verify-mib 32 --dir "$work"
+cat > "$work/cluster.toml" <<TOML
+cluster = "demo"
+key_file = "cluster.key"
+election_timeout = "300ms"
+$(for i in 1 2 3; do printf '\n[[replica]]\nid = %s\npeer = "127.0.0.%s:7101"\nclient = "127.0.0.%s:7201"\napp = "127.0.0.%s:7001"\ndata_dir = "data/%s"\n' $i $i $i $i $i; done)
+TOML
+"$falcon" replicate --new-key "$work/cluster.key"
+
+start() {
+    (cd "$work" && exec "$falcon" replicate --config cluster.toml --node "$1" -- \
+        redis-server --bind "127.0.0.$1" --port 7001 --save '' --appendonly no --enable-debug-command local \
+        >"$work/node$1.log" 2>&1) &
+    pids[$1]=$!
+}
+leader() {
+    for _ in $(seq 1 200); do
+        for i in 1 2 3; do
+            if [ "$(redis-cli -h 127.0.0.$i -p 7201 PING 2>/dev/null)" = PONG ]; then echo "$i"; return; fi
+        done
+        sleep 0.05
+    done
+    echo none
+}
+
+step "start three replicas (falcon replicate --config cluster.toml --node N -- redis-server …)"
+for i in 1 2 3; do start "$i"; done
+L=$(leader)
+echo "leader: replica $L"
+
+step "redis-benchmark through the leader (SET, GET, INCR, LPUSH; 50 clients)"
+redis-benchmark -h "127.0.0.$L" -p 7201 -t set,get,incr,lpush -n 20000 -c 50 -q 2>&1 | tr '\r' '\n' | grep -E "requests per second" | tee "$work/bench.txt"
+served=$(awk '{s+=20000} END {print s}' "$work/bench.txt")
+redis-cli -h "127.0.0.$L" -p 7201 SET before-failover yes >/dev/null
+
+step "kill the leader (replica $L) with SIGKILL"
+t0=$(date +%s%N)
+kill -9 "${pids[$L]}"
+N=$(leader)
+t1=$(date +%s%N)
+failover_ms=$(( (t1 - t0) / 1000000 ))
+echo "new leader: replica $N after ${failover_ms} ms"
+echo "GET before-failover on the new leader: $(redis-cli -h 127.0.0.$N -p 7201 GET before-failover)"
+redis-cli -h "127.0.0.$N" -p 7201 SET after-failover yes >/dev/null
+
+step "restart replica $L: a fresh redis-server, replayed from the log and caught up"
+for _ in $(seq 1 100); do redis-cli -h "127.0.0.$L" -p 7001 PING >/dev/null 2>&1 || break; sleep 0.05; done
+start "$L"
+sleep 2
+
+step "result"
+printf '%-9s %-12s %s\n' replica role "DEBUG DIGEST"
+digests=()
+for i in 1 2 3; do
+    d=$(redis-cli -h "127.0.0.$i" -p 7001 DEBUG DIGEST 2>/dev/null || echo "-")
+    role=follower; [ "$i" = "$N" ] && role=leader
+    printf '%-9s %-12s %s\n' "$i" "$role" "$d"
+    digests+=("$d")
+done
+agree=no; [ "${digests[0]}" = "${digests[1]}" ] && [ "${digests[1]}" = "${digests[2]}" ] && agree=yes
+printf '\n%-26s %s\n%-26s %s ms\n%-26s %s\n' "requests served:" "$served" "failover time:" "$failover_ms" "all digests agree:" "$agree"
+[ "$agree" = yes ]

@@ -1009,3 +1009,109 @@ fn state_transfer_5_2_compacted_entries_need_a_snapshot() {
         })
     );
 }
+
+/// falcon: a follower far behind gets committed entries in chunks (CatchUp),
+/// asking for each next one, and the view's StartView once the rest is small.
+#[test]
+fn catch_up_sends_committed_entries_in_chunks() {
+    let mut c = cfg(0, 3);
+    c.catch_up_entries = 2;
+    let mut leader = Replica::new(c, 1, 0);
+    step(
+        &mut leader,
+        1,
+        Input::Propose(vec![ev("a"), ev("b"), ev("c"), ev("d"), ev("e")]),
+    );
+    step(&mut leader, 2, Input::Durable { op: 5 });
+    step(
+        &mut leader,
+        3,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 5 }),
+    );
+    assert_eq!(leader.commit(), 5);
+    let out = step(
+        &mut leader,
+        4,
+        recv(2, 0, Message::Missing { view: 0, from: 1 }),
+    );
+    let chunk = vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")];
+    assert_eq!(
+        out,
+        vec![send(
+            2,
+            Message::CatchUp {
+                view: 0,
+                op_start: 1,
+                entries: chunk.clone(),
+                commit: 5
+            }
+        )]
+    );
+
+    let mut behind = Replica::restart(
+        cfg(2, 3),
+        1,
+        0,
+        PersistentState {
+            view: 0,
+            log_view: 0,
+        },
+        1,
+        vec![],
+        vec![],
+    );
+    let out = step(
+        &mut behind,
+        5,
+        recv(
+            0,
+            2,
+            Message::CatchUp {
+                view: 0,
+                op_start: 1,
+                entries: chunk.clone(),
+                commit: 5,
+            },
+        ),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::Append(chunk.clone()),
+            Command::Deliver(chunk),
+            send(0, Message::Missing { view: 0, from: 3 })
+        ]
+    );
+    // Uncommitted entries never come as CatchUp: a chunk claiming past the commit point is ignored.
+    let out = step(
+        &mut behind,
+        6,
+        recv(
+            0,
+            2,
+            Message::CatchUp {
+                view: 0,
+                op_start: 3,
+                entries: vec![entry(0, 3, 1, "c")],
+                commit: 2,
+            },
+        ),
+    );
+    assert_eq!(out, vec![]);
+    // Once the rest is small, the leader sends the StartView.
+    let out = step(
+        &mut leader,
+        7,
+        recv(2, 0, Message::Missing { view: 0, from: 4 }),
+    );
+    assert!(
+        matches!(
+            &out[0],
+            Command::Send {
+                msg: Message::StartView { op_start: 4, .. },
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}

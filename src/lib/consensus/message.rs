@@ -66,6 +66,19 @@ pub enum Message {
         /// The leader's commit point.
         commit: u64,
     },
+    /// Leader → a follower far behind: committed entries `op_start ..`, in
+    /// chunks, before the (then small) StartView. Committed entries may be
+    /// taken in any view state: every later log holds them.
+    CatchUp {
+        /// The leader's view.
+        view: u64,
+        /// Op of the first entry.
+        op_start: u64,
+        /// Committed entries.
+        entries: Vec<Entry>,
+        /// The leader's commit point (every entry is at or below it).
+        commit: u64,
+    },
     /// Follower → leader: every entry up to `op` is durable here, in `view`.
     PrepareOk {
         /// View.
@@ -135,6 +148,7 @@ impl Message {
         match self {
             Message::Prepare { view, .. }
             | Message::StartView { view, .. }
+            | Message::CatchUp { view, .. }
             | Message::PrepareOk { view, .. }
             | Message::Commit { view, .. }
             | Message::Missing { view, .. }
@@ -151,6 +165,7 @@ impl Message {
         match self {
             Message::Prepare { .. } => "prepare",
             Message::StartView { .. } => "start_view",
+            Message::CatchUp { .. } => "catch_up",
             Message::PrepareOk { .. } => "prepare_ok",
             Message::Commit { .. } => "commit",
             Message::Missing { .. } => "missing",
@@ -209,6 +224,7 @@ const T_RDVC: u8 = 7;
 const T_NEWER: u8 = 8;
 const T_SNAP: u8 = 9;
 const T_START_VIEW: u8 = 10;
+const T_CATCH_UP: u8 = 11;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -235,6 +251,7 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     let t = match &env.msg {
         Message::Prepare { .. } => T_PREPARE,
         Message::StartView { .. } => T_START_VIEW,
+        Message::CatchUp { .. } => T_CATCH_UP,
         Message::PrepareOk { .. } => T_PREPARE_OK,
         Message::Commit { .. } => T_COMMIT,
         Message::Missing { .. } => T_MISSING,
@@ -256,6 +273,12 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
             commit,
         }
         | Message::StartView {
+            view,
+            op_start,
+            entries,
+            commit,
+        }
+        | Message::CatchUp {
             view,
             op_start,
             entries,
@@ -394,10 +417,17 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
     let from = r.u32()?;
     let to = r.u32()?;
     let msg = match t {
-        T_PREPARE | T_START_VIEW => {
+        T_PREPARE | T_START_VIEW | T_CATCH_UP => {
             let (view, op_start, commit) = (r.u64()?, r.u64()?, r.u64()?);
             let entries = r.entries(op_start)?;
-            if t == T_PREPARE {
+            if t == T_CATCH_UP {
+                Message::CatchUp {
+                    view,
+                    op_start,
+                    entries,
+                    commit,
+                }
+            } else if t == T_PREPARE {
                 Message::Prepare {
                     view,
                     op_start,
@@ -495,6 +525,18 @@ mod tests {
             Message::PrepareOk { view: 3, op: 7 },
             Message::Commit { view: 3, commit: 7 },
             Message::Missing { view: 3, from: 2 },
+            Message::StartView {
+                view: 3,
+                op_start: 5,
+                entries: entries(2),
+                commit: 5,
+            },
+            Message::CatchUp {
+                view: 3,
+                op_start: 5,
+                entries: entries(2),
+                commit: 7,
+            },
             Message::StartViewChange { view: 4 },
             Message::DoViewChange {
                 view: 4,

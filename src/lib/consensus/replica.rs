@@ -43,6 +43,9 @@ pub struct Config {
     pub uncommitted_max: u64,
     /// A leadership transfer gives up after this long.
     pub transfer_timeout_ns: u64,
+    /// A follower more entries behind than this gets committed entries in
+    /// chunks of this size (CatchUp) before the StartView with the rest.
+    pub catch_up_entries: u64,
     /// Protocol-breaking switches for tests.
     pub bugs: Bugs,
 }
@@ -61,6 +64,7 @@ impl Config {
             pipeline_ops_max: 16_384,
             uncommitted_max: 65_536,
             transfer_timeout_ns: 2_000_000_000,
+            catch_up_entries: 8192,
             bugs: Bugs::default(),
         }
     }
@@ -228,6 +232,12 @@ fn plausible(msg: &Message) -> bool {
             ..
         }
         | Message::StartView {
+            view,
+            op_start,
+            commit,
+            ..
+        }
+        | Message::CatchUp {
             view,
             op_start,
             commit,
@@ -902,6 +912,25 @@ impl Replica {
             self.send_need_snapshot(f, out);
             return;
         }
+        if self.last_op() + 1 - from > self.cfg.catch_up_entries && from <= self.commit {
+            // Far behind: committed entries first, in chunks it asks for one by one.
+            let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
+            let entries: Vec<Entry> = (from..=end)
+                .filter_map(|op| self.entry(op).cloned())
+                .collect();
+            let msg = Message::CatchUp {
+                view: self.view,
+                op_start: from,
+                entries,
+                commit: self.commit,
+            };
+            self.send(out, f, msg);
+            self.last_sent[fi] = self.now;
+            if self.acked[fi] >= from {
+                self.acked[fi] = from - 1;
+            }
+            return;
+        }
         let entries: Vec<Entry> = (from..=self.last_op())
             .filter_map(|op| self.entry(op).cloned())
             .collect();
@@ -1039,6 +1068,47 @@ impl Replica {
         });
     }
 
+    /// Takes committed entries from the leader (any view state: every later
+    /// log holds them), then asks for what follows.
+    fn catch_up(
+        &mut self,
+        from: NodeId,
+        op_start: u64,
+        entries: Vec<Entry>,
+        commit: u64,
+        out: &mut Vec<Command>,
+    ) {
+        let end = op_start + entries.len() as u64;
+        if entries.is_empty()
+            || end - 1 > commit
+            || op_start > self.last_op() + 1
+            || op_start < self.first_op
+        {
+            return;
+        }
+        let diverges = entries
+            .iter()
+            .find(|e| self.entry(e.op).is_some_and(|mine| mine.view != e.view))
+            .map(|e| e.op);
+        if let Some(op) = diverges {
+            self.truncate_local((op - 1).max(self.delivered), out);
+        }
+        let rest: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.op > self.last_op())
+            .collect();
+        self.append_local(rest, out);
+        self.learn_commit(end - 1, out);
+        self.send(
+            out,
+            from,
+            Message::Missing {
+                view: self.view,
+                from: end,
+            },
+        );
+    }
+
     fn learn_commit(&mut self, commit: u64, out: &mut Vec<Command>) {
         let c = commit.min(self.last_op());
         if c > self.commit {
@@ -1091,6 +1161,19 @@ impl Replica {
                 commit,
                 ..
             } => self.on_prepare(from, op_start, entries, commit, out),
+            Message::CatchUp {
+                op_start,
+                entries,
+                commit,
+                ..
+            } => {
+                if from == self.leader()
+                    && !self.is_leader()
+                    && Self::consecutive(op_start, &entries, self.view)
+                {
+                    self.catch_up(from, op_start, entries, commit, out);
+                }
+            }
             Message::StartView {
                 op_start,
                 entries,

@@ -272,6 +272,7 @@ impl Sim {
             pipeline_ops_max: 256,
             uncommitted_max: 4096,
             transfer_timeout_ns: 500 * MS,
+            catch_up_entries: 24,
             bugs: self.opts.bugs,
             ..Config::new(CLUSTER, id, self.knobs.n)
         }
