@@ -64,14 +64,20 @@ redis-cli -h "127.0.0.$N" -p 7201 SET after-failover yes >/dev/null
 
 step "restart replica $L: a fresh redis-server, replayed from the log and caught up"
 for _ in $(seq 1 100); do redis-cli -h "127.0.0.$L" -p 7001 PING >/dev/null 2>&1 || break; sleep 0.05; done
+t2=$(date +%s%N)
 start "$L"
-sleep 2
+digest() { redis-cli -h "127.0.0.$1" -p 7001 DEBUG DIGEST 2>/dev/null || echo "-"; }
+for _ in $(seq 1 600); do
+    [ "$(digest "$L")" = "$(digest "$N")" ] && break
+    sleep 0.1
+done
+echo "replica $L caught up in $(( ($(date +%s%N) - t2) / 1000000 )) ms (program start included)"
 
 step "result"
 printf '%-9s %-12s %s\n' replica role "DEBUG DIGEST"
 digests=()
 for i in 1 2 3; do
-    d=$(redis-cli -h "127.0.0.$i" -p 7001 DEBUG DIGEST 2>/dev/null || echo "-")
+    d=$(digest "$i")
     role=follower; [ "$i" = "$N" ] && role=leader
     printf '%-9s %-12s %s\n' "$i" "$role" "$d"
     digests+=("$d")

@@ -37,6 +37,8 @@ const CLIENT_BASE: usize = 1 << 20;
 const APP_BASE: usize = 1 << 40;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 << 10;
+/// How long the applier waits for the program to answer one connection before it writes to another.
+const ANSWER_WAIT: Duration = Duration::from_millis(200);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
 
@@ -98,7 +100,8 @@ struct AppConn {
     stream: TcpStream,
     token: Token,
     out: Vec<u8>,
-    connected: bool,
+    /// Closed in the log: close once everything written so far reached the program.
+    closing: bool,
 }
 
 /// The state file next to the log: `view log_view`, written atomically.
@@ -151,6 +154,11 @@ struct Node<'a> {
     dirty: bool,
     start: Instant,
     role: Role,
+    /// Committed entries not yet handed to the program.
+    apply_queue: std::collections::VecDeque<Entry>,
+    /// The connection written to last, and whether its answer is still due.
+    last_written: Option<u64>,
+    awaiting_answer: Option<Instant>,
     clients_listener: TcpListener,
 }
 
@@ -199,9 +207,8 @@ impl Node<'_> {
                 }
             }
             Command::Deliver(entries) => {
-                for e in entries {
-                    self.apply(e);
-                }
+                self.apply_queue.extend(entries);
+                self.pump_apply();
             }
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
@@ -274,6 +281,34 @@ impl Node<'_> {
         Ok(())
     }
 
+    /// Hands committed entries to the program, one connection at a time:
+    /// before bytes go to another connection, the program answers the last
+    /// one (or 200 ms pass), so the program sees requests of different
+    /// connections in log order on every replica — also when a replica
+    /// replays thousands of entries at once.
+    fn pump_apply(&mut self) {
+        while let Some(e) = self.apply_queue.front() {
+            if e.kind == Kind::Data {
+                let switching = self
+                    .last_written
+                    .is_some_and(|c| c != e.conn && self.apps.contains_key(&c));
+                if switching
+                    && self
+                        .awaiting_answer
+                        .is_some_and(|t| t.elapsed() < ANSWER_WAIT)
+                {
+                    return;
+                }
+            }
+            let e = self.apply_queue.pop_front().expect("checked");
+            if e.kind == Kind::Data && self.apps.contains_key(&e.conn) {
+                self.last_written = Some(e.conn);
+                self.awaiting_answer = Some(Instant::now());
+            }
+            self.apply(e);
+        }
+    }
+
     /// Applies one committed entry to this replica's copy of the program.
     fn apply(&mut self, e: Entry) {
         match e.kind {
@@ -297,7 +332,7 @@ impl Node<'_> {
                                 stream,
                                 token,
                                 out: Vec::new(),
-                                connected: true,
+                                closing: false,
                             },
                         );
                     }
@@ -323,7 +358,12 @@ impl Node<'_> {
                 }
             }
             Kind::Close => {
-                self.close_app(e.conn);
+                // Bytes still on their way to the program go first: a replica
+                // replaying its log writes faster than the program reads.
+                match self.apps.get_mut(&e.conn) {
+                    Some(a) if !a.out.is_empty() => a.closing = true,
+                    _ => self.close_app(e.conn),
+                }
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
                     self.drop_client(t, false);
                 }
@@ -463,8 +503,11 @@ impl Node<'_> {
             return;
         };
         if writable {
-            a.connected = true;
             flush(&mut a.stream, &mut a.out);
+            if a.closing && a.out.is_empty() {
+                self.close_app(conn);
+                return;
+            }
         }
         if !readable {
             return;
@@ -488,6 +531,7 @@ impl Node<'_> {
             }
         }
         // Only the leader's client gets the answer; followers drain and drop theirs.
+        let answered = !answer.is_empty() && self.last_written == Some(conn);
         if !answer.is_empty() {
             if let Some(&ct) = self.client_of_conn.get(&conn) {
                 if let Some(c) = self.clients.get_mut(&ct) {
@@ -502,6 +546,10 @@ impl Node<'_> {
         }
         if eof {
             self.close_app(conn);
+        }
+        if answered {
+            self.awaiting_answer = None;
+            self.pump_apply();
         }
     }
 }
@@ -626,6 +674,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         dirty: false,
         start: Instant::now(),
         role: Role::ViewChange,
+        apply_queue: std::collections::VecDeque::new(),
+        last_written: None,
+        awaiting_answer: None,
         clients_listener,
     };
     node.role = node.engine.role();
@@ -691,6 +742,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
         }
         node.step(Input::Tick)?;
+        node.pump_apply();
         if node.dirty {
             node.sync()?;
             let d = node.durable;
