@@ -232,6 +232,37 @@ fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
             .as_deref(),
         Some(":2")
     );
+    // Fifty concurrent clients through the leader (redis-benchmark, installed with redis-server).
+    let client = c.addrs[leader].1;
+    let bench = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &client.port().to_string(),
+            "-t",
+            "set,get,incr,lpush",
+            "-n",
+            "2000",
+            "-c",
+            "50",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark is installed by scripts/setup.sh (redis-tools)");
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let text = String::from_utf8_lossy(&bench.stdout).replace('\r', "\n");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("requests per second"))
+            .count(),
+        4,
+        "{text}"
+    );
     // A follower refuses clients (the client retries elsewhere).
     let follower = (leader + 1) % 3;
     assert_eq!(c.client_cmd(follower, &["PING"]), None);
