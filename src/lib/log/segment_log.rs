@@ -146,6 +146,9 @@ pub struct SegmentLog<S: Storage> {
     last_crc: u32,
     durable_op: u64,
     poisoned: bool,
+    /// Changes whenever the log's tail is replaced or a new segment starts,
+    /// so an fsync started before does not count for what came after.
+    epoch: u64,
     buf: Vec<u8>,
     _lock: Box<dyn Send>,
 }
@@ -171,6 +174,7 @@ impl<S: Storage> SegmentLog<S> {
             last_crc: CHAIN_START,
             durable_op: opts.first_op - 1,
             poisoned: false,
+            epoch: 0,
             buf: Vec::with_capacity(1 << 20),
             opts,
             _lock: lock,
@@ -310,6 +314,7 @@ impl<S: Storage> SegmentLog<S> {
         });
         self.next_op = first_op;
         self.last_crc = prev_crc;
+        self.epoch += 1;
         Ok(())
     }
 
@@ -495,6 +500,48 @@ impl<S: Storage> SegmentLog<S> {
         }
         self.durable_op = self.last_op();
         Ok(self.durable_op)
+    }
+
+    /// For an fsync thread: a handle to the segment being written, the last
+    /// op written to it so far, and the epoch. `fdatasync` on the handle, then
+    /// report with [`note_synced`](Self::note_synced).
+    pub fn sync_handle(&self) -> Result<(S::File, u64, u64), LogError> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let seg = self.active();
+        let file = seg.file.as_ref().expect("the last segment is open");
+        let clone = file.try_clone().map_err(|e| {
+            LogError::io(
+                format!(
+                    "opening {} for fsync",
+                    self.storage.describe(&seg.meta.name)
+                ),
+                e,
+            )
+        })?;
+        Ok((clone, self.last_op(), self.epoch))
+    }
+
+    /// An fsync through [`sync_handle`](Self::sync_handle) finished: entries
+    /// up to `op` are durable, unless the tail changed since (`epoch`).
+    /// A failed fsync must be reported with `Err`: it poisons the log.
+    pub fn note_synced(
+        &mut self,
+        result: Result<(u64, u64), std::io::Error>,
+    ) -> Result<u64, LogError> {
+        match result {
+            Ok((op, epoch)) => {
+                if epoch == self.epoch {
+                    self.durable_op = self.durable_op.max(op.min(self.last_op()));
+                }
+                Ok(self.durable_op)
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(LogError::io("fdatasync on the fsync thread", e))
+            }
+        }
     }
 
     /// Finds the segment holding `op`.
@@ -685,6 +732,7 @@ impl<S: Storage> SegmentLog<S> {
         self.next_op = op + 1;
         self.last_crc = prev;
         self.durable_op = self.durable_op.min(op);
+        self.epoch += 1;
         Ok(())
     }
 

@@ -51,6 +51,10 @@ pub trait StorageFile: Send + 'static {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
     /// Makes the file's data durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Another handle to the same open file (for an fsync thread).
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 
     /// Reads exactly `buf.len()` bytes at `offset`, or fewer at the end of the file;
     /// returns how many were read.
@@ -116,6 +120,9 @@ impl StorageFile for FsFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn try_clone(&self) -> io::Result<FsFile> {
+        self.0.try_clone().map(FsFile)
     }
 }
 
@@ -471,6 +478,13 @@ impl StorageFile for MemFile {
         let mut f = lock(&self.data);
         f.durable = f.data.clone();
         Ok(())
+    }
+    fn try_clone(&self) -> io::Result<MemFile> {
+        Ok(MemFile {
+            data: self.data.clone(),
+            storage: self.storage.clone(),
+            writable: self.writable,
+        })
     }
 }
 

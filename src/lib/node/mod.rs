@@ -33,6 +33,7 @@ use crate::transport::{Transport, TransportEvent};
 
 const CLIENTS: Token = Token(1);
 const PEERS: Token = Token(2);
+const SYNCED: Token = Token(3);
 const CLIENT_BASE: usize = 1 << 20;
 const APP_BASE: usize = 1 << 40;
 /// Bytes read from a socket at a time.
@@ -267,6 +268,12 @@ impl Node<'_> {
         let d = self.log.sync()?;
         self.dirty = false;
         self.durable = d;
+        self.release();
+        Ok(())
+    }
+
+    /// Sends every held message whose barrier the log has reached.
+    fn release(&mut self) {
         let ready: Vec<_> = {
             let durable = self.durable;
             let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
@@ -278,7 +285,6 @@ impl Node<'_> {
         for (_, to, msg) in ready {
             self.send(to, msg);
         }
-        Ok(())
     }
 
     /// Hands committed entries to the program, one connection at a time:
@@ -680,6 +686,33 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         clients_listener,
     };
     node.role = node.engine.role();
+    // The fsync thread: fdatasync on a second handle to the active segment,
+    // then wake the loop.
+    let waker = Arc::new(
+        mio::Waker::new(node.poll.registry(), SYNCED)
+            .map_err(io_err("creating the fsync waker"))?,
+    );
+    let (sync_tx, sync_rx) =
+        std::sync::mpsc::sync_channel::<(crate::log::storage::FsFile, u64, u64)>(1);
+    let (synced_tx, synced_rx) = std::sync::mpsc::sync_channel::<Result<(u64, u64), io::Error>>(1);
+    {
+        let waker = waker.clone();
+        std::thread::Builder::new()
+            .name("falcon-fsync".into())
+            .spawn(move || {
+                use crate::log::StorageFile;
+                for (mut file, op, epoch) in sync_rx {
+                    let r = file.sync_data().map(|_| (op, epoch));
+                    if synced_tx.send(r).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
+                }
+            })
+            .map_err(io_err("starting the fsync thread"))?;
+    }
+    let cfg_sync = cfg.sync;
+    let mut sync_inflight = false;
     let mut events = Events::with_capacity(1024);
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
@@ -711,7 +744,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             );
             if t == CLIENTS {
                 node.accept_clients()?;
-            } else if t == PEERS {
+            } else if t == PEERS || t == SYNCED {
                 // Handled below, every turn.
             } else if t.0 >= APP_BASE {
                 node.on_app(t, r, w);
@@ -743,10 +776,32 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         node.step(Input::Tick)?;
         node.pump_apply();
-        if node.dirty {
-            node.sync()?;
-            let d = node.durable;
-            node.step(Input::Durable { op: d })?;
+        // Group commit on the fsync thread: the loop goes on while the disk works.
+        while let Ok(result) = synced_rx.try_recv() {
+            sync_inflight = false;
+            let d = node.log.note_synced(result)?;
+            if d > node.durable {
+                node.durable = d;
+                node.release();
+                node.step(Input::Durable { op: d })?;
+            }
+        }
+        if node.dirty && !sync_inflight {
+            if cfg_sync == crate::log::SyncPolicy::Never {
+                node.sync()?;
+                let d = node.durable;
+                node.step(Input::Durable { op: d })?;
+            } else {
+                let (file, op, epoch) = node.log.sync_handle()?;
+                node.dirty = false;
+                sync_inflight = true;
+                if sync_tx.send((file, op, epoch)).is_err() {
+                    return Err(NodeError::Io {
+                        context: "the fsync thread stopped".into(),
+                        source: io::Error::other("fsync thread gone"),
+                    });
+                }
+            }
         }
     }
 }
