@@ -269,6 +269,33 @@ pub fn sync_policies<S: Storage + Clone>(fresh: impl Fn() -> S) {
     }
 }
 
+/// An fsync on a second handle (the node's fsync thread) counts, unless the
+/// tail changed in between; a failed one poisons the log.
+pub fn sync_through_a_second_handle<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    use super::StorageFile;
+    let s = fresh();
+    let mut log = open(&s, opts(1 << 20));
+    log.append(&entries(1, 1..=10)).unwrap();
+    let (mut file, op, epoch) = log.sync_handle().unwrap();
+    assert_eq!(op, 10);
+    file.sync_data().unwrap();
+    assert_eq!(log.note_synced(Ok((op, epoch))).unwrap(), 10);
+    log.append(&entries(1, 11..=12)).unwrap();
+    let (_, op, epoch) = log.sync_handle().unwrap();
+    log.truncate_after(11).unwrap();
+    log.append(&entries(2, 12..=12)).unwrap();
+    assert_eq!(
+        log.note_synced(Ok((op, epoch))).unwrap(),
+        10,
+        "an fsync from before the truncation does not cover the new op 12"
+    );
+    assert!(log.note_synced(Err(std::io::Error::other("EIO"))).is_err());
+    assert!(matches!(
+        log.append(&entries(2, 13..=13)),
+        Err(LogError::Poisoned)
+    ));
+}
+
 /// Expands to one `#[test]` per conformance check, for a storage made by `$fresh`.
 #[macro_export]
 macro_rules! log_conformance_tests {
@@ -276,7 +303,8 @@ macro_rules! log_conformance_tests {
         $crate::log_conformance_tests!(@each $fresh;
             new_log_is_empty, append_then_read, rejects_out_of_order_and_oversized,
             rollover_across_segments, truncate_suffix, compaction_removes_old_segments,
-            reset_starts_over, refuses_other_owner_and_second_writer, sync_policies);
+            reset_starts_over, refuses_other_owner_and_second_writer, sync_policies,
+            sync_through_a_second_handle);
     };
     (@each $fresh:expr; $($name:ident),*) => {
         $(
