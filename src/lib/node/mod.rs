@@ -843,10 +843,30 @@ Examples:
   FALCON_NODE=2 falcon replicate -- redis-server --port 7002 --save ''
 
 Every replica runs the same command with its own --node. Clients connect to
-any replica's client address; the leader orders their input, every replica
-feeds it to its own copy of the program after a majority has it on disk, and
-the leader sends the program's answers back. The cluster file format is in
-fixtures/cluster.toml and falcon-replicate(1).";
+the leader's client address (followers refuse them for now); the leader
+orders their input, every replica feeds it to its own copy of the program
+once a majority has it on disk, and the leader sends the answers back.
+
+The cluster file (TOML; relative paths are relative to the file; an error
+names the line and the field):
+
+  cluster = \"demo\"            # cluster id; peers of another cluster are refused
+  key_file = \"cluster.key\"    # shared secret, at least 32 bytes, read raw
+  transport = \"tcp\"           # tcp (shm and rdma: later releases)
+  sync = \"batch\"              # always | batch | never
+  election_timeout = \"150ms\"
+  heartbeat = \"15ms\"          # optional, default election_timeout / 10
+
+  [[replica]]                   # 1, 3, 5, 7 or 9 of them
+  id = 1
+  peer = \"127.0.0.1:7101\"     # replica-to-replica address
+  client = \"127.0.0.1:7201\"   # where clients connect
+  app = \"127.0.0.1:7001\"      # where this replica's copy of the program listens
+  data_dir = \"data/1\"         # log, view state, program output
+
+Without --config: ./falcon.toml, then /etc/falcon/falcon.toml. Without
+--node: $FALCON_NODE, else the replica whose peer address is on this host.
+A commented example is fixtures/cluster.toml.";
 
 /// Why `falcon replicate` could not start.
 #[derive(Debug, thiserror::Error)]
