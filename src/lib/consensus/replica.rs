@@ -1166,27 +1166,18 @@ impl Replica {
                 entries,
                 commit,
                 ..
-            } => {
-                if from == self.leader()
-                    && !self.is_leader()
-                    && Self::consecutive(op_start, &entries, self.view)
-                {
-                    self.catch_up(from, op_start, entries, commit, out);
-                }
+            } if self.accepts_log(from, op_start, &entries) => {
+                self.catch_up(from, op_start, entries, commit, out)
             }
             Message::StartView {
                 op_start,
                 entries,
                 commit,
                 ..
-            } => {
-                if from == self.leader()
-                    && !self.is_leader()
-                    && Self::consecutive(op_start, &entries, self.view)
-                {
-                    self.install(from, op_start, entries, commit, out);
-                }
+            } if self.accepts_log(from, op_start, &entries) => {
+                self.install(from, op_start, entries, commit, out)
             }
+            Message::CatchUp { .. } | Message::StartView { .. } => {}
             Message::PrepareOk { op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
                     let fi = from as usize;
@@ -1344,6 +1335,14 @@ impl Replica {
             },
             after_durable: self.last_op(),
         });
+    }
+
+    /// A log transfer (StartView, CatchUp) comes from this view's leader,
+    /// to a replica that does not lead, with entries in order.
+    fn accepts_log(&self, from: NodeId, op_start: u64, entries: &[Entry]) -> bool {
+        from == self.leader()
+            && !self.is_leader()
+            && Self::consecutive(op_start, entries, self.view)
     }
 
     fn consecutive(op_start: u64, entries: &[Entry], view: u64) -> bool {
