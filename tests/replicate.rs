@@ -13,6 +13,28 @@ struct Cluster {
     dir: tempfile::TempDir,
     addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)>,
     nodes: Vec<Option<Child>>,
+    /// The program's command line; `{port}` stands for the replica's app port.
+    program: Vec<String>,
+}
+
+fn redis_program() -> Vec<String> {
+    let mut p = vec![redis_server().display().to_string()];
+    p.extend(
+        [
+            "--port",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+        ]
+        .map(String::from),
+    );
+    p
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
@@ -34,7 +56,7 @@ fn redis_server() -> PathBuf {
 }
 
 impl Cluster {
-    fn start(n: usize) -> Cluster {
+    fn start(n: usize, program: Vec<String>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let addrs: Vec<_> = (0..n)
@@ -64,6 +86,7 @@ impl Cluster {
             dir,
             addrs,
             nodes: (0..n).map(|_| None).collect(),
+            program,
         };
         for i in 0..n {
             c.start_node(i);
@@ -83,19 +106,7 @@ impl Cluster {
                 &(i + 1).to_string(),
                 "--",
             ])
-            .arg(redis_server())
-            .args([
-                "--port",
-                &app_port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-debug-command",
-                "local",
-            ])
+            .args(self.program.iter().map(|a| a.replace("{port}", &app_port)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(self.dir.path().join(format!("node{}.log", i + 1))).unwrap(),
@@ -128,12 +139,16 @@ impl Cluster {
 
     /// The replica whose client address answers (the leader), waiting up to `within`.
     fn leader(&self, within: Duration) -> usize {
+        self.leader_by(within, |i| {
+            self.client_cmd(i, &["PING"]).as_deref() == Some("+PONG")
+        })
+    }
+
+    fn leader_by(&self, within: Duration, answers: impl Fn(usize) -> bool) -> usize {
         let start = Instant::now();
         loop {
             for i in 0..self.addrs.len() {
-                if self.nodes[i].is_some()
-                    && self.client_cmd(i, &["PING"]).as_deref() == Some("+PONG")
-                {
+                if self.nodes[i].is_some() && answers(i) {
                     return i;
                 }
             }
@@ -208,7 +223,7 @@ fn resp(addr: SocketAddr, args: &[&str]) -> Option<String> {
 
 #[test]
 fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
-    let mut c = Cluster::start(3);
+    let mut c = Cluster::start(3, redis_program());
     let leader = c.leader(Duration::from_secs(20));
     // Acknowledged writes, recorded.
     let mut acked = Vec::new();
@@ -350,4 +365,85 @@ fn a_wrong_key_and_a_missing_program_are_clear_errors() {
     ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("needs at least 32"), "{r:?}");
+}
+
+/// One request in memcached's text protocol; the reply up to `END`/`STORED`/… or None.
+fn memcached(addr: SocketAddr, req: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(req.as_bytes()).ok()?;
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return if out.is_empty() { None } else { Some(out) };
+        }
+        out.push_str(&line);
+        let l = line.trim_end();
+        if matches!(l, "END" | "STORED" | "DELETED" | "NOT_FOUND" | "ERROR")
+            || l.starts_with("VERSION")
+            || l.chars().all(|c| c.is_ascii_digit())
+        {
+            return Some(out);
+        }
+    }
+}
+
+#[test]
+fn memcached_replicated_the_same_way_ends_equal_everywhere() {
+    let program = vec![
+        "/usr/bin/memcached".to_string(),
+        "-p".into(),
+        "{port}".into(),
+        "-l".into(),
+        "127.0.0.1".into(),
+        "-U".into(),
+        "0".into(),
+        // memcached refuses to run as root unless told whom to become.
+        "-u".into(),
+        "nobody".into(),
+    ];
+    assert!(
+        Path::new(&program[0]).exists(),
+        "memcached is installed by scripts/setup.sh"
+    );
+    let c = Cluster::start(3, program);
+    let leader = c.leader_by(Duration::from_secs(20), |i| {
+        memcached(c.addrs[i].1, "version\r\n").is_some_and(|v| v.starts_with("VERSION"))
+    });
+    for k in 0..100 {
+        let v = format!("value-{k}");
+        let reply = memcached(
+            c.addrs[leader].1,
+            &format!("set key{k} 0 0 {}\r\n{v}\r\n", v.len()),
+        );
+        assert_eq!(reply.as_deref(), Some("STORED\r\n"), "set key{k}");
+    }
+    assert_eq!(
+        memcached(c.addrs[leader].1, "delete key99\r\n").as_deref(),
+        Some("DELETED\r\n")
+    );
+    // Every replica's own memcached holds the same values.
+    let dump = |i: usize| -> Vec<Option<String>> {
+        (0..100)
+            .map(|k| memcached(c.addrs[i].2, &format!("get key{k}\r\n")))
+            .collect()
+    };
+    let same = wait_until(Duration::from_secs(10), || {
+        let d0 = dump(0);
+        (1..3).all(|i| dump(i) == d0)
+    });
+    assert!(same, "memcached copies differ");
+    let d = dump((leader + 1) % 3);
+    assert!(
+        d[5].as_deref().is_some_and(|v| v.contains("value-5")),
+        "{:?}",
+        d[5]
+    );
+    assert!(
+        d[99].as_deref() == Some("END\r\n"),
+        "key99 was deleted everywhere: {:?}",
+        d[99]
+    );
 }
