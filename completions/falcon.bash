@@ -365,7 +365,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -385,6 +385,10 @@ _falcon() {
                     ;;
                 --app-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --follower-clients)
+                    COMPREPLY=($(compgen -W "forward refuse" -- "${cur}"))
                     return 0
                     ;;
                 --new-key)

@@ -27,7 +27,8 @@ TOML
 "$falcon" replicate --new-key "$work/cluster.key"
 
 start() {
-    (cd "$work" && exec "$falcon" replicate --config cluster.toml --node "$1" -- \
+    # --follower-clients refuse: only the leader answers, so the demo can see who leads.
+    (cd "$work" && exec "$falcon" replicate --config cluster.toml --node "$1" --follower-clients refuse -- \
         redis-server --bind "127.0.0.$1" --port 7001 --save '' --appendonly no --enable-debug-command local \
         >"$work/node$1.log" 2>&1) &
     pids[$1]=$!

@@ -15,6 +15,8 @@ struct Cluster {
     nodes: Vec<Option<Child>>,
     /// The program's command line; `{port}` stands for the replica's app port.
     program: Vec<String>,
+    /// `--follower-clients`: `refuse` lets a test find the leader by who answers.
+    follower_clients: &'static str,
 }
 
 fn redis_program() -> Vec<String> {
@@ -57,6 +59,10 @@ fn redis_server() -> PathBuf {
 
 impl Cluster {
     fn start(n: usize, program: Vec<String>) -> Cluster {
+        Cluster::start_with(n, program, "refuse")
+    }
+
+    fn start_with(n: usize, program: Vec<String>, follower_clients: &'static str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let addrs: Vec<_> = (0..n)
@@ -87,6 +93,7 @@ impl Cluster {
             addrs,
             nodes: (0..n).map(|_| None).collect(),
             program,
+            follower_clients,
         };
         for i in 0..n {
             c.start_node(i);
@@ -104,6 +111,8 @@ impl Cluster {
                 "cluster.toml",
                 "--node",
                 &(i + 1).to_string(),
+                "--follower-clients",
+                self.follower_clients,
                 "--",
             ])
             .args(self.program.iter().map(|a| a.replace("{port}", &app_port)))
@@ -446,4 +455,28 @@ fn memcached_replicated_the_same_way_ends_equal_everywhere() {
         "key99 was deleted everywhere: {:?}",
         d[99]
     );
+}
+
+#[test]
+fn a_follower_forwards_clients_to_the_leader() {
+    let c = Cluster::start_with(3, redis_program(), "forward");
+    // Every replica's client address answers, whoever leads.
+    let all = wait_until(Duration::from_secs(20), || {
+        (0..3).all(|i| c.client_cmd(i, &["PING"]).as_deref() == Some("+PONG"))
+    });
+    assert!(all, "not every replica answered PING");
+    for i in 0..3 {
+        assert_eq!(
+            c.client_cmd(i, &["SET", &format!("via{i}"), "x"])
+                .as_deref(),
+            Some("+OK")
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(
+            c.client_cmd((i + 1) % 3, &["GET", &format!("via{i}")])
+                .as_deref(),
+            Some("x")
+        );
+    }
 }

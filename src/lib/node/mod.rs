@@ -55,6 +55,61 @@ pub struct NodeOptions {
     pub program: Vec<String>,
     /// How long to wait for the program to listen.
     pub app_timeout: Duration,
+    /// What a follower does with a client.
+    pub follower_clients: FollowerClients,
+}
+
+/// What a follower does with a client that connects to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FollowerClients {
+    /// Pass the connection on to the leader's client address (both ways, until either side closes).
+    #[default]
+    Forward,
+    /// Close it: the client tries another replica.
+    Refuse,
+}
+
+/// Forwarded connections at most, per replica.
+const FORWARDS_MAX: usize = 1024;
+
+/// Passes a client connection on to the leader, on two threads (one per direction).
+fn forward(
+    client: std::net::TcpStream,
+    leader: SocketAddr,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let counted = active.clone();
+    let spawned = std::thread::Builder::new()
+        .name("falcon-forward".into())
+        .spawn(move || {
+            let done =
+                |active: &std::sync::atomic::AtomicUsize| active.fetch_sub(1, Ordering::Relaxed);
+            let Ok(upstream) =
+                std::net::TcpStream::connect_timeout(&leader, Duration::from_secs(1))
+            else {
+                done(&active);
+                return;
+            };
+            let _ = upstream.set_nodelay(true);
+            let _ = client.set_nodelay(true);
+            let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+                done(&active);
+                return;
+            };
+            let back = std::thread::spawn(move || {
+                let _ = io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut c, mut u) = (client, upstream);
+            let _ = io::copy(&mut c, &mut u);
+            let _ = u.shutdown(std::net::Shutdown::Both);
+            let _ = back.join();
+            done(&active);
+        });
+    if spawned.is_err() {
+        // Could not start a thread: the connection is dropped, and counted back.
+        counted.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a node stopped with an error.
@@ -155,6 +210,9 @@ struct Node<'a> {
     dirty: bool,
     start: Instant,
     role: Role,
+    follower_clients: FollowerClients,
+    client_addrs: Vec<SocketAddr>,
+    forwards: Arc<std::sync::atomic::AtomicUsize>,
     /// Committed entries not yet handed to the program.
     apply_queue: std::collections::VecDeque<Entry>,
     /// The connection written to last, and whether its answer is still due.
@@ -404,7 +462,7 @@ impl Node<'_> {
             match self.clients_listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.role != Role::Leader {
-                        // Followers refuse clients (forwarding comes later): the client retries elsewhere.
+                        self.follower_client(stream);
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -444,6 +502,27 @@ impl Node<'_> {
                 }
             }
         }
+    }
+
+    /// A client reached a follower: forward it to the leader, or refuse it.
+    fn follower_client(&mut self, stream: TcpStream) {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        if self.follower_clients == FollowerClients::Refuse || self.role != Role::Follower {
+            return;
+        }
+        if self.forwards.load(Ordering::Relaxed) >= FORWARDS_MAX {
+            self.ui
+                .warn("too many forwarded client connections; refusing one");
+            return;
+        }
+        let leader = self.client_addrs[self.engine.leader() as usize];
+        // SAFETY: the descriptor comes from a stream we own and give up here.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+        if std.set_nonblocking(false).is_err() {
+            return;
+        }
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+        forward(std, leader, self.forwards.clone());
     }
 
     fn on_client(&mut self, t: Token, readable: bool, writable: bool) -> Result<(), NodeError> {
@@ -680,6 +759,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         dirty: false,
         start: Instant::now(),
         role: Role::ViewChange,
+        follower_clients: opts.follower_clients,
+        client_addrs: cfg.replicas.iter().map(|r| r.client).collect(),
+        forwards: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         apply_queue: std::collections::VecDeque::new(),
         last_written: None,
         awaiting_answer: None,
@@ -827,6 +909,10 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub app_timeout: Duration,
 
+    /// What a follower does with a client that connects to it.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = FollowerClients::Forward)]
+    pub follower_clients: FollowerClients,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -843,7 +929,7 @@ Examples:
   FALCON_NODE=2 falcon replicate -- redis-server --port 7002 --save ''
 
 Every replica runs the same command with its own --node. Clients connect to
-the leader's client address (followers refuse them for now); the leader
+any replica's client address (a follower forwards them to the leader); the leader
 orders their input, every replica feeds it to its own copy of the program
 once a majority has it on disk, and the leader sends the answers back.
 
@@ -927,6 +1013,7 @@ pub fn replicate(
         key,
         program: args.program.clone(),
         app_timeout: args.app_timeout,
+        follower_clients: args.follower_clients,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),
