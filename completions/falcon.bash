@@ -365,7 +365,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -389,6 +389,14 @@ _falcon() {
                     ;;
                 --follower-clients)
                     COMPREPLY=($(compgen -W "forward refuse" -- "${cur}"))
+                    return 0
+                    ;;
+                --on-leader)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-follower)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --new-key)

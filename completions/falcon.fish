@@ -46,6 +46,8 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l election-tim
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l app-timeout -d 'How long to wait for the program to accept connections on its app address' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l follower-clients -d 'What a follower does with a client that connects to it' -r -f -a "forward\t'Pass the connection on to the leader\'s client address (both ways, until either side closes)'
 refuse\t'Close it: the client tries another replica'"
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-leader -d 'Run CMD (with sh -c) when this replica becomes the leader, for example to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-follower -d 'Run CMD (with sh -c) when this replica becomes a follower (same environment)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'

@@ -17,6 +17,8 @@ struct Cluster {
     program: Vec<String>,
     /// `--follower-clients`: `refuse` lets a test find the leader by who answers.
     follower_clients: &'static str,
+    /// More `falcon replicate` flags.
+    extra: Vec<String>,
 }
 
 fn redis_program() -> Vec<String> {
@@ -63,6 +65,15 @@ impl Cluster {
     }
 
     fn start_with(n: usize, program: Vec<String>, follower_clients: &'static str) -> Cluster {
+        Cluster::start_full(n, program, follower_clients, Vec::new())
+    }
+
+    fn start_full(
+        n: usize,
+        program: Vec<String>,
+        follower_clients: &'static str,
+        extra: Vec<String>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let addrs: Vec<_> = (0..n)
@@ -94,6 +105,7 @@ impl Cluster {
             nodes: (0..n).map(|_| None).collect(),
             program,
             follower_clients,
+            extra,
         };
         for i in 0..n {
             c.start_node(i);
@@ -113,8 +125,9 @@ impl Cluster {
                 &(i + 1).to_string(),
                 "--follower-clients",
                 self.follower_clients,
-                "--",
             ])
+            .args(&self.extra)
+            .arg("--")
             .args(self.program.iter().map(|a| a.replace("{port}", &app_port)))
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -479,4 +492,59 @@ fn a_follower_forwards_clients_to_the_leader() {
             Some("x")
         );
     }
+}
+
+#[test]
+fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
+    let hook = vec![
+        "--on-leader".to_string(),
+        "echo \"$FALCON_NODE $FALCON_VIEW\" >> leaders.txt".to_string(),
+    ];
+    let mut c = Cluster::start_full(3, redis_program(), "refuse", hook);
+    let leader = c.leader(Duration::from_secs(20));
+    let leaders =
+        |c: &Cluster| std::fs::read_to_string(c.dir.path().join("leaders.txt")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(5), || leaders(&c)
+            .lines()
+            .any(|l| l.starts_with(&format!("{} ", leader + 1)))),
+        "{}",
+        leaders(&c)
+    );
+    // Hostile bytes on the leader's peer port: garbage, and a greeting of another cluster.
+    let peer = c.addrs[leader].0;
+    let mut g = TcpStream::connect(peer).unwrap();
+    g.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut other = TcpStream::connect(peer).unwrap();
+    let mut hello = b"FALCONP1".to_vec();
+    hello.extend_from_slice(&42u64.to_le_bytes());
+    hello.extend_from_slice(&1u32.to_le_bytes());
+    hello.extend_from_slice(&(leader as u32).to_le_bytes());
+    hello.extend_from_slice(&[0u8; 16]);
+    other.write_all(&hello).unwrap();
+    for k in 0..20 {
+        assert_eq!(
+            c.client_cmd(leader, &["SET", &format!("h{k}"), "v"])
+                .as_deref(),
+            Some("+OK")
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .log(leader)
+            .contains("refused a peer connection")),
+        "{}",
+        c.log(leader)
+    );
+    // A new leader runs its hook too.
+    c.kill(leader);
+    let next = c.leader(Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(5), || leaders(&c)
+            .lines()
+            .any(|l| l.starts_with(&format!("{} ", next + 1)))),
+        "{}",
+        leaders(&c)
+    );
+    assert_eq!(c.client_cmd(next, &["GET", "h19"]).as_deref(), Some("v"));
 }

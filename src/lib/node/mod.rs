@@ -57,6 +57,10 @@ pub struct NodeOptions {
     pub app_timeout: Duration,
     /// What a follower does with a client.
     pub follower_clients: FollowerClients,
+    /// Run (with `sh -c`) when this replica becomes the leader.
+    pub on_leader: Option<String>,
+    /// Run (with `sh -c`) when this replica becomes a follower.
+    pub on_follower: Option<String>,
 }
 
 /// What a follower does with a client that connects to it.
@@ -210,6 +214,10 @@ struct Node<'a> {
     dirty: bool,
     start: Instant,
     role: Role,
+    /// Operator ids of the replicas, by index (for messages and hooks).
+    ids: Vec<u32>,
+    hooks: (Option<String>, Option<String>),
+    hook_children: Vec<std::process::Child>,
     follower_clients: FollowerClients,
     client_addrs: Vec<SocketAddr>,
     forwards: Arc<std::sync::atomic::AtomicUsize>,
@@ -272,16 +280,37 @@ impl Node<'_> {
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
                 self.role = role;
+                let (me, lead) = (self.ids[self.me as usize], self.ids[leader as usize]);
+                let name = match role {
+                    Role::Leader => "leader",
+                    Role::Follower => "follower",
+                    Role::ViewChange => "changing views",
+                };
                 self.ui.note(&format!(
-                    "replica {}: {} in view {view} (leader: replica {})",
-                    self.me + 1,
-                    match role {
-                        Role::Leader => "leader",
-                        Role::Follower => "follower",
-                        Role::ViewChange => "changing views",
-                    },
-                    leader + 1
+                    "replica {me}: {name} in view {view} (leader: replica {lead})"
                 ));
+                let hook = match role {
+                    Role::Leader => self.hooks.0.clone(),
+                    Role::Follower => self.hooks.1.clone(),
+                    Role::ViewChange => None,
+                };
+                if let (Some(cmd), true) = (hook, was != role) {
+                    let spawned = std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(&cmd)
+                        .env("FALCON_ROLE", name)
+                        .env("FALCON_VIEW", view.to_string())
+                        .env("FALCON_NODE", me.to_string())
+                        .env("FALCON_LEADER", lead.to_string())
+                        .stdin(std::process::Stdio::null())
+                        .spawn();
+                    match spawned {
+                        Ok(child) => self.hook_children.push(child),
+                        Err(e) => self
+                            .ui
+                            .error(&format!("running the {name} hook {cmd:?}: {e}")),
+                    }
+                }
                 if was == Role::Leader && role != Role::Leader {
                     // Clients of the old leader reconnect; the new view closes their connections everywhere.
                     let tokens: Vec<Token> = self.clients.keys().copied().collect();
@@ -303,8 +332,8 @@ impl Node<'_> {
             Command::FetchSnapshot { from, op } => {
                 self.ui.error(&format!(
                     "replica {} needs a snapshot up to op {op} from replica {}; snapshots are not supported yet: restart this replica with an empty data directory",
-                    self.me + 1,
-                    from + 1
+                    self.ids[self.me as usize],
+                    self.ids[from as usize]
                 ));
             }
         }
@@ -759,6 +788,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         dirty: false,
         start: Instant::now(),
         role: Role::ViewChange,
+        ids: cfg.replicas.iter().map(|r| r.id).collect(),
+        hooks: (opts.on_leader.clone(), opts.on_follower.clone()),
+        hook_children: Vec::new(),
         follower_clients: opts.follower_clients,
         client_addrs: cfg.replicas.iter().map(|r| r.client).collect(),
         forwards: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -767,7 +799,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         awaiting_answer: None,
         clients_listener,
     };
-    node.role = node.engine.role();
+    // The starting role counts as a change (prints it, runs the hook).
+    if node.engine.role() != Role::ViewChange {
+        let (role, view, leader) = (node.engine.role(), node.engine.view(), node.engine.leader());
+        node.execute(Command::RoleChanged { role, view, leader })?;
+    }
     // The fsync thread: fdatasync on a second handle to the active segment,
     // then wake the loop.
     let waker = Arc::new(
@@ -846,18 +882,21 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 TransportEvent::Refused { addr, reason } => {
                     ui.warn(&format!("refused a peer connection from {addr}: {reason}"))
                 }
-                TransportEvent::Lost { peer, reason } => {
-                    ui.detail(&format!("lost replica {}: {reason}", peer + 1))
-                }
+                TransportEvent::Lost { peer, reason } => ui.detail(&format!(
+                    "lost replica {}: {reason}",
+                    node.ids[peer as usize]
+                )),
                 TransportEvent::Connected { peer, incoming } => ui.detail(&format!(
                     "connected to replica {} ({})",
-                    peer + 1,
+                    node.ids[peer as usize],
                     if incoming { "in" } else { "out" }
                 )),
             }
         }
         node.step(Input::Tick)?;
         node.pump_apply();
+        node.hook_children
+            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
             sync_inflight = false;
@@ -912,6 +951,15 @@ pub struct ReplicateArgs {
     /// What a follower does with a client that connects to it.
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = FollowerClients::Forward)]
     pub follower_clients: FollowerClients,
+
+    /// Run CMD (with sh -c) when this replica becomes the leader, for example
+    /// to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER.
+    #[arg(long, value_name = "CMD")]
+    pub on_leader: Option<String>,
+
+    /// Run CMD (with sh -c) when this replica becomes a follower (same environment).
+    #[arg(long, value_name = "CMD")]
+    pub on_follower: Option<String>,
 
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
@@ -1014,6 +1062,8 @@ pub fn replicate(
         program: args.program.clone(),
         app_timeout: args.app_timeout,
         follower_clients: args.follower_clients,
+        on_leader: args.on_leader.clone(),
+        on_follower: args.on_follower.clone(),
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),
