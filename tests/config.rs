@@ -95,7 +95,7 @@ fn every_mistake_names_the_line_and_the_field() {
         ),
         (
             GOOD.replace("client = \"127.0.0.3:7203\"", "client = \"127.0.0.1:7201\""),
-            "test.toml:22: replica[3].client: 127.0.0.1:7201 is used twice",
+            "test.toml:22: replica[3].client: 127.0.0.1:7201 is used twice on one host",
         ),
         (
             GOOD.replace(
@@ -159,6 +159,28 @@ fn every_mistake_names_the_line_and_the_field() {
         assert!(e.contains(want), "wanted {want:?} in {e:?}");
         assert!(e.starts_with("/etc/falcon/test.toml"), "{e}");
     }
+}
+
+#[test]
+fn replicas_on_different_hosts_may_reuse_a_local_address() {
+    let hosts = GOOD
+        .replace("127.0.0.1:71", "10.0.0.1:71")
+        .replace("127.0.0.2:71", "10.0.0.2:71")
+        .replace("127.0.0.3:71", "10.0.0.3:71")
+        .replace("127.0.0.2:7002", "127.0.0.1:7001")
+        .replace("127.0.0.3:7003", "127.0.0.1:7001");
+    let c = parse(&hosts).unwrap();
+    assert!(
+        c.replicas
+            .iter()
+            .all(|r| r.app == "127.0.0.1:7001".parse().unwrap())
+    );
+    let same_host = hosts.replace("10.0.0.2:7102", "10.0.0.1:7102");
+    assert!(
+        err(&same_host).contains("127.0.0.1:7001 is used twice on one host"),
+        "{}",
+        err(&same_host)
+    );
 }
 
 #[test]

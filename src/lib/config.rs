@@ -278,7 +278,9 @@ impl ClusterConfig {
             )));
         }
         let mut replicas: Vec<ReplicaConfig> = Vec::new();
-        let mut seen: Vec<SocketAddr> = Vec::new();
+        // (host, address): replicas on different hosts may reuse an address
+        // such as 127.0.0.1:7001 for their program; on one host they may not.
+        let mut seen: Vec<(std::net::IpAddr, SocketAddr)> = Vec::new();
         for (i, r) in raw.replica.iter().enumerate() {
             let name = |f: &str| format!("replica[{}].{f}", i + 1);
             let addr = |s: &Spanned<String>, f: &str| -> Result<SocketAddr, ConfigError> {
@@ -309,14 +311,15 @@ impl ClusterConfig {
                 (rc.client, "client", r.client.span()),
                 (rc.app, "app", r.app.span()),
             ] {
-                if seen.contains(&a) {
+                let host = host_of(rc.peer);
+                if seen.iter().any(|&(h, x)| h == host && x == a) {
                     return Err(field_err(
                         span,
                         &name(f),
-                        format!("{a} is used twice in the file"),
+                        format!("{a} is used twice on one host"),
                     ));
                 }
-                seen.push(a);
+                seen.push((host, a));
             }
             if replicas.iter().any(|o| o.data_dir == rc.data_dir) {
                 return Err(field_err(
@@ -402,6 +405,16 @@ impl ClusterConfig {
                 ids()
             ))),
         }
+    }
+}
+
+/// The host a replica runs on, as far as the file tells: its peer IP, with
+/// every loopback address counted as one host.
+fn host_of(peer: SocketAddr) -> std::net::IpAddr {
+    if peer.ip().is_loopback() {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        peer.ip()
     }
 }
 

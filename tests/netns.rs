@@ -1,0 +1,251 @@
+//! Replicas on separate network hosts: three network namespaces joined by a
+//! bridge (root only, as in CI). A replica cut off from the others falls
+//! behind and catches up when healed; a leader on the minority side never
+//! answers a client.
+
+mod util;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+fn must(cmd: &str) {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Namespaces `fN-<pid>-{1,2,3}`, a bridge in the root namespace; removed on drop.
+struct Net {
+    tag: String,
+}
+
+impl Net {
+    fn new() -> Net {
+        let tag = format!("f{}", std::process::id() % 100_000);
+        let net = Net { tag: tag.clone() };
+        must(&format!(
+            "ip link add {tag}br type bridge && ip addr add 10.77.0.254/24 dev {tag}br && ip link set {tag}br up"
+        ));
+        for i in 1..=3 {
+            must(&format!(
+                "ip netns add {tag}-{i} && ip link add {tag}v{i} type veth peer name {tag}p{i} && \
+                 ip link set {tag}p{i} netns {tag}-{i} && ip link set {tag}v{i} master {tag}br && ip link set {tag}v{i} up && \
+                 ip netns exec {tag}-{i} ip link set lo up && \
+                 ip netns exec {tag}-{i} ip addr add 10.77.0.{i}/24 dev {tag}p{i} && \
+                 ip netns exec {tag}-{i} ip link set {tag}p{i} up"
+            ));
+        }
+        net
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.tag)
+    }
+
+    /// Cuts (or heals) replica `i`'s link to the bridge.
+    fn link(&self, i: usize, up: bool) {
+        must(&format!(
+            "ip link set {}v{i} {}",
+            self.tag,
+            if up { "up" } else { "down" }
+        ));
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=3 {
+            let _ = sh(&format!(
+                "ip netns pids {}-{i} | xargs -r kill -9; ip netns del {}-{i}",
+                self.tag, self.tag
+            ));
+            let _ = sh(&format!("ip link del {}v{i}", self.tag));
+        }
+        let _ = sh(&format!("ip link del {}br", self.tag));
+    }
+}
+
+fn redis(ns: &str, host: &str, port: u16, args: &str) -> Option<String> {
+    let o = sh(&format!(
+        "ip netns exec {ns} timeout 3 redis-cli -h {host} -p {port} {args}"
+    ));
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn a_cut_off_replica_catches_up_and_a_minority_leader_never_answers() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
+    );
+    assert!(
+        Path::new("/usr/bin/redis-server").exists(),
+        "redis-server is installed by scripts/setup.sh"
+    );
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml =
+        "cluster = \"netns\"\nkey_file = \"cluster.key\"\nelection_timeout = \"300ms\"\n"
+            .to_string();
+    for i in 1..=3 {
+        toml.push_str(&format!(
+            "\n[[replica]]\nid = {i}\npeer = \"10.77.0.{i}:7101\"\nclient = \"10.77.0.{i}:7201\"\napp = \"127.0.0.1:7001\"\ndata_dir = \"data/{i}\"\n"
+        ));
+    }
+    std::fs::write(dir.path().join("cluster.toml"), toml).unwrap();
+    assert!(
+        util::falcon()
+            .args(["replicate", "--new-key"])
+            .arg(dir.path().join("cluster.key"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut nodes: Vec<Child> = (1..=3)
+        .map(|i| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &net.ns(i),
+                    env!("CARGO_BIN_EXE_falcon"),
+                    "replicate",
+                    "--config",
+                    "cluster.toml",
+                ])
+                .args([
+                    "--follower-clients",
+                    "refuse",
+                    "--",
+                    "redis-server",
+                    "--port",
+                    "7001",
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--enable-debug-command",
+                    "local",
+                ])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.path().join(format!("node{i}.log"))).unwrap(),
+                ))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Each replica found itself by its address: no --node was given.
+    let leader = || {
+        (1..=3).find(|&i| {
+            redis(&net.ns(i), &format!("10.77.0.{i}"), 7201, "PING").as_deref() == Some("PONG")
+        })
+    };
+    let logs = || {
+        (1..=3)
+            .map(|i| {
+                std::fs::read_to_string(dir.path().join(format!("node{i}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || leader().is_some()),
+        "no leader:\n{}",
+        logs()
+    );
+    let l = leader().unwrap();
+    let follower = l % 3 + 1;
+    let lh = format!("10.77.0.{l}");
+    for k in 0..50 {
+        assert_eq!(
+            redis(&net.ns(l), &lh, 7201, &format!("SET a{k} {k}")).as_deref(),
+            Some("OK")
+        );
+    }
+    // A follower cut off falls behind; healed, it catches up.
+    net.link(follower, false);
+    for k in 0..50 {
+        assert_eq!(
+            redis(&net.ns(l), &lh, 7201, &format!("SET b{k} {k}")).as_deref(),
+            Some("OK"),
+            "the majority keeps serving"
+        );
+    }
+    net.link(follower, true);
+    let digest = |i: usize| redis(&net.ns(i), "127.0.0.1", 7001, "DEBUG DIGEST");
+    assert!(
+        wait_until(Duration::from_secs(20), || digest(follower).is_some()
+            && digest(follower) == digest(l)),
+        "the healed follower did not catch up"
+    );
+    // The leader cut off is a minority of one: it never answers a client again.
+    net.link(l, false);
+    assert_eq!(
+        redis(&net.ns(l), &lh, 7201, "SET minority write"),
+        None,
+        "a minority leader answered"
+    );
+    // The majority elects a new leader and serves.
+    let others: Vec<usize> = (1..=3).filter(|&i| i != l).collect();
+    let new_leader = || {
+        others.iter().copied().find(|&i| {
+            redis(&net.ns(i), &format!("10.77.0.{i}"), 7201, "PING").as_deref() == Some("PONG")
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || new_leader().is_some()),
+        "the majority elected no leader"
+    );
+    let n = new_leader().unwrap();
+    assert_eq!(
+        redis(&net.ns(n), &format!("10.77.0.{n}"), 7201, "GET b49").as_deref(),
+        Some("49")
+    );
+    assert_eq!(
+        redis(&net.ns(n), &format!("10.77.0.{n}"), 7201, "GET minority").as_deref(),
+        Some(""),
+        "the minority write never committed"
+    );
+    // Healed, the old leader follows and ends with the same state.
+    net.link(l, true);
+    assert!(
+        wait_until(Duration::from_secs(20), || digest(l).is_some()
+            && digest(l) == digest(n)),
+        "the old leader did not converge"
+    );
+    for c in nodes.iter_mut() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
+    }
+}
