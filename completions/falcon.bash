@@ -89,12 +89,20 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__bench)
-            opts="-v -q -h -V --log --rtt --consensus --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --log --rtt --consensus --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --requests)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --transport)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -65,6 +65,8 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s v -l verbos
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l requests -d 'Requests per run for --redis at 50 connections (a tenth at 1)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rounds -d 'Rounds for --redis (the median is reported)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport --consensus runs over: mem (tcp, shm and rdma come with later releases)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l dir -d 'Where --log puts its scratch log (on the disk to measure; removed afterwards)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l duration -d 'How long each measurement runs' -r
@@ -75,6 +77,7 @@ never\t'Never'"
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l log -d 'The durable log: append throughput and append-to-durable latency for 64 B and 4 KiB records per sync policy, group commit with many writers, and `--verify` speed, beside the disk\'s own write+fdatasync rate'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport, perftest style (not built yet: a later release)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'The consensus engine: committed entries per second and CPU per entry, 3 replicas in one process over --transport mem (no disk), 1 and 256 clients, beside the same events without replication'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l redis -d 'Redis replicated by falcon beside Redis alone, Redis\'s asynchronous replication and its synchronous `WAIT 2 0`, alternating in one window (needs redis-server and redis-benchmark)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -s q -l quiet -d 'Only errors on standard error'

@@ -102,3 +102,31 @@ fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("not built yet"), "{r:?}");
 }
+
+#[test]
+fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
+    let r = run(&[
+        "bench",
+        "--redis",
+        "--rounds",
+        "1",
+        "--requests",
+        "2000",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "four setups at 50 and at 1 connection");
+    for row in rows {
+        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["setup"].as_str().unwrap().contains("WAIT 2 0"))
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["setup"].as_str().unwrap().starts_with("d: falcon"))
+    );
+}

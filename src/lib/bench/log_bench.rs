@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -43,13 +43,6 @@ pub struct Row {
     pub disk_records_per_s: f64,
     /// falcon ÷ disk.
     pub ratio: f64,
-}
-
-struct Scratch(PathBuf);
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn entry(op: u64, payload: &[u8]) -> Entry {
@@ -292,7 +285,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         .dir
         .join(format!("falcon-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let _scratch = Scratch(dir.clone());
+    let _scratch = super::Scratch(dir.clone());
     let d = args.duration;
     let mut setup = super::setup_lines(&args.dir);
     setup.push((

@@ -3,6 +3,7 @@
 
 pub mod consensus_bench;
 pub mod log_bench;
+pub mod redis_bench;
 pub mod stats;
 
 use std::io::Write;
@@ -31,6 +32,20 @@ pub struct BenchArgs {
     #[arg(long, group = "what")]
     pub consensus: bool,
 
+    /// Redis replicated by falcon beside Redis alone, Redis's asynchronous
+    /// replication and its synchronous `WAIT 2 0`, alternating in one window
+    /// (needs redis-server and redis-benchmark).
+    #[arg(long, group = "what")]
+    pub redis: bool,
+
+    /// Requests per run for --redis at 50 connections (a tenth at 1).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    pub requests: usize,
+
+    /// Rounds for --redis (the median is reported).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub rounds: usize,
+
     /// The transport --consensus runs over: mem (tcp, shm and rdma come with later releases).
     #[arg(long, value_name = "NAME", default_value = "mem")]
     pub transport: String,
@@ -54,6 +69,7 @@ Examples:
   falcon bench --log --dir /data --duration 5s
   falcon bench --log --json > log-bench.json
   falcon bench --consensus --transport mem   the engine alone, 3 replicas in process
+  falcon bench --redis                       Redis via falcon beside Redis's own replication
 
 Every benchmark prints its setup and measures its baseline in the same run:
 for --log, the disk's own write+fdatasync rate for the same write pattern.";
@@ -80,6 +96,9 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     if args.consensus {
         return consensus_bench::run(args, ui, out);
     }
+    if args.redis {
+        return redis_bench::run(args, ui, out);
+    }
     let which = if args.rtt {
         "--rtt"
     } else {
@@ -91,6 +110,15 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "falcon bench {which} is not built yet: it arrives with the transports; \
          this release measures --log and --consensus"
     )))
+}
+
+/// A scratch directory, removed when dropped.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The machine and place a benchmark ran on, printed beside every result.

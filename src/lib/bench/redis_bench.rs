@@ -1,0 +1,394 @@
+//! `falcon bench --redis`: falcon beside Redis's own replication, in one time
+//! window, alternating: (a) one bare redis-server, (b) a primary with two
+//! replicas (asynchronous replication), (c) the same with every SET followed
+//! by `WAIT 2 0` (synchronous replication; our own small client, since
+//! redis-benchmark cannot send it), (d) falcon with three replicas.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::stats::{Summary, summarize};
+use super::{BenchArgs, BenchError};
+use crate::output::{self, Status, Ui};
+
+struct Procs(Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .filter_map(|_| TcpListener::bind("127.0.0.1:0").ok())
+        .collect();
+    ls.iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.port())
+        .collect()
+}
+
+fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line.trim_end().to_string())
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn redis_server(port: u16, extra: &[&str]) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+/// One measurement.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Run {
+    /// Which setup.
+    pub setup: String,
+    /// Connections.
+    pub clients: usize,
+    /// Requests per second.
+    pub ops_per_s: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+}
+
+/// redis-benchmark -t set against `port`; parses its CSV.
+fn redis_benchmark(
+    port: u16,
+    clients: usize,
+    requests: usize,
+) -> Result<(f64, f64, f64), BenchError> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set",
+            "-P",
+            "1",
+            "--csv",
+        ])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
+        .output()
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("running redis-benchmark (apt-get install redis-tools): {e}"),
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("\"SET\""))
+        .ok_or_else(|| {
+            std::io::Error::other(format!("redis-benchmark printed no SET row: {text}"))
+        })?;
+    let f: Vec<f64> = row
+        .split(',')
+        .skip(1)
+        .map(|x| x.trim_matches('"').parse().unwrap_or(0.0))
+        .collect();
+    Ok((f[0], f[3], f[5]))
+}
+
+/// SET followed by WAIT 2 0 on each of `clients` connections, `requests` in all.
+fn set_wait(port: u16, clients: usize, requests: usize) -> Result<(f64, Summary), BenchError> {
+    let per = requests.div_ceil(clients);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || -> std::io::Result<Vec<Duration>> {
+                let s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
+                s.set_nodelay(true)?;
+                let mut w = s.try_clone()?;
+                let mut r = BufReader::new(s);
+                let mut lat = Vec::with_capacity(per);
+                let mut line = String::new();
+                for i in 0..per {
+                    let key = format!("key:{c}:{i}");
+                    let req = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$3\r\nxxx\r\n*3\r\n$4\r\nWAIT\r\n$1\r\n2\r\n$1\r\n0\r\n", key.len());
+                    let t = Instant::now();
+                    w.write_all(req.as_bytes())?;
+                    for _ in 0..2 {
+                        line.clear();
+                        r.read_line(&mut line)?;
+                    }
+                    lat.push(t.elapsed());
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(
+            h.join()
+                .map_err(|_| std::io::Error::other("client thread panicked"))??,
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok((all.len() as f64 / secs, summarize(&mut all)))
+}
+
+fn falcon_cluster(dir: &Path, ports: &[u16]) -> Result<(Procs, u16), BenchError> {
+    let exe = std::env::current_exe()?;
+    let mut toml =
+        "cluster = \"bench\"\nkey_file = \"cluster.key\"\nsync = \"batch\"\n".to_string();
+    for i in 0..3 {
+        toml.push_str(&format!(
+            "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
+            i + 1,
+            ports[3 * i],
+            ports[3 * i + 1],
+            ports[3 * i + 2],
+            i + 1
+        ));
+    }
+    std::fs::write(dir.join("cluster.toml"), toml)?;
+    let st = Command::new(&exe)
+        .args(["replicate", "--new-key"])
+        .arg(dir.join("cluster.key"))
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        return Err(std::io::Error::other("could not write a cluster key").into());
+    }
+    let mut procs = Procs(Vec::new());
+    for i in 0..3 {
+        let app = ports[3 * i + 2].to_string();
+        procs.0.push(
+            Command::new(&exe)
+                .current_dir(dir)
+                .args([
+                    "-q",
+                    "replicate",
+                    "--config",
+                    "cluster.toml",
+                    "--node",
+                    &(i + 1).to_string(),
+                    "--follower-clients",
+                    "refuse",
+                    "--",
+                ])
+                .args([
+                    "redis-server",
+                    "--port",
+                    &app,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let mut leader = None;
+    wait_for(
+        || {
+            leader = (0..3)
+                .map(|i| ports[3 * i + 1])
+                .find(|&p| redis_cmd(p, &["PING"]).as_deref() == Some("+PONG"));
+            leader.is_some()
+        },
+        Duration::from_secs(20),
+    );
+    let leader = leader
+        .ok_or_else(|| std::io::Error::other("the falcon cluster elected no leader within 20 s"))?;
+    Ok((procs, leader))
+}
+
+/// Runs the comparison.
+pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, BenchError> {
+    let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = super::Scratch(dir.clone());
+    let ports = free_ports(13);
+    let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
+    let mut procs = Procs(vec![
+        redis_server(bare, &[])?,
+        redis_server(primary, &[])?,
+        redis_server(r1, &["--replicaof", "127.0.0.1", &primary.to_string()])?,
+        redis_server(r2, &["--replicaof", "127.0.0.1", &primary.to_string()])?,
+    ]);
+    let up = wait_for(
+        || {
+            [bare, primary, r1, r2]
+                .iter()
+                .all(|&p| redis_cmd(p, &["PING"]).as_deref() == Some("+PONG"))
+        },
+        Duration::from_secs(10),
+    ) && wait_for(
+        || redis_cmd(primary, &["WAIT", "2", "100"]).as_deref() == Some(":2"),
+        Duration::from_secs(20),
+    );
+    if !up {
+        return Err(std::io::Error::other(
+            "redis-server (apt-get install redis-server) did not come up with two replicas",
+        )
+        .into());
+    }
+    let (falcon, leader) = falcon_cluster(&dir, &ports[4..13])?;
+    let mut falcon = falcon;
+    procs.0.append(&mut falcon.0);
+    let requests = args.requests;
+    let mut runs: Vec<Run> = Vec::new();
+    for round in 0..args.rounds {
+        for clients in [50usize, 1] {
+            let n = if clients == 1 {
+                requests / 10
+            } else {
+                requests
+            };
+            for (setup, port) in [
+                ("a: redis-server alone", bare),
+                ("b: redis async replication, 2 replicas", primary),
+            ] {
+                let (ops, p50, p99) = redis_benchmark(port, clients, n)?;
+                runs.push(Run {
+                    setup: setup.into(),
+                    clients,
+                    ops_per_s: ops,
+                    p50_ms: p50,
+                    p99_ms: p99,
+                });
+            }
+            let (ops, lat) = set_wait(primary, clients, n)?;
+            runs.push(Run {
+                setup: "c: redis SET + WAIT 2 0".into(),
+                clients,
+                ops_per_s: ops,
+                p50_ms: lat.p50_us / 1000.0,
+                p99_ms: lat.p99_us / 1000.0,
+            });
+            let (ops, p50, p99) = redis_benchmark(leader, clients, n)?;
+            runs.push(Run {
+                setup: "d: falcon, 3 replicas, sync batch".into(),
+                clients,
+                ops_per_s: ops,
+                p50_ms: p50,
+                p99_ms: p99,
+            });
+        }
+        ui.detail(&format!("round {} done", round + 1));
+    }
+    drop(procs);
+    // Median of the rounds per setup and client count.
+    let mut rows = Vec::new();
+    for clients in [50usize, 1] {
+        for setup in [
+            "a: redis-server alone",
+            "b: redis async replication, 2 replicas",
+            "c: redis SET + WAIT 2 0",
+            "d: falcon, 3 replicas, sync batch",
+        ] {
+            let mut rs: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.setup == setup && r.clients == clients)
+                .collect();
+            rs.sort_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+            let m = rs[rs.len() / 2];
+            rows.push(m.clone());
+        }
+    }
+    let mut setup = super::setup_lines(&std::env::temp_dir());
+    setup.retain(|(k, _)| k != "directory");
+    setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating", requests / 10, args.rounds)));
+    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer".into()));
+    if ui.json {
+        output::json_line(
+            out,
+            &json!({"setup": setup.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(), "rows": rows, "runs": runs}),
+        )?;
+        return Ok(Status::Success);
+    }
+    for (k, v) in &setup {
+        writeln!(out, "{k:>10}: {v}")?;
+    }
+    let mut t = ui.table();
+    t.set_header(vec![
+        "setup",
+        "clients",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "ops/s vs c",
+    ]);
+    for r in &rows {
+        let c = rows
+            .iter()
+            .find(|x| x.clients == r.clients && x.setup.starts_with("c:"))
+            .map(|x| x.ops_per_s)
+            .unwrap_or(0.0);
+        t.add_row(vec![
+            r.setup.clone(),
+            r.clients.to_string(),
+            format!("{:.0}", r.ops_per_s),
+            format!("{:.3}", r.p50_ms),
+            format!("{:.3}", r.p99_ms),
+            if c > 0.0 {
+                format!("{:.2}", r.ops_per_s / c)
+            } else {
+                "-".into()
+            },
+        ]);
+    }
+    writeln!(out, "{t}")?;
+    Ok(Status::Success)
+}
