@@ -107,8 +107,7 @@ fn a_cut_off_replica_catches_up_and_a_minority_leader_never_answers() {
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
     let mut toml =
-        "cluster = \"netns\"\nkey_file = \"cluster.key\"\nelection_timeout = \"300ms\"\n"
-            .to_string();
+        "cluster = \"netns\"\nkey_file = \"cluster.key\"\nelection_timeout = \"1s\"\n".to_string();
     for i in 1..=3 {
         toml.push_str(&format!(
             "\n[[replica]]\nid = {i}\npeer = \"10.77.0.{i}:7101\"\nclient = \"10.77.0.{i}:7201\"\napp = \"127.0.0.1:7001\"\ndata_dir = \"data/{i}\"\n"

@@ -9,6 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+/// The clusters of these tests run one at a time: each is six processes,
+/// and two cores shared by several would stretch every timeout.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Cluster {
     dir: tempfile::TempDir,
     addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)>,
@@ -82,9 +90,8 @@ impl Cluster {
                 (a(ports[3 * i]), a(ports[3 * i + 1]), a(ports[3 * i + 2]))
             })
             .collect();
-        let mut toml =
-            "cluster = \"e2e\"\nkey_file = \"cluster.key\"\nelection_timeout = \"300ms\"\n"
-                .to_string();
+        let mut toml = "cluster = \"e2e\"\nkey_file = \"cluster.key\"\nelection_timeout = \"1s\"\n"
+            .to_string();
         for (i, (peer, client, app)) in addrs.iter().enumerate() {
             toml.push_str(&format!(
                 "\n[[replica]]\nid = {}\npeer = \"{peer}\"\nclient = \"{client}\"\napp = \"{app}\"\ndata_dir = \"data/{}\"\n",
@@ -245,6 +252,7 @@ fn resp(addr: SocketAddr, args: &[&str]) -> Option<String> {
 
 #[test]
 fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
+    let _one = serial();
     let mut c = Cluster::start(3, redis_program());
     let leader = c.leader(Duration::from_secs(20));
     // Acknowledged writes, recorded.
@@ -414,6 +422,7 @@ fn memcached(addr: SocketAddr, req: &str) -> Option<String> {
 
 #[test]
 fn memcached_replicated_the_same_way_ends_equal_everywhere() {
+    let _one = serial();
     let program = vec![
         "/usr/bin/memcached".to_string(),
         "-p".into(),
@@ -472,6 +481,7 @@ fn memcached_replicated_the_same_way_ends_equal_everywhere() {
 
 #[test]
 fn a_follower_forwards_clients_to_the_leader() {
+    let _one = serial();
     let c = Cluster::start_with(3, redis_program(), "forward");
     // Every replica's client address answers, whoever leads.
     let all = wait_until(Duration::from_secs(20), || {
@@ -496,6 +506,7 @@ fn a_follower_forwards_clients_to_the_leader() {
 
 #[test]
 fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
+    let _one = serial();
     let hook = vec![
         "--on-leader".to_string(),
         "echo \"$FALCON_NODE $FALCON_VIEW\" >> leaders.txt".to_string(),

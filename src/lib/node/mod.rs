@@ -38,8 +38,10 @@ const CLIENT_BASE: usize = 1 << 20;
 const APP_BASE: usize = 1 << 40;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 << 10;
-/// How long the applier waits for the program to answer one connection before it writes to another.
-const ANSWER_WAIT: Duration = Duration::from_millis(200);
+/// How long the applier waits for the program to answer one connection before
+/// it writes to another anyway (a request with no answer must not stall the
+/// replica; past this, the order between the two connections is not assured).
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
 
@@ -381,17 +383,23 @@ impl Node<'_> {
     /// replays thousands of entries at once.
     fn pump_apply(&mut self) {
         while let Some(e) = self.apply_queue.front() {
-            if e.kind == Kind::Data {
-                let switching = self
+            // Wait for the last connection's answer before bytes go to another
+            // connection, and before that connection closes (a multi-threaded
+            // program such as memcached would otherwise run the next
+            // connection's request first).
+            let must_wait = match e.kind {
+                Kind::Data => self
                     .last_written
-                    .is_some_and(|c| c != e.conn && self.apps.contains_key(&c));
-                if switching
-                    && self
-                        .awaiting_answer
-                        .is_some_and(|t| t.elapsed() < ANSWER_WAIT)
-                {
-                    return;
-                }
+                    .is_some_and(|c| c != e.conn && self.apps.contains_key(&c)),
+                Kind::Close => self.last_written == Some(e.conn) && self.apps.contains_key(&e.conn),
+                _ => false,
+            };
+            if must_wait
+                && self
+                    .awaiting_answer
+                    .is_some_and(|t| t.elapsed() < ANSWER_WAIT)
+            {
+                return;
             }
             let e = self.apply_queue.pop_front().expect("checked");
             if e.kind == Kind::Data && self.apps.contains_key(&e.conn) {
