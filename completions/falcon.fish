@@ -48,6 +48,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l follower-cli
 refuse\t'Close it: the client tries another replica'"
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-leader -d 'Run CMD (with sh -c) when this replica becomes the leader, for example to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-follower -d 'Run CMD (with sh -c) when this replica becomes a follower (same environment)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'

@@ -508,6 +508,8 @@ fn a_follower_forwards_clients_to_the_leader() {
 fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
     let _one = serial();
     let hook = vec![
+        "--reset-cmd".to_string(),
+        "echo \"$FALCON_NODE\" >> resets.txt".to_string(),
         "--on-leader".to_string(),
         "echo \"$FALCON_NODE $FALCON_VIEW\" >> leaders.txt".to_string(),
     ];
@@ -558,4 +560,21 @@ fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
         leaders(&c)
     );
     assert_eq!(c.client_cmd(next, &["GET", "h19"]).as_deref(), Some("v"));
+    // --reset-cmd ran before each program start; a restart runs it again and replays the log.
+    let resets =
+        |c: &Cluster| std::fs::read_to_string(c.dir.path().join("resets.txt")).unwrap_or_default();
+    assert_eq!(resets(&c).lines().count(), 3, "{}", resets(&c));
+    c.start_node(leader);
+    assert!(
+        wait_until(Duration::from_secs(10), || resets(&c).lines().count() == 4),
+        "{}",
+        resets(&c)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .log(leader)
+            .contains("replayed")),
+        "{}",
+        c.log(leader)
+    );
 }

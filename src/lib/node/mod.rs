@@ -63,6 +63,8 @@ pub struct NodeOptions {
     pub on_leader: Option<String>,
     /// Run (with `sh -c`) when this replica becomes a follower.
     pub on_follower: Option<String>,
+    /// Run (with `sh -c`) before the program starts, to bring it to its initial state.
+    pub reset_cmd: Option<String>,
 }
 
 /// What a follower does with a client that connects to it.
@@ -223,6 +225,10 @@ struct Node<'a> {
     follower_clients: FollowerClients,
     client_addrs: Vec<SocketAddr>,
     forwards: Arc<std::sync::atomic::AtomicUsize>,
+    /// Entries applied to the program since start, and the log's end at start
+    /// (reported once the replay reaches it).
+    applied: u64,
+    replay: Option<(u64, Instant, indicatif::ProgressBar)>,
     /// Committed entries not yet handed to the program.
     apply_queue: std::collections::VecDeque<Entry>,
     /// The connection written to last, and whether its answer is still due.
@@ -412,6 +418,18 @@ impl Node<'_> {
 
     /// Applies one committed entry to this replica's copy of the program.
     fn apply(&mut self, e: Entry) {
+        self.applied += 1;
+        if let Some((target, started, pb)) = &self.replay {
+            pb.set_position(self.applied.min(*target));
+            if self.applied >= *target {
+                pb.finish_and_clear();
+                self.ui.note(&format!(
+                    "replayed {target} entries of the log into the program in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
+                self.replay = None;
+            }
+        }
         match e.kind {
             Kind::Open => {
                 if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
@@ -744,6 +762,23 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         log.last_op(),
         engine.view()
     ));
+    if let Some(cmd) = &opts.reset_cmd {
+        // The program starts from its initial state and the log is replayed into it.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("FALCON_NODE", rc.id.to_string())
+            .env("FALCON_DATA_DIR", &rc.data_dir)
+            .status()
+            .map_err(io_err(format!("running --reset-cmd {cmd:?}")))?;
+        if !status.success() {
+            return Err(NodeError::Io {
+                context: format!("--reset-cmd {cmd:?}"),
+                source: io::Error::other(format!("it exited with {status}")),
+            });
+        }
+    }
+    let replay_target = log.last_op();
     let mut app = App::start(
         &opts.program,
         rc.app,
@@ -802,6 +837,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         follower_clients: opts.follower_clients,
         client_addrs: cfg.replicas.iter().map(|r| r.client).collect(),
         forwards: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        applied: 0,
+        replay: (replay_target > 0).then(|| {
+            (
+                replay_target,
+                Instant::now(),
+                ui.progress(replay_target, 1, "replaying the log"),
+            )
+        }),
         apply_queue: std::collections::VecDeque::new(),
         last_written: None,
         awaiting_answer: None,
@@ -969,6 +1012,12 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "CMD")]
     pub on_follower: Option<String>,
 
+    /// Run CMD (with sh -c) before the program starts, to bring it to its
+    /// initial state (for example, empty its data directory); the log is then
+    /// replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR.
+    #[arg(long, value_name = "CMD")]
+    pub reset_cmd: Option<String>,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -1072,6 +1121,7 @@ pub fn replicate(
         follower_clients: args.follower_clients,
         on_leader: args.on_leader.clone(),
         on_follower: args.on_follower.clone(),
+        reset_cmd: args.reset_cmd.clone(),
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),
