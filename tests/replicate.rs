@@ -2,6 +2,7 @@
 //! its own real redis-server (installed by scripts/setup.sh), on loopback.
 
 mod util;
+use util::wait_until;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -210,17 +211,6 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// A minimal RESP client: one command, one reply line (bulk strings read whole).
