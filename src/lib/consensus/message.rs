@@ -145,18 +145,63 @@ pub enum Message {
 impl Message {
     /// The view the message belongs to.
     pub fn view(&self) -> u64 {
+        self.numbers().0[0]
+    }
+
+    /// The fixed-width numbers of the message, in wire order (the view is
+    /// always first), and how many there are.
+    pub fn numbers(&self) -> ([u64; 5], usize) {
+        let pad = |xs: &[u64]| {
+            let mut a = [0u64; 5];
+            a[..xs.len()].copy_from_slice(xs);
+            (a, xs.len())
+        };
         match self {
-            Message::Prepare { view, .. }
-            | Message::StartView { view, .. }
-            | Message::CatchUp { view, .. }
-            | Message::PrepareOk { view, .. }
-            | Message::Commit { view, .. }
-            | Message::Missing { view, .. }
-            | Message::StartViewChange { view }
-            | Message::DoViewChange { view, .. }
-            | Message::RequestDoViewChange { view, .. }
-            | Message::NewerView { view }
-            | Message::NeedSnapshot { view, .. } => *view,
+            Message::Prepare {
+                view,
+                op_start,
+                commit,
+                ..
+            }
+            | Message::StartView {
+                view,
+                op_start,
+                commit,
+                ..
+            }
+            | Message::CatchUp {
+                view,
+                op_start,
+                commit,
+                ..
+            } => pad(&[*view, *op_start, *commit]),
+            Message::PrepareOk { view, op } | Message::NeedSnapshot { view, op } => {
+                pad(&[*view, *op])
+            }
+            Message::Commit { view, commit } => pad(&[*view, *commit]),
+            Message::Missing { view, from } | Message::RequestDoViewChange { view, from } => {
+                pad(&[*view, *from])
+            }
+            Message::StartViewChange { view } | Message::NewerView { view } => pad(&[*view]),
+            Message::DoViewChange {
+                view,
+                log_view,
+                last_op,
+                commit,
+                op_start,
+                ..
+            } => pad(&[*view, *log_view, *last_op, *commit, *op_start]),
+        }
+    }
+
+    /// The entries the message carries, if it is of a kind that carries them.
+    pub fn entries(&self) -> Option<&[Entry]> {
+        match self {
+            Message::Prepare { entries, .. }
+            | Message::StartView { entries, .. }
+            | Message::CatchUp { entries, .. }
+            | Message::DoViewChange { entries, .. } => Some(entries),
+            _ => None,
         }
     }
 
@@ -243,11 +288,6 @@ fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
 pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(WIRE_VERSION);
-    let u64s = |out: &mut Vec<u8>, xs: &[u64]| {
-        for x in xs {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-    };
     let t = match &env.msg {
         Message::Prepare { .. } => T_PREPARE,
         Message::StartView { .. } => T_START_VIEW,
@@ -265,46 +305,12 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     out.extend_from_slice(&env.cluster.to_le_bytes());
     out.extend_from_slice(&env.from.to_le_bytes());
     out.extend_from_slice(&env.to.to_le_bytes());
-    match &env.msg {
-        Message::Prepare {
-            view,
-            op_start,
-            entries,
-            commit,
-        }
-        | Message::StartView {
-            view,
-            op_start,
-            entries,
-            commit,
-        }
-        | Message::CatchUp {
-            view,
-            op_start,
-            entries,
-            commit,
-        } => {
-            u64s(out, &[*view, *op_start, *commit]);
-            put_entries(out, entries);
-        }
-        Message::PrepareOk { view, op } => u64s(out, &[*view, *op]),
-        Message::Commit { view, commit } => u64s(out, &[*view, *commit]),
-        Message::Missing { view, from } => u64s(out, &[*view, *from]),
-        Message::StartViewChange { view } => u64s(out, &[*view]),
-        Message::DoViewChange {
-            view,
-            log_view,
-            last_op,
-            commit,
-            op_start,
-            entries,
-        } => {
-            u64s(out, &[*view, *log_view, *last_op, *commit, *op_start]);
-            put_entries(out, entries);
-        }
-        Message::RequestDoViewChange { view, from } => u64s(out, &[*view, *from]),
-        Message::NewerView { view } => u64s(out, &[*view]),
-        Message::NeedSnapshot { view, op } => u64s(out, &[*view, *op]),
+    let (numbers, n) = env.msg.numbers();
+    for x in &numbers[..n] {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    if let Some(entries) = env.msg.entries() {
+        put_entries(out, entries);
     }
 }
 

@@ -224,42 +224,8 @@ struct Dvc {
 const IMPOSSIBLE: u64 = u64::MAX / 4;
 
 fn plausible(msg: &Message) -> bool {
-    let fields: &[u64] = match msg {
-        Message::Prepare {
-            view,
-            op_start,
-            commit,
-            ..
-        }
-        | Message::StartView {
-            view,
-            op_start,
-            commit,
-            ..
-        }
-        | Message::CatchUp {
-            view,
-            op_start,
-            commit,
-            ..
-        } => &[*view, *op_start, *commit],
-        Message::PrepareOk { view, op } => &[*view, *op],
-        Message::Commit { view, commit } => &[*view, *commit],
-        Message::Missing { view, from } | Message::RequestDoViewChange { view, from } => {
-            &[*view, *from]
-        }
-        Message::StartViewChange { view } | Message::NewerView { view } => &[*view],
-        Message::DoViewChange {
-            view,
-            log_view,
-            last_op,
-            commit,
-            op_start,
-            ..
-        } => &[*view, *log_view, *last_op, *commit, *op_start],
-        Message::NeedSnapshot { view, op } => &[*view, *op],
-    };
-    fields.iter().all(|&x| x < IMPOSSIBLE)
+    let (numbers, n) = msg.numbers();
+    numbers[..n].iter().all(|&x| x < IMPOSSIBLE)
 }
 
 /// One replica of the state machine.
@@ -600,9 +566,12 @@ impl Replica {
     }
 
     fn try_commit(&mut self, out: &mut Vec<Command>) {
-        let me = self.cfg.id as usize;
-        let mut acks: Vec<u64> = self.acked.clone();
-        acks[me] = self.durable.min(self.last_op());
+        // Runs on every acknowledgement: no allocation (at most 9 replicas).
+        let n = self.acked.len();
+        let mut buf = [0u64; 9];
+        let acks = &mut buf[..n];
+        acks.copy_from_slice(&self.acked);
+        acks[self.cfg.id as usize] = self.durable.min(self.last_op());
         acks.sort_unstable_by(|a, b| b.cmp(a));
         let mut q = self.cfg.quorum();
         if self.cfg.bugs.commit_at_minority && q > 1 {
@@ -1013,15 +982,7 @@ impl Replica {
         };
         if op_start > trusted + 1 || op_start < self.first_op {
             // Our entries between the commit point and op_start may be stale.
-            let from_op = (self.commit + 1).max(self.first_op);
-            self.send(
-                out,
-                from,
-                Message::Missing {
-                    view: self.view,
-                    from: from_op,
-                },
-            );
+            self.ask_leader_for_log(out);
             return;
         }
         // Entries of the same view at the same op are the same entry; the
@@ -1105,6 +1066,20 @@ impl Replica {
             Message::Missing {
                 view: self.view,
                 from: end,
+            },
+        );
+    }
+
+    /// Asks the leader for its log from our commit point: only committed
+    /// entries are known to match the leader's.
+    fn ask_leader_for_log(&self, out: &mut Vec<Command>) {
+        let from = (self.commit + 1).max(self.first_op);
+        self.send(
+            out,
+            self.leader(),
+            Message::Missing {
+                view: self.view,
+                from,
             },
         );
     }
@@ -1200,15 +1175,7 @@ impl Replica {
                         self.learn_commit(commit, out);
                     }
                     Status::ViewChange => {
-                        let from_op = (self.commit + 1).max(self.first_op);
-                        self.send(
-                            out,
-                            from,
-                            Message::Missing {
-                                view: self.view,
-                                from: from_op,
-                            },
-                        );
+                        self.ask_leader_for_log(out);
                     }
                 }
             }
@@ -1262,16 +1229,7 @@ impl Replica {
             }
             Message::NewerView { .. } => {
                 if self.status == Status::ViewChange && !self.is_leader() {
-                    let from_op = (self.commit + 1).max(self.first_op);
-                    let leader = self.leader();
-                    self.send(
-                        out,
-                        leader,
-                        Message::Missing {
-                            view: self.view,
-                            from: from_op,
-                        },
-                    );
+                    self.ask_leader_for_log(out);
                 }
             }
             Message::NeedSnapshot { op, .. } => {
@@ -1299,15 +1257,7 @@ impl Replica {
         }
         if self.status == Status::ViewChange {
             // We have not installed this view's log yet: ask for all of it.
-            let from_op = (self.commit + 1).max(self.first_op);
-            self.send(
-                out,
-                from,
-                Message::Missing {
-                    view: self.view,
-                    from: from_op,
-                },
-            );
+            self.ask_leader_for_log(out);
             return;
         }
         self.reset_election_deadline();

@@ -274,21 +274,34 @@ impl TcpTransport {
     /// The outgoing connection to peer `i` failed: back off and dial again.
     fn out_failed(&mut self, i: usize, now: Instant, reason: Option<String>) {
         let o = self.out[i].as_mut().expect("a peer");
-        let was_ready = matches!(o.state, OutState::Ready { .. });
-        let old = std::mem::replace(
-            &mut o.state,
-            OutState::Idle {
-                retry_at: now + o.backoff,
-            },
-        );
-        match old {
-            OutState::Connecting { mut stream, .. }
-            | OutState::AwaitChallenge { mut stream, .. }
-            | OutState::Ready { mut stream } => {
-                let _ = self.poll.registry().deregister(&mut stream);
-            }
-            OutState::Idle { .. } => {}
+        let (stream, was_ready) =
+            match std::mem::replace(&mut o.state, OutState::Idle { retry_at: now }) {
+                OutState::Connecting { stream, .. } | OutState::AwaitChallenge { stream, .. } => {
+                    (Some(stream), false)
+                }
+                OutState::Ready { stream } => (Some(stream), true),
+                OutState::Idle { .. } => (None, false),
+            };
+        self.close_out(i, now, stream, was_ready, reason);
+    }
+
+    /// Drops the outgoing connection to peer `i` (its state is already taken)
+    /// and schedules the next dial.
+    fn close_out(
+        &mut self,
+        i: usize,
+        now: Instant,
+        stream: Option<TcpStream>,
+        was_ready: bool,
+        reason: Option<String>,
+    ) {
+        if let Some(mut stream) = stream {
+            let _ = self.poll.registry().deregister(&mut stream);
         }
+        let o = self.out[i].as_mut().expect("a peer");
+        o.state = OutState::Idle {
+            retry_at: now + o.backoff,
+        };
         o.backoff = (o.backoff * 2).min(self.opts.reconnect_max);
         // A partly written frame cannot be resumed on a new connection.
         o.wbuf.clear();
@@ -299,63 +312,72 @@ impl TcpTransport {
                 reason: reason.unwrap_or_else(|| "connection closed".into()),
             });
         } else if let Some(r) = reason {
-            self.notices.push(TransportEvent::Refused {
-                addr: self.out[i].as_ref().expect("a peer").addr.to_string(),
-                reason: r,
-            });
+            let addr = o.addr.to_string();
+            self.notices
+                .push(TransportEvent::Refused { addr, reason: r });
         }
     }
 
     fn on_outgoing(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
-        let me = self.opts.id;
         let Some(o) = self.out[i].as_mut() else {
             return;
         };
         let state = std::mem::replace(&mut o.state, OutState::Idle { retry_at: now });
-        let next = match state {
+        match self.advance_out(i, state, readable, writable) {
+            Ok(next) => {
+                self.out[i].as_mut().expect("a peer").state = next;
+                self.flush(i, now);
+            }
+            Err((stream, was_ready, reason)) => {
+                self.close_out(i, now, Some(stream), was_ready, reason)
+            }
+        }
+    }
+
+    /// One step of the dialer's side of the handshake, or of a ready
+    /// connection. Err: close the stream (was it ready? why?).
+    #[allow(clippy::type_complexity)]
+    fn advance_out(
+        &mut self,
+        i: usize,
+        state: OutState,
+        readable: bool,
+        writable: bool,
+    ) -> Result<OutState, (TcpStream, bool, Option<String>)> {
+        let me = self.opts.id;
+        let peer = i as NodeId;
+        match state {
             OutState::Connecting {
                 mut stream,
                 nonce_d,
                 since,
             } => {
                 if !writable {
-                    OutState::Connecting {
+                    return Ok(OutState::Connecting {
                         stream,
                         nonce_d,
                         since,
-                    }
-                } else if stream.take_error().ok().flatten().is_some()
-                    || stream.peer_addr().is_err()
-                {
-                    o.state = OutState::Connecting {
-                        stream,
-                        nonce_d,
-                        since,
-                    };
-                    return self.out_failed(i, now, None);
-                } else {
-                    let _ = stream.set_nodelay(true);
-                    let mut hello = Vec::with_capacity(HELLO_LEN);
-                    hello.extend_from_slice(MAGIC);
-                    hello.extend_from_slice(&self.opts.cluster_id.to_le_bytes());
-                    hello.extend_from_slice(&me.to_le_bytes());
-                    hello.extend_from_slice(&(i as NodeId).to_le_bytes());
-                    hello.extend_from_slice(&nonce_d);
-                    if stream.write_all(&hello).is_err() {
-                        o.state = OutState::Connecting {
-                            stream,
-                            nonce_d,
-                            since,
-                        };
-                        return self.out_failed(i, now, None);
-                    }
-                    OutState::AwaitChallenge {
-                        stream,
-                        nonce_d,
-                        since,
-                        rbuf: Vec::new(),
-                    }
+                    });
                 }
+                if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
+                    return Err((stream, false, None));
+                }
+                let _ = stream.set_nodelay(true);
+                let mut hello = Vec::with_capacity(HELLO_LEN);
+                hello.extend_from_slice(MAGIC);
+                hello.extend_from_slice(&self.opts.cluster_id.to_le_bytes());
+                hello.extend_from_slice(&me.to_le_bytes());
+                hello.extend_from_slice(&peer.to_le_bytes());
+                hello.extend_from_slice(&nonce_d);
+                if stream.write_all(&hello).is_err() {
+                    return Err((stream, false, None));
+                }
+                Ok(OutState::AwaitChallenge {
+                    stream,
+                    nonce_d,
+                    since,
+                    rbuf: Vec::new(),
+                })
             }
             OutState::AwaitChallenge {
                 mut stream,
@@ -363,74 +385,47 @@ impl TcpTransport {
                 since,
                 mut rbuf,
             } => {
-                if readable {
-                    match read_some(&mut stream, &mut rbuf, CHALLENGE_LEN) {
-                        Ok(true) => {}
-                        Ok(false) | Err(_) => {
-                            o.state = OutState::AwaitChallenge {
-                                stream,
-                                nonce_d,
-                                since,
-                                rbuf,
-                            };
-                            return self.out_failed(
-                                i,
-                                now,
-                                Some("the peer closed the connection during the handshake".into()),
-                            );
-                        }
-                    }
+                if readable && !matches!(read_some(&mut stream, &mut rbuf, CHALLENGE_LEN), Ok(true))
+                {
+                    return Err((
+                        stream,
+                        false,
+                        Some("the peer closed the connection during the handshake".into()),
+                    ));
                 }
                 if rbuf.len() < CHALLENGE_LEN {
-                    OutState::AwaitChallenge {
+                    return Ok(OutState::AwaitChallenge {
                         stream,
                         nonce_d,
                         since,
                         rbuf,
-                    }
-                } else {
-                    let mut nonce_l = [0u8; 16];
-                    nonce_l.copy_from_slice(&rbuf[..16]);
-                    let key = &self.opts.key;
-                    let cluster = self.opts.cluster_id;
-                    let ok = mac(
-                        key,
-                        b"listener",
-                        cluster,
-                        me,
-                        i as NodeId,
-                        &nonce_d,
-                        &nonce_l,
-                    )
+                    });
+                }
+                let mut nonce_l = [0u8; 16];
+                nonce_l.copy_from_slice(&rbuf[..16]);
+                let (key, cluster) = (&self.opts.key, self.opts.cluster_id);
+                let ok = mac(key, b"listener", cluster, me, peer, &nonce_d, &nonce_l)
                     .verify_slice(&rbuf[16..48])
                     .is_ok();
-                    if !ok || rbuf.len() > CHALLENGE_LEN {
-                        o.state = OutState::AwaitChallenge {
-                            stream,
-                            nonce_d,
-                            since,
-                            rbuf,
-                        };
-                        return self.out_failed(
-                            i,
-                            now,
-                            Some("the peer failed the challenge (wrong cluster key?)".into()),
-                        );
-                    }
-                    let auth = mac(key, b"dialer", cluster, me, i as NodeId, &nonce_d, &nonce_l)
-                        .finalize()
-                        .into_bytes();
-                    if stream.write_all(&auth).is_err() {
-                        o.state = OutState::Ready { stream };
-                        return self.out_failed(i, now, None);
-                    }
-                    o.backoff = self.opts.reconnect_min;
-                    self.notices.push(TransportEvent::Connected {
-                        peer: i as NodeId,
-                        incoming: false,
-                    });
-                    OutState::Ready { stream }
+                if !ok || rbuf.len() > CHALLENGE_LEN {
+                    return Err((
+                        stream,
+                        false,
+                        Some("the peer failed the challenge (wrong cluster key?)".into()),
+                    ));
                 }
+                let auth = mac(key, b"dialer", cluster, me, peer, &nonce_d, &nonce_l)
+                    .finalize()
+                    .into_bytes();
+                if stream.write_all(&auth).is_err() {
+                    return Err((stream, true, None));
+                }
+                self.out[i].as_mut().expect("a peer").backoff = self.opts.reconnect_min;
+                self.notices.push(TransportEvent::Connected {
+                    peer,
+                    incoming: false,
+                });
+                Ok(OutState::Ready { stream })
             }
             OutState::Ready { mut stream } => {
                 if readable {
@@ -438,34 +433,27 @@ impl TcpTransport {
                     let mut b = [0u8; 64];
                     match stream.read(&mut b) {
                         Ok(0) => {
-                            o.state = OutState::Ready { stream };
-                            return self.out_failed(
-                                i,
-                                now,
+                            return Err((
+                                stream,
+                                true,
                                 Some("the peer closed the connection".into()),
-                            );
+                            ));
                         }
                         Ok(_) => {
-                            o.state = OutState::Ready { stream };
-                            return self.out_failed(
-                                i,
-                                now,
+                            return Err((
+                                stream,
+                                true,
                                 Some("the peer sent data on a one-way connection".into()),
-                            );
+                            ));
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => {
-                            o.state = OutState::Ready { stream };
-                            return self.out_failed(i, now, Some(e.to_string()));
-                        }
+                        Err(e) => return Err((stream, true, Some(e.to_string()))),
                     }
                 }
-                OutState::Ready { stream }
+                Ok(OutState::Ready { stream })
             }
-            idle @ OutState::Idle { .. } => idle,
-        };
-        o.state = next;
-        self.flush(i, now);
+            idle @ OutState::Idle { .. } => Ok(idle),
+        }
     }
 
     /// Writes everything queued for peer `i` (in one write when the socket takes it).
