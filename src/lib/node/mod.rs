@@ -36,6 +36,8 @@ const PEERS: Token = Token(2);
 const SYNCED: Token = Token(3);
 const CLIENT_BASE: usize = 1 << 20;
 const APP_BASE: usize = 1 << 40;
+/// The transport's own timers get a turn at least this often.
+const PEER_TIMERS: Duration = Duration::from_millis(5);
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 << 10;
 /// How long the applier waits for the program to answer one connection before
@@ -214,8 +216,8 @@ struct Node<'a> {
     next_token: usize,
     next_conn: u64,
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
-    durable: u64,
-    dirty: bool,
+    /// Reused for every socket read (no allocation per event).
+    read_buf: Vec<u8>,
     start: Instant,
     role: Role,
     /// Operator ids of the replicas, by index (for messages and hooks).
@@ -256,11 +258,10 @@ impl Node<'_> {
         match cmd {
             Command::Append(entries) => {
                 self.log.append(&entries)?;
-                self.dirty = true;
             }
             Command::Truncate { after } => {
                 self.log.truncate_after(after)?;
-                self.durable = self.durable.min(after);
+
                 self.held.retain(|h| h.0 <= after);
             }
             Command::SaveState(st) => {
@@ -275,7 +276,7 @@ impl Node<'_> {
                 msg,
                 after_durable,
             } => {
-                if after_durable <= self.durable {
+                if after_durable <= self.log.durable_op() {
                     self.send(to, msg);
                 } else {
                     self.held.push((after_durable, to, msg));
@@ -360,9 +361,7 @@ impl Node<'_> {
     }
 
     fn sync(&mut self) -> Result<(), NodeError> {
-        let d = self.log.sync()?;
-        self.dirty = false;
-        self.durable = d;
+        self.log.sync()?;
         self.release();
         Ok(())
     }
@@ -370,7 +369,7 @@ impl Node<'_> {
     /// Sends every held message whose barrier the log has reached.
     fn release(&mut self) {
         let ready: Vec<_> = {
-            let durable = self.durable;
+            let durable = self.log.durable_op();
             let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
                 .into_iter()
                 .partition(|h| h.0 <= durable);
@@ -592,30 +591,14 @@ impl Node<'_> {
         }
         let conn = c.conn;
         let mut events = Vec::new();
-        let mut closed = false;
-        let mut buf = vec![0u8; READ_CHUNK];
-        loop {
-            match c.stream.read(&mut buf) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => events.push(Event {
-                    kind: Kind::Data,
-                    conn,
-                    payload: Bytes::copy_from_slice(&buf[..n]),
-                }),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-            if events.len() >= 16 {
-                break;
-            }
-        }
+        let closed = read_available(&mut c.stream, &mut self.read_buf, |bytes| {
+            events.push(Event {
+                kind: Kind::Data,
+                conn,
+                payload: Bytes::copy_from_slice(bytes),
+            });
+            events.len() < 16
+        });
         if closed {
             events.push(Event {
                 kind: Kind::Close,
@@ -652,24 +635,11 @@ impl Node<'_> {
         if !readable {
             return;
         }
-        let mut buf = vec![0u8; READ_CHUNK];
         let mut answer = Vec::new();
-        let mut eof = false;
-        loop {
-            match a.stream.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
+        let eof = read_available(&mut a.stream, &mut self.read_buf, |bytes| {
+            answer.extend_from_slice(bytes);
+            true
+        });
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
         if !answer.is_empty() {
@@ -690,6 +660,28 @@ impl Node<'_> {
         if answered {
             self.awaiting_answer = None;
             self.pump_apply();
+        }
+    }
+}
+
+/// Reads what the socket has, chunk by chunk, into `take` until it would
+/// block or `take` returns false. True at end of stream (or on an error).
+fn read_available(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> bool {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if !take(&buf[..n]) {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
         }
     }
 }
@@ -809,7 +801,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         "clients connect to {}; peers on {}",
         rc.client, rc.peer
     ));
-    let durable = log.durable_op();
+
     let mut node = Node {
         ui,
         me,
@@ -827,8 +819,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         next_token: 0,
         next_conn: 1,
         held: Vec::new(),
-        durable,
-        dirty: false,
+        read_buf: vec![0u8; READ_CHUNK],
         start: Instant::now(),
         role: Role::ViewChange,
         ids: cfg.replicas.iter().map(|r| r.id).collect(),
@@ -882,6 +873,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     let cfg_sync = cfg.sync;
     let mut sync_inflight = false;
+    let mut last_peer_turn = Instant::now();
+    let mut peers_busy = false;
     let mut events = Events::with_capacity(1024);
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
@@ -905,6 +898,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 });
             }
         }
+        let mut peers_ready = false;
         for ev in events.iter() {
             let t = ev.token();
             let (r, w) = (
@@ -913,18 +907,28 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             );
             if t == CLIENTS {
                 node.accept_clients()?;
-            } else if t == PEERS || t == SYNCED {
-                // Handled below, every turn.
+            } else if t == PEERS {
+                peers_ready = true;
+            } else if t == SYNCED {
+                // Handled below.
             } else if t.0 >= APP_BASE {
                 node.on_app(t, r, w);
             } else if t.0 >= CLIENT_BASE {
                 node.on_client(t, r, w)?;
             }
         }
-        inbox.clear();
-        node.transport
-            .recv(Duration::ZERO, &mut inbox)
-            .map_err(io_err("receiving from peers"))?;
+        // The transport works when its sockets are ready, and every few
+        // milliseconds for its own timers (reconnects, handshake deadlines).
+        // (The readiness of the transport's own epoll descriptor is reported
+        // once per change, so a turn that brought messages earns another.)
+        if peers_ready || peers_busy || last_peer_turn.elapsed() >= PEER_TIMERS {
+            last_peer_turn = Instant::now();
+            inbox.clear();
+            node.transport
+                .recv(Duration::ZERO, &mut inbox)
+                .map_err(io_err("receiving from peers"))?;
+            peers_busy = !inbox.is_empty();
+        }
         for env in inbox.drain(..) {
             node.step(Input::Receive(env))?;
         }
@@ -951,21 +955,21 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
             sync_inflight = false;
+            let before = node.log.durable_op();
             let d = node.log.note_synced(result)?;
-            if d > node.durable {
-                node.durable = d;
+            if d > before {
                 node.release();
                 node.step(Input::Durable { op: d })?;
             }
         }
-        if node.dirty && !sync_inflight {
+        // Something appended is not durable yet, and no fsync is under way.
+        if node.log.durable_op() < node.log.last_op() && !sync_inflight {
             if cfg_sync == crate::log::SyncPolicy::Never {
                 node.sync()?;
-                let d = node.durable;
+                let d = node.log.durable_op();
                 node.step(Input::Durable { op: d })?;
             } else {
                 let (file, op, epoch) = node.log.sync_handle()?;
-                node.dirty = false;
                 sync_inflight = true;
                 if sync_tx.send((file, op, epoch)).is_err() {
                     return Err(NodeError::Io {
