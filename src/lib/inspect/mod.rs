@@ -146,7 +146,7 @@ pub fn run(
     } else if args.entries || (ui.json && !args.summary) {
         entries(args, &view, ui, out)
     } else {
-        summary(args, &view, ui, out)
+        summary(&view, ui, out)
     }
 }
 
@@ -166,6 +166,15 @@ fn record_json(segment: &str, offset: u64, h: &RecordHeader, payload: &[u8]) -> 
         "preview": output::preview(payload, 60),
         "payload_base64": output::base64(payload),
     })
+}
+
+/// One record as printed by `--entries` and `--follow`: JSON or a row.
+fn record_line(ui: &Ui, segment: &str, offset: u64, h: &RecordHeader, payload: &[u8]) -> String {
+    if ui.json {
+        record_json(segment, offset, h, payload).to_string()
+    } else {
+        record_row(h, payload)
+    }
 }
 
 const ROW_HEADER: &str =
@@ -215,6 +224,8 @@ fn entries(
         writeln!(out, "{ROW_HEADER}")?;
     }
     let mut shown = 0u64;
+    // A failed write (a closed pipe) stops the scan and is reported as an output error.
+    let mut write_error = None;
     let result = view.scan(
         args.from.unwrap_or(0),
         |seen: &Seen<'_>| {
@@ -222,24 +233,25 @@ fn entries(
                 return Ok(false);
             }
             if args.wants(seen.header) {
-                let line = if ui.json {
-                    record_json(seen.segment, seen.offset, seen.header, seen.payload()).to_string()
-                } else {
-                    record_row(seen.header, seen.payload())
-                };
-                writeln!(out, "{line}").map_err(|e| LogError::io("writing output", e))?;
+                let line = record_line(ui, seen.segment, seen.offset, seen.header, seen.payload());
+                if let Err(e) = writeln!(out, "{line}") {
+                    write_error = Some(e);
+                    return Ok(false);
+                }
                 shown += 1;
             }
             Ok(true)
         },
         |_| {},
     );
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
     match result {
         Ok(outcome) => {
             warn_torn(&outcome.torn, ui);
             Ok(Status::Success)
         }
-        Err(LogError::Io { context, source }) if context == "writing output" => Err(source.into()),
         Err(e) => report_scan_error(e, ui),
     }
 }
@@ -281,7 +293,6 @@ fn viewstamp(v: Option<(u64, u64)>) -> String {
 }
 
 fn summary(
-    args: &LogInspectArgs,
     view: &LogView<FsStorage>,
     ui: &Ui,
     out: &mut dyn Write,
@@ -409,7 +420,6 @@ fn summary(
         }
         writeln!(out, "{t}")?;
     }
-    let _ = args;
     if let Some(p) = problem {
         ui.error(&p);
         return Ok(Status::Failure);
@@ -605,11 +615,7 @@ fn follow(
                     return Ok(Status::Success);
                 }
                 if args.wants(&header) {
-                    let line = if ui.json {
-                        record_json(&segment, offset, &header, &payload).to_string()
-                    } else {
-                        record_row(&header, &payload)
-                    };
+                    let line = record_line(ui, &segment, offset, &header, &payload);
                     writeln!(out, "{line}")?;
                     out.flush()?;
                     shown += 1;

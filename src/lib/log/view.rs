@@ -27,15 +27,21 @@ impl LogView<FsStorage> {
                 reason: "not a directory (give the log directory, not a file)".into(),
             });
         }
+        // A replica's data directory holds the log in `log/`.
+        let has_segments = |dir: &Path| {
+            std::fs::read_dir(dir).is_ok_and(|mut it| {
+                it.any(|e| {
+                    e.is_ok_and(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(scan::parse_segment_name)
+                            .is_some()
+                    })
+                })
+            })
+        };
         let nested = path.join("log");
-        let dir = if nested.is_dir()
-            && scan::list_segments(
-                &FsStorage::new(path, false)
-                    .map_err(|e| LogError::io(path.display().to_string(), e))?,
-            )
-            .map(|s| s.is_empty())
-            .unwrap_or(true)
-        {
+        let dir = if nested.is_dir() && !has_segments(path) {
             nested
         } else {
             path.to_path_buf()
