@@ -191,7 +191,7 @@ impl Checkers {
     /// Durability: every committed entry is on the durable logs of a majority
     /// (crashes and truncations included). `durable[node]` are the fingerprints
     /// of each replica's durable log from op 1.
-    pub fn majority_durable(&self, durable: &[Vec<u64>], quorum: usize) -> Result<(), Violation> {
+    pub fn majority_durable(&self, durable: &[&[u64]], quorum: usize) -> Result<(), Violation> {
         for (i, fp) in self.committed.iter().enumerate() {
             let holders = durable.iter().filter(|d| d.get(i) == Some(fp)).count();
             if holders < quorum {

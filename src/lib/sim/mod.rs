@@ -194,12 +194,18 @@ struct Node {
     storage: MemStorage,
     log: Option<SegmentLog<MemStorage>>,
     held: Vec<(u64, NodeId, Message)>,
-    durable: u64,
     /// Fingerprints of the durable log from op 1 (for the durability checker).
     durable_fp: Vec<u64>,
     sync_pending: bool,
     epoch: u64,
     kv: Kv,
+}
+
+impl Node {
+    /// The last op on disk (0 while the node is down).
+    fn durable_op(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.durable_op())
+    }
 }
 
 struct Client {
@@ -401,7 +407,6 @@ impl Sim {
                     .expect("up")
                     .truncate_after(after)
                     .map_err(io)?;
-                n.durable = n.durable.min(after);
                 n.durable_fp.truncate(after as usize);
                 n.held.retain(|h| h.0 <= after);
                 self.check_durability()?;
@@ -420,7 +425,7 @@ impl Sim {
                 msg,
                 after_durable,
             } => {
-                if after_durable <= self.nodes[node as usize].durable {
+                if after_durable <= self.nodes[node as usize].durable_op() {
                     self.send_net(node, to, msg);
                 } else {
                     self.nodes[node as usize]
@@ -480,7 +485,6 @@ impl Sim {
             checker: "storage",
             detail: e.to_string(),
         })?;
-        n.durable = d;
         n.durable_fp.truncate(d as usize);
         let from = n.durable_fp.len() as u64 + 1;
         let log = n.log.as_ref().expect("up");
@@ -503,7 +507,7 @@ impl Sim {
     }
 
     fn check_durability(&self) -> Result<(), Violation> {
-        let durable: Vec<Vec<u64>> = self.nodes.iter().map(|n| n.durable_fp.clone()).collect();
+        let durable: Vec<&[u64]> = self.nodes.iter().map(|n| n.durable_fp.as_slice()).collect();
         self.check
             .majority_durable(&durable, (self.knobs.n / 2 + 1) as usize)
     }
@@ -523,7 +527,7 @@ impl Sim {
 
     fn release(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
-        let durable = n.durable;
+        let durable = n.durable_op();
         let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut n.held)
             .into_iter()
             .partition(|h| h.0 <= durable);
@@ -586,7 +590,6 @@ impl Sim {
         if first == 1 {
             n.durable_fp = fps;
         }
-        n.durable = log.last_op();
         n.log = Some(log);
         n.engine = Some(engine);
         n.kv = Kv::default();
@@ -654,7 +657,6 @@ impl Sim {
                 storage,
                 log: Some(log),
                 held: Vec::new(),
-                durable: 0,
                 durable_fp: Vec::new(),
                 sync_pending: false,
                 epoch: 0,
