@@ -198,8 +198,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     }
     let payload = Bytes::from(vec![0x42u8; 64]);
     let d = args.duration;
-    let mut setup = super::setup_lines(&std::env::temp_dir());
-    setup.retain(|(k, _)| k != "directory");
+    let mut setup = super::setup_lines(None);
     setup.push(("per test".into(), humantime::format_duration(d).to_string()));
     setup.push((
         "cluster".into(),
@@ -220,15 +219,13 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         output::json_line(
             out,
             &json!({
-                "setup": setup.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "setup": super::setup_json(&setup),
                 "rows": rows,
             }),
         )?;
         return Ok(Status::Success);
     }
-    for (k, v) in &setup {
-        writeln!(out, "{k:>9}: {v}")?;
-    }
+    super::print_setup(out, &setup)?;
     let mut t = ui.table();
     t.set_header(vec![
         "test",

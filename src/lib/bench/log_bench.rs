@@ -287,7 +287,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     std::fs::create_dir_all(&dir)?;
     let _scratch = super::Scratch(dir.clone());
     let d = args.duration;
-    let mut setup = super::setup_lines(&args.dir);
+    let mut setup = super::setup_lines(Some(&args.dir));
     setup.push((
         "per test".into(),
         format!("{}", humantime::format_duration(d)),
@@ -304,10 +304,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "pwrite of the same bytes per fdatasync, appending, in the same directory".into(),
     ));
     if !ui.json {
-        for (k, v) in &setup {
-            writeln!(out, "{k:>13}: {v}")?;
-        }
-        out.flush()?;
+        super::print_setup(out, &setup)?;
     }
     let mut rows = Vec::new();
     let tests = 8u64;
@@ -365,7 +362,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         output::json_line(
             out,
             &json!({
-                "setup": setup.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "setup": super::setup_json(&setup),
                 "rows": rows,
                 "verify": [
                     {"payload": 4096, "bytes": bytes_4k, "gb_per_s": verify_4k},

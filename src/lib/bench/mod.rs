@@ -121,8 +121,31 @@ impl Drop for Scratch {
     }
 }
 
-/// The machine and place a benchmark ran on, printed beside every result.
-pub fn setup_lines(dir: &std::path::Path) -> Vec<(String, String)> {
+/// The setup as a JSON object (for `--json`).
+pub fn setup_json(setup: &[(String, String)]) -> serde_json::Value {
+    setup
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Prints the setup, one `key: value` line each, keys aligned.
+pub fn print_setup(out: &mut dyn Write, setup: &[(String, String)]) -> std::io::Result<()> {
+    let width = setup
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (k, v) in setup {
+        writeln!(out, "{k:>width$}: {v}")?;
+    }
+    out.flush()
+}
+
+/// The machine, and the directory when the benchmark uses a disk, printed
+/// beside every result.
+pub fn setup_lines(dir: Option<&std::path::Path>) -> Vec<(String, String)> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -138,16 +161,19 @@ pub fn setup_lines(dir: &std::path::Path) -> Vec<(String, String)> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    vec![
+    let mut lines = vec![
         ("date".into(), crate::output::rfc3339(crate::log::now_ns())),
         ("cpu".into(), format!("{cpu} ({cores} cores)")),
         ("kernel".into(), kernel),
         ("falcon".into(), env!("CARGO_PKG_VERSION").into()),
-        (
+    ];
+    if let Some(dir) = dir {
+        lines.push((
             "directory".into(),
             format!("{} ({})", dir.display(), filesystem_of(dir)),
-        ),
-    ]
+        ));
+    }
+    lines
 }
 
 /// The file system type and device a path lives on, from /proc/mounts.

@@ -69,18 +69,26 @@ fn wait_for(mut f: impl FnMut() -> bool, within: Duration) -> bool {
     false
 }
 
+/// redis-server on loopback at `port`, without persistence.
+fn redis_args(port: &str) -> [&str; 9] {
+    [
+        "redis-server",
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+}
+
 fn redis_server(port: u16, extra: &[&str]) -> std::io::Result<Child> {
-    Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+    let port = port.to_string();
+    let [program, args @ ..] = redis_args(&port);
+    Command::new(program)
+        .args(args)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -223,17 +231,7 @@ fn falcon_cluster(dir: &Path, ports: &[u16]) -> Result<(Procs, u16), BenchError>
                     "refuse",
                     "--",
                 ])
-                .args([
-                    "redis-server",
-                    "--port",
-                    &app,
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+                .args(redis_args(&app))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
@@ -347,20 +345,17 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             rows.push(m.clone());
         }
     }
-    let mut setup = super::setup_lines(&std::env::temp_dir());
-    setup.retain(|(k, _)| k != "directory");
+    let mut setup = super::setup_lines(None);
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating", requests / 10, args.rounds)));
     setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer".into()));
     if ui.json {
         output::json_line(
             out,
-            &json!({"setup": setup.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(), "rows": rows, "runs": runs}),
+            &json!({"setup": super::setup_json(&setup), "rows": rows, "runs": runs}),
         )?;
         return Ok(Status::Success);
     }
-    for (k, v) in &setup {
-        writeln!(out, "{k:>10}: {v}")?;
-    }
+    super::print_setup(out, &setup)?;
     let mut t = ui.table();
     t.set_header(vec![
         "setup",
