@@ -4,7 +4,9 @@
 mod util;
 use util::wait_until;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
+
+use falcon::bench::redis_bench::resp_command;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -164,7 +166,7 @@ impl Cluster {
 
     /// Sends one command to the replica's client address; None if it refuses or closes.
     fn client_cmd(&self, i: usize, args: &[&str]) -> Option<String> {
-        resp(self.addrs[i].1, args)
+        resp_command(self.addrs[i].1, args)
     }
 
     /// The replica whose client address answers (the leader), waiting up to `within`.
@@ -195,7 +197,7 @@ impl Cluster {
     }
 
     fn digest(&self, i: usize) -> Option<String> {
-        resp(self.addrs[i].2, &["DEBUG", "DIGEST"])
+        resp_command(self.addrs[i].2, &["DEBUG", "DIGEST"])
     }
 }
 
@@ -211,33 +213,6 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-/// A minimal RESP client: one command, one reply line (bulk strings read whole).
-fn resp(addr: SocketAddr, args: &[&str]) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(req.as_bytes()).ok()?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    if r.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let line = line.trim_end().to_string();
-    if let Some(n) = line.strip_prefix('$') {
-        let n: i64 = n.parse().ok()?;
-        if n < 0 {
-            return Some("(nil)".into());
-        }
-        let mut b = vec![0u8; n as usize + 2];
-        r.read_exact(&mut b).ok()?;
-        return Some(String::from_utf8_lossy(&b[..n as usize]).into_owned());
-    }
-    Some(line)
 }
 
 #[test]

@@ -41,21 +41,37 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(300),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+/// One command to a Redis-protocol server at `addr`: the reply line
+/// (`+OK`, `:2`, …), or a bulk string's content, or `(nil)`. None when the
+/// server refuses, closes or does not answer within 3 s.
+pub fn resp_command(addr: SocketAddr, args: &[&str]) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
     s.write_all(req.as_bytes()).ok()?;
+    let mut r = BufReader::new(s);
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    Some(line.trim_end().to_string())
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let line = line.trim_end().to_string();
+    if let Some(n) = line.strip_prefix('$') {
+        let n: i64 = n.parse().ok()?;
+        if n < 0 {
+            return Some("(nil)".into());
+        }
+        let mut b = vec![0u8; n as usize + 2];
+        std::io::Read::read_exact(&mut r, &mut b).ok()?;
+        return Some(String::from_utf8_lossy(&b[..n as usize]).into_owned());
+    }
+    Some(line)
+}
+
+fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    resp_command(SocketAddr::from(([127, 0, 0, 1], port)), args)
 }
 
 fn wait_for(mut f: impl FnMut() -> bool, within: Duration) -> bool {
