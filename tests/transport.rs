@@ -210,6 +210,8 @@ fn hostile_bytes_on_the_peer_port_are_refused_and_the_cluster_keeps_talking() {
     // The real peers still talk both ways.
     ts[1].send(&env(1, 0, 5)).unwrap();
     ts[0].send(&env(0, 2, 6)).unwrap();
+    // Sends only queue: the sender writes when it flushes.
+    ts[1].flush();
     let got = collect(&mut ts[0], &mut [], 1, Duration::from_secs(5));
     assert_eq!(got, vec![env(1, 0, 5)]);
 }

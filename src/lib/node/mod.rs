@@ -46,6 +46,8 @@ const READ_CHUNK: usize = 64 << 10;
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
+/// How often the loop asks whether the program (or a hook) exited.
+const EXIT_CHECK: Duration = Duration::from_millis(20);
 
 /// What `falcon replicate` runs.
 pub struct NodeOptions {
@@ -216,6 +218,10 @@ struct Node<'a> {
     next_token: usize,
     next_conn: u64,
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
+    /// Client input read in this turn of the loop, proposed as one batch at its end.
+    proposals: Vec<Event>,
+    /// Clients that had more to read when their turn ended.
+    unread: Vec<Token>,
     /// Reused for every socket read (no allocation per event).
     read_buf: Vec<u8>,
     start: Instant,
@@ -345,6 +351,16 @@ impl Node<'_> {
                     self.ids[from as usize]
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Proposes the client input of this turn as one batch: one Prepare per
+    /// follower and one log write for all of it.
+    fn propose(&mut self) -> Result<(), NodeError> {
+        while !self.proposals.is_empty() {
+            let events = std::mem::take(&mut self.proposals);
+            self.step(Input::Propose(events))?;
         }
         Ok(())
     }
@@ -502,11 +518,11 @@ impl Node<'_> {
             let _ = self.poll.registry().deregister(&mut c.stream);
             self.client_of_conn.remove(&c.conn);
             if propose_close && self.role == Role::Leader {
-                let _ = self.step(Input::Propose(vec![Event {
+                self.proposals.push(Event {
                     kind: Kind::Close,
                     conn: c.conn,
                     payload: Bytes::new(),
-                }]));
+                });
             }
         }
     }
@@ -541,11 +557,11 @@ impl Node<'_> {
                         },
                     );
                     self.client_of_conn.insert(conn, token);
-                    self.step(Input::Propose(vec![Event {
+                    self.proposals.push(Event {
                         kind: Kind::Open,
                         conn,
                         payload: Bytes::new(),
-                    }]))?;
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => {
@@ -579,35 +595,38 @@ impl Node<'_> {
         forward(std, leader, self.forwards.clone());
     }
 
-    fn on_client(&mut self, t: Token, readable: bool, writable: bool) -> Result<(), NodeError> {
+    fn on_client(&mut self, t: Token, ready: Ready) -> Result<(), NodeError> {
         let Some(c) = self.clients.get_mut(&t) else {
             return Ok(());
         };
-        if writable {
+        if ready.writable {
             flush(&mut c.stream, &mut c.out);
         }
-        if !readable {
+        if !ready.readable {
             return Ok(());
         }
         let conn = c.conn;
-        let mut events = Vec::new();
-        let closed = read_available(&mut c.stream, &mut self.read_buf, |bytes| {
+        let events = &mut self.proposals;
+        let mut chunks = 0;
+        let closed = read_available(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
             events.push(Event {
                 kind: Kind::Data,
                 conn,
                 payload: Bytes::copy_from_slice(bytes),
             });
-            events.len() < 16
+            chunks += 1;
+            chunks < 16
         });
+        if chunks >= 16 && !closed {
+            // Its turn is over; the rest is read next turn (no new event will say so).
+            self.unread.push(t);
+        }
         if closed {
             events.push(Event {
                 kind: Kind::Close,
                 conn,
                 payload: Bytes::new(),
             });
-        }
-        if !events.is_empty() {
-            self.step(Input::Propose(events))?;
         }
         if closed {
             if let Some(mut c) = self.clients.remove(&t) {
@@ -618,25 +637,25 @@ impl Node<'_> {
         Ok(())
     }
 
-    fn on_app(&mut self, t: Token, readable: bool, writable: bool) {
+    fn on_app(&mut self, t: Token, ready: Ready) {
         let Some(&conn) = self.app_tokens.get(&t) else {
             return;
         };
         let Some(a) = self.apps.get_mut(&conn) else {
             return;
         };
-        if writable {
+        if ready.writable {
             flush(&mut a.stream, &mut a.out);
             if a.closing && a.out.is_empty() {
                 self.close_app(conn);
                 return;
             }
         }
-        if !readable {
+        if !ready.readable {
             return;
         }
         let mut answer = Vec::new();
-        let eof = read_available(&mut a.stream, &mut self.read_buf, |bytes| {
+        let eof = read_available(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
             answer.extend_from_slice(bytes);
             true
         });
@@ -664,18 +683,33 @@ impl Node<'_> {
     }
 }
 
+/// What the event loop learned about one socket.
+#[derive(Clone, Copy)]
+struct Ready {
+    readable: bool,
+    writable: bool,
+    /// The other side closed or failed: read to the end.
+    closed: bool,
+}
+
 /// Reads what the socket has, chunk by chunk, into `take` until it would
 /// block or `take` returns false. True at end of stream (or on an error).
+///
+/// A read shorter than the buffer emptied the socket: the next byte raises
+/// a new (edge-triggered) event, so there is no need for a read that only
+/// says it would block — unless the other side closed, whose end of stream
+/// raises no further event.
 fn read_available(
     stream: &mut TcpStream,
     buf: &mut [u8],
+    closed: bool,
     mut take: impl FnMut(&[u8]) -> bool,
 ) -> bool {
     loop {
         match stream.read(buf) {
             Ok(0) => return true,
             Ok(n) => {
-                if !take(&buf[..n]) {
+                if !take(&buf[..n]) || (n < buf.len() && !closed) {
                     return false;
                 }
             }
@@ -819,6 +853,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         next_token: 0,
         next_conn: 1,
         held: Vec::new(),
+        proposals: Vec::new(),
+        unread: Vec::new(),
         read_buf: vec![0u8; READ_CHUNK],
         start: Instant::now(),
         role: Role::ViewChange,
@@ -878,17 +914,28 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let mut events = Events::with_capacity(1024);
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
+    let mut last_exit_check = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
             node.sync()?;
             app.stop(Duration::from_secs(5));
             return Ok(NodeExit::Stopped);
         }
-        if let Some(status) = app.exited() {
-            node.sync()?;
-            return Ok(NodeExit::ProgramExited(status));
+        if last_exit_check.elapsed() >= EXIT_CHECK {
+            last_exit_check = Instant::now();
+            if let Some(status) = app.exited() {
+                node.sync()?;
+                return Ok(NodeExit::ProgramExited(status));
+            }
+            node.hook_children
+                .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         }
-        match node.poll.poll(&mut events, Some(tick)) {
+        let wait = if node.unread.is_empty() {
+            tick
+        } else {
+            Duration::ZERO
+        };
+        match node.poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -901,10 +948,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         let mut peers_ready = false;
         for ev in events.iter() {
             let t = ev.token();
-            let (r, w) = (
-                ev.is_readable() || ev.is_read_closed() || ev.is_error(),
-                ev.is_writable(),
-            );
+            let closed = ev.is_read_closed() || ev.is_error();
+            let ready = Ready {
+                readable: ev.is_readable() || closed,
+                writable: ev.is_writable(),
+                closed,
+            };
             if t == CLIENTS {
                 node.accept_clients()?;
             } else if t == PEERS {
@@ -912,11 +961,20 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             } else if t == SYNCED {
                 // Handled below.
             } else if t.0 >= APP_BASE {
-                node.on_app(t, r, w);
+                node.on_app(t, ready);
             } else if t.0 >= CLIENT_BASE {
-                node.on_client(t, r, w)?;
+                node.on_client(t, ready)?;
             }
         }
+        for t in std::mem::take(&mut node.unread) {
+            let more = Ready {
+                readable: true,
+                writable: false,
+                closed: false,
+            };
+            node.on_client(t, more)?;
+        }
+        node.propose()?;
         // The transport works when its sockets are ready, and every few
         // milliseconds for its own timers (reconnects, handshake deadlines).
         // (The readiness of the transport's own epoll descriptor is reported
@@ -949,9 +1007,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
         }
         node.step(Input::Tick)?;
+        node.propose()?;
         node.pump_apply();
-        node.hook_children
-            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
             sync_inflight = false;
@@ -979,6 +1036,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
             }
         }
+        // Everything this turn sent to peers goes out in one write per peer.
+        node.transport.flush();
     }
 }
 

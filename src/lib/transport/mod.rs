@@ -6,6 +6,11 @@
 //! with [`SendError::Full`] instead of growing; reconnect by itself after a
 //! peer restarts. It may lose, but not corrupt, reorder within one
 //! connection, or duplicate messages — the engine tolerates loss.
+//!
+//! `send` only queues (a transport may write early when a queue grows);
+//! queued messages go out at the latest on the next `flush` or `recv`, so a
+//! caller that sends several messages in one turn of its loop pays for one
+//! write per peer.
 
 pub mod conformance;
 pub mod mem;
@@ -55,8 +60,10 @@ pub enum TransportEvent {
 
 /// A transport endpoint of one replica.
 pub trait Transport {
-    /// Queues `env` for `env.to`.
+    /// Queues `env` for `env.to`; it is written by the next `flush` or `recv` at the latest.
     fn send(&mut self, env: &Envelope) -> Result<(), SendError>;
+    /// Writes what is queued for every peer, as far as the sockets take it now.
+    fn flush(&mut self) {}
     /// Appends what has arrived to `out`, waiting up to `timeout` when nothing is ready.
     fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> io::Result<()>;
     /// Takes the events since the last call.

@@ -38,6 +38,8 @@ const CHALLENGE_LEN: usize = 16 + 32;
 const AUTH_LEN: usize = 32;
 const LISTENER: Token = Token(0);
 const INCOMING_MAX: usize = 64;
+/// A peer's queue this large is written at once, without waiting for `flush`.
+const EARLY_WRITE: usize = 256 << 10;
 
 /// How a TCP endpoint behaves.
 #[derive(Clone, Debug)]
@@ -326,7 +328,7 @@ impl TcpTransport {
         match self.advance_out(i, state, readable, writable) {
             Ok(next) => {
                 self.out[i].as_mut().expect("a peer").state = next;
-                self.flush(i, now);
+                self.flush_peer(i, now);
             }
             Err((stream, was_ready, reason)) => {
                 self.close_out(i, now, Some(stream), was_ready, reason)
@@ -457,7 +459,7 @@ impl TcpTransport {
     }
 
     /// Writes everything queued for peer `i` (in one write when the socket takes it).
-    fn flush(&mut self, i: usize, now: Instant) {
+    fn flush_peer(&mut self, i: usize, now: Instant) {
         let Some(o) = self.out[i].as_mut() else {
             return;
         };
@@ -777,11 +779,21 @@ impl Transport for TcpTransport {
         }
         o.queued_bytes += frame.len();
         o.queue.push_back(frame);
-        self.flush(i, Instant::now());
+        if o.queued_bytes >= EARLY_WRITE {
+            self.flush_peer(i, Instant::now());
+        }
         Ok(())
     }
 
+    fn flush(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.out.len() {
+            self.flush_peer(i, now);
+        }
+    }
+
     fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> io::Result<()> {
+        self.flush();
         let now = Instant::now();
         let deadline = now + timeout;
         let wait = self
