@@ -543,3 +543,66 @@ fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
         c.log(leader)
     );
 }
+
+/// A tiny server (Python, on every Debian) that marks SIGHUP in a file and
+/// exits 7 on SIGUSR1.
+const SIGNAL_SERVER: &str = r#"
+import signal, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+signal.signal(signal.SIGHUP, lambda *a: open("got-SIGHUP", "w").close())
+signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))
+while True:
+    c, _ = s.accept()
+    c.close()
+"#;
+
+#[test]
+fn signals_reach_the_program_and_its_exit_stops_the_replica() {
+    let _one = serial();
+    let program = ["python3", "-c", SIGNAL_SERVER, "{port}"]
+        .map(String::from)
+        .to_vec();
+    let mut c = Cluster::start(1, program);
+    let pid = nix::unistd::Pid::from_raw(c.nodes[0].as_ref().unwrap().id() as i32);
+    let marker = c.dir.path().join("got-SIGHUP");
+    // The program listens once the replica reports it started.
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .log(0)
+            .contains("listening on")),
+        "{}",
+        c.log(0)
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || marker.exists()),
+        "the program never saw SIGHUP; log:\n{}",
+        c.log(0)
+    );
+    // falcon itself is still running.
+    let child = c.nodes[0].as_mut().unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "{}", c.log(0));
+    assert!(
+        c.log(0).contains("passing SIGHUP on to the program"),
+        "{}",
+        c.log(0)
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let child = c.nodes[0].as_mut().unwrap();
+    let mut status = None;
+    wait_until(Duration::from_secs(10), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let status = status.expect("falcon did not stop after its program exited");
+    assert_eq!(status.code(), Some(1), "{}", c.log(0));
+    c.nodes[0] = None;
+    assert!(
+        c.log(0).contains("the program exited (exit status: 7)"),
+        "{}",
+        c.log(0)
+    );
+}

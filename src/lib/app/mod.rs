@@ -54,6 +54,44 @@ pub enum AppError {
     },
 }
 
+/// The signals falcon passes on to the program (reload, log rotation and the like).
+pub const FORWARDED: [Signal; 3] = [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2];
+
+/// Signals received and not yet passed on, one bit per signal number.
+static PENDING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    // Only an atomic operation: async-signal-safe.
+    if (0..64).contains(&sig) {
+        PENDING.fetch_or(1 << sig, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// From now on, the [`FORWARDED`] signals are caught and kept for
+/// [`take_signals`] instead of ending falcon.
+pub fn catch_forwarded_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(note_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in FORWARDED {
+        // SAFETY: the handler only does an atomic read-modify-write.
+        unsafe { sigaction(sig, &action) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The signals caught since the last call.
+pub fn take_signals() -> Vec<Signal> {
+    let bits = PENDING.swap(0, std::sync::atomic::Ordering::Relaxed);
+    FORWARDED
+        .into_iter()
+        .filter(|s| bits & (1 << (*s as i32)) != 0)
+        .collect()
+}
+
 /// The running program.
 pub struct App {
     child: Child,
@@ -77,6 +115,9 @@ impl App {
         }
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null());
+        // Its own process group: Ctrl-C at the terminal reaches falcon only,
+        // which flushes its log and then stops the program itself.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         // If falcon dies (even by SIGKILL), the program gets SIGTERM instead
         // of living on as an orphan that a restarted replica would mistake
         // for its own fresh copy.

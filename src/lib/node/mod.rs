@@ -805,6 +805,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
     }
     let replay_target = log.last_op();
+    crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
     let mut app = App::start(
         &opts.program,
         rc.app,
@@ -920,6 +921,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.sync()?;
             app.stop(Duration::from_secs(5));
             return Ok(NodeExit::Stopped);
+        }
+        for sig in crate::app::take_signals() {
+            ui.note(&format!(
+                "passing {} on to the program (pid {})",
+                sig.as_str(),
+                app.pid()
+            ));
+            app.signal(sig);
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
@@ -1120,7 +1129,12 @@ names the line and the field):
 
 Without --config: ./falcon.toml, then /etc/falcon/falcon.toml. Without
 --node: $FALCON_NODE, else the replica whose peer address is on this host.
-A commented example is fixtures/cluster.toml.";
+A commented example is fixtures/cluster.toml.
+
+Signals: Ctrl-C or SIGTERM stops the replica (the log is flushed, then the
+program gets SIGTERM); SIGHUP, SIGUSR1 and SIGUSR2 are passed on to the
+program. When the program exits, the replica stops and reports its exit
+status (falcon exits 1).";
 
 /// Why `falcon replicate` could not start.
 #[derive(Debug, thiserror::Error)]
