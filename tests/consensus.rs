@@ -987,7 +987,14 @@ fn state_transfer_5_2_compacted_entries_need_a_snapshot() {
         vec![],
         "one fetch at a time"
     );
-    let out = step(&mut lagging, 8, Input::SnapshotInstalled { op: 2 });
+    let out = step(
+        &mut lagging,
+        8,
+        Input::SnapshotInstalled {
+            op: 2,
+            open_conns: vec![],
+        },
+    );
     assert_eq!(out, vec![send(0, Message::Missing { view: 0, from: 3 })]);
     assert_eq!((lagging.first_op(), lagging.commit()), (3, 2));
     // The leader sends the rest; the follower takes it and acknowledges.

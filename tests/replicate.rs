@@ -85,6 +85,17 @@ impl Cluster {
         follower_clients: &'static str,
         extra: Vec<String>,
     ) -> Cluster {
+        Cluster::start_toml(n, program, follower_clients, extra, "")
+    }
+
+    /// `toml_extra`: more lines for the cluster file, before the replicas.
+    fn start_toml(
+        n: usize,
+        program: Vec<String>,
+        follower_clients: &'static str,
+        extra: Vec<String>,
+        toml_extra: &str,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let addrs: Vec<_> = (0..n)
@@ -95,6 +106,7 @@ impl Cluster {
             .collect();
         let mut toml = "cluster = \"e2e\"\nkey_file = \"cluster.key\"\nelection_timeout = \"1s\"\n"
             .to_string();
+        toml.push_str(toml_extra);
         for (i, (peer, client, app)) in addrs.iter().enumerate() {
             toml.push_str(&format!(
                 "\n[[replica]]\nid = {}\npeer = \"{peer}\"\nclient = \"{client}\"\napp = \"{app}\"\ndata_dir = \"data/{}\"\n",
@@ -138,7 +150,10 @@ impl Cluster {
             ])
             .args(&self.extra)
             .arg("--")
-            .args(self.program.iter().map(|a| a.replace("{port}", &app_port)))
+            .args(self.program.iter().map(|a| {
+                a.replace("{port}", &app_port)
+                    .replace("{node}", &(i + 1).to_string())
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::File::create(self.dir.path().join(format!("node{}.log", i + 1))).unwrap(),
@@ -604,5 +619,146 @@ fn signals_reach_the_program_and_its_exit_stops_the_replica() {
         c.log(0).contains("the program exited (exit status: 7)"),
         "{}",
         c.log(0)
+    );
+}
+
+/// SETs `n` keys `{prefix}:{i}` on one connection, one at a time; how many were acknowledged.
+fn set_many(addr: SocketAddr, prefix: &str, n: usize) -> usize {
+    let Ok(s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let value = "v".repeat(100);
+    let mut line = String::new();
+    for i in 0..n {
+        let key = format!("{prefix}:{i}");
+        let req = format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+            key.len(),
+            value.len()
+        );
+        line.clear();
+        if w.write_all(req.as_bytes()).is_err()
+            || r.read_line(&mut line).is_err()
+            || line.trim_end() != "+OK"
+        {
+            return i;
+        }
+    }
+    n
+}
+
+#[test]
+fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
+    let _one = serial();
+    let mut program = redis_program();
+    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
+    let extra = [
+        "--snapshot-every",
+        "1000",
+        "--snapshot-cmd",
+        "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/",
+        "--restore-cmd",
+        "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb",
+        "--reset-cmd",
+        "rm -f $FALCON_DATA_DIR/dump.rdb",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut c = Cluster::start_toml(3, program, "refuse", extra, "segment_size = \"64KiB\"\n");
+    let leader = c.leader(Duration::from_secs(30));
+    let far = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    c.kill(far);
+    // Enough entries for three snapshots, and log segments to drop.
+    assert_eq!(set_many(c.addrs[leader].1, "a", 3500), 3500);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            c.log(leader).contains("snapshot of the program at op")
+                && c.log(other).contains("snapshot of the program at op")
+        }),
+        "no snapshot taken; logs:\n{}\n---\n{}",
+        c.log(leader),
+        c.log(other)
+    );
+    let data = |i: usize| c.dir.path().join(format!("data/{}", i + 1));
+    assert!(data(leader).join("snapshot").exists());
+    let first_op = |i: usize| {
+        let r = util::run(&[
+            "log-inspect",
+            "--summary",
+            "--json",
+            data(i).join("log").to_str().unwrap(),
+        ]);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).expect(&r.stdout);
+        v["first_op"].as_u64().expect("first_op")
+    };
+    assert!(
+        first_op(leader) > 1,
+        "the leader's log was not compacted; log:\n{}",
+        c.log(leader)
+    );
+    // The replica that missed everything comes back: the entries it needs
+    // are gone from the leader's log, so it receives the snapshot.
+    c.start_node(far);
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .log(far)
+            .contains("installed the snapshot at op")),
+        "the far replica never installed a snapshot; its log:\n{}\nleader:\n{}",
+        c.log(far),
+        c.log(leader)
+    );
+    assert_eq!(set_many(c.addrs[leader].1, "b", 200), 200);
+    let agree = |c: &Cluster| {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || agree(&c)),
+        "digests differ: {:?}, keys {:?}, a:2999 {:?} a:3001 {:?}; far replica:\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["DBSIZE"]))
+            .collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["EXISTS", "a:2999"]))
+            .collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["EXISTS", "a:3001"]))
+            .collect::<Vec<_>>(),
+        c.log(far)
+    );
+    assert_eq!(
+        resp_command(c.addrs[far].2, &["GET", "a:10"]).as_deref(),
+        Some("v".repeat(100).as_str())
+    );
+    // A restart with a compacted log starts the program from its own snapshot.
+    c.kill(other);
+    c.start_node(other);
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .log(other)
+            .contains("restored the program from the snapshot at op")),
+        "{}",
+        c.log(other)
+    );
+    assert_eq!(set_many(c.addrs[leader].1, "c", 50), 50);
+    assert!(
+        wait_until(Duration::from_secs(30), || agree(&c)),
+        "digests differ after the restart from a snapshot: {:?}, keys {:?}, a:2999 {:?} a:3400 {:?}\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["DBSIZE"]))
+            .collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["EXISTS", "a:2999"]))
+            .collect::<Vec<_>>(),
+        (0..3)
+            .map(|i| resp_command(c.addrs[i].2, &["EXISTS", "a:3400"]))
+            .collect::<Vec<_>>(),
+        c.log(other)
     );
 }

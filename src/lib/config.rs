@@ -111,6 +111,8 @@ pub struct ClusterConfig {
     /// Heartbeat interval.
     #[serde(with = "duration_ms")]
     pub heartbeat: Duration,
+    /// A log segment is closed at this size (snapshots drop whole segments).
+    pub segment_bytes: u64,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -133,6 +135,7 @@ struct RawConfig {
     sync: Option<Spanned<String>>,
     election_timeout: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
+    segment_size: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -145,6 +148,26 @@ struct RawReplica {
     client: Spanned<String>,
     app: Spanned<String>,
     data_dir: Spanned<String>,
+}
+
+/// Log segment size when the file gives none.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+
+/// "64MiB", "512KiB", "1GiB", "65536" (bytes) → bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// A stable 64-bit id for a cluster name (FNV-1a).
@@ -271,6 +294,21 @@ impl ClusterConfig {
                 "must be shorter than election_timeout".into(),
             ));
         }
+        let segment_bytes = match &raw.segment_size {
+            None => SEGMENT_BYTES_DEFAULT,
+            Some(s) => parse_size(s.get_ref())
+                .filter(|&b| b >= SEGMENT_BYTES_MIN)
+                .ok_or_else(|| {
+                    field_err(
+                        s.span(),
+                        "segment_size",
+                        format!(
+                            "{:?} is not a size of at least 64KiB (examples: 64MiB, 1GiB)",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+        };
         if !matches!(raw.replica.len(), 1 | 3 | 5 | 7 | 9) {
             return Err(ConfigError::Other(format!(
                 "{shown}: {} [[replica]] tables; a cluster has 1, 3, 5, 7 or 9 replicas",
@@ -339,6 +377,7 @@ impl ClusterConfig {
             sync,
             election_timeout,
             heartbeat,
+            segment_bytes,
             replicas,
         })
     }

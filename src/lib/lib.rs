@@ -16,4 +16,5 @@ pub mod log;
 pub mod node;
 pub mod output;
 pub mod sim;
+pub mod snapshot;
 pub mod transport;

@@ -140,7 +140,35 @@ pub enum Message {
         /// The snapshot must cover at least up to this op.
         op: u64,
     },
+    /// A replica that needs a snapshot → the replica that has one: send the
+    /// bytes of your snapshot from `offset` on. Handled by the node, not the
+    /// engine.
+    SnapshotRequest {
+        /// The requester's view.
+        view: u64,
+        /// The op the snapshot must cover at least.
+        op: u64,
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// The answer: bytes `offset ..` of the snapshot covering up to `op`,
+    /// whose file is `total` bytes long. Handled by the node.
+    SnapshotChunk {
+        /// The sender's view.
+        view: u64,
+        /// The last op the snapshot covers (0: the sender has none that covers the request).
+        op: u64,
+        /// Where `data` starts in the file.
+        offset: u64,
+        /// The file's length.
+        total: u64,
+        /// At most [`SNAPSHOT_CHUNK_MAX`] bytes.
+        data: Bytes,
+    },
 }
+
+/// The most bytes one [`Message::SnapshotChunk`] carries.
+pub const SNAPSHOT_CHUNK_MAX: usize = 1 << 20;
 
 impl Message {
     /// The view the message belongs to.
@@ -183,6 +211,14 @@ impl Message {
                 pad(&[*view, *from])
             }
             Message::StartViewChange { view } | Message::NewerView { view } => pad(&[*view]),
+            Message::SnapshotRequest { view, op, offset } => pad(&[*view, *op, *offset]),
+            Message::SnapshotChunk {
+                view,
+                op,
+                offset,
+                total,
+                ..
+            } => pad(&[*view, *op, *offset, *total]),
             Message::DoViewChange {
                 view,
                 log_view,
@@ -219,6 +255,8 @@ impl Message {
             Message::RequestDoViewChange { .. } => "request_do_view_change",
             Message::NewerView { .. } => "newer_view",
             Message::NeedSnapshot { .. } => "need_snapshot",
+            Message::SnapshotRequest { .. } => "snapshot_request",
+            Message::SnapshotChunk { .. } => "snapshot_chunk",
         }
     }
 }
@@ -270,6 +308,8 @@ const T_NEWER: u8 = 8;
 const T_SNAP: u8 = 9;
 const T_START_VIEW: u8 = 10;
 const T_CATCH_UP: u8 = 11;
+const T_SNAP_REQUEST: u8 = 12;
+const T_SNAP_CHUNK: u8 = 13;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -300,6 +340,8 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
         Message::RequestDoViewChange { .. } => T_RDVC,
         Message::NewerView { .. } => T_NEWER,
         Message::NeedSnapshot { .. } => T_SNAP,
+        Message::SnapshotRequest { .. } => T_SNAP_REQUEST,
+        Message::SnapshotChunk { .. } => T_SNAP_CHUNK,
     };
     out.push(t);
     out.extend_from_slice(&env.cluster.to_le_bytes());
@@ -311,6 +353,10 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     }
     if let Some(entries) = env.msg.entries() {
         put_entries(out, entries);
+    }
+    if let Message::SnapshotChunk { data, .. } = &env.msg {
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
     }
 }
 
@@ -484,6 +530,30 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
             view: r.u64()?,
             op: r.u64()?,
         },
+        T_SNAP_REQUEST => Message::SnapshotRequest {
+            view: r.u64()?,
+            op: r.u64()?,
+            offset: r.u64()?,
+        },
+        T_SNAP_CHUNK => {
+            let (view, op, offset, total) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let len = r.u32()? as usize;
+            if len > SNAPSHOT_CHUNK_MAX {
+                return Err(DecodeError::TooLarge {
+                    what: "snapshot chunk",
+                    size: len,
+                    max: SNAPSHOT_CHUNK_MAX,
+                });
+            }
+            let data = Bytes::copy_from_slice(r.take(len)?);
+            Message::SnapshotChunk {
+                view,
+                op,
+                offset,
+                total,
+                data,
+            }
+        }
         other => return Err(DecodeError::UnknownType(other)),
     };
     if r.at != b.len() {
@@ -555,6 +625,18 @@ mod tests {
             Message::RequestDoViewChange { view: 4, from: 1 },
             Message::NewerView { view: 9 },
             Message::NeedSnapshot { view: 4, op: 100 },
+            Message::SnapshotRequest {
+                view: 4,
+                op: 100,
+                offset: 4096,
+            },
+            Message::SnapshotChunk {
+                view: 4,
+                op: 120,
+                offset: 4096,
+                total: 10_000,
+                data: Bytes::from_static(b"snapshot bytes"),
+            },
         ]
     }
 

@@ -118,10 +118,13 @@ pub enum Input {
         /// The replica to lead next.
         to: NodeId,
     },
-    /// The node installed a snapshot covering every op up to `op`; the log now starts at `op + 1`.
+    /// The node installed a snapshot covering every op up to `op`; the log
+    /// now starts at `op + 1`. Op 0 says the fetch failed (the engine may ask again).
     SnapshotInstalled {
         /// Last op the snapshot covers.
         op: u64,
+        /// Connections open at `op`.
+        open_conns: Vec<u64>,
     },
     /// Entries below `below` are covered by a snapshot and may leave memory (and the log).
     Compacted {
@@ -461,7 +464,9 @@ impl Replica {
                     self.check_transfer(out);
                 }
             }
-            Input::SnapshotInstalled { op } => self.on_snapshot_installed(op, out),
+            Input::SnapshotInstalled { op, open_conns } => {
+                self.on_snapshot_installed(op, open_conns, out)
+            }
             Input::Compacted { below } => {
                 let below = below.min(self.delivered + 1);
                 while self.first_op < below && !self.log.is_empty() {
@@ -1105,6 +1110,13 @@ impl Replica {
         if !plausible(&env.msg) {
             return;
         }
+        if matches!(
+            env.msg,
+            Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. }
+        ) {
+            // The node moves snapshots; they say nothing about views.
+            return;
+        }
         let from = env.from;
         let v = env.msg.view();
         if v < self.view {
@@ -1232,6 +1244,7 @@ impl Replica {
                     self.ask_leader_for_log(out);
                 }
             }
+            Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. } => {}
             Message::NeedSnapshot { op, .. } => {
                 if from == self.leader() && op > self.commit && self.snapshot_wait.is_none() {
                     self.snapshot_wait = Some(op);
@@ -1302,11 +1315,14 @@ impl Replica {
             .all(|(i, e)| e.op == op_start + i as u64 && e.view <= view)
     }
 
-    fn on_snapshot_installed(&mut self, op: u64, out: &mut Vec<Command>) {
+    fn on_snapshot_installed(&mut self, op: u64, open_conns: Vec<u64>, out: &mut Vec<Command>) {
         self.snapshot_wait = None;
         if op <= self.commit {
             return;
         }
+        self.open_conns = open_conns.into_iter().collect();
+        // Installing took time the leader did not go silent in.
+        self.reset_election_deadline();
         self.log.clear();
         self.first_op = op + 1;
         self.commit = op;

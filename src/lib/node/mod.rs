@@ -28,6 +28,7 @@ use crate::consensus::{
 };
 use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog};
 use crate::output::Ui;
+use crate::snapshot;
 use crate::transport::tcp::{TcpOptions, TcpTransport};
 use crate::transport::{Transport, TransportEvent};
 
@@ -69,6 +70,13 @@ pub struct NodeOptions {
     pub on_follower: Option<String>,
     /// Run (with `sh -c`) before the program starts, to bring it to its initial state.
     pub reset_cmd: Option<String>,
+    /// Run (with `sh -c`) to write the program's state into $FALCON_SNAPSHOT_DIR.
+    pub snapshot_cmd: Option<String>,
+    /// Run (with `sh -c`) before the program starts, to put the state in
+    /// $FALCON_SNAPSHOT_DIR in place.
+    pub restore_cmd: Option<String>,
+    /// Entries applied between two snapshots.
+    pub snapshot_every: u64,
 }
 
 /// What a follower does with a client that connects to it.
@@ -133,6 +141,9 @@ pub enum NodeError {
     /// The program failed.
     #[error(transparent)]
     App(#[from] AppError),
+    /// A snapshot could not be used.
+    #[error("{0}")]
+    Snapshot(String),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -170,6 +181,25 @@ struct AppConn {
     out: Vec<u8>,
     /// Closed in the log: close once everything written so far reached the program.
     closing: bool,
+    /// Our side is shut (FIN sent): the program still reads what is left and
+    /// answers; the connection goes once the program closes its side too.
+    /// (Dropping it at once could reset the connection and lose requests the
+    /// program has not read yet.)
+    shut: Option<Instant>,
+}
+
+/// How long a half-closed program connection may stay open before it is dropped.
+const SHUT_WAIT: Duration = Duration::from_secs(10);
+
+impl AppConn {
+    /// Sends FIN after everything written so far.
+    fn shut_write(&mut self) {
+        self.closing = false;
+        if self.shut.is_none() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.shut = Some(Instant::now());
+        }
+    }
 }
 
 /// The state file next to the log: `view log_view`, written atomically.
@@ -200,6 +230,103 @@ fn load_state(dir: &Path) -> io::Result<Option<PersistentState>> {
         Err(e) => Err(e),
     }
 }
+
+/// Runs the operator's commands (`sh -c`) with the replica's environment:
+/// FALCON_NODE, FALCON_DATA_DIR, FALCON_APP (host:port), FALCON_APP_HOST, FALCON_APP_PORT.
+struct Hooks {
+    id: u32,
+    data_dir: PathBuf,
+    app: SocketAddr,
+}
+
+impl Hooks {
+    fn command(&self, cmd: &str, extra: &[(&str, &std::ffi::OsStr)]) -> std::process::Command {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .env("FALCON_NODE", self.id.to_string())
+            .env("FALCON_DATA_DIR", &self.data_dir)
+            .env("FALCON_APP", self.app.to_string())
+            .env("FALCON_APP_HOST", self.app.ip().to_string())
+            .env("FALCON_APP_PORT", self.app.port().to_string())
+            .stdin(std::process::Stdio::null());
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs `cmd` to its end; an error unless it succeeds.
+    fn run(
+        &self,
+        what: &str,
+        cmd: &str,
+        extra: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<(), NodeError> {
+        let status = self
+            .command(cmd, extra)
+            .status()
+            .map_err(io_err(format!("running {what} {cmd:?}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(NodeError::Io {
+                context: format!("{what} {cmd:?}"),
+                source: io::Error::other(format!("it exited with {status}")),
+            })
+        }
+    }
+
+    /// Unpacks the snapshot file and runs `--restore-cmd` on it.
+    fn restore(&self, cmd: &str, snap: &Path) -> Result<snapshot::SnapshotMeta, NodeError> {
+        let dir = self.data_dir.join("snapshot.restore");
+        let _ = std::fs::remove_dir_all(&dir);
+        let meta = snapshot::unpack(snap, &dir).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+        let op = meta.op.to_string();
+        self.run(
+            "--restore-cmd",
+            cmd,
+            &[
+                ("FALCON_SNAPSHOT_DIR", dir.as_os_str()),
+                ("FALCON_OP", op.as_ref()),
+            ],
+        )?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(meta)
+    }
+}
+
+/// Where this replica is in taking a snapshot of its program.
+enum Snapshotting {
+    Idle,
+    /// Applying is paused until the program answered what it was given.
+    Draining,
+    /// `--snapshot-cmd` runs; applying stays paused.
+    Running {
+        child: std::process::Child,
+        op: u64,
+        open_conns: Vec<u64>,
+        started: Instant,
+    },
+}
+
+/// A snapshot on its way here from another replica.
+struct Fetch {
+    from: NodeId,
+    /// It must cover this op.
+    need: u64,
+    /// The op of the snapshot being received (0 before the first chunk).
+    snap_op: u64,
+    offset: u64,
+    file: std::fs::File,
+    asked: Instant,
+    started: Instant,
+}
+
+/// How long a replica waits for a snapshot chunk before it asks again.
+const FETCH_RETRY: Duration = Duration::from_secs(1);
+/// Bytes of snapshot per message.
+const SNAPSHOT_CHUNK: usize = 512 << 10;
 
 struct Node<'a> {
     ui: &'a Ui,
@@ -243,6 +370,26 @@ struct Node<'a> {
     last_written: Option<u64>,
     awaiting_answer: Option<Instant>,
     clients_listener: TcpListener,
+    /// The program, how it was started, and the commands around it.
+    app: App,
+    program: Vec<String>,
+    app_timeout: Duration,
+    hooks_env: Hooks,
+    snapshot_cmd: Option<String>,
+    restore_cmd: Option<String>,
+    snapshot_every: u64,
+    /// The op of the last entry applied to the program, and the connections open then.
+    applied_op: u64,
+    open_conns: std::collections::BTreeSet<u64>,
+    /// The op the snapshot file in the data dir covers (0: none).
+    snapshot_op: u64,
+    next_snapshot_at: u64,
+    snapshotting: Snapshotting,
+    fetch: Option<Fetch>,
+    /// A fetched and checked snapshot file, to install.
+    install: Option<PathBuf>,
+    /// Said once: a snapshot is needed but there is no --restore-cmd.
+    told_no_restore: bool,
 }
 
 impl Node<'_> {
@@ -344,13 +491,7 @@ impl Node<'_> {
                     }
                 }
             }
-            Command::FetchSnapshot { from, op } => {
-                self.ui.error(&format!(
-                    "replica {} needs a snapshot up to op {op} from replica {}; snapshots are not supported yet: restart this replica with an empty data directory",
-                    self.ids[self.me as usize],
-                    self.ids[from as usize]
-                ));
-            }
+            Command::FetchSnapshot { from, op } => self.start_fetch(from, op)?,
         }
         Ok(())
     }
@@ -403,6 +544,10 @@ impl Node<'_> {
     /// connections in log order on every replica — also when a replica
     /// replays thousands of entries at once.
     fn pump_apply(&mut self) {
+        if !matches!(self.snapshotting, Snapshotting::Idle) {
+            // The program's state must stay at the snapshot's op until it is written.
+            return;
+        }
         while let Some(e) = self.apply_queue.front() {
             // Wait for the last connection's answer before bytes go to another
             // connection, and before that connection closes (a multi-threaded
@@ -431,9 +576,356 @@ impl Node<'_> {
         }
     }
 
+    // ---- snapshots ----
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.data_dir.join(snapshot::FILE_NAME)
+    }
+
+    /// Takes a snapshot every `snapshot_every` applied entries: pause
+    /// applying, wait for the program's last answer, run `--snapshot-cmd`,
+    /// pack what it wrote, drop the log segments the snapshot covers.
+    fn drive_snapshot(&mut self) -> Result<(), NodeError> {
+        match &mut self.snapshotting {
+            Snapshotting::Idle => {
+                if self.snapshot_cmd.is_some()
+                    && self.applied_op >= self.next_snapshot_at
+                    && self.fetch.is_none()
+                    && self.install.is_none()
+                {
+                    self.snapshotting = Snapshotting::Draining;
+                }
+                Ok(())
+            }
+            Snapshotting::Draining => {
+                let answered = self
+                    .awaiting_answer
+                    .is_none_or(|t| t.elapsed() >= ANSWER_WAIT);
+                if !answered || self.apps.values().any(|a| !a.out.is_empty()) {
+                    return Ok(());
+                }
+                let cmd = self.snapshot_cmd.clone().expect("checked");
+                let work = self.data_dir.join("snapshot.work");
+                let _ = std::fs::remove_dir_all(&work);
+                std::fs::create_dir_all(&work)
+                    .map_err(io_err(format!("creating {}", work.display())))?;
+                let op = self.applied_op;
+                let op_s = op.to_string();
+                let spawned = self
+                    .hooks_env
+                    .command(
+                        &cmd,
+                        &[
+                            ("FALCON_SNAPSHOT_DIR", work.as_os_str()),
+                            ("FALCON_OP", op_s.as_ref()),
+                        ],
+                    )
+                    .spawn();
+                match spawned {
+                    Ok(child) => {
+                        self.snapshotting = Snapshotting::Running {
+                            child,
+                            op,
+                            open_conns: self.open_conns.iter().copied().collect(),
+                            started: Instant::now(),
+                        };
+                    }
+                    Err(e) => {
+                        self.ui
+                            .error(&format!("running --snapshot-cmd {cmd:?}: {e}"));
+                        self.snapshotting = Snapshotting::Idle;
+                        self.next_snapshot_at = self.applied_op + self.snapshot_every;
+                    }
+                }
+                Ok(())
+            }
+            Snapshotting::Running {
+                child,
+                op,
+                open_conns,
+                started,
+            } => {
+                let status = match child.try_wait() {
+                    Ok(None) => return Ok(()),
+                    Ok(Some(status)) => Ok(status),
+                    Err(e) => Err(e),
+                };
+                let (op, open_conns, took) = (*op, std::mem::take(open_conns), started.elapsed());
+                self.snapshotting = Snapshotting::Idle;
+                self.next_snapshot_at = self.applied_op + self.snapshot_every;
+                let work = self.data_dir.join("snapshot.work");
+                let cmd = self.snapshot_cmd.clone().unwrap_or_default();
+                match status {
+                    Ok(st) if st.success() => {
+                        match snapshot::pack(&work, op, &open_conns, &self.snapshot_path()) {
+                            Ok(meta) => {
+                                self.snapshot_op = op;
+                                self.ui.note(&format!(
+                                    "snapshot of the program at op {op}: {} files, {} bytes, {:.0} ms",
+                                    meta.files,
+                                    meta.bytes,
+                                    took.as_secs_f64() * 1e3
+                                ));
+                                self.compact(op)?;
+                            }
+                            Err(e) => self.ui.error(&format!("packing the snapshot: {e}")),
+                        }
+                    }
+                    Ok(st) => self.ui.error(&format!(
+                        "--snapshot-cmd {cmd:?} exited with {st}; no snapshot at op {op} (the log keeps every entry)"
+                    )),
+                    Err(e) => self
+                        .ui
+                        .error(&format!("waiting for --snapshot-cmd {cmd:?}: {e}")),
+                }
+                let _ = std::fs::remove_dir_all(&work);
+                self.pump_apply();
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops log segments (and engine memory) the snapshot at `op` covers,
+    /// keeping half an interval so a follower just behind needs no snapshot.
+    fn compact(&mut self, op: u64) -> Result<(), NodeError> {
+        let below = (op + 1).saturating_sub(self.snapshot_every / 2).max(1);
+        let removed = self.log.remove_segments_below(below)?;
+        if removed > 0 {
+            self.ui.detail(&format!(
+                "removed {removed} log segments; the log now starts at op {}",
+                self.log.first_op()
+            ));
+        }
+        self.step(Input::Compacted { below })
+    }
+
+    /// The engine needs a snapshot up to `op`: fetch it from `from`.
+    fn start_fetch(&mut self, from: NodeId, op: u64) -> Result<(), NodeError> {
+        if self.fetch.is_some() || self.install.is_some() {
+            return Ok(());
+        }
+        if self.restore_cmd.is_none() {
+            if !self.told_no_restore {
+                self.told_no_restore = true;
+                self.ui.error(&format!(
+                    "replica {} is too far behind: replica {} has compacted its log past op {} and offers a snapshot, but this replica has no --restore-cmd to install one; give --restore-cmd, or restart it with an empty data directory",
+                    self.ids[self.me as usize],
+                    self.ids[from as usize],
+                    self.engine.commit()
+                ));
+            }
+            return Ok(());
+        }
+        let path = self.data_dir.join("snapshot.incoming");
+        let file =
+            std::fs::File::create(&path).map_err(io_err(format!("creating {}", path.display())))?;
+        self.ui.note(&format!(
+            "fetching a snapshot covering op {op} from replica {}",
+            self.ids[from as usize]
+        ));
+        self.fetch = Some(Fetch {
+            from,
+            need: op,
+            snap_op: 0,
+            offset: 0,
+            file,
+            asked: Instant::now(),
+            started: Instant::now(),
+        });
+        self.ask_chunk();
+        Ok(())
+    }
+
+    fn ask_chunk(&mut self) {
+        let view = self.engine.view();
+        let Some(f) = &mut self.fetch else {
+            return;
+        };
+        f.asked = Instant::now();
+        let (to, op, offset) = (f.from, f.need, f.offset);
+        self.send(
+            to,
+            crate::consensus::Message::SnapshotRequest { view, op, offset },
+        );
+    }
+
+    /// Snapshot messages are the node's business, not the engine's.
+    fn on_snapshot_message(
+        &mut self,
+        from: NodeId,
+        msg: crate::consensus::Message,
+    ) -> Result<(), NodeError> {
+        use crate::consensus::Message;
+        match msg {
+            Message::SnapshotRequest { op, offset, .. } => {
+                let view = self.engine.view();
+                let (data, total) = if self.snapshot_op >= op && self.snapshot_op > 0 {
+                    read_chunk(&self.snapshot_path(), offset).map_err(io_err(format!(
+                        "reading {}",
+                        self.snapshot_path().display()
+                    )))?
+                } else {
+                    (Vec::new(), 0)
+                };
+                let snap_op = if total > 0 { self.snapshot_op } else { 0 };
+                self.send(
+                    from,
+                    Message::SnapshotChunk {
+                        view,
+                        op: snap_op,
+                        offset,
+                        total,
+                        data: Bytes::from(data),
+                    },
+                );
+            }
+            Message::SnapshotChunk {
+                op,
+                offset,
+                total,
+                data,
+                ..
+            } => {
+                let Some(f) = &mut self.fetch else {
+                    return Ok(());
+                };
+                if from != f.from {
+                    return Ok(());
+                }
+                if op == 0 || op < f.need {
+                    // It has none that covers what we need yet: ask again later.
+                    return Ok(());
+                }
+                if op != f.snap_op {
+                    // A newer snapshot there: start over with it.
+                    f.snap_op = op;
+                    f.offset = 0;
+                    f.file
+                        .set_len(0)
+                        .map_err(io_err("restarting the snapshot download"))?;
+                    if offset != 0 {
+                        self.ask_chunk();
+                        return Ok(());
+                    }
+                }
+                if offset != f.offset || (data.is_empty() && offset < total) {
+                    return Ok(());
+                }
+                use std::os::unix::fs::FileExt;
+                f.file
+                    .write_all_at(&data, offset)
+                    .map_err(io_err("writing the snapshot download"))?;
+                f.offset += data.len() as u64;
+                if f.offset < total {
+                    self.ask_chunk();
+                    return Ok(());
+                }
+                let f = self.fetch.take().expect("checked");
+                f.file
+                    .sync_all()
+                    .map_err(io_err("syncing the snapshot download"))?;
+                let path = self.data_dir.join("snapshot.incoming");
+                match snapshot::read_meta(&path) {
+                    Ok(meta) if meta.op >= f.need => {
+                        self.ui.note(&format!(
+                            "received the snapshot at op {} ({} bytes in {:.1} s)",
+                            meta.op,
+                            meta.bytes,
+                            f.started.elapsed().as_secs_f64()
+                        ));
+                        self.install = Some(path);
+                    }
+                    Ok(meta) => {
+                        self.ui.warn(&format!(
+                            "the snapshot received covers op {} only, {} is needed; asking again",
+                            meta.op, f.need
+                        ));
+                        self.step(Input::SnapshotInstalled {
+                            op: 0,
+                            open_conns: Vec::new(),
+                        })?;
+                    }
+                    Err(e) => {
+                        self.ui.warn(&format!(
+                            "the snapshot received is unusable: {e}; asking again"
+                        ));
+                        self.step(Input::SnapshotInstalled {
+                            op: 0,
+                            open_conns: Vec::new(),
+                        })?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Puts a received snapshot in place: the program restarts from it and
+    /// the log starts after it.
+    fn install_snapshot(&mut self, incoming: PathBuf) -> Result<(), NodeError> {
+        let meta =
+            snapshot::read_meta(&incoming).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+        if meta.op <= self.engine.commit() {
+            let _ = std::fs::remove_file(&incoming);
+            return self.step(Input::SnapshotInstalled {
+                op: 0,
+                open_conns: Vec::new(),
+            });
+        }
+        let cmd = self
+            .restore_cmd
+            .clone()
+            .expect("fetching needs --restore-cmd");
+        self.app.stop(Duration::from_secs(5));
+        self.close_all_apps();
+        // Acknowledgements of the old log must not go out for the new one.
+        self.held.clear();
+        let path = self.snapshot_path();
+        std::fs::rename(&incoming, &path)
+            .map_err(io_err(format!("renaming {}", incoming.display())))?;
+        std::fs::File::open(&self.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(format!("syncing {}", self.data_dir.display())))?;
+        self.snapshot_op = meta.op;
+        self.log.reset(meta.op + 1, 0)?;
+        self.hooks_env.restore(&cmd, &path)?;
+        self.app = App::start(
+            &self.program,
+            self.app_addr,
+            self.app_timeout,
+            Some(&self.data_dir.join("program.log")),
+        )?;
+        self.applied_op = meta.op;
+        self.next_snapshot_at = meta.op + self.snapshot_every;
+        self.open_conns = meta.open_conns.iter().copied().collect();
+        for &c in &meta.open_conns {
+            self.open_app(c);
+        }
+        self.ui.note(&format!(
+            "installed the snapshot at op {}: the program restarted from it (pid {})",
+            meta.op,
+            self.app.pid()
+        ));
+        self.step(Input::SnapshotInstalled {
+            op: meta.op,
+            open_conns: meta.open_conns,
+        })
+    }
+
     /// Applies one committed entry to this replica's copy of the program.
     fn apply(&mut self, e: Entry) {
         self.applied += 1;
+        self.applied_op = e.op;
+        match e.kind {
+            Kind::Open => {
+                self.open_conns.insert(e.conn);
+            }
+            Kind::Close => {
+                self.open_conns.remove(&e.conn);
+            }
+            _ => {}
+        }
         if let Some((target, started, pb)) = &self.replay {
             pb.set_position(self.applied.min(*target));
             if self.applied >= *target {
@@ -446,37 +938,7 @@ impl Node<'_> {
             }
         }
         match e.kind {
-            Kind::Open => {
-                if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
-                    let _ = std.set_nodelay(true);
-                    let _ = std.set_nonblocking(true);
-                    let mut stream = TcpStream::from_std(std);
-                    let token = Token(APP_BASE + self.next_token);
-                    self.next_token += 1;
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                        .is_ok()
-                    {
-                        self.app_tokens.insert(token, e.conn);
-                        self.apps.insert(
-                            e.conn,
-                            AppConn {
-                                stream,
-                                token,
-                                out: Vec::new(),
-                                closing: false,
-                            },
-                        );
-                    }
-                } else {
-                    self.ui.error(&format!(
-                        "cannot connect to the program at {}",
-                        self.app_addr
-                    ));
-                }
-            }
+            Kind::Open => self.open_app(e.conn),
             Kind::Data => {
                 if let Some(a) = self.apps.get_mut(&e.conn) {
                     if a.out.len() + e.payload.len() > BUFFER_MAX {
@@ -496,7 +958,8 @@ impl Node<'_> {
                 // replaying its log writes faster than the program reads.
                 match self.apps.get_mut(&e.conn) {
                     Some(a) if !a.out.is_empty() => a.closing = true,
-                    _ => self.close_app(e.conn),
+                    Some(a) => a.shut_write(),
+                    None => {}
                 }
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
                     self.drop_client(t, false);
@@ -504,6 +967,51 @@ impl Node<'_> {
             }
             Kind::Frame | Kind::Noop => {}
         }
+    }
+
+    /// Opens this replica's own connection to the program for `conn`.
+    fn open_app(&mut self, conn: u64) {
+        if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
+            let _ = std.set_nodelay(true);
+            let _ = std.set_nonblocking(true);
+            let mut stream = TcpStream::from_std(std);
+            let token = Token(APP_BASE + self.next_token);
+            self.next_token += 1;
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                .is_ok()
+            {
+                self.app_tokens.insert(token, conn);
+                self.apps.insert(
+                    conn,
+                    AppConn {
+                        stream,
+                        token,
+                        out: Vec::new(),
+                        closing: false,
+                        shut: None,
+                    },
+                );
+            }
+        } else {
+            self.ui.error(&format!(
+                "cannot connect to the program at {}",
+                self.app_addr
+            ));
+        }
+    }
+
+    /// Drops every connection to the program (it is about to restart).
+    fn close_all_apps(&mut self) {
+        let conns: Vec<u64> = self.apps.keys().copied().collect();
+        for c in conns {
+            self.close_app(c);
+        }
+        self.apply_queue.clear();
+        self.last_written = None;
+        self.awaiting_answer = None;
     }
 
     fn close_app(&mut self, conn: u64) {
@@ -647,8 +1155,7 @@ impl Node<'_> {
         if ready.writable {
             flush(&mut a.stream, &mut a.out);
             if a.closing && a.out.is_empty() {
-                self.close_app(conn);
-                return;
+                a.shut_write();
             }
         }
         if !ready.readable {
@@ -690,6 +1197,17 @@ struct Ready {
     writable: bool,
     /// The other side closed or failed: read to the end.
     closed: bool,
+}
+
+/// Bytes `offset ..` (at most [`SNAPSHOT_CHUNK`]) of the file, and its length.
+fn read_chunk(path: &Path, offset: u64) -> io::Result<(Vec<u8>, u64)> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let total = f.metadata()?.len();
+    let n = total.saturating_sub(offset).min(SNAPSHOT_CHUNK as u64) as usize;
+    let mut buf = vec![0u8; n];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok((buf, total))
 }
 
 /// Reads what the socket has, chunk by chunk, into `take` until it would
@@ -749,9 +1267,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         storage,
         LogOptions {
             sync: cfg.sync,
+            segment_bytes_max: cfg.segment_bytes,
             ..LogOptions::new(cfg.cluster_id, me)
         },
     )?;
+    let mut log = log;
     if let Some(t) = &recovery.torn {
         ui.warn(&format!(
             "cut a torn tail from the log: {} at byte offset {} ({} bytes)",
@@ -765,18 +1285,74 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     };
     let seed = crate::log::now_ns() ^ u64::from(std::process::id());
     let state = load_state(&rc.data_dir).map_err(io_err("reading the view state"))?;
-    let entries = log.read(log.first_op(), usize::MAX, usize::MAX)?;
+    // A snapshot in the data dir covers the ops before `base + 1`; the
+    // program starts from it when --restore-cmd says how.
+    let hooks = Hooks {
+        id: rc.id,
+        data_dir: rc.data_dir.clone(),
+        app: rc.app,
+    };
+    let snap_path = rc.data_dir.join(snapshot::FILE_NAME);
+    let snap = if snap_path.exists() {
+        Some(snapshot::read_meta(&snap_path).map_err(|e| NodeError::Snapshot(e.to_string()))?)
+    } else {
+        None
+    };
+    let restored = match (&snap, &opts.restore_cmd) {
+        (Some(meta), Some(cmd)) => {
+            if meta.op + 1 < log.first_op() {
+                return Err(NodeError::Snapshot(format!(
+                    "{}: the snapshot covers ops up to {}, but the log starts at op {}: ops {}..{} are nowhere; restart this replica with an empty data directory",
+                    snap_path.display(),
+                    meta.op,
+                    log.first_op(),
+                    meta.op + 1,
+                    log.first_op() - 1
+                )));
+            }
+            if log.last_op() < meta.op {
+                // Installed from the leader, then stopped before new entries arrived.
+                log.reset(meta.op + 1, 0)?;
+            }
+            hooks.restore(cmd, &snap_path)?;
+            ui.note(&format!(
+                "restored the program from the snapshot at op {} ({} bytes)",
+                meta.op, meta.bytes
+            ));
+            Some(meta.clone())
+        }
+        _ if log.first_op() > 1 => {
+            return Err(NodeError::Snapshot(format!(
+                "the log in {} starts at op {}: the ops before it are only in {}; give --restore-cmd so the program can start from it",
+                rc.data_dir.join("log").display(),
+                log.first_op(),
+                snap_path.display()
+            )));
+        }
+        _ => {
+            if let Some(cmd) = &opts.reset_cmd {
+                hooks.run("--reset-cmd", cmd, &[])?;
+            }
+            None
+        }
+    };
+    let base = restored.as_ref().map_or(0, |m| m.op);
+    let open_at_base = restored
+        .as_ref()
+        .map_or_else(Vec::new, |m| m.open_conns.clone());
+    let entries = log.read(base.max(log.first_op() - 1) + 1, usize::MAX, usize::MAX)?;
     let engine = match state {
-        Some(st) => Replica::restart(engine_cfg, seed, 0, st, log.first_op(), entries, Vec::new()),
-        None if log.last_op() == 0 => Replica::new(engine_cfg, seed, 0),
-        None => Replica::restart(
+        _ if log.last_op() == 0 && base == 0 && state.is_none() => {
+            Replica::new(engine_cfg, seed, 0)
+        }
+        st => Replica::restart(
             engine_cfg,
             seed,
             0,
-            PersistentState::default(),
-            log.first_op(),
+            st.unwrap_or_default(),
+            base.max(log.first_op() - 1) + 1,
             entries,
-            Vec::new(),
+            open_at_base.clone(),
         ),
     };
     ui.note(&format!(
@@ -788,25 +1364,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         log.last_op(),
         engine.view()
     ));
-    if let Some(cmd) = &opts.reset_cmd {
-        // The program starts from its initial state and the log is replayed into it.
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .env("FALCON_NODE", rc.id.to_string())
-            .env("FALCON_DATA_DIR", &rc.data_dir)
-            .status()
-            .map_err(io_err(format!("running --reset-cmd {cmd:?}")))?;
-        if !status.success() {
-            return Err(NodeError::Io {
-                context: format!("--reset-cmd {cmd:?}"),
-                source: io::Error::other(format!("it exited with {status}")),
-            });
-        }
-    }
-    let replay_target = log.last_op();
+    let replay_target = log.last_op().saturating_sub(base);
     crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
-    let mut app = App::start(
+    let app = App::start(
         &opts.program,
         rc.app,
         opts.app_timeout,
@@ -877,7 +1437,26 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         last_written: None,
         awaiting_answer: None,
         clients_listener,
+        app,
+        program: opts.program.clone(),
+        app_timeout: opts.app_timeout,
+        hooks_env: hooks,
+        snapshot_cmd: opts.snapshot_cmd.clone(),
+        restore_cmd: opts.restore_cmd.clone(),
+        snapshot_every: opts.snapshot_every.max(1),
+        applied_op: base,
+        open_conns: open_at_base.iter().copied().collect(),
+        snapshot_op: snap.as_ref().map_or(0, |m| m.op),
+        next_snapshot_at: base + opts.snapshot_every.max(1),
+        snapshotting: Snapshotting::Idle,
+        fetch: None,
+        install: None,
+        told_no_restore: false,
     };
+    // Connections open at the snapshot's op get their own program connection again.
+    for &c in &open_at_base {
+        node.open_app(c);
+    }
     // The starting role counts as a change (prints it, runs the hook).
     if node.engine.role() != Role::ViewChange {
         let (role, view, leader) = (node.engine.role(), node.engine.view(), node.engine.leader());
@@ -919,25 +1498,34 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     loop {
         if stop.load(Ordering::Relaxed) {
             node.sync()?;
-            app.stop(Duration::from_secs(5));
+            node.app.stop(Duration::from_secs(5));
             return Ok(NodeExit::Stopped);
         }
         for sig in crate::app::take_signals() {
             ui.note(&format!(
                 "passing {} on to the program (pid {})",
                 sig.as_str(),
-                app.pid()
+                node.app.pid()
             ));
-            app.signal(sig);
+            node.app.signal(sig);
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
-            if let Some(status) = app.exited() {
+            if let Some(status) = node.app.exited() {
                 node.sync()?;
                 return Ok(NodeExit::ProgramExited(status));
             }
             node.hook_children
                 .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+            let stale: Vec<u64> = node
+                .apps
+                .iter()
+                .filter(|(_, a)| a.shut.is_some_and(|t| t.elapsed() >= SHUT_WAIT))
+                .map(|(&c, _)| c)
+                .collect();
+            for c in stale {
+                node.close_app(c);
+            }
         }
         let wait = if node.unread.is_empty() {
             tick
@@ -997,8 +1585,29 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             peers_busy = !inbox.is_empty();
         }
         for env in inbox.drain(..) {
+            use crate::consensus::Message;
+            if matches!(
+                env.msg,
+                Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. }
+            ) {
+                if env.cluster == node.cluster_id && env.to == node.me {
+                    node.on_snapshot_message(env.from, env.msg)?;
+                }
+                continue;
+            }
             node.step(Input::Receive(env))?;
         }
+        if let Some(path) = node.install.take() {
+            node.install_snapshot(path)?;
+        }
+        if node
+            .fetch
+            .as_ref()
+            .is_some_and(|f| f.asked.elapsed() >= FETCH_RETRY)
+        {
+            node.ask_chunk();
+        }
+        node.drive_snapshot()?;
         for ev in node.transport.events() {
             match ev {
                 TransportEvent::Refused { addr, reason } => {
@@ -1090,6 +1699,26 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "CMD")]
     pub reset_cmd: Option<String>,
 
+    /// Run CMD (with sh -c) to write the program's state into the directory
+    /// $FALCON_SNAPSHOT_DIR, every --snapshot-every entries. Applying pauses
+    /// while it runs; falcon then packs the directory into DATA_DIR/snapshot
+    /// and deletes log segments it covers. Environment: FALCON_SNAPSHOT_DIR,
+    /// FALCON_OP, FALCON_NODE, FALCON_DATA_DIR, FALCON_APP, FALCON_APP_HOST,
+    /// FALCON_APP_PORT. Needs --restore-cmd.
+    #[arg(long, value_name = "CMD", requires = "restore_cmd")]
+    pub snapshot_cmd: Option<String>,
+
+    /// Run CMD (with sh -c) before the program starts, to put the state in
+    /// $FALCON_SNAPSHOT_DIR in place: at a restart with a snapshot in the
+    /// data dir, and when a replica too far behind receives the leader's
+    /// snapshot. Same environment as --snapshot-cmd.
+    #[arg(long, value_name = "CMD")]
+    pub restore_cmd: Option<String>,
+
+    /// Entries applied between two snapshots.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -1104,6 +1733,10 @@ Examples:
   falcon replicate --new-key cluster.key
   falcon replicate --config cluster.toml --node 1 -- redis-server --port 7001 --save ''
   FALCON_NODE=2 falcon replicate -- redis-server --port 7002 --save ''
+  falcon replicate --node 1 --snapshot-every 100000 \\
+    --snapshot-cmd 'redis-cli -p $FALCON_APP_PORT SAVE >/dev/null && cp data/1/dump.rdb $FALCON_SNAPSHOT_DIR/' \\
+    --restore-cmd 'cp $FALCON_SNAPSHOT_DIR/dump.rdb data/1/dump.rdb' \\
+    -- redis-server --port 7001 --save '' --dir data/1
 
 Every replica runs the same command with its own --node. Clients connect to
 any replica's client address (a follower forwards them to the leader); the leader
@@ -1119,6 +1752,7 @@ names the line and the field):
   sync = \"batch\"              # always | batch | never
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
+  segment_size = \"64MiB\"      # optional; log segment size (snapshots drop whole segments)
 
   [[replica]]                   # 1, 3, 5, 7 or 9 of them
   id = 1
@@ -1199,6 +1833,9 @@ pub fn replicate(
         on_leader: args.on_leader.clone(),
         on_follower: args.on_follower.clone(),
         reset_cmd: args.reset_cmd.clone(),
+        snapshot_cmd: args.snapshot_cmd.clone(),
+        restore_cmd: args.restore_cmd.clone(),
+        snapshot_every: args.snapshot_every,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

@@ -27,6 +27,9 @@ pub enum SendError {
     /// The queue for this peer is full: slow down.
     #[error("send queue to replica {0} is full")]
     Full(NodeId),
+    /// The connection to this peer broke and is not back yet: the message is dropped.
+    #[error("replica {0} is unreachable; message dropped")]
+    Down(NodeId),
     /// No such peer.
     #[error("no replica {0}")]
     UnknownPeer(NodeId),

@@ -106,6 +106,10 @@ struct Outgoing {
     wbuf: Vec<u8>,
     wpos: usize,
     backoff: Duration,
+    /// The connection was up and broke: until it is up again, messages for
+    /// this peer are dropped, not queued (a restarted peer must not receive
+    /// a backlog it no longer needs; the engine retransmits what matters).
+    down: bool,
 }
 
 enum InState {
@@ -192,6 +196,7 @@ impl TcpTransport {
                     wbuf: Vec::new(),
                     wpos: 0,
                     backoff: opts.reconnect_min,
+                    down: false,
                 })
             })
             .collect();
@@ -309,6 +314,9 @@ impl TcpTransport {
         o.wbuf.clear();
         o.wpos = 0;
         if was_ready {
+            o.down = true;
+            o.queue.clear();
+            o.queued_bytes = 0;
             self.notices.push(TransportEvent::Lost {
                 peer: i as NodeId,
                 reason: reason.unwrap_or_else(|| "connection closed".into()),
@@ -422,7 +430,9 @@ impl TcpTransport {
                 if stream.write_all(&auth).is_err() {
                     return Err((stream, true, None));
                 }
-                self.out[i].as_mut().expect("a peer").backoff = self.opts.reconnect_min;
+                let o = self.out[i].as_mut().expect("a peer");
+                o.backoff = self.opts.reconnect_min;
+                o.down = false;
                 self.notices.push(TransportEvent::Connected {
                     peer,
                     incoming: false,
@@ -774,6 +784,9 @@ impl Transport for TcpTransport {
         message::encode(env, &mut frame);
         let len = (frame.len() - 4) as u32;
         frame[..4].copy_from_slice(&len.to_le_bytes());
+        if o.down {
+            return Err(SendError::Down(env.to));
+        }
         if o.queued_bytes + frame.len() > max {
             return Err(SendError::Full(env.to));
         }
