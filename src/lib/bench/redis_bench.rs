@@ -207,10 +207,11 @@ fn set_wait(port: u16, clients: usize, requests: usize) -> Result<(f64, Summary)
     Ok((all.len() as f64 / secs, summarize(&mut all)))
 }
 
-fn falcon_cluster(dir: &Path, ports: &[u16]) -> Result<(Procs, u16), BenchError> {
+fn falcon_cluster(dir: &Path, ports: &[u16], sync: &str) -> Result<(Procs, u16), BenchError> {
     let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(dir)?;
     let mut toml =
-        "cluster = \"bench\"\nkey_file = \"cluster.key\"\nsync = \"batch\"\n".to_string();
+        format!("cluster = \"bench-{sync}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n");
     for i in 0..3 {
         toml.push_str(&format!(
             "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
@@ -273,7 +274,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::Scratch(dir.clone());
-    let ports = free_ports(13);
+    let ports = free_ports(22);
     let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
     let mut procs = Procs(vec![
         redis_server(bare, &[])?,
@@ -298,8 +299,9 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         )
         .into());
     }
-    let (falcon, leader) = falcon_cluster(&dir, &ports[4..13])?;
-    let mut falcon = falcon;
+    let (mut falcon, leader) = falcon_cluster(&dir.join("batch"), &ports[4..13], "batch")?;
+    procs.0.append(&mut falcon.0);
+    let (mut falcon, leader_nosync) = falcon_cluster(&dir.join("never"), &ports[13..22], "never")?;
     procs.0.append(&mut falcon.0);
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
@@ -331,14 +333,19 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
                 p50_ms: lat.p50_us / 1000.0,
                 p99_ms: lat.p99_us / 1000.0,
             });
-            let (ops, p50, p99) = redis_benchmark(leader, clients, n)?;
-            runs.push(Run {
-                setup: "d: falcon, 3 replicas, sync batch".into(),
-                clients,
-                ops_per_s: ops,
-                p50_ms: p50,
-                p99_ms: p99,
-            });
+            for (setup, port) in [
+                ("d: falcon, 3 replicas, sync batch", leader),
+                ("e: falcon, 3 replicas, sync never", leader_nosync),
+            ] {
+                let (ops, p50, p99) = redis_benchmark(port, clients, n)?;
+                runs.push(Run {
+                    setup: setup.into(),
+                    clients,
+                    ops_per_s: ops,
+                    p50_ms: p50,
+                    p99_ms: p99,
+                });
+            }
         }
         ui.detail(&format!("round {} done", round + 1));
     }
@@ -351,6 +358,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             "b: redis async replication, 2 replicas",
             "c: redis SET + WAIT 2 0",
             "d: falcon, 3 replicas, sync batch",
+            "e: falcon, 3 replicas, sync never",
         ] {
             let mut rs: Vec<&Run> = runs
                 .iter()
@@ -363,7 +371,8 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     }
     let mut setup = super::setup_lines(None);
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating", requests / 10, args.rounds)));
-    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer".into()));
+    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
+    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, two clusters idle while another setup runs".into()));
     if ui.json {
         output::json_line(
             out,

@@ -47,6 +47,8 @@ const READ_CHUNK: usize = 64 << 10;
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
+/// Client events held for the fsync under way, at most (then they are proposed at once).
+const PROPOSE_HOLD_MAX: usize = 256;
 /// How often the loop asks whether the program (or a hook) exited.
 const EXIT_CHECK: Duration = Duration::from_millis(20);
 
@@ -347,6 +349,8 @@ struct Node<'a> {
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
     /// Client input read in this turn of the loop, proposed as one batch at its end.
     proposals: Vec<Event>,
+    /// An fsync of the log is under way on the fsync thread.
+    sync_inflight: bool,
     /// Clients that had more to read when their turn ended.
     unread: Vec<Token>,
     /// Reused for every socket read (no allocation per event).
@@ -498,7 +502,15 @@ impl Node<'_> {
 
     /// Proposes the client input of this turn as one batch: one Prepare per
     /// follower and one log write for all of it.
+    ///
+    /// While an fsync of the log is under way, input waits for it (up to
+    /// [`PROPOSE_HOLD_MAX`] events): it would wait for the next fsync anyway,
+    /// and one batch then costs one Prepare, one append and one fsync on
+    /// every replica instead of one each per request.
     fn propose(&mut self) -> Result<(), NodeError> {
+        if self.sync_inflight && self.proposals.len() < PROPOSE_HOLD_MAX {
+            return Ok(());
+        }
         while !self.proposals.is_empty() {
             let events = std::mem::take(&mut self.proposals);
             self.step(Input::Propose(events))?;
@@ -1416,6 +1428,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         held: Vec::new(),
         proposals: Vec::new(),
         unread: Vec::new(),
+        sync_inflight: false,
         read_buf: vec![0u8; READ_CHUNK],
         start: Instant::now(),
         role: Role::ViewChange,
@@ -1488,7 +1501,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .map_err(io_err("starting the fsync thread"))?;
     }
     let cfg_sync = cfg.sync;
-    let mut sync_inflight = false;
     let mut last_peer_turn = Instant::now();
     let mut peers_busy = false;
     let mut events = Events::with_capacity(1024);
@@ -1629,7 +1641,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.pump_apply();
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
-            sync_inflight = false;
+            node.sync_inflight = false;
             let before = node.log.durable_op();
             let d = node.log.note_synced(result)?;
             if d > before {
@@ -1637,15 +1649,17 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 node.step(Input::Durable { op: d })?;
             }
         }
+        // Input held during the fsync that just ended goes now, into the next one.
+        node.propose()?;
         // Something appended is not durable yet, and no fsync is under way.
-        if node.log.durable_op() < node.log.last_op() && !sync_inflight {
+        if node.log.durable_op() < node.log.last_op() && !node.sync_inflight {
             if cfg_sync == crate::log::SyncPolicy::Never {
                 node.sync()?;
                 let d = node.log.durable_op();
                 node.step(Input::Durable { op: d })?;
             } else {
                 let (file, op, epoch) = node.log.sync_handle()?;
-                sync_inflight = true;
+                node.sync_inflight = true;
                 if sync_tx.send((file, op, epoch)).is_err() {
                     return Err(NodeError::Io {
                         context: "the fsync thread stopped".into(),
