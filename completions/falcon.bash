@@ -89,12 +89,36 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__bench)
-            opts="-v -q -h -V --log --rtt --consensus --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --log --rtt --local --serve --peer --size --iters --warmup --raw --consensus --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --serve)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --peer)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --iters)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --warmup)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --raw)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --requests)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -69,9 +69,15 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s v -l verbos
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l serve -d '--rtt: answer round trips on ADDR (the other host runs --peer ADDR) until Ctrl-C' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l peer -d '--rtt: measure against a --serve at ADDR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l size -d '--rtt: message size in bytes' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l iters -d '--rtt: measured iterations' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l warmup -d '--rtt: iterations run first and not measured' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l raw -d '--rtt: write every round trip (ns, one per line) to FILE' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l requests -d 'Requests per run for --redis at 50 connections (a tenth at 1)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rounds -d 'Rounds for --redis (the median is reported)' -r
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport --consensus runs over: mem (tcp, shm and rdma come with later releases)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport: tcp, shm or rdma (shm and rdma: not built yet); for --consensus also mem, the engine alone in one process without a disk' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l dir -d 'Where --log puts its scratch log (on the disk to measure; removed afterwards)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l duration -d 'How long each measurement runs' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l verify-mib -d 'Size of the log that --log builds to measure --verify speed' -r
@@ -79,7 +85,8 @@ complete -c falcon -n "__fish_falcon_using_subcommand bench" -l color -d 'When t
 always\t'Always'
 never\t'Never'"
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l log -d 'The durable log: append throughput and append-to-durable latency for 64 B and 4 KiB records per sync policy, group commit with many writers, and `--verify` speed, beside the disk\'s own write+fdatasync rate'
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport, perftest style (not built yet: a later release)'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport with one message outstanding, perftest style (t_min, t_typical, t_avg, t_stdev, 99%, 99.9%, t_max; round trip and one way). Needs --local, or --serve ADDR on one host and --peer ADDR on the other'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l local -d '--rtt: both ends on this host'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'The consensus engine: committed entries per second and CPU per entry, 3 replicas in one process over --transport mem (no disk), 1 and 256 clients, beside the same events without replication'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l redis -d 'Redis replicated by falcon beside Redis alone, Redis\'s asynchronous replication and its synchronous `WAIT 2 0`, alternating in one window (needs redis-server and redis-benchmark)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libpcap-dev pkg-config tcpdump util-linux redis-server redis-tools memcached)
+packages=(libpcap-dev pkg-config tcpdump util-linux redis-server redis-tools memcached sockperf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

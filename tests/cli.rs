@@ -58,7 +58,10 @@ fn later_subcommands_say_so_and_exit_2() {
     for (args, issue) in [
         (vec!["tap-attach", "tap0"], "#7"),
         (vec!["failover", "status"], "#8"),
-        (vec!["bench", "--rtt"], "not built yet"),
+        (
+            vec!["bench", "--rtt", "--local", "--transport", "shm"],
+            "not built yet",
+        ),
     ] {
         let r = run(&args);
         assert_eq!(r.code, 2, "{args:?}: {r:?}");

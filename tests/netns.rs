@@ -30,7 +30,10 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
-        let tag = format!("f{}", std::process::id() % 100_000);
+        // One tag per network, so the tests of this file can run at once.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("f{}{k}", std::process::id() % 10_000);
         let net = Net { tag: tag.clone() };
         must(&format!(
             "ip link add {tag}br type bridge && ip addr add 10.77.0.254/24 dev {tag}br && ip link set {tag}br up"
@@ -237,4 +240,60 @@ fn a_cut_off_replica_catches_up_and_a_minority_leader_never_answers() {
         );
         let _ = c.wait();
     }
+}
+
+#[test]
+fn bench_rtt_between_two_hosts() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
+    );
+    let net = Net::new();
+    let exe = env!("CARGO_BIN_EXE_falcon");
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(1),
+            exe,
+            "bench",
+            "--rtt",
+            "--serve",
+            "10.77.0.1:7400",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = None;
+    wait_until(Duration::from_secs(10), || {
+        let o = sh(&format!(
+            "ip netns exec {} {exe} bench --rtt --peer 10.77.0.1:7400 --iters 2000 --warmup 100 --size 256 --json",
+            net.ns(2)
+        ));
+        let ok = o.status.success();
+        out = Some(o);
+        ok
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let o = out.unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &j["result"];
+    assert_eq!(r["iterations"], 2000);
+    assert_eq!(r["size"], 256);
+    // The path went over the veth link of host 2, not loopback.
+    assert_eq!(r["device"], format!("{}p2", net.tag));
+    assert!(r["path"].as_str().unwrap().contains("10.77.0.2:"), "{r}");
+    let (min, p50) = (
+        r["rtt"]["min_us"].as_f64().unwrap(),
+        r["rtt"]["p50_us"].as_f64().unwrap(),
+    );
+    assert!(min > 0.0 && min <= p50, "{r}");
+    assert!(
+        (r["one_way"]["p50_us"].as_f64().unwrap() * 2.0 - p50).abs() < 0.01,
+        "{r}"
+    );
 }

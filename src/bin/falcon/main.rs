@@ -81,10 +81,21 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
             // Errors name the file (and offset) themselves.
             falcon::inspect::run(&args, ui, &mut out, &stop).map_err(anyhow::Error::from)
         }
-        Command::Bench(args) => match falcon::bench::run(&args, ui, &mut out) {
-            Err(falcon::bench::BenchError::NotBuilt(msg)) => Err(Usage(msg).into()),
-            other => other.context("bench"),
-        },
+        Command::Bench(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            if args.serve.is_some() || args.consensus {
+                let s = stop.clone();
+                ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+                    .context("installing the Ctrl-C handler")?;
+            }
+            match falcon::bench::run(&args, ui, &mut out, &stop) {
+                Err(
+                    falcon::bench::BenchError::NotBuilt(msg)
+                    | falcon::bench::BenchError::Usage(msg),
+                ) => Err(Usage(msg).into()),
+                other => other.context("bench"),
+            }
+        }
         Command::Generate(args) => generate::write_all(&args.out).map(|_| Status::Success),
         Command::MakeFixtures(args) => falcon::log::fixtures::write_all(&args.out)
             .with_context(|| format!("writing fixtures to {}", args.out.display()))

@@ -4,9 +4,11 @@
 pub mod consensus_bench;
 pub mod log_bench;
 pub mod redis_bench;
+pub mod rtt;
 pub mod stats;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,9 +24,40 @@ pub struct BenchArgs {
     #[arg(long, group = "what")]
     pub log: bool,
 
-    /// Round trip of the transport, perftest style (not built yet: a later release).
+    /// Round trip of the transport with one message outstanding, perftest
+    /// style (t_min, t_typical, t_avg, t_stdev, 99%, 99.9%, t_max; round trip
+    /// and one way). Needs --local, or --serve ADDR on one host and --peer
+    /// ADDR on the other.
     #[arg(long, group = "what")]
     pub rtt: bool,
+
+    /// --rtt: both ends on this host.
+    #[arg(long)]
+    pub local: bool,
+
+    /// --rtt: answer round trips on ADDR (the other host runs --peer ADDR) until Ctrl-C.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["peer", "local"])]
+    pub serve: Option<SocketAddr>,
+
+    /// --rtt: measure against a --serve at ADDR.
+    #[arg(long, value_name = "ADDR", conflicts_with = "local")]
+    pub peer: Option<SocketAddr>,
+
+    /// --rtt: message size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub size: usize,
+
+    /// --rtt: measured iterations.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub iters: usize,
+
+    /// --rtt: iterations run first and not measured.
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    pub warmup: usize,
+
+    /// --rtt: write every round trip (ns, one per line) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub raw: Option<PathBuf>,
 
     /// The consensus engine: committed entries per second and CPU per entry,
     /// 3 replicas in one process over --transport mem (no disk), 1 and 256
@@ -46,8 +79,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub rounds: usize,
 
-    /// The transport --consensus runs over: mem (tcp, shm and rdma come with later releases).
-    #[arg(long, value_name = "NAME", default_value = "mem")]
+    /// The transport: tcp, shm or rdma (shm and rdma: not built yet); for
+    /// --consensus also mem, the engine alone in one process without a disk.
+    #[arg(long, value_name = "NAME", default_value = "tcp")]
     pub transport: String,
 
     /// Where --log puts its scratch log (on the disk to measure; removed afterwards).
@@ -68,6 +102,9 @@ Examples:
   falcon bench --log                         the log on /var/tmp's disk, 2 s per test
   falcon bench --log --dir /data --duration 5s
   falcon bench --log --json > log-bench.json
+  falcon bench --rtt --local                 TCP round trip on this host, perftest style
+  falcon bench --rtt --serve 10.0.0.1:7400   on host A; then on host B:
+  falcon bench --rtt --peer 10.0.0.1:7400 --size 4096 --raw rtt.txt
   falcon bench --consensus --transport mem   the engine alone, 3 replicas in process
   falcon bench --redis                       Redis via falcon beside Redis's own replication
 
@@ -83,13 +120,24 @@ pub enum BenchError {
     /// Any other I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// A mode that a later release builds.
+    /// A mode that a later release builds, or that this host cannot run.
     #[error("{0}")]
     NotBuilt(String),
+    /// Arguments that do not fit together.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Runs `falcon bench`.
-pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, BenchError> {
+pub fn run(
+    args: &BenchArgs,
+    ui: &Ui,
+    out: &mut dyn Write,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Status, BenchError> {
+    if args.rtt {
+        return rtt::run(args, ui, out, stop);
+    }
     if args.log {
         return log_bench::run(args, ui, out);
     }
@@ -99,17 +147,9 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     if args.redis {
         return redis_bench::run(args, ui, out);
     }
-    let which = if args.rtt {
-        "--rtt"
-    } else {
-        return Err(BenchError::NotBuilt(
-            "choose what to measure: --log or --consensus (--rtt comes with the transports)".into(),
-        ));
-    };
-    Err(BenchError::NotBuilt(format!(
-        "falcon bench {which} is not built yet: it arrives with the transports; \
-         this release measures --log and --consensus"
-    )))
+    Err(BenchError::Usage(
+        "choose what to measure: --rtt, --consensus, --log or --redis (falcon bench --help)".into(),
+    ))
 }
 
 /// A scratch directory, removed when dropped.
