@@ -89,7 +89,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__bench)
-            opts="-v -q -h -V --log --rtt --local --serve --peer --size --iters --warmup --raw --consensus --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --log --rtt --local --serve --peer --size --iters --warmup --raw --consensus --replicas --clients --connections --sync --cluster --compare --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -116,6 +116,26 @@ _falcon() {
                     return 0
                     ;;
                 --raw)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --replicas)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --clients)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --connections)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sync)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -397,7 +417,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

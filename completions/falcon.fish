@@ -56,6 +56,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d '
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l null-program -d 'Run no program: clients send frames (u32 little-endian length, then the bytes) and the leader answers each committed frame with its op (u64 little-endian). What `falcon bench --consensus` measures'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s q -l quiet -d 'Only errors on standard error'
@@ -71,10 +72,15 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s h -l help -
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l serve -d '--rtt: answer round trips on ADDR (the other host runs --peer ADDR) until Ctrl-C' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l peer -d '--rtt: measure against a --serve at ADDR' -r
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l size -d '--rtt: message size in bytes' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l size -d '--rtt: message size; --consensus: entry size (bytes)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l iters -d '--rtt: measured iterations' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l warmup -d '--rtt: iterations run first and not measured' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l raw -d '--rtt: write every round trip (ns, one per line) to FILE' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l replicas -d '--consensus: replicas in the local cluster' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l clients -d '--consensus: closed-loop clients, one entry outstanding each (default: 1, then 256)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l connections -d '--consensus: connections the clients share (default 8)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l sync -d '--consensus: the cluster\'s sync policy: always, batch (default) or never' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l cluster -d '--consensus: drive an already running cluster (its replicas started with `falcon replicate --null-program`) instead of starting one' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l requests -d 'Requests per run for --redis at 50 connections (a tenth at 1)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rounds -d 'Rounds for --redis (the median is reported)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport: tcp, shm or rdma (shm and rdma: not built yet); for --consensus also mem, the engine alone in one process without a disk' -r
@@ -87,7 +93,8 @@ never\t'Never'"
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l log -d 'The durable log: append throughput and append-to-durable latency for 64 B and 4 KiB records per sync policy, group commit with many writers, and `--verify` speed, beside the disk\'s own write+fdatasync rate'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rtt -d 'Round trip of the transport with one message outstanding, perftest style (t_min, t_typical, t_avg, t_stdev, 99%, 99.9%, t_max; round trip and one way). Needs --local, or --serve ADDR on one host and --peer ADDR on the other'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l local -d '--rtt: both ends on this host'
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'The consensus engine: committed entries per second and CPU per entry, 3 replicas in one process over --transport mem (no disk), 1 and 256 clients, beside the same events without replication'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l consensus -d 'Consensus: a local cluster of --replicas processes (falcon replicate without a program) driven by closed-loop clients; commits/s, commit latency, CPU per 1,000 commits. With --transport mem: the engine alone, 3 replicas in one process without a disk'
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l compare -d '--consensus: also measure the TCP round trip (--rtt --local) in the same run and print commit latency as a multiple of it'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l redis -d 'Redis replicated by falcon beside Redis alone, Redis\'s asynchronous replication and its synchronous `WAIT 2 0`, alternating in one window (needs redis-server and redis-benchmark)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -s v -l verbose -d 'More detail on standard error (repeat for more)'

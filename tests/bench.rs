@@ -100,7 +100,54 @@ fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
     );
     let r = run(&["bench", "--consensus", "--transport", "rdma"]);
     assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("no RDMA device"), "{r:?}");
+    let r = run(&["bench", "--consensus", "--transport", "shm"]);
+    assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("not built yet"), "{r:?}");
+}
+
+#[test]
+fn bench_consensus_over_tcp_drives_a_real_cluster_and_compares_with_the_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&[
+        "bench",
+        "--consensus",
+        "--clients",
+        "16",
+        "--connections",
+        "4",
+        "--duration",
+        "300ms",
+        "--compare",
+        "--json",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    let row = &j["rows"][0];
+    assert_eq!(
+        (row["replicas"].as_u64(), row["clients"].as_u64()),
+        (Some(3), Some(16))
+    );
+    assert_eq!(row["sync"], "batch");
+    assert!(row["commits_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    let lat = &row["latency"];
+    assert!(
+        lat["p50_us"].as_f64().unwrap() > 0.0 && lat["p50_us"].as_f64() <= lat["p99_us"].as_f64()
+    );
+    assert!(
+        row["replica_cpu_s_per_1000"].as_f64().unwrap() > 0.0,
+        "{row}"
+    );
+    assert!(j["rtt"]["rtt"]["p50_us"].as_f64().unwrap() > 0.0);
+    assert!(j["commit_p50_over_rtt_p50"].as_f64().unwrap() > 0.0);
+    // The replicas are gone and their scratch directory with them.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // Out-of-range settings are usage errors.
+    let r = run(&["bench", "--consensus", "--replicas", "4"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("1, 3, 5, 7 or 9"), "{r:?}");
 }
 
 #[test]

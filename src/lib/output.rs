@@ -126,13 +126,23 @@ impl Ui {
     /// A progress bar on standard error, or a hidden one when it is not a
     /// terminal, when `-q` is given, or when the work is small.
     pub fn progress(&self, total_bytes: u64, min_bytes: u64, what: &str) -> indicatif::ProgressBar {
-        if !self.stderr_tty || self.quiet || total_bytes < min_bytes {
+        if total_bytes < min_bytes {
             return indicatif::ProgressBar::hidden();
         }
-        let pb = indicatif::ProgressBar::new(total_bytes);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
+        self.progress_with(
+            total_bytes,
             "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
+            what,
+        )
+    }
+
+    /// A progress bar with an indicatif `template` (hidden as for [`Ui::progress`]).
+    pub fn progress_with(&self, total: u64, template: &str, what: &str) -> indicatif::ProgressBar {
+        if !self.stderr_tty || self.quiet {
+            return indicatif::ProgressBar::hidden();
+        }
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_message(what.to_string());

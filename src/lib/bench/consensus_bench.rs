@@ -190,12 +190,6 @@ fn baseline(clients: usize, payload: &Bytes, d: Duration) -> Row {
 
 /// Runs the benchmark.
 pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, BenchError> {
-    if args.transport != "mem" {
-        return Err(BenchError::NotBuilt(format!(
-            "--consensus --transport {} is not built yet: this release measures the engine over the in-memory transport (--transport mem)",
-            args.transport
-        )));
-    }
     let payload = Bytes::from(vec![0x42u8; 64]);
     let d = args.duration;
     let mut setup = super::setup_lines(None);

@@ -2,6 +2,7 @@
 //! by side, in one run, and print their setup.
 
 pub mod consensus_bench;
+pub mod consensus_tcp;
 pub mod log_bench;
 pub mod redis_bench;
 pub mod rtt;
@@ -43,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "ADDR", conflicts_with = "local")]
     pub peer: Option<SocketAddr>,
 
-    /// --rtt: message size in bytes.
+    /// --rtt: message size; --consensus: entry size (bytes).
     #[arg(long, value_name = "BYTES", default_value_t = 64)]
     pub size: usize,
 
@@ -59,11 +60,38 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub raw: Option<PathBuf>,
 
-    /// The consensus engine: committed entries per second and CPU per entry,
-    /// 3 replicas in one process over --transport mem (no disk), 1 and 256
-    /// clients, beside the same events without replication.
+    /// Consensus: a local cluster of --replicas processes (falcon replicate
+    /// without a program) driven by closed-loop clients; commits/s, commit
+    /// latency, CPU per 1,000 commits. With --transport mem: the engine alone,
+    /// 3 replicas in one process without a disk.
     #[arg(long, group = "what")]
     pub consensus: bool,
+
+    /// --consensus: replicas in the local cluster.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub replicas: usize,
+
+    /// --consensus: closed-loop clients, one entry outstanding each (default: 1, then 256).
+    #[arg(long, value_name = "N")]
+    pub clients: Option<usize>,
+
+    /// --consensus: connections the clients share (default 8).
+    #[arg(long, value_name = "N")]
+    pub connections: Option<usize>,
+
+    /// --consensus: the cluster's sync policy: always, batch (default) or never.
+    #[arg(long, value_name = "POLICY")]
+    pub sync: Option<String>,
+
+    /// --consensus: drive an already running cluster (its replicas started
+    /// with `falcon replicate --null-program`) instead of starting one.
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+
+    /// --consensus: also measure the TCP round trip (--rtt --local) in the
+    /// same run and print commit latency as a multiple of it.
+    #[arg(long)]
+    pub compare: bool,
 
     /// Redis replicated by falcon beside Redis alone, Redis's asynchronous
     /// replication and its synchronous `WAIT 2 0`, alternating in one window
@@ -105,6 +133,9 @@ Examples:
   falcon bench --rtt --local                 TCP round trip on this host, perftest style
   falcon bench --rtt --serve 10.0.0.1:7400   on host A; then on host B:
   falcon bench --rtt --peer 10.0.0.1:7400 --size 4096 --raw rtt.txt
+  falcon bench --consensus                   3 replicas over TCP, 1 then 256 clients
+  falcon bench --consensus --clients 256 --sync never --duration 5s
+  falcon bench --consensus --clients 1 --compare   commit latency vs the round trip
   falcon bench --consensus --transport mem   the engine alone, 3 replicas in process
   falcon bench --redis                       Redis via falcon beside Redis's own replication
 
@@ -142,7 +173,11 @@ pub fn run(
         return log_bench::run(args, ui, out);
     }
     if args.consensus {
-        return consensus_bench::run(args, ui, out);
+        if args.transport == "mem" {
+            return consensus_bench::run(args, ui, out);
+        }
+        rtt::check_transport(&args.transport)?;
+        return consensus_tcp::run(args, ui, out, stop);
     }
     if args.redis {
         return redis_bench::run(args, ui, out);

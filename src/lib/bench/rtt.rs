@@ -196,8 +196,36 @@ pub fn client(
     })
 }
 
-/// `--local`: both ends on this host (the server on a thread).
+/// `--local`: both ends on this host, the server a second `falcon` process
+/// (as replicas are), so the round trip crosses processes the way a
+/// replica's messages do.
 pub fn local(size: usize, warmup: usize, iters: usize) -> Result<RttResult, BenchError> {
+    let exe = std::env::current_exe()?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut server = std::process::Command::new(exe)
+        .args(["-q", "bench", "--rtt", "--serve", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        TcpStream::connect(addr).is_ok()
+    });
+    let r = if up {
+        client(addr, size, warmup, iters)
+    } else {
+        Err(std::io::Error::other("the round-trip server process did not start").into())
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    r
+}
+
+/// Both ends in this process (the server on a thread): for tests, whose
+/// executable is not falcon.
+pub fn in_process(size: usize, warmup: usize, iters: usize) -> Result<RttResult, BenchError> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let server = std::thread::spawn(move || -> std::io::Result<()> {
@@ -405,7 +433,7 @@ fn setup_of(r: &RttResult, args: &BenchArgs) -> Vec<(String, String)> {
     setup.push((
         "mode".into(),
         if args.local {
-            "--local: both ends on this host (server thread, blocking sockets, TCP_NODELAY)".into()
+            "--local: both ends on this host, the server a second falcon process (blocking sockets, TCP_NODELAY)".into()
         } else {
             "--peer: against a --serve on another host".into()
         },
@@ -518,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_local_round_trip_is_measured() {
-        let r = local(64, 10, 200).unwrap();
+        let r = in_process(64, 10, 200).unwrap();
         assert_eq!(r.iterations, 200);
         assert_eq!(r.samples_ns.len(), 200);
         assert!(r.rtt.min_us > 0.0 && r.rtt.min_us <= r.rtt.p50_us);

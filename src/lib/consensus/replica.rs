@@ -131,6 +131,12 @@ pub enum Input {
         /// First op still needed.
         below: u64,
     },
+    /// Entries below `below` may leave memory; they stay in the node's log,
+    /// and a follower that needs them gets [`Command::CatchUpFromLog`].
+    Forget {
+        /// First op to keep in memory (at most the first undelivered op).
+        below: u64,
+    },
 }
 
 /// Why a proposal was refused.
@@ -203,6 +209,19 @@ pub enum Command {
         /// Why.
         reason: Reject,
     },
+    /// Send `msg` (a [`Message::CatchUp`] or [`Message::DoViewChange`] with
+    /// no entries) to `to` once its entries are filled with ops `from ..=
+    /// upto` read from the log: some of them left memory with [`Input::Forget`].
+    SendFromLog {
+        /// The receiver.
+        to: NodeId,
+        /// The message, entries empty.
+        msg: Message,
+        /// First op.
+        from: u64,
+        /// Last op.
+        upto: u64,
+    },
     /// Fetch a snapshot covering every op up to `op` from `from`, install it,
     /// then give [`Input::SnapshotInstalled`].
     FetchSnapshot {
@@ -242,6 +261,11 @@ pub struct Replica {
     /// Entries `first_op ..= last_op`.
     log: VecDeque<Entry>,
     first_op: u64,
+    /// The first op in the node's log; ops below it only a snapshot has.
+    stored_first: u64,
+    /// Per follower: the op a catch-up was last sent from, and when (no
+    /// second copy of the same chunk within a heartbeat).
+    catch_up_sent: Vec<(u64, u64)>,
     commit: u64,
     delivered: u64,
     durable: u64,
@@ -329,6 +353,8 @@ impl Replica {
             status: Status::Normal,
             log: entries.into(),
             first_op,
+            stored_first: first_op,
+            catch_up_sent: vec![(0, 0); n],
             commit: first_op - 1,
             delivered: first_op - 1,
             durable: 0,
@@ -468,13 +494,55 @@ impl Replica {
                 self.on_snapshot_installed(op, open_conns, out)
             }
             Input::Compacted { below } => {
-                let below = below.min(self.delivered + 1);
-                while self.first_op < below && !self.log.is_empty() {
-                    self.log.pop_front();
-                    self.first_op += 1;
-                }
+                self.forget(below);
+                self.stored_first = self.stored_first.max(self.first_op);
             }
+            Input::Forget { below } => self.forget(below),
         }
+    }
+
+    /// Drops entries below `below` (and below every undelivered one) from memory.
+    fn forget(&mut self, below: u64) {
+        let below = below.min(self.delivered + 1);
+        while self.first_op < below && !self.log.is_empty() {
+            self.log.pop_front();
+            self.first_op += 1;
+        }
+    }
+
+    /// Follower `f` needs ops from `from`, below what memory holds: from the
+    /// log when it still has them, else a snapshot. True when handled.
+    fn catch_up_from_below(&mut self, f: NodeId, from: u64, out: &mut Vec<Command>) -> bool {
+        if from >= self.first_op {
+            return false;
+        }
+        let fi = f as usize;
+        if from >= self.stored_first && from <= self.commit {
+            let upto = self.commit.min(from + self.cfg.catch_up_entries - 1);
+            let (last_from, at) = self.catch_up_sent[fi];
+            if last_from == from && self.now.saturating_sub(at) < self.cfg.heartbeat_ns {
+                return true;
+            }
+            self.catch_up_sent[fi] = (from, self.now);
+            out.push(Command::SendFromLog {
+                to: f,
+                msg: Message::CatchUp {
+                    view: self.view,
+                    op_start: from,
+                    entries: Vec::new(),
+                    commit: self.commit,
+                },
+                from,
+                upto,
+            });
+            self.last_sent[fi] = self.now;
+            if self.acked[fi] >= from {
+                self.acked[fi] = from - 1;
+            }
+        } else {
+            self.send_need_snapshot(f, out);
+        }
+        true
     }
 
     // ---- proposals and the normal case (leader) ----
@@ -536,9 +604,8 @@ impl Replica {
     fn pump(&mut self, f: NodeId, out: &mut Vec<Command>) {
         let fi = f as usize;
         let last = self.last_op();
-        if self.next[fi] < self.first_op && self.next[fi] <= last {
-            // What it needs is compacted away: it needs a snapshot.
-            self.send_need_snapshot(f, out);
+        if self.next[fi] <= last && self.catch_up_from_below(f, self.next[fi], out) {
+            // What it needs left memory: from the log, or a snapshot.
             return;
         }
         while self.next[fi] <= last && self.next[fi] <= self.acked[fi] + self.cfg.pipeline_ops_max {
@@ -731,7 +798,24 @@ impl Replica {
     }
 
     fn send_dvc(&self, from: u64, out: &mut Vec<Command>) {
-        let from = from.max(self.first_op).min(self.last_op() + 1);
+        let from = from.max(self.stored_first).min(self.last_op() + 1);
+        if from < self.first_op {
+            // Part of it left memory: the node reads it back from the log.
+            out.push(Command::SendFromLog {
+                to: self.leader(),
+                msg: Message::DoViewChange {
+                    view: self.view,
+                    log_view: self.log_view,
+                    last_op: self.last_op(),
+                    commit: self.commit,
+                    op_start: from,
+                    entries: Vec::new(),
+                },
+                from,
+                upto: self.last_op(),
+            });
+            return;
+        }
         let entries: Vec<Entry> = (from..=self.last_op())
             .filter_map(|op| self.entry(op).cloned())
             .collect();
@@ -792,6 +876,11 @@ impl Replica {
             // Keep our entries up to the first one that differs from the best log.
             let mut keep = d.op_start - 1;
             for e in &d.entries {
+                if e.op < self.first_op {
+                    // Delivered here, so committed: the same entry in every log.
+                    keep = e.op;
+                    continue;
+                }
                 match self.entry(e.op) {
                     Some(mine) if mine.view == e.view => keep = e.op,
                     _ => break,
@@ -882,8 +971,7 @@ impl Replica {
     fn send_start_view(&mut self, f: NodeId, from: u64, out: &mut Vec<Command>) {
         let fi = f as usize;
         let from = from.clamp(1, self.last_op() + 1);
-        if from < self.first_op {
-            self.send_need_snapshot(f, out);
+        if self.catch_up_from_below(f, from, out) {
             return;
         }
         if self.last_op() + 1 - from > self.cfg.catch_up_entries && from <= self.commit {
@@ -1050,6 +1138,25 @@ impl Replica {
             || op_start > self.last_op() + 1
             || op_start < self.first_op
         {
+            return;
+        }
+        // Committing through `end - 1` commits our entries before op_start
+        // too: only safe when they are known to be the leader's (in step
+        // with this view), else only up to our commit point.
+        let trusted = if self.status == Status::Normal {
+            self.last_op()
+        } else {
+            self.commit
+        };
+        if op_start > trusted + 1 {
+            self.send(
+                out,
+                from,
+                Message::Missing {
+                    view: self.view,
+                    from: trusted + 1,
+                },
+            );
             return;
         }
         let diverges = entries
@@ -1325,6 +1432,7 @@ impl Replica {
         self.reset_election_deadline();
         self.log.clear();
         self.first_op = op + 1;
+        self.stored_first = op + 1;
         self.commit = op;
         self.delivered = op;
         self.durable = op;

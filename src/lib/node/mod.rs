@@ -47,6 +47,10 @@ const READ_CHUNK: usize = 64 << 10;
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
+/// Delivered entries the engine keeps in memory (for retransmits).
+const MEMORY_KEEP: u64 = 65_536;
+/// Bytes of log entries one catch-up message carries, at most.
+const CATCH_UP_BYTES: usize = 16 << 20;
 /// Client events held for the fsync under way, at most (then they are proposed at once).
 const PROPOSE_HOLD_MAX: usize = 256;
 /// How often the loop asks whether the program (or a hook) exited.
@@ -79,6 +83,9 @@ pub struct NodeOptions {
     pub restore_cmd: Option<String>,
     /// Entries applied between two snapshots.
     pub snapshot_every: u64,
+    /// No program: clients send length-prefixed frames and the leader
+    /// answers each committed frame with its op (`falcon bench --consensus`).
+    pub null_program: bool,
 }
 
 /// What a follower does with a client that connects to it.
@@ -175,7 +182,12 @@ struct ClientConn {
     stream: TcpStream,
     conn: u64,
     out: Vec<u8>,
+    /// Bytes of a frame not complete yet (null-program mode).
+    partial: Vec<u8>,
 }
+
+/// The largest frame a client may send in null-program mode.
+const FRAME_MAX: usize = crate::log::format::PAYLOAD_MAX;
 
 struct AppConn {
     stream: TcpStream,
@@ -375,8 +387,12 @@ struct Node<'a> {
     awaiting_answer: Option<Instant>,
     clients_listener: TcpListener,
     /// The program, how it was started, and the commands around it.
-    app: App,
+    app: Option<App>,
     program: Vec<String>,
+    /// Clients whose answers wait in `out` for the end of this delivery (null-program mode).
+    acked_clients: Vec<Token>,
+    /// Null-program mode: client bytes are frames, answers are ops.
+    framed: bool,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -442,6 +458,20 @@ impl Node<'_> {
             Command::Deliver(entries) => {
                 self.apply_queue.extend(entries);
                 self.pump_apply();
+                // Memory holds a window of delivered entries; older ones are
+                // read back from the log for a follower that needs them.
+                let commit = self.engine.commit();
+                if commit > self.engine.first_op() + 2 * MEMORY_KEEP {
+                    self.step(Input::Forget {
+                        below: commit - MEMORY_KEEP,
+                    })?;
+                }
+                // One write per client for all the answers of this delivery.
+                for t in std::mem::take(&mut self.acked_clients) {
+                    if let Some(c) = self.clients.get_mut(&t) {
+                        flush(&mut c.stream, &mut c.out);
+                    }
+                }
             }
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
@@ -496,6 +526,34 @@ impl Node<'_> {
                 }
             }
             Command::FetchSnapshot { from, op } => self.start_fetch(from, op)?,
+            Command::SendFromLog {
+                to,
+                mut msg,
+                from,
+                upto,
+            } => {
+                use crate::consensus::Message;
+                let count = (upto + 1).saturating_sub(from) as usize;
+                let read = self.log.read(from, count, CATCH_UP_BYTES)?;
+                let whole = read.len() == count;
+                if read.first().map(|e| e.op) != Some(from)
+                    || (!whole && matches!(msg, Message::DoViewChange { .. }))
+                {
+                    self.ui.error(&format!(
+                        "replica {} needs ops {from}..={upto}, but this log holds {}..={}",
+                        self.ids[to as usize],
+                        self.log.first_op(),
+                        self.log.last_op()
+                    ));
+                    return Ok(());
+                }
+                if let Message::CatchUp { entries, .. } | Message::DoViewChange { entries, .. } =
+                    &mut msg
+                {
+                    *entries = read;
+                }
+                self.send(to, msg);
+            }
         }
         Ok(())
     }
@@ -889,7 +947,9 @@ impl Node<'_> {
             .restore_cmd
             .clone()
             .expect("fetching needs --restore-cmd");
-        self.app.stop(Duration::from_secs(5));
+        if let Some(app) = &mut self.app {
+            app.stop(Duration::from_secs(5));
+        }
         self.close_all_apps();
         // Acknowledgements of the old log must not go out for the new one.
         self.held.clear();
@@ -902,12 +962,14 @@ impl Node<'_> {
         self.snapshot_op = meta.op;
         self.log.reset(meta.op + 1, 0)?;
         self.hooks_env.restore(&cmd, &path)?;
-        self.app = App::start(
+        let app = App::start(
             &self.program,
             self.app_addr,
             self.app_timeout,
             Some(&self.data_dir.join("program.log")),
         )?;
+        let pid = app.pid();
+        self.app = Some(app);
         self.applied_op = meta.op;
         self.next_snapshot_at = meta.op + self.snapshot_every;
         self.open_conns = meta.open_conns.iter().copied().collect();
@@ -915,9 +977,8 @@ impl Node<'_> {
             self.open_app(c);
         }
         self.ui.note(&format!(
-            "installed the snapshot at op {}: the program restarted from it (pid {})",
+            "installed the snapshot at op {}: the program restarted from it (pid {pid})",
             meta.op,
-            self.app.pid()
         ));
         self.step(Input::SnapshotInstalled {
             op: meta.op,
@@ -950,7 +1011,19 @@ impl Node<'_> {
             }
         }
         match e.kind {
+            Kind::Open if self.framed => {}
             Kind::Open => self.open_app(e.conn),
+            Kind::Data if self.framed => {
+                // No program: the leader's answer is the op the frame committed at.
+                if let Some(&t) = self.client_of_conn.get(&e.conn) {
+                    if let Some(c) = self.clients.get_mut(&t) {
+                        if c.out.is_empty() {
+                            self.acked_clients.push(t);
+                        }
+                        c.out.extend_from_slice(&e.op.to_le_bytes());
+                    }
+                }
+            }
             Kind::Data => {
                 if let Some(a) = self.apps.get_mut(&e.conn) {
                     if a.out.len() + e.payload.len() > BUFFER_MAX {
@@ -1074,6 +1147,7 @@ impl Node<'_> {
                             stream,
                             conn,
                             out: Vec::new(),
+                            partial: Vec::new(),
                         },
                     );
                     self.client_of_conn.insert(conn, token);
@@ -1128,15 +1202,48 @@ impl Node<'_> {
         let conn = c.conn;
         let events = &mut self.proposals;
         let mut chunks = 0;
-        let closed = read_available(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
-            events.push(Event {
-                kind: Kind::Data,
-                conn,
-                payload: Bytes::copy_from_slice(bytes),
-            });
+        let framed = self.framed;
+        let partial = &mut c.partial;
+        let mut bad_frame = false;
+        let mut closed = read_available(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
             chunks += 1;
+            if !framed {
+                events.push(Event {
+                    kind: Kind::Data,
+                    conn,
+                    payload: Bytes::copy_from_slice(bytes),
+                });
+                return chunks < 16;
+            }
+            // Null-program mode: one entry per [u32 length][payload] frame.
+            partial.extend_from_slice(bytes);
+            let mut at = 0;
+            while partial.len() - at >= 4 {
+                let len =
+                    u32::from_le_bytes(partial[at..at + 4].try_into().expect("4 bytes")) as usize;
+                if len > FRAME_MAX {
+                    bad_frame = true;
+                    return false;
+                }
+                if partial.len() - at - 4 < len {
+                    break;
+                }
+                events.push(Event {
+                    kind: Kind::Data,
+                    conn,
+                    payload: Bytes::copy_from_slice(&partial[at + 4..at + 4 + len]),
+                });
+                at += 4 + len;
+            }
+            partial.drain(..at);
             chunks < 16
         });
+        if bad_frame {
+            self.ui.warn(&format!(
+                "a client sent a frame over {FRAME_MAX} bytes; closing its connection"
+            ));
+            closed = true;
+        }
         if chunks >= 16 && !closed {
             // Its turn is over; the rest is read next turn (no new event will say so).
             self.unread.push(t);
@@ -1378,18 +1485,24 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     ));
     let replay_target = log.last_op().saturating_sub(base);
     crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
-    let app = App::start(
-        &opts.program,
-        rc.app,
-        opts.app_timeout,
-        Some(&rc.data_dir.join("program.log")),
-    )?;
-    ui.note(&format!(
-        "started {} (pid {}), listening on {}",
-        app.program,
-        app.pid(),
-        rc.app
-    ));
+    let app = if opts.null_program {
+        ui.note("no program (--null-program): the leader answers each committed frame with its op");
+        None
+    } else {
+        let app = App::start(
+            &opts.program,
+            rc.app,
+            opts.app_timeout,
+            Some(&rc.data_dir.join("program.log")),
+        )?;
+        ui.note(&format!(
+            "started {} (pid {}), listening on {}",
+            app.program,
+            app.pid(),
+            rc.app
+        ));
+        Some(app)
+    };
     let peers = cfg.replicas.iter().map(|r| r.peer).collect();
     let transport =
         TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, opts.key.clone()))
@@ -1451,6 +1564,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         awaiting_answer: None,
         clients_listener,
         app,
+        acked_clients: Vec::new(),
+        framed: opts.null_program,
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,
         hooks_env: hooks,
@@ -1510,20 +1625,24 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     loop {
         if stop.load(Ordering::Relaxed) {
             node.sync()?;
-            node.app.stop(Duration::from_secs(5));
+            if let Some(app) = &mut node.app {
+                app.stop(Duration::from_secs(5));
+            }
             return Ok(NodeExit::Stopped);
         }
         for sig in crate::app::take_signals() {
-            ui.note(&format!(
-                "passing {} on to the program (pid {})",
-                sig.as_str(),
-                node.app.pid()
-            ));
-            node.app.signal(sig);
+            if let Some(app) = &node.app {
+                ui.note(&format!(
+                    "passing {} on to the program (pid {})",
+                    sig.as_str(),
+                    app.pid()
+                ));
+                app.signal(sig);
+            }
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
-            if let Some(status) = node.app.exited() {
+            if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
                 return Ok(NodeExit::ProgramExited(status));
             }
@@ -1733,6 +1852,12 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
 
+    /// Run no program: clients send frames (u32 little-endian length, then
+    /// the bytes) and the leader answers each committed frame with its op
+    /// (u64 little-endian). What `falcon bench --consensus` measures.
+    #[arg(long, hide = true, conflicts_with_all = ["snapshot_cmd", "restore_cmd", "reset_cmd"])]
+    pub null_program: bool,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -1813,7 +1938,7 @@ pub fn replicate(
         ));
         return Ok(crate::output::Status::Success);
     }
-    if args.program.is_empty() {
+    if args.program.is_empty() && !args.null_program {
         return Err(ReplicateError::Usage("no program to run: give it after --, e.g. falcon replicate -- redis-server --port 7001".into()));
     }
     let path = ClusterConfig::find(args.config.as_deref())?;
@@ -1850,6 +1975,7 @@ pub fn replicate(
         snapshot_cmd: args.snapshot_cmd.clone(),
         restore_cmd: args.restore_cmd.clone(),
         snapshot_every: args.snapshot_every,
+        null_program: args.null_program,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

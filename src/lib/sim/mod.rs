@@ -63,6 +63,9 @@ pub struct Knobs {
     pub partition_every_ns: u64,
     /// Length of the safety phase, ns.
     pub safety_ns: u64,
+    /// Entries an engine keeps in memory below its commit point (None: all);
+    /// older ones are read back from the log for a follower that needs them.
+    pub forget_keep: Option<u64>,
 }
 
 impl Knobs {
@@ -89,6 +92,7 @@ impl Knobs {
                 pick(rng, 100 * MS, 800 * MS)
             },
             safety_ns: pick(rng, 800 * MS, 3000 * MS),
+            forget_keep: (rng.next_u64() % 2 == 0).then(|| rng.next_u64() % 8),
         }
     }
 }
@@ -420,6 +424,35 @@ impl Sim {
                 );
                 inputs.push(Input::Durable { op: d });
             }
+            Command::SendFromLog {
+                to,
+                mut msg,
+                from,
+                upto,
+            } => {
+                let n = &self.nodes[node as usize];
+                let Some(log) = n.log.as_ref() else {
+                    return Ok(());
+                };
+                let count = (upto + 1).saturating_sub(from) as usize;
+                let read = log.read(from, count, usize::MAX).map_err(io)?;
+                if read.len() != count || read.first().map(|e| e.op) != Some(from) {
+                    return Err(Violation {
+                        checker: "storage",
+                        detail: format!(
+                            "node {node}: the engine asked for ops {from}..={upto} from the log, which has {}..={}",
+                            log.first_op(),
+                            log.last_op()
+                        ),
+                    });
+                }
+                if let Message::CatchUp { entries, .. } | Message::DoViewChange { entries, .. } =
+                    &mut msg
+                {
+                    *entries = read;
+                }
+                self.send_net(node, to, msg);
+            }
             Command::Send {
                 to,
                 msg,
@@ -700,8 +733,13 @@ impl Sim {
             self.report.events += 1;
             match ev {
                 Ev::Tick(node) => {
-                    if self.nodes[node as usize].engine.is_some() {
+                    if let Some(engine) = &self.nodes[node as usize].engine {
+                        let commit = engine.commit();
                         self.step(node, Input::Tick)?;
+                        if let Some(keep) = self.knobs.forget_keep {
+                            let below = commit.saturating_sub(keep) + 1;
+                            self.step(node, Input::Forget { below })?;
+                        }
                     }
                     self.at(self.now + MS, Ev::Tick(node));
                 }
