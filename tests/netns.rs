@@ -297,3 +297,45 @@ fn bench_rtt_between_two_hosts() {
         "{r}"
     );
 }
+
+#[test]
+fn bench_consensus_with_every_replica_in_its_own_namespace() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let o = util::falcon()
+        .args([
+            "bench",
+            "--consensus",
+            "--netns",
+            "--clients",
+            "8",
+            "--duration",
+            "300ms",
+            "--json",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cluster = j["setup"]["cluster"].as_str().unwrap().to_string();
+    assert!(cluster.contains("network namespace"), "{cluster}");
+    assert!(j["rows"][0]["commits_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    // Its namespaces are gone.
+    let tag = cluster
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split('-').next())
+        .unwrap()
+        .to_string();
+    let left = sh("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&tag),
+        "namespaces {tag}-* left behind"
+    );
+}

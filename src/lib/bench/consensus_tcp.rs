@@ -36,6 +36,75 @@ impl Drop for Replicas {
     }
 }
 
+/// Network namespaces `<tag>-1..n` joined by a bridge, one per replica
+/// (`--netns`, root only); removed when dropped.
+pub struct Netns {
+    tag: String,
+    n: usize,
+    /// The third byte of the 10.78.x.0/24 subnet.
+    subnet: u8,
+}
+
+fn sh(cmd: &str) -> std::io::Result<()> {
+    let o = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )))
+    }
+}
+
+impl Netns {
+    /// Creates them; needs root and the `ip` tool.
+    pub fn new(n: usize) -> Result<Netns, BenchError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(BenchError::Usage(
+                "--netns creates network namespaces and needs root".into(),
+            ));
+        }
+        let pid = std::process::id();
+        let net = Netns {
+            tag: format!("fb{}", pid % 100_000),
+            n,
+            subnet: (pid % 250) as u8,
+        };
+        let (t, x) = (&net.tag, net.subnet);
+        sh(&format!(
+            "ip link add {t}br type bridge && ip addr add 10.78.{x}.254/24 dev {t}br && ip link set {t}br up"
+        ))?;
+        for i in 1..=n {
+            sh(&format!(
+                "ip netns add {t}-{i} && ip link add {t}v{i} type veth peer name {t}p{i} && \
+                 ip link set {t}p{i} netns {t}-{i} && ip link set {t}v{i} master {t}br && ip link set {t}v{i} up && \
+                 ip netns exec {t}-{i} ip link set lo up && \
+                 ip netns exec {t}-{i} ip addr add 10.78.{x}.{i}/24 dev {t}p{i} && \
+                 ip netns exec {t}-{i} ip link set {t}p{i} up"
+            ))?;
+        }
+        Ok(net)
+    }
+
+    fn ip(&self, i: usize) -> [u8; 4] {
+        [10, 78, self.subnet, i as u8]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let t = &self.tag;
+        for i in 1..=self.n {
+            let _ = sh(&format!(
+                "ip netns pids {t}-{i} | xargs -r kill -9; ip netns del {t}-{i}; ip link del {t}v{i}"
+            ));
+        }
+        let _ = sh(&format!("ip link del {t}br"));
+    }
+}
+
 /// One measured configuration.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TcpRow {
@@ -96,15 +165,22 @@ fn start_cluster(
     n: usize,
     sync: &str,
     ui: &Ui,
+    net: Option<&Netns>,
 ) -> Result<(Replicas, Vec<SocketAddr>), BenchError> {
     let exe = std::env::current_exe()?;
     let mut toml =
         format!("cluster = \"bench-consensus\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n");
     let mut clients = Vec::new();
     for i in 0..n {
-        let ip = [127, 0, 0, (i + 1) as u8];
-        let host = format!("127.0.0.{}", i + 1);
-        let (p, c, a) = (free_port(ip)?, free_port(ip)?, free_port(ip)?);
+        let (ip, (p, c, a)) = match net {
+            // A host of its own: the same ports on every one.
+            Some(net) => (net.ip(i + 1), (7101, 7201, 7001)),
+            None => {
+                let ip = [127, 0, 0, (i + 1) as u8];
+                (ip, (free_port(ip)?, free_port(ip)?, free_port(ip)?))
+            }
+        };
+        let host = std::net::Ipv4Addr::from(ip).to_string();
         toml.push_str(&format!(
             "\n[[replica]]\nid = {}\npeer = \"{host}:{p}\"\nclient = \"{host}:{c}\"\napp = \"{host}:{a}\"\ndata_dir = \"data/{}\"\n",
             i + 1,
@@ -118,9 +194,17 @@ fn start_cluster(
     let mut procs = Replicas(Vec::new());
     for i in 0..n {
         let log = std::fs::File::create(dir.join(format!("replica{}.log", i + 1)))?;
+        let mut cmd = match net {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{}-{}", net.tag, i + 1)])
+                    .arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
         procs.0.push(
-            Command::new(&exe)
-                .current_dir(dir)
+            cmd.current_dir(dir)
                 .args(["replicate", "--config", "cluster.toml", "--node"])
                 .arg((i + 1).to_string())
                 .args(["--null-program", "--follower-clients", "refuse"])
@@ -353,12 +437,24 @@ pub fn run(
     let scratch_dir: PathBuf = args
         .dir
         .join(format!("falcon-bench-consensus-{}", std::process::id()));
+    if args.netns && args.cluster.is_some() {
+        return Err(BenchError::Usage(
+            "--netns starts its own cluster; it does not go with --cluster".into(),
+        ));
+    }
+    // Declared first, dropped last: after the replicas in it have stopped.
+    let net = if args.netns {
+        Some(Netns::new(args.replicas)?)
+    } else {
+        None
+    };
     let (_procs, clients_addrs, scratch) = match &args.cluster {
         Some(path) => (Replicas(Vec::new()), cluster_clients(path)?, None),
         None => {
             std::fs::create_dir_all(&scratch_dir)?;
             let scratch = super::Scratch(scratch_dir.clone());
-            let (procs, addrs) = start_cluster(&scratch_dir, args.replicas, &sync, ui)?;
+            let (procs, addrs) =
+                start_cluster(&scratch_dir, args.replicas, &sync, ui, net.as_ref())?;
             (procs, addrs, Some(scratch))
         }
     };
@@ -444,10 +540,16 @@ pub fn run(
         "cluster".into(),
         match &args.cluster {
             Some(p) => format!("{} (already running), leader {leader}", p.display()),
-            None => format!(
-                "{} `falcon replicate --null-program` processes on 127.0.0.1-{}, TCP peer links, sync {sync}, leader {leader}",
-                args.replicas, args.replicas
-            ),
+            None => match &net {
+                Some(n) => format!(
+                    "{} `falcon replicate --null-program` processes, each in its own network namespace ({}-1..{}, veth pairs on a bridge, 10.78.{}.1-{}), TCP peer links, sync {sync}, leader {leader}",
+                    args.replicas, n.tag, args.replicas, n.subnet, args.replicas
+                ),
+                None => format!(
+                    "{} `falcon replicate --null-program` processes on 127.0.0.1-{}, TCP peer links, sync {sync}, leader {leader}",
+                    args.replicas, args.replicas
+                ),
+            },
         },
     ));
     setup.push((
@@ -466,7 +568,11 @@ pub fn run(
     ));
     setup.push((
         "placement".into(),
-        "all replicas and the load generator on this host, sharing its cores".into(),
+        if args.netns {
+            "all replicas and the load generator on this host, sharing its cores; the clients reach the leader over the bridge".into()
+        } else {
+            "all replicas and the load generator on this host, sharing its cores".into()
+        },
     ));
     if ui.json {
         output::json_line(

@@ -88,6 +88,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub cluster: Option<PathBuf>,
 
+    /// --consensus: every replica in a network namespace of its own, joined
+    /// by a bridge (root only), instead of on 127.0.0.x.
+    #[arg(long)]
+    pub netns: bool,
+
     /// --consensus: also measure the TCP round trip (--rtt --local) in the
     /// same run and print commit latency as a multiple of it.
     #[arg(long)]
