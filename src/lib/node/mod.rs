@@ -47,6 +47,9 @@ const READ_CHUNK: usize = 64 << 10;
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Bytes buffered towards one client or one program connection, at most.
 const BUFFER_MAX: usize = 16 << 20;
+/// Committed entries waiting for the program, at most, before the leader
+/// stops reading its clients.
+const APPLY_BACKLOG_MAX: usize = 65_536;
 /// Delivered entries the engine keeps in memory (for retransmits).
 const MEMORY_KEEP: u64 = 65_536;
 /// Bytes of log entries one catch-up message carries, at most.
@@ -365,6 +368,9 @@ struct Node<'a> {
     sync_inflight: bool,
     /// Clients that had more to read when their turn ended.
     unread: Vec<Token>,
+    /// Clients not read while the program is behind (too many committed
+    /// entries wait for it); read again once it catches up.
+    paused: Vec<Token>,
     /// Reused for every socket read (no allocation per event).
     read_buf: Vec<u8>,
     start: Instant,
@@ -1199,6 +1205,14 @@ impl Node<'_> {
         if !ready.readable {
             return Ok(());
         }
+        if self.apply_queue.len() >= APPLY_BACKLOG_MAX {
+            // The program is behind: its input waits in the client's socket
+            // (TCP pushes back on the client), not in our memory.
+            if !self.paused.contains(&t) {
+                self.paused.push(t);
+            }
+            return Ok(());
+        }
         let conn = c.conn;
         let events = &mut self.proposals;
         let mut chunks = 0;
@@ -1541,6 +1555,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         held: Vec::new(),
         proposals: Vec::new(),
         unread: Vec::new(),
+        paused: Vec::new(),
         sync_inflight: false,
         read_buf: vec![0u8; READ_CHUNK],
         start: Instant::now(),
@@ -1786,6 +1801,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                     });
                 }
             }
+        }
+        if !node.paused.is_empty() && node.apply_queue.len() < APPLY_BACKLOG_MAX / 2 {
+            let resumed = std::mem::take(&mut node.paused);
+            node.unread.extend(resumed);
         }
         // Everything this turn sent to peers goes out in one write per peer.
         node.transport.flush();

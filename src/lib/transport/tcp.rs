@@ -757,20 +757,25 @@ impl TcpTransport {
 
 /// Reads what is there into `buf` (up to `cap` bytes held). Ok(false) at EOF.
 fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
-    let mut chunk = [0u8; 64 << 10];
-    loop {
-        if buf.len() >= cap {
-            return Ok(true);
-        }
-        let want = chunk.len().min(cap - buf.len());
-        match stream.read(&mut chunk[..want]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    thread_local! {
+        // Zeroed once per thread, not on every read.
+        static CHUNK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 << 10]);
     }
+    CHUNK.with_borrow_mut(|chunk| {
+        loop {
+            if buf.len() >= cap {
+                return Ok(true);
+            }
+            let want = chunk.len().min(cap - buf.len());
+            match stream.read(&mut chunk[..want]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
 }
 
 impl Transport for TcpTransport {
