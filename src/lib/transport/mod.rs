@@ -14,6 +14,7 @@
 
 pub mod conformance;
 pub mod mem;
+pub mod ring;
 pub mod tcp;
 
 use std::io;
