@@ -61,6 +61,23 @@ mod tcp {
     falcon::transport_conformance_tests!(super::tcp_cluster);
 }
 
+/// `n` shm endpoints in a fresh directory (each removes its files when dropped).
+fn shm_cluster(n: u32) -> Vec<falcon::transport::shm::ShmTransport> {
+    use falcon::transport::shm::{ShmOptions, ShmTransport};
+    let dir = tempfile::tempdir().unwrap().keep();
+    (0..n)
+        .map(|id| {
+            let mut o = ShmOptions::new(CLUSTER, id, n, dir.clone());
+            o.ring_bytes = 16 << 20;
+            ShmTransport::bind(o).unwrap()
+        })
+        .collect()
+}
+
+mod shm {
+    falcon::transport_conformance_tests!(super::shm_cluster);
+}
+
 fn env(from: u32, to: u32, op: u64) -> Envelope {
     Envelope {
         cluster: CLUSTER,

@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod mem;
 pub mod ring;
+pub mod shm;
 pub mod tcp;
 
 use std::io;

@@ -1,0 +1,463 @@
+//! The shared-memory transport: replicas as processes on one host, one
+//! [`Ring`](super::ring::Ring) per direction in a memory-mapped file.
+//!
+//! In the directory every replica of the cluster is given (on tmpfs, such
+//! as `/dev/shm/falcon-<cluster>`):
+//!
+//! * `ring-<from>-<to>`: written by `from`, created (and owned) by `to`;
+//! * `bell-<id>`: replica `id`'s doorbell, a futex word senders bump after
+//!   they publish, and a flag saying whether `id` sleeps on it.
+//!
+//! A receiver spins for a while (`--poll adaptive`, the default), then sleeps
+//! on its doorbell; `spin` never sleeps, `sleep` always does. Files are
+//! created under a temporary name and renamed into place, so a sender notices
+//! a restarted receiver by the file's inode and maps the new ring. Files are
+//! mode 0600: only the cluster's user reaches them. A message must decode,
+//! carry this cluster's id and name the ring's writer as its sender, or it is
+//! refused and reported.
+
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::ring::{HEADER, Ring};
+use super::{SendError, Transport, TransportEvent};
+use crate::consensus::{Envelope, NodeId, message};
+
+/// How a receiver waits for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PollMode {
+    /// Spin on the rings, never sleep (lowest latency, a core per replica).
+    Spin,
+    /// Spin for a bounded time, then sleep on the doorbell.
+    Adaptive,
+    /// Sleep on the doorbell at once.
+    Sleep,
+}
+
+/// Settings of one shm endpoint.
+#[derive(Clone, Debug)]
+pub struct ShmOptions {
+    /// The cluster; messages of another are refused.
+    pub cluster_id: u64,
+    /// This replica.
+    pub id: NodeId,
+    /// Replicas in the cluster.
+    pub n: u32,
+    /// The directory the replicas share.
+    pub dir: PathBuf,
+    /// Bytes of each ring's data area (a power of two).
+    pub ring_bytes: usize,
+    /// How to wait.
+    pub poll: PollMode,
+    /// How long `adaptive` spins before it sleeps.
+    pub spin: Duration,
+}
+
+impl ShmOptions {
+    /// Defaults: 32 MiB rings, adaptive polling with 50 µs of spinning.
+    pub fn new(cluster_id: u64, id: NodeId, n: u32, dir: PathBuf) -> ShmOptions {
+        ShmOptions {
+            cluster_id,
+            id,
+            n,
+            dir,
+            ring_bytes: 32 << 20,
+            poll: PollMode::Adaptive,
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// A shared mapping of a whole file.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+    ino: u64,
+}
+
+// SAFETY: the mapping is shared memory reached through atomics and rings.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn map(path: &Path) -> std::io::Result<Mapping> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let meta = f.metadata()?;
+        let len = meta.len() as usize;
+        if len < 64 {
+            return Err(std::io::Error::other("file too small"));
+        }
+        // SAFETY: a fresh shared mapping of a file we opened read-write.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr as *mut u8,
+            len,
+            ino: meta.ino(),
+        })
+    }
+
+    /// Creates `path` with `len` zero bytes under a temporary name, maps it,
+    /// lets `init` write into it, then renames it into place.
+    fn create(path: &Path, len: usize, init: impl FnOnce(&Mapping)) -> std::io::Result<Mapping> {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_len(len as u64)?;
+        drop(f);
+        let m = Mapping::map(&tmp)?;
+        init(&m);
+        std::fs::rename(&tmp, path)?;
+        Ok(m)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what map() mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A doorbell: `word` (futex) at offset 0, `sleeping` at offset 64.
+struct Bell(Mapping);
+
+impl Bell {
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: page-aligned mapping of at least 64 bytes.
+        unsafe { &*(self.0.ptr as *const AtomicU32) }
+    }
+    fn sleeping(&self) -> &AtomicU32 {
+        // SAFETY: as above (the file is 4 KiB).
+        unsafe { &*(self.0.ptr.add(64) as *const AtomicU32) }
+    }
+    /// Sender side: bump the word; wake the owner if it sleeps.
+    fn ring(&self) {
+        self.word().fetch_add(1, Ordering::Release);
+        if self.sleeping().load(Ordering::Acquire) != 0 {
+            // SAFETY: FUTEX_WAKE on a shared-memory word.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.word() as *const AtomicU32,
+                    libc::FUTEX_WAKE,
+                    1,
+                );
+            }
+        }
+    }
+    /// Owner side: sleep while the word still reads `seen`, up to `timeout`.
+    fn wait(&self, seen: u32, timeout: Duration) {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: FUTEX_WAIT on a shared-memory word with a relative timeout.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.word() as *const AtomicU32,
+                libc::FUTEX_WAIT,
+                seen,
+                &ts as *const libc::timespec,
+            );
+        }
+    }
+}
+
+struct Incoming {
+    ring: Ring,
+    _map: Mapping,
+    path: PathBuf,
+}
+
+struct Outgoing {
+    ring: Ring,
+    map: Mapping,
+    bell: Option<Bell>,
+    dirty: bool,
+}
+
+/// One replica's shm endpoint.
+pub struct ShmTransport {
+    opts: ShmOptions,
+    incoming: Vec<Option<Incoming>>,
+    outgoing: Vec<Option<Outgoing>>,
+    bell: Bell,
+    bell_path: PathBuf,
+    notices: Vec<TransportEvent>,
+    buf: Vec<u8>,
+    last_check: Instant,
+}
+
+fn ring_path(dir: &Path, from: NodeId, to: NodeId) -> PathBuf {
+    dir.join(format!("ring-{from}-{to}"))
+}
+
+fn bell_path(dir: &Path, id: NodeId) -> PathBuf {
+    dir.join(format!("bell-{id}"))
+}
+
+impl ShmTransport {
+    /// Creates this replica's rings (one per peer writing to it) and doorbell.
+    pub fn bind(opts: ShmOptions) -> std::io::Result<ShmTransport> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let ring_len = HEADER + opts.ring_bytes.next_power_of_two();
+        let incarnation = crate::log::now_ns() ^ u64::from(std::process::id());
+        let mut incoming = Vec::new();
+        for from in 0..opts.n {
+            if from == opts.id {
+                incoming.push(None);
+                continue;
+            }
+            let path = ring_path(&opts.dir, from, opts.id);
+            let mut ring = None;
+            let map = Mapping::create(&path, ring_len, |m| {
+                // SAFETY: a fresh mapping no other process sees before the rename.
+                ring = Some(unsafe { Ring::init(m.ptr, m.len, incarnation) });
+            })?;
+            let ring = ring.expect("initialised");
+            incoming.push(Some(Incoming {
+                ring,
+                _map: map,
+                path,
+            }));
+        }
+        let bell_path = bell_path(&opts.dir, opts.id);
+        let bell = Bell(Mapping::create(&bell_path, 4096, |_| {})?);
+        Ok(ShmTransport {
+            outgoing: (0..opts.n).map(|_| None).collect(),
+            incoming,
+            bell,
+            bell_path,
+            notices: Vec::new(),
+            buf: Vec::new(),
+            last_check: Instant::now(),
+            opts,
+        })
+    }
+
+    /// Maps the ring to `to` when it exists (again, if `to` restarted).
+    fn connect(&mut self, to: usize) {
+        let path = ring_path(&self.opts.dir, self.opts.id, to as NodeId);
+        let ino = std::fs::metadata(&path).map(|m| m.ino()).ok();
+        if let Some(o) = &self.outgoing[to] {
+            if Some(o.map.ino) == ino {
+                return;
+            }
+            self.outgoing[to] = None;
+            self.notices.push(TransportEvent::Lost {
+                peer: to as NodeId,
+                reason: "it restarted (new ring)".into(),
+            });
+        }
+        let Some(_) = ino else {
+            return;
+        };
+        let Ok(map) = Mapping::map(&path) else {
+            return;
+        };
+        // SAFETY: the file is a ring its owner initialised before renaming it into place.
+        let Ok(ring) = (unsafe { Ring::open(map.ptr, map.len) }) else {
+            return;
+        };
+        let bell = Mapping::map(&bell_path(&self.opts.dir, to as NodeId))
+            .ok()
+            .map(Bell);
+        self.outgoing[to] = Some(Outgoing {
+            ring,
+            map,
+            bell,
+            dirty: false,
+        });
+        self.notices.push(TransportEvent::Connected {
+            peer: to as NodeId,
+            incoming: false,
+        });
+    }
+
+    fn check_peers(&mut self) {
+        if self.last_check.elapsed() < Duration::from_millis(100)
+            && self
+                .outgoing
+                .iter()
+                .enumerate()
+                .all(|(i, o)| o.is_some() || i == self.opts.id as usize)
+        {
+            return;
+        }
+        self.last_check = Instant::now();
+        for to in 0..self.opts.n as usize {
+            if to != self.opts.id as usize {
+                self.connect(to);
+            }
+        }
+    }
+
+    /// Takes every published message; true if any arrived.
+    fn drain(&mut self, out: &mut Vec<Envelope>) -> bool {
+        let mut any = false;
+        for from in 0..self.incoming.len() {
+            let Some(inc) = self.incoming[from].as_mut() else {
+                continue;
+            };
+            loop {
+                match inc.ring.pop(&mut self.buf) {
+                    Ok(false) => break,
+                    Ok(true) => {
+                        any = true;
+                        match message::decode(&self.buf) {
+                            Ok(env)
+                                if env.cluster == self.opts.cluster_id
+                                    && env.from == from as NodeId
+                                    && env.to == self.opts.id =>
+                            {
+                                out.push(env)
+                            }
+                            Ok(env) => self.notices.push(TransportEvent::Refused {
+                                addr: inc.path.display().to_string(),
+                                reason: format!(
+                                    "message of cluster {:#x} addressed as {} → {} on the ring from {from}",
+                                    env.cluster, env.from, env.to
+                                ),
+                            }),
+                            Err(e) => self.notices.push(TransportEvent::Refused {
+                                addr: inc.path.display().to_string(),
+                                reason: format!("malformed message: {e}"),
+                            }),
+                        }
+                    }
+                    Err(e) => {
+                        self.notices.push(TransportEvent::Refused {
+                            addr: inc.path.display().to_string(),
+                            reason: format!("ring damaged: {e}; skipped what was in it"),
+                        });
+                        inc.ring.reset_reader();
+                        break;
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn any_ready(&self) -> bool {
+        self.incoming.iter().flatten().any(|i| i.ring.ready())
+    }
+
+    /// Blocks until a message may be there (or `timeout`), as `poll` says.
+    pub fn wait(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        if self.opts.poll != PollMode::Sleep {
+            let spin_until = match self.opts.poll {
+                PollMode::Spin => deadline,
+                _ => Instant::now() + self.opts.spin.min(timeout),
+            };
+            while Instant::now() < spin_until {
+                if self.any_ready() {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            if self.opts.poll == PollMode::Spin {
+                return;
+            }
+        }
+        let seen = self.bell.word().load(Ordering::Acquire);
+        self.bell.sleeping().store(1, Ordering::SeqCst);
+        if !self.any_ready() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                self.bell.wait(seen, left);
+            }
+        }
+        self.bell.sleeping().store(0, Ordering::SeqCst);
+    }
+
+    /// The path of this replica's doorbell (a futex word other threads may wait on).
+    pub fn bell_path(&self) -> &Path {
+        &self.bell_path
+    }
+}
+
+impl Drop for ShmTransport {
+    fn drop(&mut self) {
+        for inc in self.incoming.iter().flatten() {
+            let _ = std::fs::remove_file(&inc.path);
+        }
+        let _ = std::fs::remove_file(&self.bell_path);
+        // The last replica out removes the directory (it fails while others use it).
+        let _ = std::fs::remove_dir(&self.opts.dir);
+    }
+}
+
+impl Transport for ShmTransport {
+    fn send(&mut self, env: &Envelope) -> Result<(), SendError> {
+        let to = env.to as usize;
+        if to >= self.opts.n as usize || to == self.opts.id as usize {
+            return Err(SendError::UnknownPeer(env.to));
+        }
+        if self.outgoing[to].is_none() {
+            self.connect(to);
+        }
+        let Some(o) = self.outgoing[to].as_mut() else {
+            return Err(SendError::Down(env.to));
+        };
+        let bytes = message::to_bytes(env);
+        if !o.ring.push(&bytes) {
+            return Err(SendError::Full(env.to));
+        }
+        o.dirty = true;
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        for o in self.outgoing.iter_mut().flatten() {
+            if o.dirty {
+                o.dirty = false;
+                o.ring.publish();
+                if let Some(b) = &o.bell {
+                    b.ring();
+                }
+            }
+        }
+    }
+
+    fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> std::io::Result<()> {
+        self.flush();
+        self.check_peers();
+        if !self.drain(out) && !timeout.is_zero() {
+            self.wait(timeout);
+            self.drain(out);
+        }
+        Ok(())
+    }
+
+    fn events(&mut self) -> Vec<TransportEvent> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn id(&self) -> NodeId {
+        self.opts.id
+    }
+}
