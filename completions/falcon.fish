@@ -75,6 +75,9 @@ complete -c falcon -n "__fish_falcon_using_subcommand bench" -l peer -d '--rtt: 
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l size -d '--rtt: message size; --consensus: entry size (bytes)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l iters -d '--rtt: measured iterations' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l warmup -d '--rtt: iterations run first and not measured' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l poll -d '--transport shm: how a receiver waits (spin: never sleeps; adaptive: spins 50 µs, then sleeps on a futex; sleep: sleeps at once)' -r -f -a "spin\t'Spin on the rings, never sleep (lowest latency, a core per replica)'
+adaptive\t'Spin for a bounded time, then sleep on the doorbell'
+sleep\t'Sleep on the doorbell at once'"
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l raw -d '--rtt: write every round trip (ns, one per line) to FILE' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l replicas -d '--consensus: replicas in the local cluster' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l clients -d '--consensus: closed-loop clients, one entry outstanding each (default: 1, then 256)' -r

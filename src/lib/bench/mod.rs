@@ -56,6 +56,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1_000)]
     pub warmup: usize,
 
+    /// --transport shm: how a receiver waits (spin: never sleeps; adaptive:
+    /// spins 50 µs, then sleeps on a futex; sleep: sleeps at once).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "adaptive")]
+    pub poll: crate::transport::shm::PollMode,
+
     /// --rtt: write every round trip (ns, one per line) to FILE.
     #[arg(long, value_name = "FILE")]
     pub raw: Option<PathBuf>,

@@ -50,12 +50,9 @@ fn usage(msg: impl Into<String>) -> BenchError {
 /// Checks the transport name; only TCP runs in this release.
 pub fn check_transport(name: &str) -> Result<(), BenchError> {
     match name {
-        "tcp" => Ok(()),
+        "tcp" | "shm" => Ok(()),
         "mem" => Err(usage(
             "--transport mem exists only inside one process (tests, --consensus): a round trip needs tcp, shm or rdma",
-        )),
-        "shm" => Err(BenchError::NotBuilt(
-            "--transport shm is not built yet (the shared-memory ring, issue #6); use --transport tcp".into(),
         )),
         "rdma" => Err(BenchError::NotBuilt(format!(
             "--transport rdma is not available: {}",
@@ -340,6 +337,104 @@ fn parse_sockperf(text: &str) -> Result<Summary, String> {
     Ok(s)
 }
 
+/// `--transport shm --local`: engine messages (a Prepare carrying one entry
+/// of `size` bytes) over the shm transport between two endpoints, the echo
+/// side on a thread, waiting as `poll` says.
+pub fn shm_local(
+    size: usize,
+    warmup: usize,
+    iters: usize,
+    poll: crate::transport::shm::PollMode,
+) -> Result<RttResult, BenchError> {
+    use crate::consensus::{Envelope, Message};
+    use crate::transport::Transport;
+    use crate::transport::shm::{ShmOptions, ShmTransport};
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("falcon-rtt-{}", std::process::id()));
+    let mk = |id| {
+        let mut o = ShmOptions::new(0x5117, id, 2, dir.clone());
+        o.ring_bytes = (4 * size + (1 << 20)).next_power_of_two();
+        o.poll = poll;
+        ShmTransport::bind(o)
+    };
+    let mut a = mk(0)?;
+    let mut b = mk(1)?;
+    let total = warmup + iters;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut inbox = Vec::new();
+        let mut echoed = 0;
+        let started = Instant::now();
+        while echoed < total && started.elapsed() < Duration::from_secs(120) {
+            b.recv(Duration::from_millis(100), &mut inbox)?;
+            for mut env in inbox.drain(..) {
+                std::mem::swap(&mut env.from, &mut env.to);
+                let _ = b.send(&env);
+                b.flush();
+                echoed += 1;
+            }
+        }
+        Ok(())
+    });
+    let msg = Message::Prepare {
+        view: 1,
+        op_start: 1,
+        entries: vec![crate::log::Entry {
+            view: 1,
+            op: 1,
+            kind: crate::log::Kind::Data,
+            conn: 1,
+            time_ns: 0,
+            payload: vec![0x5a; size].into(),
+        }],
+        commit: 0,
+    };
+    let env = Envelope {
+        cluster: 0x5117,
+        from: 0,
+        to: 1,
+        msg,
+    };
+    let mut samples = Vec::with_capacity(iters);
+    let mut got = Vec::new();
+    for i in 0..total {
+        let t = Instant::now();
+        a.send(&env)
+            .map_err(|e| std::io::Error::other(format!("shm send: {e}")))?;
+        a.flush();
+        got.clear();
+        while got.is_empty() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(std::io::Error::other("no echo over shm within 10 s").into());
+            }
+            a.recv(Duration::from_millis(100), &mut got)?;
+        }
+        if i >= warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    server
+        .join()
+        .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+    let samples_ns = samples.iter().map(|d| d.as_nanos() as u64).collect();
+    let mut halves: Vec<Duration> = samples.iter().map(|d| *d / 2).collect();
+    Ok(RttResult {
+        transport: format!("shm (poll {poll:?})").to_lowercase(),
+        device: format!("shared memory ({})", base.display()),
+        path: format!("{} (ring files, echo on a thread)", dir.display()),
+        size,
+        iterations: iters,
+        rtt: summarize(&mut samples),
+        one_way: summarize(&mut halves),
+        samples_ns,
+    })
+}
+
 /// A latency histogram for the terminal: log-spaced buckets, one bar each.
 pub fn histogram(samples_ns: &[u64], width: usize) -> Vec<String> {
     if samples_ns.is_empty() {
@@ -405,8 +500,16 @@ pub fn run(
         serve(listener, ui, stop)?;
         return Ok(Status::Success);
     }
+    if args.transport == "shm" && !args.local {
+        return Err(usage(
+            "--transport shm runs on one host: use --local (--serve/--peer are for tcp between hosts)",
+        ));
+    }
     let r = match args.peer {
         Some(addr) => client(addr, args.size, args.warmup, args.iters)?,
+        None if args.transport == "shm" => {
+            shm_local(args.size, args.warmup, args.iters, args.poll)?
+        }
         None => local(args.size, args.warmup, args.iters)?,
     };
     if let Some(path) = &args.raw {
@@ -456,7 +559,7 @@ pub fn report(
     out: &mut dyn Write,
 ) -> Result<(), BenchError> {
     let mut setup = setup_of(r, args);
-    let reference = if args.local {
+    let reference = if args.local && args.transport == "tcp" {
         sockperf_reference(r.size, 2)
     } else {
         None
@@ -467,7 +570,7 @@ pub fn report(
             "sockperf ping-pong --tcp on 127.0.0.1, same size, 2 s, in the same run (it reports one way = RTT/2)".into(),
         )),
         Some(Err(e)) => setup.push(("reference".into(), format!("sockperf failed: {e}"))),
-        None if args.local => setup.push((
+        None if args.local && args.transport == "tcp" => setup.push((
             "reference".into(),
             "none: sockperf is not installed (apt-get install sockperf)".into(),
         )),
@@ -527,6 +630,14 @@ pub fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_shm_round_trip_is_measured() {
+        let r = shm_local(64, 10, 300, crate::transport::shm::PollMode::Adaptive).unwrap();
+        assert_eq!(r.samples_ns.len(), 300);
+        assert!(r.rtt.min_us > 0.0 && r.rtt.min_us <= r.rtt.p50_us);
+        assert!(r.transport.starts_with("shm"));
+    }
 
     #[test]
     fn histogram_counts_every_sample() {
