@@ -762,3 +762,38 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
         c.log(other)
     );
 }
+
+#[test]
+fn three_redis_replicas_over_shared_memory_agree() {
+    let _one = serial();
+    let mut c = Cluster::start_toml(
+        3,
+        redis_program(),
+        "refuse",
+        Vec::new(),
+        "transport = \"shm\"\n",
+    );
+    let leader = c.leader(Duration::from_secs(30));
+    assert_eq!(set_many(c.addrs[leader].1, "shm", 500), 500);
+    let agree = |c: &Cluster| {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || agree(&c)),
+        "digests differ over shm: {:?}\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.log(leader)
+    );
+    // A follower killed and restarted maps the rings again and catches up.
+    let f = (leader + 1) % 3;
+    c.kill(f);
+    assert_eq!(set_many(c.addrs[leader].1, "shm2", 100), 100);
+    c.start_node(f);
+    assert!(
+        wait_until(Duration::from_secs(30), || agree(&c)),
+        "the restarted follower did not catch up over shm: {:?}\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.log(f)
+    );
+}

@@ -382,6 +382,12 @@ impl ClusterConfig {
         })
     }
 
+    /// Where `transport = "shm"` keeps its rings: a directory per cluster
+    /// on tmpfs (`/dev/shm/falcon-<cluster id>`).
+    pub fn shm_dir(&self) -> PathBuf {
+        PathBuf::from("/dev/shm").join(format!("falcon-{:016x}", self.cluster_id))
+    }
+
     /// Finds the cluster file: `explicit`, else `falcon.toml` here, else `/etc/falcon/falcon.toml`.
     pub fn find(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
         if let Some(p) = explicit {

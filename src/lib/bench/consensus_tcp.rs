@@ -164,12 +164,16 @@ fn start_cluster(
     dir: &Path,
     n: usize,
     sync: &str,
+    transport: &str,
     ui: &Ui,
     net: Option<&Netns>,
 ) -> Result<(Replicas, Vec<SocketAddr>), BenchError> {
     let exe = std::env::current_exe()?;
-    let mut toml =
-        format!("cluster = \"bench-consensus\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n");
+    // One cluster name per run: shm rings live in a directory named after it.
+    let mut toml = format!(
+        "cluster = \"bench-consensus-{}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\ntransport = \"{transport}\"\n",
+        std::process::id()
+    );
     let mut clients = Vec::new();
     for i in 0..n {
         let (ip, (p, c, a)) = match net {
@@ -437,6 +441,11 @@ pub fn run(
     let scratch_dir: PathBuf = args
         .dir
         .join(format!("falcon-bench-consensus-{}", std::process::id()));
+    if args.netns && args.transport == "shm" {
+        return Err(BenchError::Usage(
+            "--transport shm keeps every replica on this host's shared memory; it does not go with --netns".into(),
+        ));
+    }
     if args.netns && args.cluster.is_some() {
         return Err(BenchError::Usage(
             "--netns starts its own cluster; it does not go with --cluster".into(),
@@ -453,8 +462,14 @@ pub fn run(
         None => {
             std::fs::create_dir_all(&scratch_dir)?;
             let scratch = super::Scratch(scratch_dir.clone());
-            let (procs, addrs) =
-                start_cluster(&scratch_dir, args.replicas, &sync, ui, net.as_ref())?;
+            let (procs, addrs) = start_cluster(
+                &scratch_dir,
+                args.replicas,
+                &sync,
+                &args.transport,
+                ui,
+                net.as_ref(),
+            )?;
             (procs, addrs, Some(scratch))
         }
     };
@@ -546,8 +561,14 @@ pub fn run(
                     args.replicas, n.tag, args.replicas, n.subnet, args.replicas
                 ),
                 None => format!(
-                    "{} `falcon replicate --null-program` processes on 127.0.0.1-{}, TCP peer links, sync {sync}, leader {leader}",
-                    args.replicas, args.replicas
+                    "{} `falcon replicate --null-program` processes on 127.0.0.1-{}, {} peer links, sync {sync}, leader {leader}",
+                    args.replicas,
+                    args.replicas,
+                    if args.transport == "shm" {
+                        "shared-memory (shm rings in /dev/shm, poll adaptive)"
+                    } else {
+                        "TCP"
+                    }
                 ),
             },
         },

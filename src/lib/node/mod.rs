@@ -29,6 +29,7 @@ use crate::consensus::{
 use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog};
 use crate::output::Ui;
 use crate::snapshot;
+use crate::transport::shm::{ShmOptions, ShmTransport};
 use crate::transport::tcp::{TcpOptions, TcpTransport};
 use crate::transport::{Transport, TransportEvent};
 
@@ -353,7 +354,7 @@ struct Node<'a> {
     data_dir: PathBuf,
     engine: Replica,
     log: SegmentLog<FsStorage>,
-    transport: TcpTransport,
+    transport: Box<dyn Transport>,
     poll: Poll,
     clients: HashMap<Token, ClientConn>,
     client_of_conn: HashMap<u64, Token>,
@@ -1517,19 +1518,43 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         ));
         Some(app)
     };
-    let peers = cfg.replicas.iter().map(|r| r.peer).collect();
-    let transport =
-        TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, opts.key.clone()))
-            .map_err(io_err("starting the peer transport"))?;
     let poll = Poll::new().map_err(io_err("creating the event loop"))?;
+    let transport: Box<dyn Transport> = match cfg.transport {
+        crate::config::TransportKind::Shm => {
+            let dir = cfg.shm_dir();
+            let t = ShmTransport::bind(ShmOptions::new(
+                cfg.cluster_id,
+                me,
+                cfg.replicas.len() as u32,
+                dir.clone(),
+            ))
+            .map_err(io_err(format!(
+                "starting the shm transport in {}",
+                dir.display()
+            )))?;
+            // A thread sleeps on the doorbell and wakes the event loop.
+            let waker = mio::Waker::new(poll.registry(), PEERS)
+                .map_err(io_err("creating the shm waker"))?;
+            t.spawn_bell_watcher(move || waker.wake().is_ok())
+                .map_err(io_err("starting the shm doorbell thread"))?;
+            Box::new(t)
+        }
+        _ => {
+            let peers = cfg.replicas.iter().map(|r| r.peer).collect();
+            let t =
+                TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, opts.key.clone()))
+                    .map_err(io_err("starting the peer transport"))?;
+            let tfd = t.as_raw_fd();
+            poll.registry()
+                .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
+                .map_err(io_err("registering"))?;
+            Box::new(t)
+        }
+    };
     let mut clients_listener = TcpListener::bind(rc.client)
         .map_err(io_err(format!("listening for clients on {}", rc.client)))?;
     poll.registry()
         .register(&mut clients_listener, CLIENTS, Interest::READABLE)
-        .map_err(io_err("registering"))?;
-    let tfd = transport.as_raw_fd();
-    poll.registry()
-        .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
         .map_err(io_err("registering"))?;
     ui.note(&format!(
         "clients connect to {}; peers on {}",
@@ -1906,7 +1931,7 @@ names the line and the field):
 
   cluster = \"demo\"            # cluster id; peers of another cluster are refused
   key_file = \"cluster.key\"    # shared secret, at least 32 bytes, read raw
-  transport = \"tcp\"           # tcp (shm and rdma: later releases)
+  transport = \"tcp\"           # tcp, or shm when every replica is on one host (rdma: later)
   sync = \"batch\"              # always | batch | never
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
@@ -1966,11 +1991,10 @@ pub fn replicate(
         cfg.election_timeout = t;
         cfg.heartbeat = cfg.heartbeat.min(t / 3);
     }
-    if cfg.transport != TransportKind::Tcp {
+    if cfg.transport == TransportKind::Rdma {
         return Err(ReplicateError::Usage(format!(
-            "{}: transport {:?} is not built yet; use transport = \"tcp\"",
+            "{}: transport \"rdma\" is not built yet; use transport = \"tcp\" (or \"shm\" when every replica is on this host)",
             path.display(),
-            cfg.transport
         )));
     }
     let index = cfg.choose_node(args.node)?;

@@ -394,9 +394,28 @@ impl ShmTransport {
         self.bell.sleeping().store(0, Ordering::SeqCst);
     }
 
-    /// The path of this replica's doorbell (a futex word other threads may wait on).
-    pub fn bell_path(&self) -> &Path {
-        &self.bell_path
+    /// Starts a thread that sleeps on this replica's doorbell and calls
+    /// `wake` whenever a sender rang it, so an event loop that waits on
+    /// something else (epoll) learns of messages. It ends when `wake` returns false.
+    pub fn spawn_bell_watcher(
+        &self,
+        wake: impl Fn() -> bool + Send + 'static,
+    ) -> std::io::Result<()> {
+        let bell = Bell(Mapping::map(&self.bell_path)?);
+        std::thread::Builder::new()
+            .name("falcon-shm-bell".into())
+            .spawn(move || {
+                loop {
+                    let seen = bell.word().load(Ordering::Acquire);
+                    bell.sleeping().store(1, Ordering::SeqCst);
+                    bell.wait(seen, Duration::from_millis(50));
+                    bell.sleeping().store(0, Ordering::SeqCst);
+                    if bell.word().load(Ordering::Acquire) != seen && !wake() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(())
     }
 }
 
