@@ -1122,3 +1122,31 @@ fn catch_up_sends_committed_entries_in_chunks() {
         "{out:?}"
     );
 }
+
+#[test]
+fn an_entry_at_op_0_is_refused_without_a_panic() {
+    // Found by the engine_message fuzz target: a DoViewChange whose entries
+    // start at op 0 made the new leader compute op 0 - 1.
+    let mut r = Replica::new(cfg(1, 3), 1, 0);
+    let dvc = Message::DoViewChange {
+        view: 1,
+        log_view: 0,
+        last_op: 1,
+        commit: 0,
+        op_start: 0,
+        entries: (0..=1)
+            .map(|op| falcon::log::Entry {
+                view: 0,
+                op,
+                kind: falcon::log::Kind::Noop,
+                conn: 0,
+                time_ns: 0,
+                payload: Default::default(),
+            })
+            .collect(),
+    };
+    step(&mut r, 1, recv(0, 1, dvc.clone()));
+    step(&mut r, 2, recv(2, 1, dvc));
+    step(&mut r, 3, Input::Tick);
+    assert_eq!(r.last_op(), 0, "nothing was taken from it");
+}

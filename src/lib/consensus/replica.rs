@@ -247,7 +247,11 @@ const IMPOSSIBLE: u64 = u64::MAX / 4;
 
 fn plausible(msg: &Message) -> bool {
     let (numbers, n) = msg.numbers();
+    // Ops start at 1: an entry at op 0 comes from no correct replica.
     numbers[..n].iter().all(|&x| x < IMPOSSIBLE)
+        && msg
+            .entries()
+            .is_none_or(|es| es.first().is_none_or(|e| e.op > 0))
 }
 
 /// One replica of the state machine.

@@ -124,8 +124,15 @@ impl Ring {
             seq: 0,
             pending: 0,
         };
-        // A sender continues where the last one stopped.
-        r.pending = r.write_pos().load(Ordering::Acquire);
+        // A sender continues where the last one stopped, if the positions make sense.
+        let (write, read) = (
+            r.write_pos().load(Ordering::Acquire),
+            r.read_pos().load(Ordering::Acquire),
+        );
+        if write < read || write - read > capacity as u64 || write > u64::MAX / 2 {
+            return Err(RingError::NotARing);
+        }
+        r.pending = write;
         r.seq = r.write_seq().load(Ordering::Acquire);
         Ok(r)
     }
@@ -187,7 +194,8 @@ impl Ring {
             return false;
         }
         let read = self.read_pos().load(Ordering::Acquire);
-        if self.pending + need - read > self.capacity as u64 {
+        // (A read position ahead of ours is the other side's damage: refuse.)
+        if read > self.pending || self.pending + need - read > self.capacity as u64 {
             return false;
         }
         let mut head = [0u8; REC_HEADER];
@@ -198,7 +206,7 @@ impl Ring {
         self.copy_in(pos, &head);
         self.copy_in(pos + REC_HEADER as u64, payload);
         self.pending += need;
-        self.seq += 1;
+        self.seq = self.seq.wrapping_add(1);
         true
     }
 
@@ -246,7 +254,7 @@ impl Ring {
         if crc32c::crc32c(out) != crc {
             return Err(RingError::Checksum(seq));
         }
-        self.seq += 1;
+        self.seq = self.seq.wrapping_add(1);
         self.read_pos()
             .store(read + padded(len as usize) as u64, Ordering::Release);
         Ok(true)
@@ -315,6 +323,41 @@ mod tests {
         assert!(tx.push(&big));
         assert!(!tx.push(&big), "the second would overwrite unread bytes");
         assert!(!tx.push(&vec![0u8; 2000]), "larger than the ring");
+    }
+
+    #[test]
+    fn random_bytes_in_the_ring_are_refused_without_a_panic() {
+        // A bounded version of fuzz/fuzz_targets/ring_records.rs.
+        let mut rng = crate::log::storage::SplitMix(7);
+        let len = HEADER + 1024;
+        let mut out = Vec::new();
+        for _ in 0..20_000 {
+            let mut mem = region(len);
+            let base = mem.as_mut_ptr() as *mut u8;
+            let _ = unsafe { Ring::init(base, len, 1) };
+            let bytes = unsafe { std::slice::from_raw_parts_mut(base, len) };
+            for b in &mut bytes[64..136] {
+                *b = rng.next_u64() as u8;
+            }
+            for b in &mut bytes[HEADER..] {
+                *b = rng.next_u64() as u8;
+            }
+            // Half the time, positions that pass the open checks.
+            if rng.next_u64() % 2 == 0 {
+                let read = rng.next_u64() % 100_000;
+                let write = read + rng.next_u64() % 1025;
+                bytes[READ_POS..READ_POS + 8].copy_from_slice(&read.to_le_bytes());
+                bytes[WRITE_POS..WRITE_POS + 8].copy_from_slice(&write.to_le_bytes());
+            }
+            if let Ok(mut r) = unsafe { Ring::open(base, len) } {
+                for _ in 0..8 {
+                    if !matches!(r.pop(&mut out), Ok(true)) {
+                        break;
+                    }
+                }
+                let _ = r.push(b"after");
+            }
+        }
     }
 
     #[test]
