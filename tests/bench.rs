@@ -101,9 +101,9 @@ fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
     let r = run(&["bench", "--consensus", "--transport", "rdma"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("no RDMA device"), "{r:?}");
-    let r = run(&["bench", "--consensus", "--transport", "shm"]);
+    let r = run(&["bench", "--consensus", "--transport", "shm", "--netns"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("not built yet"), "{r:?}");
+    assert!(r.stderr.contains("does not go with --netns"), "{r:?}");
 }
 
 #[test]
@@ -144,6 +144,29 @@ fn bench_consensus_over_tcp_drives_a_real_cluster_and_compares_with_the_round_tr
     assert!(j["commit_p50_over_rtt_p50"].as_f64().unwrap() > 0.0);
     // The replicas are gone and their scratch directory with them.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // The same cluster over shared memory.
+    let r = run(&[
+        "bench",
+        "--consensus",
+        "--transport",
+        "shm",
+        "--clients",
+        "4",
+        "--duration",
+        "200ms",
+        "--json",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    assert!(
+        j["setup"]["cluster"]
+            .as_str()
+            .unwrap()
+            .contains("shared-memory")
+    );
+    assert!(j["rows"][0]["commits_per_s"].as_f64().unwrap() > 0.0, "{j}");
     // Out-of-range settings are usage errors.
     let r = run(&["bench", "--consensus", "--replicas", "4"]);
     assert_eq!(r.code, 2, "{r:?}");

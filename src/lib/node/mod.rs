@@ -1519,6 +1519,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         Some(app)
     };
     let poll = Poll::new().map_err(io_err("creating the event loop"))?;
+    // The one waker of the loop (mio allows one per poll): the fsync thread
+    // and the shm doorbell thread both use it.
+    let waker =
+        Arc::new(mio::Waker::new(poll.registry(), SYNCED).map_err(io_err("creating the waker"))?);
     let transport: Box<dyn Transport> = match cfg.transport {
         crate::config::TransportKind::Shm => {
             let dir = cfg.shm_dir();
@@ -1533,8 +1537,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 dir.display()
             )))?;
             // A thread sleeps on the doorbell and wakes the event loop.
-            let waker = mio::Waker::new(poll.registry(), PEERS)
-                .map_err(io_err("creating the shm waker"))?;
+            let waker = waker.clone();
             t.spawn_bell_watcher(move || waker.wake().is_ok())
                 .map_err(io_err("starting the shm doorbell thread"))?;
             Box::new(t)
@@ -1632,10 +1635,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     // The fsync thread: fdatasync on a second handle to the active segment,
     // then wake the loop.
-    let waker = Arc::new(
-        mio::Waker::new(node.poll.registry(), SYNCED)
-            .map_err(io_err("creating the fsync waker"))?,
-    );
     let (sync_tx, sync_rx) =
         std::sync::mpsc::sync_channel::<(crate::log::storage::FsFile, u64, u64)>(1);
     let (synced_tx, synced_rx) = std::sync::mpsc::sync_channel::<Result<(u64, u64), io::Error>>(1);
@@ -1727,7 +1726,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             } else if t == PEERS {
                 peers_ready = true;
             } else if t == SYNCED {
-                // Handled below.
+                // The fsync thread (handled below) or the shm doorbell: look at the peers too.
+                peers_ready = true;
             } else if t.0 >= APP_BASE {
                 node.on_app(t, ready);
             } else if t.0 >= CLIENT_BASE {
