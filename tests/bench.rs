@@ -204,3 +204,81 @@ fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
             .any(|r| r["setup"].as_str().unwrap().starts_with("e: falcon"))
     );
 }
+
+#[test]
+fn bench_consensus_drives_an_already_running_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..9)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let mut toml = "cluster = \"running\"\nkey_file = \"cluster.key\"\n".to_string();
+    for i in 0..3 {
+        toml.push_str(&format!(
+            "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
+            i + 1,
+            ports[3 * i],
+            ports[3 * i + 1],
+            ports[3 * i + 2],
+            i + 1
+        ));
+    }
+    let cfg = dir.path().join("cluster.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let key = dir.path().join("cluster.key");
+    assert_eq!(
+        run(&["replicate", "--new-key", key.to_str().unwrap()]).code,
+        0
+    );
+    let mut nodes: Vec<std::process::Child> = (1..=3)
+        .map(|i| {
+            falcon()
+                .args([
+                    "-q",
+                    "replicate",
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--node",
+                ])
+                .arg(i.to_string())
+                .args(["--null-program", "--follower-clients", "refuse"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let r = run(&[
+        "bench",
+        "--consensus",
+        "--cluster",
+        cfg.to_str().unwrap(),
+        "--clients",
+        "8",
+        "--duration",
+        "300ms",
+        "--json",
+    ]);
+    for n in &mut nodes {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    assert!(
+        j["setup"]["cluster"]
+            .as_str()
+            .unwrap()
+            .contains("already running")
+    );
+    let row = &j["rows"][0];
+    assert!(row["commits_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(
+        row["replica_cpu_s_per_1000"].is_null(),
+        "not our processes: {row}"
+    );
+}
