@@ -322,6 +322,8 @@ fn drive(
     let end = measure_from + duration;
     let mut samples = Vec::new();
     let mut committed = 0u64;
+    // Every acknowledgement, warm-up included, for the live rate.
+    let mut acked = 0u64;
     let mut cpu0 = None;
     let mut last_tick = (Instant::now(), 0u64);
     for c in &mut conns {
@@ -365,6 +367,7 @@ fn drive(
                         .into());
                     }
                     c.last_op = op;
+                    acked += 1;
                     let sent = c.sent.pop_front().ok_or_else(|| {
                         std::io::Error::other("an acknowledgement for an entry never sent")
                     })?;
@@ -381,10 +384,15 @@ fn drive(
             write_out(c)?;
         }
         if last_tick.0.elapsed() >= Duration::from_millis(200) {
-            let rate = (committed - last_tick.1) as f64 / last_tick.0.elapsed().as_secs_f64();
-            pb.set_message(format!("{rate:>10.0} commits/s"));
+            let rate = (acked - last_tick.1) as f64 / last_tick.0.elapsed().as_secs_f64();
+            let phase = if Instant::now() < measure_from {
+                "warming up"
+            } else {
+                "measuring"
+            };
+            pb.set_message(format!("{clients} clients, {phase}: {rate:>9.0} commits/s"));
             pb.set_position(start.elapsed().as_millis() as u64);
-            last_tick = (Instant::now(), committed);
+            last_tick = (Instant::now(), acked);
         }
     }
     let cpu = self_cpu_s() - cpu0.unwrap_or_else(self_cpu_s);
