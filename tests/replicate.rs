@@ -797,3 +797,29 @@ fn three_redis_replicas_over_shared_memory_agree() {
         c.log(f)
     );
 }
+
+#[test]
+fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
+    let _one = serial();
+    // Each replica keeps only 16 delivered entries in memory.
+    let extra = ["--memory-entries", "16"].map(String::from).to_vec();
+    let mut c = Cluster::start_full(3, redis_program(), "refuse", extra);
+    let leader = c.leader(Duration::from_secs(30));
+    let f = (leader + 1) % 3;
+    c.kill(f);
+    // 600 entries while it is down: far past the window.
+    assert_eq!(set_many(c.addrs[leader].1, "w", 600), 600);
+    c.start_node(f);
+    let agree = |c: &Cluster| {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || agree(&c)),
+        "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
+        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.log(f),
+        c.log(leader)
+    );
+    assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+}

@@ -51,8 +51,6 @@ const BUFFER_MAX: usize = 16 << 20;
 /// Committed entries waiting for the program, at most, before the leader
 /// stops reading its clients.
 const APPLY_BACKLOG_MAX: usize = 65_536;
-/// Delivered entries the engine keeps in memory (for retransmits).
-const MEMORY_KEEP: u64 = 65_536;
 /// Bytes of log entries one catch-up message carries, at most.
 const CATCH_UP_BYTES: usize = 16 << 20;
 /// Client events held for the fsync under way, at most (then they are proposed at once).
@@ -90,6 +88,8 @@ pub struct NodeOptions {
     /// No program: clients send length-prefixed frames and the leader
     /// answers each committed frame with its op (`falcon bench --consensus`).
     pub null_program: bool,
+    /// Delivered entries kept in memory.
+    pub memory_entries: u64,
 }
 
 /// What a follower does with a client that connects to it.
@@ -400,6 +400,9 @@ struct Node<'a> {
     acked_clients: Vec<Token>,
     /// Null-program mode: client bytes are frames, answers are ops.
     framed: bool,
+    /// Delivered entries the engine keeps in memory (for retransmits);
+    /// older ones are read back from the log.
+    memory_entries: u64,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -468,9 +471,10 @@ impl Node<'_> {
                 // Memory holds a window of delivered entries; older ones are
                 // read back from the log for a follower that needs them.
                 let commit = self.engine.commit();
-                if commit > self.engine.first_op() + 2 * MEMORY_KEEP {
+                let keep = self.memory_entries;
+                if commit > self.engine.first_op() + 2 * keep {
                     self.step(Input::Forget {
-                        below: commit - MEMORY_KEEP,
+                        below: commit - keep,
                     })?;
                 }
                 // One write per client for all the answers of this delivery.
@@ -1609,6 +1613,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         app,
         acked_clients: Vec::new(),
         framed: opts.null_program,
+        memory_entries: opts.memory_entries.max(1),
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,
         hooks_env: hooks,
@@ -1902,6 +1907,11 @@ pub struct ReplicateArgs {
     #[arg(long, hide = true, conflicts_with_all = ["snapshot_cmd", "restore_cmd", "reset_cmd"])]
     pub null_program: bool,
 
+    /// Delivered entries each replica keeps in memory for followers that
+    /// fall behind a little; older ones are read back from the log.
+    #[arg(long, hide = true, value_name = "N", default_value_t = 65_536)]
+    pub memory_entries: u64,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -2019,6 +2029,7 @@ pub fn replicate(
         restore_cmd: args.restore_cmd.clone(),
         snapshot_every: args.snapshot_every,
         null_program: args.null_program,
+        memory_entries: args.memory_entries,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),
