@@ -4,8 +4,17 @@
 mod util;
 use util::*;
 
+/// Benchmarks run one at a time: on two cores, one's fsyncs and processes
+/// would starve another's measurement window.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn bench_log_reports_falcon_beside_the_disk() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let r = run(&[
         "bench",
@@ -70,6 +79,7 @@ fn bench_without_a_mode_is_a_usage_error() {
 
 #[test]
 fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
+    let _one = serial();
     let r = run(&[
         "bench",
         "--consensus",
@@ -108,6 +118,7 @@ fn bench_consensus_over_mem_reports_the_engine_beside_no_replication() {
 
 #[test]
 fn bench_consensus_over_tcp_drives_a_real_cluster_and_compares_with_the_round_trip() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let r = run(&[
         "bench",
@@ -175,6 +186,7 @@ fn bench_consensus_over_tcp_drives_a_real_cluster_and_compares_with_the_round_tr
 
 #[test]
 fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
+    let _one = serial();
     let r = run(&[
         "bench",
         "--redis",
@@ -207,6 +219,7 @@ fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
 
 #[test]
 fn bench_consensus_drives_an_already_running_cluster() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..9)
         .map(|_| {
