@@ -55,6 +55,8 @@ const APPLY_BACKLOG_MAX: usize = 65_536;
 const CATCH_UP_BYTES: usize = 16 << 20;
 /// Client events held for the fsync under way, at most (then they are proposed at once).
 const PROPOSE_HOLD_MAX: usize = 256;
+/// Over shm, how long the loop spins on the rings after a peer message.
+const SHM_SPIN: Duration = Duration::from_micros(50);
 /// How often the loop asks whether the program (or a hook) exited.
 const EXIT_CHECK: Duration = Duration::from_millis(20);
 
@@ -1666,6 +1668,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
     let mut last_exit_check = Instant::now();
+    let spin_window = if cfg.transport == crate::config::TransportKind::Shm {
+        SHM_SPIN
+    } else {
+        Duration::ZERO
+    };
+    let mut last_peer_msg = Instant::now() - Duration::from_secs(1);
     loop {
         if stop.load(Ordering::Relaxed) {
             node.sync()?;
@@ -1702,7 +1710,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 node.close_app(c);
             }
         }
-        let wait = if node.unread.is_empty() {
+        // Over shm, right after peer traffic the loop spins on the rings
+        // for a moment instead of sleeping: the next message is likely close.
+        let spinning = last_peer_msg.elapsed() < spin_window;
+        let wait = if node.unread.is_empty() && !spinning {
             tick
         } else {
             Duration::ZERO
@@ -1752,13 +1763,16 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // milliseconds for its own timers (reconnects, handshake deadlines).
         // (The readiness of the transport's own epoll descriptor is reported
         // once per change, so a turn that brought messages earns another.)
-        if peers_ready || peers_busy || last_peer_turn.elapsed() >= PEER_TIMERS {
+        if peers_ready || peers_busy || spinning || last_peer_turn.elapsed() >= PEER_TIMERS {
             last_peer_turn = Instant::now();
             inbox.clear();
             node.transport
                 .recv(Duration::ZERO, &mut inbox)
                 .map_err(io_err("receiving from peers"))?;
             peers_busy = !inbox.is_empty();
+            if peers_busy {
+                last_peer_msg = Instant::now();
+            }
         }
         for env in inbox.drain(..) {
             use crate::consensus::Message;
