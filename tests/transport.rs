@@ -263,3 +263,220 @@ fn a_restarted_peer_is_dialled_again() {
     }
     assert!(!got.is_empty(), "no message after the peer restarted");
 }
+
+// ---- shm between real processes: this test binary runs again as the peer ----
+
+/// The peer side, run in a child process by the tests below (ignored when run
+/// directly). FALCON_SHM_DIR: the ring directory; FALCON_SHM_ROLE: `echo`
+/// (node 1: answers every message to node 0, sleeping FALCON_SHM_SLOW_MS
+/// before it starts reading) or `send` (node 1: sends FALCON_SHM_COUNT
+/// messages to node 0, numbered from FALCON_SHM_FROM, then waits to be killed).
+#[test]
+#[ignore = "a helper: runs as the peer process of the shm process tests"]
+fn shm_peer_process() {
+    use falcon::transport::shm::{ShmOptions, ShmTransport};
+    let Some(dir) = std::env::var_os("FALCON_SHM_DIR") else {
+        return;
+    };
+    let num = |k: &str| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut o = ShmOptions::new(CLUSTER, 1, 2, dir.into());
+    o.ring_bytes = 64 << 10;
+    let mut t = ShmTransport::bind(o).unwrap();
+    let role = std::env::var("FALCON_SHM_ROLE").unwrap_or_default();
+    std::fs::write(std::env::var("FALCON_SHM_READY").unwrap(), b"up").unwrap();
+    if role == "send" {
+        let from = num("FALCON_SHM_FROM");
+        let mut op = from;
+        while op < from + num("FALCON_SHM_COUNT") {
+            if t.send(&env(1, 0, op)).is_ok() {
+                op += 1;
+            }
+            let mut sink = Vec::new();
+            t.recv(Duration::from_millis(1), &mut sink).unwrap();
+        }
+        t.flush();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(num("FALCON_SHM_SLOW_MS")));
+    let mut inbox = Vec::new();
+    let mut pending = std::collections::VecDeque::new();
+    loop {
+        let wait = if pending.is_empty() { 50 } else { 1 };
+        t.recv(Duration::from_millis(wait), &mut inbox).unwrap();
+        pending.extend(inbox.drain(..).map(|e| match e.msg {
+            Message::PrepareOk { op, .. } => op,
+            _ => 0,
+        }));
+        // Echo in order; what does not fit waits for node 0 to read.
+        while let Some(&op) = pending.front() {
+            if t.send(&env(1, 0, op)).is_err() {
+                break;
+            }
+            pending.pop_front();
+        }
+        t.flush();
+    }
+}
+
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn shm_peer(dir: &std::path::Path, vars: &[(&str, String)]) -> Peer {
+    let _ = std::fs::remove_file(dir.join("ready"));
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "shm_peer_process", "--ignored", "--nocapture"])
+        .env("FALCON_SHM_DIR", dir)
+        .env("FALCON_SHM_READY", dir.join("ready"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let p = Peer(c.spawn().unwrap());
+    let start = Instant::now();
+    while !dir.join("ready").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the peer process did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p
+}
+
+fn shm_node0(dir: &std::path::Path) -> falcon::transport::shm::ShmTransport {
+    use falcon::transport::shm::{ShmOptions, ShmTransport};
+    let mut o = ShmOptions::new(CLUSTER, 0, 2, dir.to_path_buf());
+    o.ring_bytes = 64 << 10;
+    ShmTransport::bind(o).unwrap()
+}
+
+fn ops(got: &[Envelope]) -> Vec<u64> {
+    got.iter()
+        .map(|e| match e.msg {
+            Message::PrepareOk { op, .. } => op,
+            _ => u64::MAX,
+        })
+        .collect()
+}
+
+#[test]
+fn shm_a_slow_receiver_pushes_back_and_loses_nothing_it_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = shm_node0(dir.path());
+    let _peer = shm_peer(dir.path(), &[("FALCON_SHM_SLOW_MS", "500".into())]);
+    // 64 KiB of ring: a few thousand small messages fill it while the peer sleeps.
+    let mut accepted = Vec::new();
+    let mut full = false;
+    let mut op = 1;
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while accepted.len() < 20_000 && start.elapsed() < Duration::from_secs(30) {
+        match a.send(&env(0, 1, op)) {
+            Ok(()) => {
+                accepted.push(op);
+                op += 1;
+            }
+            Err(falcon::transport::SendError::Full(1)) => full = true,
+            Err(e) => panic!("{e}"),
+        }
+        a.recv(Duration::ZERO, &mut got).unwrap();
+    }
+    assert!(full, "the ring never filled while the receiver slept");
+    let start = Instant::now();
+    while got.len() < accepted.len() && start.elapsed() < Duration::from_secs(30) {
+        a.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    let echoed = ops(&got);
+    let first_bad = echoed.iter().zip(&accepted).position(|(a, b)| a != b);
+    assert!(
+        first_bad.is_none() && echoed.len() == accepted.len(),
+        "{} accepted, {} echoed, first difference at {first_bad:?}",
+        accepted.len(),
+        echoed.len()
+    );
+}
+
+#[test]
+fn shm_a_crashed_receiver_is_found_again_after_its_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = shm_node0(dir.path());
+    let peer = shm_peer(dir.path(), &[]);
+    let mut got = Vec::new();
+    a.send(&env(0, 1, 1)).unwrap();
+    let start = Instant::now();
+    while got.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        a.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    assert_eq!(ops(&got), vec![1]);
+    drop(peer); // SIGKILL: its ring file stays, nobody reads it
+    let _peer = shm_peer(dir.path(), &[]);
+    // The restarted peer made a new ring; the sender maps it and talks again.
+    let mut op = 2;
+    got.clear();
+    let start = Instant::now();
+    while got.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        let _ = a.send(&env(0, 1, op));
+        op += 1;
+        a.recv(Duration::from_millis(20), &mut got).unwrap();
+    }
+    assert!(!got.is_empty(), "no echo from the restarted receiver");
+    let evs = a.events();
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, TransportEvent::Lost { peer: 1, .. })),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn shm_a_crashed_sender_restarts_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = shm_node0(dir.path());
+    let vars = |from: u64| {
+        vec![
+            ("FALCON_SHM_ROLE", "send".to_string()),
+            ("FALCON_SHM_FROM", from.to_string()),
+            ("FALCON_SHM_COUNT", "500".to_string()),
+        ]
+    };
+    let mut got = Vec::new();
+    let peer = shm_peer(dir.path(), &vars(1));
+    let start = Instant::now();
+    while got.len() < 500 && start.elapsed() < Duration::from_secs(10) {
+        a.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    drop(peer); // killed after sending: the next sender opens the same ring
+    let _peer = shm_peer(dir.path(), &vars(501));
+    let start = Instant::now();
+    while got.len() < 1000 && start.elapsed() < Duration::from_secs(10) {
+        a.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    let got = ops(&got);
+    assert!(
+        got == (1..=1000).collect::<Vec<_>>(),
+        "{} received; first {:?}, last {:?}",
+        got.len(),
+        got.first(),
+        got.last()
+    );
+    assert!(
+        !a.events()
+            .iter()
+            .any(|e| matches!(e, TransportEvent::Refused { .. })),
+        "the second sender's records were refused"
+    );
+}
