@@ -64,7 +64,8 @@ mod tcp {
 /// `n` shm endpoints in a fresh directory (each removes its files when dropped).
 fn shm_cluster(n: u32) -> Vec<falcon::transport::shm::ShmTransport> {
     use falcon::transport::shm::{ShmOptions, ShmTransport};
-    let dir = tempfile::tempdir().unwrap().keep();
+    // A directory bind makes itself (mode 0700), inside a fresh temporary one.
+    let dir = tempfile::tempdir().unwrap().keep().join("rings");
     (0..n)
         .map(|id| {
             let mut o = ShmOptions::new(CLUSTER, id, n, dir.clone());
@@ -284,7 +285,7 @@ fn shm_peer_process() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let mut o = ShmOptions::new(CLUSTER, 1, 2, dir.into());
+    let mut o = ShmOptions::new(CLUSTER, 1, 2, std::path::PathBuf::from(dir).join("rings"));
     o.ring_bytes = 64 << 10;
     let mut t = ShmTransport::bind(o).unwrap();
     let role = std::env::var("FALCON_SHM_ROLE").unwrap_or_default();
@@ -359,7 +360,7 @@ fn shm_peer(dir: &std::path::Path, vars: &[(&str, String)]) -> Peer {
 
 fn shm_node0(dir: &std::path::Path) -> falcon::transport::shm::ShmTransport {
     use falcon::transport::shm::{ShmOptions, ShmTransport};
-    let mut o = ShmOptions::new(CLUSTER, 0, 2, dir.to_path_buf());
+    let mut o = ShmOptions::new(CLUSTER, 0, 2, dir.join("rings"));
     o.ring_bytes = 64 << 10;
     ShmTransport::bind(o).unwrap()
 }
@@ -479,4 +480,17 @@ fn shm_a_crashed_sender_restarts_where_it_stopped() {
             .any(|e| matches!(e, TransportEvent::Refused { .. })),
         "the second sender's records were refused"
     );
+}
+
+#[test]
+fn shm_refuses_a_ring_directory_others_could_write() {
+    use falcon::transport::shm::{ShmOptions, ShmTransport};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = ShmTransport::bind(ShmOptions::new(CLUSTER, 0, 3, dir.path().to_path_buf()))
+        .err()
+        .expect("a world-writable ring directory was accepted");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("mode 0700"), "{err}");
 }

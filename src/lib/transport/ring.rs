@@ -63,7 +63,13 @@ pub struct Ring {
     seq: u64,
     /// Write side: bytes written but not yet published.
     pending: u64,
+    /// Read side, after a reset: take the next record's number as it comes
+    /// (if its checksum holds) instead of expecting one.
+    resync: bool,
 }
+
+/// The smallest data area a ring may have.
+const CAPACITY_MIN: usize = 64;
 
 // SAFETY: the memory is only reached through atomics for the positions and
 // through the single-producer/single-consumer discipline for the data.
@@ -80,8 +86,12 @@ impl Ring {
     /// `base` must point to `len` writable bytes that stay mapped while any
     /// `Ring` over them lives, and no other process may use them yet.
     pub unsafe fn init(base: *mut u8, len: usize, incarnation: u64) -> Ring {
-        let avail = len - HEADER;
+        let avail = (len - HEADER).min(u32::MAX as usize / 2);
         let capacity = 1usize << (usize::BITS - 1 - avail.leading_zeros());
+        assert!(
+            capacity >= CAPACITY_MIN,
+            "a ring needs at least {CAPACITY_MIN} bytes of data"
+        );
         // SAFETY: the caller gives us the whole region.
         unsafe {
             std::ptr::write_bytes(base, 0, HEADER);
@@ -95,6 +105,7 @@ impl Ring {
             capacity,
             seq: 0,
             pending: 0,
+            resync: false,
         }
     }
 
@@ -114,6 +125,8 @@ impl Ring {
         if magic != MAGIC
             || version != VERSION
             || !capacity.is_power_of_two()
+            || capacity < CAPACITY_MIN
+            || capacity > u32::MAX as usize / 2
             || HEADER + capacity > len
         {
             return Err(RingError::NotARing);
@@ -123,6 +136,7 @@ impl Ring {
             capacity,
             seq: 0,
             pending: 0,
+            resync: false,
         };
         // A sender continues where the last one stopped, if the positions make sense.
         let (write, read) = (
@@ -231,7 +245,7 @@ impl Ring {
     pub fn pop(&mut self, out: &mut Vec<u8>) -> Result<bool, RingError> {
         let write = self.write_pos().load(Ordering::Acquire);
         let read = self.read_pos().load(Ordering::Relaxed);
-        if write <= read {
+        if write <= read || write > u64::MAX / 2 {
             return Ok(false);
         }
         let mut head = [0u8; REC_HEADER];
@@ -242,7 +256,7 @@ impl Ring {
         if len as usize > self.max_payload() || padded(len as usize) as u64 > write - read {
             return Err(RingError::Length(len));
         }
-        if seq != self.seq as u32 {
+        if seq != self.seq as u32 && !self.resync {
             return Err(RingError::Sequence {
                 want: self.seq as u32,
                 got: seq,
@@ -254,6 +268,10 @@ impl Ring {
         if crc32c::crc32c(out) != crc {
             return Err(RingError::Checksum(seq));
         }
+        if self.resync {
+            self.resync = false;
+            self.seq = (self.seq & !u64::from(u32::MAX)) | u64::from(seq);
+        }
         self.seq = self.seq.wrapping_add(1);
         self.read_pos()
             .store(read + padded(len as usize) as u64, Ordering::Release);
@@ -264,7 +282,9 @@ impl Ring {
     /// can be used again from the next record a new sender writes.
     pub fn reset_reader(&mut self) {
         let write = self.write_pos().load(Ordering::Acquire);
-        self.seq = self.write_seq().load(Ordering::Relaxed);
+        // The sender may publish again between these loads: the number of the
+        // next record is taken from the record itself.
+        self.resync = true;
         self.read_pos().store(write, Ordering::Release);
     }
 }
@@ -376,6 +396,7 @@ mod tests {
             capacity: 1024,
             seq: 0,
             pending: 24,
+            resync: false,
         };
         assert!(old.push(b"stale"));
         old.publish();
@@ -390,6 +411,7 @@ mod tests {
             capacity: 1024,
             seq: 1,
             pending: 48,
+            resync: false,
         };
         assert!(tx2.push(b"third"));
         unsafe { *base.add(HEADER + 48 + REC_HEADER) ^= 1 };

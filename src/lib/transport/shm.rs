@@ -18,7 +18,7 @@
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use super::ring::{HEADER, Ring};
@@ -88,7 +88,7 @@ impl Mapping {
             .open(path)?;
         let meta = f.metadata()?;
         let len = meta.len() as usize;
-        if len < 64 {
+        if len < 4096 {
             return Err(std::io::Error::other("file too small"));
         }
         // SAFETY: a fresh shared mapping of a file we opened read-write.
@@ -116,12 +116,13 @@ impl Mapping {
     /// lets `init` write into it, then renames it into place.
     fn create(path: &Path, len: usize, init: impl FnOnce(&Mapping)) -> std::io::Result<Mapping> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.set_len(len as u64)?;
         drop(f);
@@ -153,8 +154,11 @@ impl Bell {
     }
     /// Sender side: bump the word; wake the owner if it sleeps.
     fn ring(&self) {
-        self.word().fetch_add(1, Ordering::Release);
-        if self.sleeping().load(Ordering::Acquire) != 0 {
+        self.word().fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence after the owner sets `sleeping`: one of the two
+        // sees the other's store.
+        fence(Ordering::SeqCst);
+        if self.sleeping().load(Ordering::SeqCst) != 0 {
             // SAFETY: FUTEX_WAKE on a shared-memory word.
             unsafe {
                 libc::syscall(
@@ -221,7 +225,28 @@ fn bell_path(dir: &Path, id: NodeId) -> PathBuf {
 impl ShmTransport {
     /// Creates this replica's rings (one per peer writing to it) and doorbell.
     pub fn bind(opts: ShmOptions) -> std::io::Result<ShmTransport> {
-        std::fs::create_dir_all(&opts.dir)?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(&opts.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Whoever owns the directory could swap the rings: it must be ours, and closed.
+        let meta = std::fs::symlink_metadata(&opts.dir)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me || meta.permissions().mode() & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: must be a directory owned by this user with mode 0700 (it holds the cluster's rings)",
+                    opts.dir.display()
+                ),
+            ));
+        }
+        // The doorbell first: a sender that finds a ring finds its bell.
+        let bell_path = bell_path(&opts.dir, opts.id);
+        let bell = Bell(Mapping::create(&bell_path, 4096, |_| {})?);
         let ring_len = HEADER + opts.ring_bytes.next_power_of_two();
         let incarnation = crate::log::now_ns() ^ u64::from(std::process::id());
         let mut incoming = Vec::new();
@@ -243,8 +268,6 @@ impl ShmTransport {
                 path,
             }));
         }
-        let bell_path = bell_path(&opts.dir, opts.id);
-        let bell = Bell(Mapping::create(&bell_path, 4096, |_| {})?);
         Ok(ShmTransport {
             outgoing: (0..opts.n).map(|_| None).collect(),
             incoming,
@@ -261,8 +284,14 @@ impl ShmTransport {
     fn connect(&mut self, to: usize) {
         let path = ring_path(&self.opts.dir, self.opts.id, to as NodeId);
         let ino = std::fs::metadata(&path).map(|m| m.ino()).ok();
-        if let Some(o) = &self.outgoing[to] {
+        if let Some(o) = &mut self.outgoing[to] {
             if Some(o.map.ino) == ino {
+                // The same ring; its bell may have been missing or replaced.
+                let bell_path = bell_path(&self.opts.dir, to as NodeId);
+                let bell_ino = std::fs::metadata(&bell_path).map(|m| m.ino()).ok();
+                if o.bell.as_ref().map(|b| b.0.ino) != bell_ino {
+                    o.bell = Mapping::map(&bell_path).ok().map(Bell);
+                }
                 return;
             }
             self.outgoing[to] = None;
@@ -385,6 +414,7 @@ impl ShmTransport {
         }
         let seen = self.bell.word().load(Ordering::Acquire);
         self.bell.sleeping().store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if !self.any_ready() {
             let left = deadline.saturating_duration_since(Instant::now());
             if !left.is_zero() {
@@ -405,13 +435,20 @@ impl ShmTransport {
         std::thread::Builder::new()
             .name("falcon-shm-bell".into())
             .spawn(move || {
+                // `last` survives the loop: a ring that comes while `wake`
+                // runs changes the word from it and is reported next round.
+                let mut last = bell.word().load(Ordering::Acquire);
                 loop {
-                    let seen = bell.word().load(Ordering::Acquire);
                     bell.sleeping().store(1, Ordering::SeqCst);
-                    bell.wait(seen, Duration::from_millis(50));
+                    fence(Ordering::SeqCst);
+                    bell.wait(last, Duration::from_millis(50));
                     bell.sleeping().store(0, Ordering::SeqCst);
-                    if bell.word().load(Ordering::Acquire) != seen && !wake() {
-                        return;
+                    let now = bell.word().load(Ordering::Acquire);
+                    if now != last {
+                        last = now;
+                        if !wake() {
+                            return;
+                        }
                     }
                 }
             })?;
