@@ -214,6 +214,17 @@ impl Cluster {
     fn digest(&self, i: usize) -> Option<String> {
         resp_command(self.addrs[i].2, &["DEBUG", "DIGEST"])
     }
+
+    /// Every replica's `DEBUG DIGEST`.
+    fn digests(&self) -> Vec<Option<String>> {
+        (0..self.addrs.len()).map(|i| self.digest(i)).collect()
+    }
+
+    /// Every replica answers with the same digest.
+    fn digests_agree(&self) -> bool {
+        let d = self.digests();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    }
 }
 
 impl Drop for Cluster {
@@ -292,15 +303,8 @@ fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
     let follower = (leader + 1) % 3;
     assert_eq!(c.client_cmd(follower, &["PING"]), None);
     // Every copy of the program reaches the same state.
-    let same = wait_until(Duration::from_secs(10), || {
-        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
-        d[0].is_some() && d.iter().all(|x| *x == d[0])
-    });
-    assert!(
-        same,
-        "digests differ: {:?}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>()
-    );
+    let same = wait_until(Duration::from_secs(10), || c.digests_agree());
+    assert!(same, "digests differ: {:?}", c.digests());
 
     // The leader dies hard.
     c.kill(leader);
@@ -323,14 +327,11 @@ fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
 
     // The killed replica restarts from an empty program, replays its log and catches up.
     c.start_node(leader);
-    let same = wait_until(Duration::from_secs(20), || {
-        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
-        d[0].is_some() && d.iter().all(|x| *x == d[0])
-    });
+    let same = wait_until(Duration::from_secs(20), || c.digests_agree());
     assert!(
         same,
         "the restarted replica did not catch up: {:?}\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         c.log(leader)
     );
 }
@@ -712,14 +713,10 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
         c.log(leader)
     );
     assert_eq!(set_many(c.addrs[leader].1, "b", 200), 200);
-    let agree = |c: &Cluster| {
-        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
-        d[0].is_some() && d.iter().all(|x| *x == d[0])
-    };
     assert!(
-        wait_until(Duration::from_secs(30), || agree(&c)),
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
         "digests differ: {:?}, keys {:?}, a:2999 {:?} a:3001 {:?}; far replica:\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         (0..3)
             .map(|i| resp_command(c.addrs[i].2, &["DBSIZE"]))
             .collect::<Vec<_>>(),
@@ -747,9 +744,9 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     );
     assert_eq!(set_many(c.addrs[leader].1, "c", 50), 50);
     assert!(
-        wait_until(Duration::from_secs(30), || agree(&c)),
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
         "digests differ after the restart from a snapshot: {:?}, keys {:?}, a:2999 {:?} a:3400 {:?}\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         (0..3)
             .map(|i| resp_command(c.addrs[i].2, &["DBSIZE"]))
             .collect::<Vec<_>>(),
@@ -775,14 +772,10 @@ fn three_redis_replicas_over_shared_memory_agree() {
     );
     let leader = c.leader(Duration::from_secs(30));
     assert_eq!(set_many(c.addrs[leader].1, "shm", 500), 500);
-    let agree = |c: &Cluster| {
-        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
-        d[0].is_some() && d.iter().all(|x| *x == d[0])
-    };
     assert!(
-        wait_until(Duration::from_secs(20), || agree(&c)),
+        wait_until(Duration::from_secs(20), || c.digests_agree()),
         "digests differ over shm: {:?}\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         c.log(leader)
     );
     // A follower killed and restarted maps the rings again and catches up.
@@ -791,9 +784,9 @@ fn three_redis_replicas_over_shared_memory_agree() {
     assert_eq!(set_many(c.addrs[leader].1, "shm2", 100), 100);
     c.start_node(f);
     assert!(
-        wait_until(Duration::from_secs(30), || agree(&c)),
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
         "the restarted follower did not catch up over shm: {:?}\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         c.log(f)
     );
 }
@@ -810,14 +803,10 @@ fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
     // 600 entries while it is down: far past the window.
     assert_eq!(set_many(c.addrs[leader].1, "w", 600), 600);
     c.start_node(f);
-    let agree = |c: &Cluster| {
-        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
-        d[0].is_some() && d.iter().all(|x| *x == d[0])
-    };
     assert!(
-        wait_until(Duration::from_secs(30), || agree(&c)),
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
         "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
-        (0..3).map(|i| c.digest(i)).collect::<Vec<_>>(),
+        c.digests(),
         c.log(f),
         c.log(leader)
     );

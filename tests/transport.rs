@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use falcon::consensus::{Envelope, Message, message};
-use falcon::transport::conformance::{CLUSTER, collect};
+use falcon::transport::conformance::{CLUSTER, collect, env};
 use falcon::transport::tcp::{TcpOptions, TcpTransport};
 use falcon::transport::{Transport, TransportEvent};
 use hmac::{Hmac, Mac};
@@ -77,15 +77,6 @@ fn shm_cluster(n: u32) -> Vec<falcon::transport::shm::ShmTransport> {
 
 mod shm {
     falcon::transport_conformance_tests!(super::shm_cluster);
-}
-
-fn env(from: u32, to: u32, op: u64) -> Envelope {
-    Envelope {
-        cluster: CLUSTER,
-        from,
-        to,
-        msg: Message::PrepareOk { view: 1, op },
-    }
 }
 
 /// Runs both endpoints for `d`, returning what each received and the events.

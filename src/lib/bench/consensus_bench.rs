@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::stats::{Summary, summarize};
-use super::{BenchArgs, BenchError};
+use super::{BenchArgs, BenchError, cpu_time};
 use crate::consensus::{Command, Config, Envelope, Event, Input, Replica};
 use crate::log::Kind;
 use crate::output::{self, Status, Ui};
@@ -28,14 +28,6 @@ pub struct Row {
     pub cpu_ns_per_entry: f64,
     /// Latency from proposal to commit at the leader.
     pub latency: Summary,
-}
-
-fn cpu_time() -> Duration {
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 struct Cluster {

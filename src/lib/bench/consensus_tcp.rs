@@ -16,25 +16,8 @@ use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 
 use super::stats::{Summary, summarize};
-use super::{BenchArgs, BenchError};
+use super::{BenchArgs, BenchError, Procs};
 use crate::output::{self, Status, Ui};
-
-/// Replica processes, stopped when dropped.
-struct Replicas(Vec<Child>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        for c in &mut self.0 {
-            let _ = c.wait();
-        }
-    }
-}
 
 /// Network namespaces `<tag>-1..n` joined by a bridge, one per replica
 /// (`--netns`, root only); removed when dropped.
@@ -145,14 +128,6 @@ fn process_cpu_s(pid: u32) -> Option<f64> {
     Some((ut + st) / ticks_per_s())
 }
 
-fn self_cpu_s() -> f64 {
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes into the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 fn free_port(ip: [u8; 4]) -> std::io::Result<u16> {
     Ok(TcpListener::bind(SocketAddr::from((ip, 0)))?
         .local_addr()?
@@ -167,7 +142,7 @@ fn start_cluster(
     transport: &str,
     ui: &Ui,
     net: Option<&Netns>,
-) -> Result<(Replicas, Vec<SocketAddr>), BenchError> {
+) -> Result<(Procs, Vec<SocketAddr>), BenchError> {
     let exe = std::env::current_exe()?;
     // One cluster name per run: shm rings live in a directory named after it.
     let mut toml = format!(
@@ -195,7 +170,7 @@ fn start_cluster(
     std::fs::write(dir.join("cluster.toml"), toml)?;
     crate::config::generate_key(&dir.join("cluster.key"))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut procs = Replicas(Vec::new());
+    let mut procs = Procs(Vec::new());
     for i in 0..n {
         let log = std::fs::File::create(dir.join(format!("replica{}.log", i + 1)))?;
         let mut cmd = match net {
@@ -334,7 +309,7 @@ fn drive(
             return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted").into());
         }
         if cpu0.is_none() && Instant::now() >= measure_from {
-            cpu0 = Some(self_cpu_s());
+            cpu0 = Some(super::cpu_time());
         }
         poll.poll(&mut events, Some(Duration::from_millis(20)))?;
         for ev in events.iter() {
@@ -395,7 +370,7 @@ fn drive(
             last_tick = (Instant::now(), acked);
         }
     }
-    let cpu = self_cpu_s() - cpu0.unwrap_or_else(self_cpu_s);
+    let cpu = cpu0.map_or(0.0, |c0| (super::cpu_time() - c0).as_secs_f64());
     Ok((committed, samples, cpu))
 }
 
@@ -466,7 +441,7 @@ pub fn run(
         None
     };
     let (_procs, clients_addrs, scratch) = match &args.cluster {
-        Some(path) => (Replicas(Vec::new()), cluster_clients(path)?, None),
+        Some(path) => (Procs(Vec::new()), cluster_clients(path)?, None),
         None => {
             std::fs::create_dir_all(&scratch_dir)?;
             let scratch = super::Scratch(scratch_dir.clone());

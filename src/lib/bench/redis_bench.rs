@@ -13,23 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::stats::{Summary, summarize};
-use super::{BenchArgs, BenchError};
+use super::{BenchArgs, BenchError, Procs};
 use crate::output::{self, Status, Ui};
-
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        for c in &mut self.0 {
-            let _ = c.wait();
-        }
-    }
-}
 
 fn free_ports(n: usize) -> Vec<u16> {
     let ls: Vec<TcpListener> = (0..n)
@@ -305,6 +290,15 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     procs.0.append(&mut falcon.0);
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
+    // Each setup: its name, the port its clients use, and whether every SET
+    // is followed by WAIT 2 0 (our own client) instead of redis-benchmark.
+    let setups = [
+        ("a: redis-server alone", bare, false),
+        ("b: redis async replication, 2 replicas", primary, false),
+        ("c: redis SET + WAIT 2 0", primary, true),
+        ("d: falcon, 3 replicas, sync batch", leader, false),
+        ("e: falcon, 3 replicas, sync never", leader_nosync, false),
+    ];
     for round in 0..args.rounds {
         for clients in [50usize, 1] {
             let n = if clients == 1 {
@@ -312,38 +306,19 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             } else {
                 requests
             };
-            for (setup, port) in [
-                ("a: redis-server alone", bare),
-                ("b: redis async replication, 2 replicas", primary),
-            ] {
-                let (ops, p50, p99) = redis_benchmark(port, clients, n)?;
+            for (setup, port, wait) in setups {
+                let (ops_per_s, p50_ms, p99_ms) = if wait {
+                    let (ops, lat) = set_wait(port, clients, n)?;
+                    (ops, lat.p50_us / 1000.0, lat.p99_us / 1000.0)
+                } else {
+                    redis_benchmark(port, clients, n)?
+                };
                 runs.push(Run {
                     setup: setup.into(),
                     clients,
-                    ops_per_s: ops,
-                    p50_ms: p50,
-                    p99_ms: p99,
-                });
-            }
-            let (ops, lat) = set_wait(primary, clients, n)?;
-            runs.push(Run {
-                setup: "c: redis SET + WAIT 2 0".into(),
-                clients,
-                ops_per_s: ops,
-                p50_ms: lat.p50_us / 1000.0,
-                p99_ms: lat.p99_us / 1000.0,
-            });
-            for (setup, port) in [
-                ("d: falcon, 3 replicas, sync batch", leader),
-                ("e: falcon, 3 replicas, sync never", leader_nosync),
-            ] {
-                let (ops, p50, p99) = redis_benchmark(port, clients, n)?;
-                runs.push(Run {
-                    setup: setup.into(),
-                    clients,
-                    ops_per_s: ops,
-                    p50_ms: p50,
-                    p99_ms: p99,
+                    ops_per_s,
+                    p50_ms,
+                    p99_ms,
                 });
             }
         }
@@ -353,13 +328,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     // Median of the rounds per setup and client count.
     let mut rows = Vec::new();
     for clients in [50usize, 1] {
-        for setup in [
-            "a: redis-server alone",
-            "b: redis async replication, 2 replicas",
-            "c: redis SET + WAIT 2 0",
-            "d: falcon, 3 replicas, sync batch",
-            "e: falcon, 3 replicas, sync never",
-        ] {
+        for (setup, _, _) in setups {
             let mut rs: Vec<&Run> = runs
                 .iter()
                 .filter(|r| r.setup == setup && r.clients == clients)

@@ -43,6 +43,30 @@ pub struct RttResult {
     pub samples_ns: Vec<u64>,
 }
 
+impl RttResult {
+    /// Summarises the measured round trips (and their halves, one way).
+    fn new(
+        transport: String,
+        device: String,
+        path: String,
+        size: usize,
+        mut samples: Vec<Duration>,
+    ) -> RttResult {
+        let samples_ns = samples.iter().map(|d| d.as_nanos() as u64).collect();
+        let mut halves: Vec<Duration> = samples.iter().map(|d| *d / 2).collect();
+        RttResult {
+            transport,
+            device,
+            path,
+            size,
+            iterations: samples.len(),
+            rtt: summarize(&mut samples),
+            one_way: summarize(&mut halves),
+            samples_ns,
+        }
+    }
+}
+
 fn usage(msg: impl Into<String>) -> BenchError {
     BenchError::Usage(msg.into())
 }
@@ -179,18 +203,13 @@ pub fn client(
         }
     }
     let local = s.local_addr()?;
-    let samples_ns = samples.iter().map(|d| d.as_nanos() as u64).collect();
-    let mut halves: Vec<Duration> = samples.iter().map(|d| *d / 2).collect();
-    Ok(RttResult {
-        transport: "tcp".into(),
-        device: device_of(local.ip()),
-        path: format!("{local} -> {addr}"),
+    Ok(RttResult::new(
+        "tcp".into(),
+        device_of(local.ip()),
+        format!("{local} -> {addr}"),
         size,
-        iterations: iters,
-        rtt: summarize(&mut samples),
-        one_way: summarize(&mut halves),
-        samples_ns,
-    })
+        samples,
+    ))
 }
 
 /// `--local`: both ends on this host, the server a second `falcon` process
@@ -421,18 +440,13 @@ pub fn shm_local(
         .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
-    let samples_ns = samples.iter().map(|d| d.as_nanos() as u64).collect();
-    let mut halves: Vec<Duration> = samples.iter().map(|d| *d / 2).collect();
-    Ok(RttResult {
-        transport: format!("shm (poll {poll:?})").to_lowercase(),
-        device: format!("shared memory ({})", base.display()),
-        path: format!("{} (ring files, echo on a thread)", dir.display()),
+    Ok(RttResult::new(
+        format!("shm (poll {poll:?})").to_lowercase(),
+        format!("shared memory ({})", base.display()),
+        format!("{} (ring files, echo on a thread)", dir.display()),
         size,
-        iterations: iters,
-        rtt: summarize(&mut samples),
-        one_way: summarize(&mut halves),
-        samples_ns,
-    })
+        samples,
+    ))
 }
 
 /// A latency histogram for the terminal: log-spaced buckets, one bar each.

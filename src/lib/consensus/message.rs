@@ -241,6 +241,17 @@ impl Message {
         }
     }
 
+    /// The same, to fill in or replace.
+    pub fn entries_mut(&mut self) -> Option<&mut Vec<Entry>> {
+        match self {
+            Message::Prepare { entries, .. }
+            | Message::StartView { entries, .. }
+            | Message::CatchUp { entries, .. }
+            | Message::DoViewChange { entries, .. } => Some(entries),
+            _ => None,
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1070,13 +1070,7 @@ impl Replica {
         commit: u64,
         out: &mut Vec<Command>,
     ) {
-        // In step with this view already, our log is a prefix of the leader's;
-        // otherwise only our committed entries are known to be.
-        let trusted = if self.status == Status::Normal {
-            self.last_op()
-        } else {
-            self.commit
-        };
+        let trusted = self.trusted_last();
         if op_start > trusted + 1 || op_start < self.first_op {
             // Our entries between the commit point and op_start may be stale.
             self.ask_leader_for_log(out);
@@ -1145,13 +1139,8 @@ impl Replica {
             return;
         }
         // Committing through `end - 1` commits our entries before op_start
-        // too: only safe when they are known to be the leader's (in step
-        // with this view), else only up to our commit point.
-        let trusted = if self.status == Status::Normal {
-            self.last_op()
-        } else {
-            self.commit
-        };
+        // too: only safe up to where they are known to be the leader's.
+        let trusted = self.trusted_last();
         if op_start > trusted + 1 {
             self.send(
                 out,
@@ -1417,6 +1406,17 @@ impl Replica {
         from == self.leader()
             && !self.is_leader()
             && Self::consecutive(op_start, entries, self.view)
+    }
+
+    /// The last op of ours known to be in the leader's log: in step with this
+    /// view already, our whole log is a prefix of the leader's; otherwise only
+    /// our committed entries are known to be.
+    fn trusted_last(&self) -> u64 {
+        if self.status == Status::Normal {
+            self.last_op()
+        } else {
+            self.commit
+        }
     }
 
     fn consecutive(op_start: u64, entries: &[Entry], view: u64) -> bool {

@@ -560,9 +560,7 @@ impl Node<'_> {
                     ));
                     return Ok(());
                 }
-                if let Message::CatchUp { entries, .. } | Message::DoViewChange { entries, .. } =
-                    &mut msg
-                {
+                if let Some(entries) = msg.entries_mut() {
                     *entries = read;
                 }
                 self.send(to, msg);

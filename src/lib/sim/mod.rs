@@ -446,9 +446,7 @@ impl Sim {
                         ),
                     });
                 }
-                if let Message::CatchUp { entries, .. } | Message::DoViewChange { entries, .. } =
-                    &mut msg
-                {
+                if let Some(entries) = msg.entries_mut() {
                     *entries = read;
                 }
                 self.send_net(node, to, msg);

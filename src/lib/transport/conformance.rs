@@ -10,7 +10,8 @@ use crate::log::{Entry, Kind};
 /// The cluster id the suite uses.
 pub const CLUSTER: u64 = 0x7e57;
 
-fn env(from: u32, to: u32, op: u64) -> Envelope {
+/// A small message of the suite's cluster: `PrepareOk { view: 1, op }` from `from` to `to`.
+pub fn env(from: u32, to: u32, op: u64) -> Envelope {
     Envelope {
         cluster: CLUSTER,
         from,
