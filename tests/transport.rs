@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use falcon::consensus::{Envelope, Message, message};
-use falcon::transport::conformance::{CLUSTER, collect, env};
+use falcon::transport::conformance::{CLUSTER, collect, env, number};
 use falcon::transport::tcp::{TcpOptions, TcpTransport};
 use falcon::transport::{Transport, TransportEvent};
 use hmac::{Hmac, Mac};
@@ -262,7 +262,10 @@ fn a_restarted_peer_is_dialled_again() {
 /// directly). FALCON_SHM_DIR: the ring directory; FALCON_SHM_ROLE: `echo`
 /// (node 1: answers every message to node 0, sleeping FALCON_SHM_SLOW_MS
 /// before it starts reading) or `send` (node 1: sends FALCON_SHM_COUNT
-/// messages to node 0, numbered from FALCON_SHM_FROM, then waits to be killed).
+/// messages to node 0, numbered from FALCON_SHM_FROM, then waits to be killed)
+/// or `lead` (node FALCON_SHM_ID of FALCON_SHM_N: a leader of view
+/// FALCON_SHM_VIEW that sends one Prepare after another to node 0 until it
+/// is killed, and writes how many node 0 refused to FALCON_SHM_DIR/revoked).
 #[test]
 #[ignore = "a helper: runs as the peer process of the shm process tests"]
 fn shm_peer_process() {
@@ -276,11 +279,32 @@ fn shm_peer_process() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let mut o = ShmOptions::new(CLUSTER, 1, 2, std::path::PathBuf::from(dir).join("rings"));
+    let dir = std::path::PathBuf::from(dir);
+    let (id, n) = (num("FALCON_SHM_ID").max(1), num("FALCON_SHM_N").max(2));
+    let mut o = ShmOptions::new(CLUSTER, id as u32, n as u32, dir.join("rings"));
     o.ring_bytes = 64 << 10;
     let mut t = ShmTransport::bind(o).unwrap();
     let role = std::env::var("FALCON_SHM_ROLE").unwrap_or_default();
     std::fs::write(std::env::var("FALCON_SHM_READY").unwrap(), b"up").unwrap();
+    if role == "lead" {
+        let view = num("FALCON_SHM_VIEW");
+        let (mut op, mut revoked) = (1, 0u64);
+        loop {
+            match t.send(&prepare(id as u32, 0, view, op)) {
+                Ok(()) => op += 1,
+                Err(falcon::transport::SendError::Revoked(0)) => {
+                    revoked += 1;
+                    // Whole or not at all: the test may read it any time.
+                    std::fs::write(dir.join("revoked.tmp"), revoked.to_string()).unwrap();
+                    std::fs::rename(dir.join("revoked.tmp"), dir.join("revoked")).unwrap();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => {}
+            }
+            let mut sink = Vec::new();
+            t.recv(Duration::ZERO, &mut sink).unwrap();
+        }
+    }
     if role == "send" {
         let from = num("FALCON_SHM_FROM");
         let mut op = from;
@@ -302,10 +326,7 @@ fn shm_peer_process() {
     loop {
         let wait = if pending.is_empty() { 50 } else { 1 };
         t.recv(Duration::from_millis(wait), &mut inbox).unwrap();
-        pending.extend(inbox.drain(..).map(|e| match e.msg {
-            Message::PrepareOk { op, .. } => op,
-            _ => 0,
-        }));
+        pending.extend(inbox.drain(..).map(|e| number(&e)));
         // Echo in order; what does not fit waits for node 0 to read.
         while let Some(&op) = pending.front() {
             if t.send(&env(1, 0, op)).is_err() {
@@ -350,19 +371,162 @@ fn shm_peer(dir: &std::path::Path, vars: &[(&str, String)]) -> Peer {
 }
 
 fn shm_node0(dir: &std::path::Path) -> falcon::transport::shm::ShmTransport {
+    shm_node(dir, 0, 2)
+}
+
+fn shm_node(dir: &std::path::Path, id: u32, n: u32) -> falcon::transport::shm::ShmTransport {
     use falcon::transport::shm::{ShmOptions, ShmTransport};
-    let mut o = ShmOptions::new(CLUSTER, 0, 2, dir.join("rings"));
+    let mut o = ShmOptions::new(CLUSTER, id, n, dir.join("rings"));
     o.ring_bytes = 64 << 10;
     ShmTransport::bind(o).unwrap()
 }
 
-fn ops(got: &[Envelope]) -> Vec<u64> {
+/// A Prepare of `view` carrying the one entry `op`.
+fn prepare(from: u32, to: u32, view: u64, op: u64) -> Envelope {
+    Envelope {
+        cluster: CLUSTER,
+        from,
+        to,
+        msg: Message::Prepare {
+            view,
+            op_start: op,
+            entries: vec![falcon::log::Entry {
+                view,
+                op,
+                kind: falcon::log::Kind::Data,
+                conn: 1,
+                time_ns: op,
+                payload: vec![op as u8; 100].into(),
+            }],
+            commit: 0,
+        },
+    }
+}
+
+/// (view, op_start) of the Prepares in `got`, which must hold nothing else.
+fn prepares(got: &[Envelope]) -> Vec<(u64, u64)> {
     got.iter()
-        .map(|e| match e.msg {
-            Message::PrepareOk { op, .. } => op,
-            _ => u64::MAX,
+        .map(|e| match &e.msg {
+            Message::Prepare { view, op_start, .. } => (*view, *op_start),
+            m => panic!("unexpected {m:?}"),
         })
         .collect()
+}
+
+#[test]
+fn shm_a_revoked_writer_cannot_write_a_followers_log() {
+    use falcon::transport::SendError;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ts: Vec<_> = (0..3).map(|i| shm_node(dir.path(), i, 3)).collect();
+    let mut got = Vec::new();
+    // Replica 1 follows view 1, led by replica 0.
+    ts[1].grant(1, Some(0));
+    ts[0].send(&prepare(0, 1, 1, 1)).unwrap();
+    // A write of view 1 that is in the ring when replica 1 moves on…
+    ts[0].send(&prepare(0, 1, 1, 2)).unwrap();
+    ts[0].flush();
+    ts[1].recv(Duration::from_millis(50), &mut got).unwrap();
+    assert_eq!(prepares(&got), vec![(1, 1), (1, 2)]);
+    ts[0].send(&prepare(0, 1, 1, 3)).unwrap();
+    ts[0].flush();
+    // …is dropped by the reader: replica 1 now follows view 2, led by 2.
+    ts[1].grant(2, Some(2));
+    got.clear();
+    ts[1].recv(Duration::from_millis(50), &mut got).unwrap();
+    assert!(got.is_empty(), "a revoked write arrived: {got:?}");
+    assert_eq!(ts[1].revoked(), 1);
+    // The deposed leader's next writes are refused before they touch the ring,
+    // and so are a stranger's in the new view; the new leader's arrive.
+    assert_eq!(ts[0].send(&prepare(0, 1, 1, 3)), Err(SendError::Revoked(1)));
+    assert_eq!(ts[0].send(&prepare(0, 1, 2, 3)), Err(SendError::Revoked(1)));
+    assert_eq!(ts[0].revoked(), 2);
+    ts[2].send(&prepare(2, 1, 2, 3)).unwrap();
+    // Messages that are not log writes still pass (a view change needs them).
+    ts[0].send(&env(0, 1, 77)).unwrap();
+    ts[0].flush();
+    ts[2].flush();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.len() < 2 && Instant::now() < deadline {
+        ts[1].recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|e| format!("{} {}", e.from, e.msg.name()))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec!["0 missing", "2 prepare"]);
+    let evs = ts[0].events();
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, TransportEvent::Lost { peer: 1, reason } if reason.contains("view 2"))
+        ),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn shm_a_crashed_leader_is_fenced_off_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut follower = shm_node(dir.path(), 0, 3);
+    let mut new_leader = shm_node(dir.path(), 2, 3);
+    follower.grant(1, Some(1));
+    let lead = |view: u64| {
+        vec![
+            ("FALCON_SHM_ROLE", "lead".to_string()),
+            ("FALCON_SHM_ID", "1".to_string()),
+            ("FALCON_SHM_N", "3".to_string()),
+            ("FALCON_SHM_VIEW", view.to_string()),
+        ]
+    };
+    let old = shm_peer(dir.path(), &lead(1));
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.len() < 2000 && start.elapsed() < Duration::from_secs(20) {
+        follower.recv(Duration::from_millis(5), &mut got).unwrap();
+    }
+    drop(old); // SIGKILL in the middle of its stream
+    follower.recv(Duration::from_millis(20), &mut got).unwrap();
+    let before = prepares(&got);
+    assert!(
+        before.len() >= 2000,
+        "only {} Prepares before the crash",
+        before.len()
+    );
+    assert!(
+        before
+            .iter()
+            .enumerate()
+            .all(|(i, &(v, op))| v == 1 && op == i as u64 + 1),
+        "the crashed leader's stream has a gap or a damaged record"
+    );
+    // View 2, led by replica 2; the old leader comes back still believing in view 1.
+    follower.grant(2, Some(2));
+    let _old = shm_peer(dir.path(), &lead(1));
+    let start = Instant::now();
+    while !dir.path().join("revoked").exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    new_leader.send(&prepare(2, 0, 2, 1)).unwrap();
+    new_leader.flush();
+    got.clear();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(300) {
+        follower.recv(Duration::from_millis(5), &mut got).unwrap();
+    }
+    assert_eq!(
+        prepares(&got),
+        vec![(2, 1)],
+        "a write of view 1 got through"
+    );
+    let refused: u64 = std::fs::read_to_string(dir.path().join("revoked"))
+        .expect("the restarted old leader was never refused")
+        .parse()
+        .unwrap();
+    assert!(refused > 0);
+}
+
+fn ops(got: &[Envelope]) -> Vec<u64> {
+    got.iter().map(number).collect()
 }
 
 #[test]

@@ -117,8 +117,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub rounds: usize,
 
-    /// The transport: tcp, shm or rdma (shm and rdma: not built yet); for
-    /// --consensus also mem, the engine alone in one process without a disk.
+    /// The transport: tcp or shm (replicas on this host, over shared memory);
+    /// for --consensus also mem, the engine alone in one process without a disk.
     #[arg(long, value_name = "NAME", default_value = "tcp")]
     pub transport: String,
 

@@ -489,6 +489,9 @@ impl Node<'_> {
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
                 self.role = role;
+                // Only this view's leader may write our log from now on.
+                self.transport
+                    .grant(view, (role != Role::ViewChange).then_some(leader));
                 let (me, lead) = (self.ids[self.me as usize], self.ids[leader as usize]);
                 let name = match role {
                     Role::Leader => "leader",

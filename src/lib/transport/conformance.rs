@@ -10,13 +10,23 @@ use crate::log::{Entry, Kind};
 /// The cluster id the suite uses.
 pub const CLUSTER: u64 = 0x7e57;
 
-/// A small message of the suite's cluster: `PrepareOk { view: 1, op }` from `from` to `to`.
+/// A small message of the suite's cluster, numbered `op`, from `from` to
+/// `to` (`Missing { view: 1, from: op }`: a kind every transport carries
+/// one by one, unlike the cumulative `PrepareOk`).
 pub fn env(from: u32, to: u32, op: u64) -> Envelope {
     Envelope {
         cluster: CLUSTER,
         from,
         to,
-        msg: Message::PrepareOk { view: 1, op },
+        msg: Message::Missing { view: 1, from: op },
+    }
+}
+
+/// The number of a message made by [`env`] (`u64::MAX` for anything else).
+pub fn number(e: &Envelope) -> u64 {
+    match e.msg {
+        Message::Missing { from, .. } => from,
+        _ => u64::MAX,
     }
 }
 
@@ -59,17 +69,56 @@ pub fn delivers_in_order<T: Transport>(mut make: impl FnMut(u32) -> Vec<T>) {
         500,
         Duration::from_secs(10),
     );
-    let ops: Vec<u64> = got
-        .iter()
-        .map(|e| match e.msg {
-            Message::PrepareOk { op, .. } => op,
-            _ => 0,
-        })
-        .collect();
+    let ops: Vec<u64> = got.iter().map(number).collect();
     assert_eq!(ops, (1..=500).collect::<Vec<_>>());
     assert!(
         got.iter()
             .all(|e| e.from == 0 && e.to == 1 && e.cluster == CLUSTER)
+    );
+}
+
+/// Acknowledgements may be merged, but the latest always arrives, and
+/// what arrives never goes backwards.
+pub fn the_latest_ack_arrives<T: Transport>(mut make: impl FnMut(u32) -> Vec<T>) {
+    let mut ts = make(3);
+    let (a, rest) = ts.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    let ack = |op| Envelope {
+        cluster: CLUSTER,
+        from: 1,
+        to: 0,
+        msg: Message::PrepareOk { view: 1, op },
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    for op in 1..=500 {
+        b[0].send(&ack(op)).expect("queue");
+        if op % 50 == 0 {
+            b[0].flush();
+            a[0].recv(Duration::ZERO, &mut got).expect("recv");
+        }
+    }
+    let last = |got: &[Envelope]| match got.last().map(|e| &e.msg) {
+        Some(Message::PrepareOk { op, .. }) => *op,
+        _ => 0,
+    };
+    while last(&got) < 500 && Instant::now() < deadline {
+        a[0].recv(Duration::from_millis(5), &mut got).expect("recv");
+        let mut sink = Vec::new();
+        b[0].recv(Duration::ZERO, &mut sink).expect("recv");
+        c[0].recv(Duration::ZERO, &mut sink).expect("recv");
+    }
+    let ops: Vec<u64> = got
+        .iter()
+        .map(|e| match e.msg {
+            Message::PrepareOk { view: 1, op } if e.from == 1 && e.to == 0 => op,
+            _ => panic!("unexpected {e:?}"),
+        })
+        .collect();
+    assert_eq!(ops.last(), Some(&500), "the last ack did not arrive");
+    assert!(
+        ops.windows(2).all(|w| w[0] < w[1]),
+        "acks went backwards: {ops:?}"
     );
 }
 
@@ -181,7 +230,7 @@ pub fn queues_are_bounded<T: Transport>(mut make: impl FnMut(u32) -> Vec<T>) {
 #[macro_export]
 macro_rules! transport_conformance_tests {
     ($make:expr) => {
-        $crate::transport_conformance_tests!(@each $make; delivers_in_order, carries_large_messages, all_pairs_connect, queues_are_bounded);
+        $crate::transport_conformance_tests!(@each $make; delivers_in_order, the_latest_ack_arrives, carries_large_messages, all_pairs_connect, queues_are_bounded);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(

@@ -5,7 +5,11 @@
 //! unauthenticated byte to the engine); keep every queue bounded and refuse
 //! with [`SendError::Full`] instead of growing; reconnect by itself after a
 //! peer restarts. It may lose, but not corrupt, reorder within one
-//! connection, or duplicate messages — the engine tolerates loss.
+//! connection, or duplicate messages — the engine tolerates loss. One
+//! exception: acknowledgements (`PrepareOk`) are cumulative, and a transport
+//! may deliver only the latest of several from one peer (shm writes them
+//! into one slot of the leader's memory), out of order with that peer's
+//! other messages.
 //!
 //! `send` only queues (a transport may write early when a queue grows);
 //! queued messages go out at the latest on the next `flush` or `recv`, so a
@@ -35,6 +39,10 @@ pub enum SendError {
     /// No such peer.
     #[error("no replica {0}")]
     UnknownPeer(NodeId),
+    /// The peer follows a newer view and refuses this view's log writes (we
+    /// are a deposed leader): the message is dropped.
+    #[error("replica {0} revoked this view's log writes")]
+    Revoked(NodeId),
 }
 
 /// Things an operator wants to see in the log.
@@ -75,4 +83,10 @@ pub trait Transport {
     fn events(&mut self) -> Vec<TransportEvent>;
     /// This replica.
     fn id(&self) -> NodeId;
+    /// The engine follows `view`, led by `leader` (None while it changes
+    /// views). Transports with one-sided writes revoke every other writer's
+    /// log writes (Prepare, Commit, CatchUp) of older views, on the writer's
+    /// side before they touch this replica's memory where they can; the
+    /// others need not do anything, since the engine refuses them too.
+    fn grant(&mut self, _view: u64, _leader: Option<NodeId>) {}
 }

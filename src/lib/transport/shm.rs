@@ -6,7 +6,17 @@
 //!
 //! * `ring-<from>-<to>`: written by `from`, created (and owned) by `to`;
 //! * `bell-<id>`: replica `id`'s doorbell, a futex word senders bump after
-//!   they publish, and a flag saying whether `id` sleeps on it.
+//!   they publish, and a flag saying whether `id` sleeps on it; also the
+//!   *owner* word (the view `id` follows and its leader: the one replica
+//!   whose log writes `id` accepts) and one *ack slot* per peer, where a
+//!   follower writes its acknowledgement straight into the leader's memory
+//!   instead of sending a message.
+//!
+//! Fencing (Mu's permission switch, done with a word): a replica that moved
+//! to view `v` publishes `v` in its owner word; a writer checks that word
+//! before it puts a log write (Prepare, Commit, CatchUp) of an older view
+//! into the ring, and the reader drops any that raced past the check. A
+//! deposed leader's writes stop at the first follower that moved on.
 //!
 //! A receiver spins for a while (`--poll adaptive`, the default), then sleeps
 //! on its doorbell; `spin` never sleeps, `sleep` always does. Files are
@@ -18,12 +28,12 @@
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use super::ring::{HEADER, Ring};
 use super::{SendError, Transport, TransportEvent};
-use crate::consensus::{Envelope, NodeId, message};
+use crate::consensus::{Envelope, Message, NodeId, message};
 
 /// How a receiver waits for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -140,8 +150,28 @@ impl Drop for Mapping {
     }
 }
 
-/// A doorbell: `word` (futex) at offset 0, `sleeping` at offset 64.
+/// A doorbell: `word` (futex) at offset 0, `sleeping` at 64, the owner word
+/// at 128 (`view << 8 | leader + 1`, 0 for no leader), and at `256 + 64 * p`
+/// the ack slot peer `p` writes (`seq`, `view`, `op`; `seq` odd while it is
+/// being written).
 struct Bell(Mapping);
+
+/// Where the ack slots start in a bell.
+const ACKS: usize = 256;
+
+/// The log writes a follower fences by view.
+fn is_log_write(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::Prepare { .. } | Message::Commit { .. } | Message::CatchUp { .. }
+    )
+}
+
+/// Whether a follower that publishes `owner` accepts a log write of `view` from `from`.
+fn owner_admits(owner: u64, view: u64, from: NodeId) -> bool {
+    let (owner_view, leader) = (owner >> 8, owner & 0xff);
+    view > owner_view || (view == owner_view && (leader == 0 || leader == u64::from(from) + 1))
+}
 
 impl Bell {
     fn word(&self) -> &AtomicU32 {
@@ -152,6 +182,42 @@ impl Bell {
         // SAFETY: as above (the file is 4 KiB).
         unsafe { &*(self.0.ptr.add(64) as *const AtomicU32) }
     }
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= self.0.len);
+        // SAFETY: 8-aligned offset inside the 4 KiB mapping.
+        unsafe { &*(self.0.ptr.add(off) as *const AtomicU64) }
+    }
+    fn owner(&self) -> u64 {
+        self.u64_at(128).load(Ordering::Acquire)
+    }
+    /// Writer `from`'s side of its ack slot (one writer per slot: a seqlock).
+    fn write_ack(&self, from: NodeId, view: u64, op: u64) {
+        let base = ACKS + 64 * from as usize;
+        let seq = self.u64_at(base).load(Ordering::Relaxed);
+        let seq = seq + 1 + (seq & 1); // even → odd (a crashed writer may have left it odd)
+        self.u64_at(base).store(seq, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.u64_at(base + 8).store(view, Ordering::Relaxed);
+        self.u64_at(base + 16).store(op, Ordering::Relaxed);
+        self.u64_at(base).store(seq + 1, Ordering::Release);
+    }
+    /// The slot's `seq` (changes with every write).
+    fn ack_seq(&self, from: usize) -> u64 {
+        self.u64_at(ACKS + 64 * from).load(Ordering::Acquire)
+    }
+    /// A consistent `(seq, view, op)` of peer `from`'s slot, or None while it is being written.
+    fn read_ack(&self, from: usize) -> Option<(u64, u64, u64)> {
+        let base = ACKS + 64 * from;
+        let s1 = self.u64_at(base).load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            return None;
+        }
+        let view = self.u64_at(base + 8).load(Ordering::Relaxed);
+        let op = self.u64_at(base + 16).load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        (self.u64_at(base).load(Ordering::Relaxed) == s1).then_some((s1, view, op))
+    }
+
     /// Sender side: bump the word; wake the owner if it sleeps.
     fn ring(&self) {
         self.word().fetch_add(1, Ordering::SeqCst);
@@ -212,6 +278,14 @@ pub struct ShmTransport {
     notices: Vec<TransportEvent>,
     buf: Vec<u8>,
     last_check: Instant,
+    /// The view this replica follows (its owner word); log writes of older views are refused.
+    granted: u64,
+    /// Per peer: the ack-slot `seq` last taken.
+    acks_seen: Vec<u64>,
+    /// Per peer: the owner word last reported as fencing us (one notice per change).
+    fenced_by: Vec<u64>,
+    /// Log writes refused by fencing, as writer and as reader.
+    revoked: u64,
 }
 
 fn ring_path(dir: &Path, from: NodeId, to: NodeId) -> PathBuf {
@@ -276,6 +350,10 @@ impl ShmTransport {
             notices: Vec::new(),
             buf: Vec::new(),
             last_check: Instant::now(),
+            granted: 0,
+            acks_seen: vec![0; opts.n as usize],
+            fenced_by: vec![0; opts.n as usize],
+            revoked: 0,
             opts,
         })
     }
@@ -361,7 +439,12 @@ impl ShmTransport {
                                     && env.from == from as NodeId
                                     && env.to == self.opts.id =>
                             {
-                                out.push(env)
+                                if is_log_write(&env.msg) && env.msg.view() < self.granted {
+                                    // Written before the writer saw our owner word move on.
+                                    self.revoked += 1;
+                                } else {
+                                    out.push(env)
+                                }
                             }
                             Ok(env) => self.notices.push(TransportEvent::Refused {
                                 addr: inc.path.display().to_string(),
@@ -390,8 +473,38 @@ impl ShmTransport {
         any
     }
 
+    /// Takes the acknowledgements followers wrote into our ack slots.
+    fn take_acks(&mut self, out: &mut Vec<Envelope>) -> bool {
+        let mut any = false;
+        for from in 0..self.opts.n as usize {
+            if from == self.opts.id as usize || self.bell.ack_seq(from) == self.acks_seen[from] {
+                continue;
+            }
+            // A slot caught mid-write is read on the next turn (its bell rings again).
+            if let Some((seq, view, op)) = self.bell.read_ack(from) {
+                self.acks_seen[from] = seq;
+                out.push(Envelope {
+                    cluster: self.opts.cluster_id,
+                    from: from as NodeId,
+                    to: self.opts.id,
+                    msg: Message::PrepareOk { view, op },
+                });
+                any = true;
+            }
+        }
+        any
+    }
+
     fn any_ready(&self) -> bool {
         self.incoming.iter().flatten().any(|i| i.ring.ready())
+            || (0..self.opts.n as usize)
+                .any(|p| p != self.opts.id as usize && self.bell.ack_seq(p) != self.acks_seen[p])
+    }
+
+    /// Log writes refused so far because their view was fenced off (by this
+    /// replica as a reader, or by a follower's owner word as a writer).
+    pub fn revoked(&self) -> u64 {
+        self.revoked
     }
 
     /// Blocks until a message may be there (or `timeout`), as `poll` says.
@@ -479,6 +592,32 @@ impl Transport for ShmTransport {
         let Some(o) = self.outgoing[to].as_mut() else {
             return Err(SendError::Down(env.to));
         };
+        if let Some(bell) = &o.bell {
+            if is_log_write(&env.msg) {
+                let owner = bell.owner();
+                if !owner_admits(owner, env.msg.view(), self.opts.id) {
+                    self.revoked += 1;
+                    if self.fenced_by[to] != owner {
+                        self.fenced_by[to] = owner;
+                        self.notices.push(TransportEvent::Lost {
+                            peer: env.to,
+                            reason: format!(
+                                "it follows view {} now: log writes of view {} are refused",
+                                owner >> 8,
+                                env.msg.view()
+                            ),
+                        });
+                    }
+                    return Err(SendError::Revoked(env.to));
+                }
+            }
+            if let Message::PrepareOk { view, op } = env.msg {
+                // One-sided: straight into the leader's ack slot.
+                bell.write_ack(self.opts.id, view, op);
+                o.dirty = true;
+                return Ok(());
+            }
+        }
         let bytes = message::to_bytes(env);
         if !o.ring.push(&bytes) {
             return Err(SendError::Full(env.to));
@@ -502,11 +641,19 @@ impl Transport for ShmTransport {
     fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> std::io::Result<()> {
         self.flush();
         self.check_peers();
-        if !self.drain(out) && !timeout.is_zero() {
+        let acks = self.take_acks(out);
+        if !self.drain(out) && !acks && !timeout.is_zero() {
             self.wait(timeout);
+            self.take_acks(out);
             self.drain(out);
         }
         Ok(())
+    }
+
+    fn grant(&mut self, view: u64, leader: Option<NodeId>) {
+        self.granted = self.granted.max(view);
+        let word = view << 8 | leader.map_or(0, |l| u64::from(l) + 1);
+        self.bell.u64_at(128).store(word, Ordering::Release);
     }
 
     fn events(&mut self) -> Vec<TransportEvent> {
