@@ -132,9 +132,10 @@ exec /bin/bash /mnt/ctl/stage1.sh
 EOF
 }
 
-# debootstrap + customisation of the root filesystem in $1.
+# debootstrap + customisation of the root filesystem in $1; tool output
+# goes to the log file $3.
 build_rootfs() {
-    local root=$1 mirror=$2
+    local root=$1 mirror=$2 build_log=$3
     local includes
     includes=$(
         IFS=,
@@ -142,9 +143,9 @@ build_rootfs() {
     )
     log "debootstrap $guest_suite (minbase) from $mirror"
     debootstrap --variant=minbase --components=main --include="$includes" \
-        "$guest_suite" "$root" "$mirror" >"$root.debootstrap.log" 2>&1 ||
-        die "debootstrap failed; last lines of $root.debootstrap.log:
-$(tail -n 20 "$root.debootstrap.log")"
+        "$guest_suite" "$root" "$mirror" >>"$build_log" 2>&1 ||
+        die "debootstrap failed; last lines of $build_log:
+$(tail -n 20 "$build_log")"
 
     log "customising the root filesystem"
     build_stage0_init >"$root/sbin/falcon-init"
@@ -153,20 +154,39 @@ $(tail -n 20 "$root.debootstrap.log")"
     echo falcon-guest >"$root/etc/hostname"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\tfalcon-guest\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
     : >"$root/etc/fstab"
+    # A small initrd with just what mounting the root needs: Debian's default
+    # (MODULES=most) is 35 MB and takes ~5 s more to unpack under TCG.
+    echo MODULES=list >"$root/etc/initramfs-tools/conf.d/falcon.conf"
+    printf '%s\n' virtio_pci virtio_blk ext4 >>"$root/etc/initramfs-tools/modules"
+    mount -t proc proc "$root/proc"
+    chroot "$root" update-initramfs -u -k all >>"$build_log" 2>&1 ||
+        die "update-initramfs failed; last lines of $build_log:
+$(tail -n 20 "$build_log")"
+    umount "$root/proc"
     # Nothing in the guest needs apt's caches, docs or man pages.
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* \
         "$root"/usr/share/doc/* "$root"/usr/share/man/*
     chroot "$root" dpkg-query -W -f='${Package} ${Version}\n' >"$root.packages.txt"
 }
 
-# Unmounts whatever is still mounted under $1 (debootstrap mounts proc and
-# sys in the target and can leave them behind when it fails).
-umount_under() {
+# Mount points at or under directory $1, deepest first.
+mounts_under() {
+    awk -v d="$1" '$2 == d || index($2, d "/") == 1 {print $2}' /proc/self/mounts | sort -r
+}
+
+# Removes the build directory $1, unmounting first whatever is still mounted
+# in it (debootstrap mounts proc and sys in its target and can leave them
+# behind when it fails). Never deletes through a mount it could not undo.
+remove_work_dir() {
     local dir=$1 mnt
     [ -d "$dir" ] || return 0
     dir=$(cd "$dir" && pwd -P)
-    awk -v d="$dir" '$2 == d || index($2, d "/") == 1 {print $2}' /proc/self/mounts | sort -r |
-        while read -r mnt; do umount -l "$mnt" || log "warning: cannot unmount $mnt"; done
+    mounts_under "$dir" | while read -r mnt; do umount -l "$mnt" || true; done
+    if [ -n "$(mounts_under "$dir")" ]; then
+        log "warning: still mounted under $dir, not removing it:" "$(mounts_under "$dir")"
+        return 1
+    fi
+    rm -rf --one-file-system "$dir"
 }
 
 recipe_hash() {
@@ -193,13 +213,13 @@ cmd_build() {
     fi
     local started=$SECONDS
     ensure_host_tools debootstrap:debootstrap mkfs.ext4:e2fsprogs qemu-system-x86_64:qemu-system-x86
-    local work="$guest_dir/build.tmp"
-    umount_under "$work"
-    rm -rf "$work"
+    local work="$guest_dir/build.tmp" build_log="$guest_dir/build.log"
+    remove_work_dir "$work" || die "cannot clean up the previous build in $work"
     mkdir -p "$work"
+    : >"$build_log"
     # shellcheck disable=SC2064 # expand $work now
-    trap "umount_under '$work'; rm -rf '$work'" EXIT
-    build_rootfs "$work/rootfs" "${FALCON_GUEST_MIRROR:-$(host_mirror)}"
+    trap "remove_work_dir '$work'" EXIT
+    build_rootfs "$work/rootfs" "${FALCON_GUEST_MIRROR:-$(host_mirror)}" "$build_log"
 
     log "extracting the kernel and initrd"
     local kernels initrds
@@ -213,17 +233,16 @@ cmd_build() {
     local size_mb
     size_mb=$(($(du -sm "$work/rootfs" | cut -f1) * 5 / 4 + 256))
     log "making a ${size_mb} MB ext4 image"
-    mkfs.ext4 -q -F -L falcon-root -d "$work/rootfs" "$work/rootfs.ext4" "${size_mb}M" ||
+    mkfs.ext4 -q -F -L falcon-root -d "$work/rootfs" "$work/rootfs.ext4" "${size_mb}M" >/dev/null ||
         die "mkfs.ext4 failed"
 
     # Replace the old guest only once the new one is complete.
     rm -f "$guest_dir/recipe"
-    mv -f "$work/vmlinuz" "$work/initrd.img" "$work/rootfs.ext4" "$work/rootfs.packages.txt" "$guest_dir/"
-    mv -f "$guest_dir/rootfs.packages.txt" "$guest_dir/packages.txt"
+    mv -f "$work/vmlinuz" "$work/initrd.img" "$work/rootfs.ext4" "$guest_dir/"
+    mv -f "$work/rootfs.packages.txt" "$guest_dir/packages.txt"
     recipe_hash >"$guest_dir/recipe"
-    umount_under "$work"
-    rm -rf "$work"
     trap - EXIT
+    remove_work_dir "$work" || true
     log "built guest in $guest_dir ($(basename "${kernels[0]}"), recipe $(recipe_hash)) in $((SECONDS - started))s"
 }
 
@@ -231,6 +250,9 @@ cmd_build() {
 # PID 1. Sets up the guest, brings up rxe, runs /mnt/ctl/cmd.sh in
 # /mnt/host, writes its exit status to /mnt/ctl/status and powers off.
 # Reports a setup failure as "setup-failed: why" in /mnt/ctl/status.
+# Its output and the command's go to the second serial port (ttyS1, the
+# host's stdout); the kernel console (ttyS0) goes to a log file that is shown
+# only when something fails.
 write_stage1() {
     cat <<EOF
 #!/bin/bash
@@ -248,13 +270,14 @@ poweroff_now() {
     sleep 60
 }
 setup_failed() {
-    echo "rdma-guest: guest setup failed: $*"
+    echo "rdma-guest: guest setup failed: $*" >/dev/console
     echo "setup-failed: $*" >/mnt/ctl/status
     poweroff_now
 }
 
-dmesg -n 1 2>/dev/null                   # keep kernel messages off the console
-stty -F /dev/console -onlcr 2>/dev/null # plain \n line ends on the host side
+exec >/dev/ttyS1 2>&1 </dev/null
+stty -F /dev/ttyS1 raw -echo 2>/dev/null # plain \n line ends on the host side
+dmesg -n 1 2>/dev/null
 mountpoint -q /run || mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/pts /dev/shm
@@ -289,10 +312,10 @@ done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /mnt/host ||
     setup_failed "cannot mount the host share"
 export FALCON_RXE_DEV=$rxe_dev FALCON_RXE_NETDEV=$rxe_netdev FALCON_RXE_ADDR=$rxe_addr FALCON_RXE_GID_INDEX=$gid_index
-echo "rdma-guest: $rxe_dev up on $rxe_netdev ($rxe_addr, GID index $gid_index); running the command"
+echo "rdma-guest: $rxe_dev up on $rxe_netdev ($rxe_addr, GID index $gid_index); running the command" >/dev/console
 
 cd /mnt/host || setup_failed "cannot cd /mnt/host"
-/bin/bash /mnt/ctl/cmd.sh </dev/null
+/bin/bash /mnt/ctl/cmd.sh
 echo $? >/mnt/ctl/status
 poweroff_now
 EOF
@@ -337,7 +360,8 @@ cmd_run() {
     # option value is written ",,".
     timeout --foreground -k 10 "$guest_timeout" \
         qemu-system-x86_64 -accel tcg -cpu max -m "$guest_mem" -smp "$guest_cpus" \
-        -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot -nic none \
+        -nodefaults -no-user-config -display none -monitor none -no-reboot -nic none \
+        -serial "file:${ctl//,/,,}/console.log" -serial stdio \
         -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.img" -append "$append" \
         -drive "file=${guest_dir//,/,,}/rootfs.ext4,format=raw,if=virtio,snapshot=on" \
         -virtfs "local,path=${ctl//,/,,},mount_tag=falconctl,security_model=none,id=falconctl" \
@@ -345,20 +369,26 @@ cmd_run() {
         </dev/null || rc=$?
     local took=$((SECONDS - started))
 
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        log "error: the guest did not finish within ${guest_timeout}s (FALCON_GUEST_TIMEOUT); QEMU was killed"
-        exit 124
-    fi
     local status
     status=$(cat "$ctl/status" 2>/dev/null || true)
     if [[ $status =~ ^[0-9]+$ ]]; then
         log "guest finished in ${took}s; command exit status $status"
         exit "$status"
     fi
-    if [ -n "$status" ]; then
-        die "${status} (after ${took}s)"
+    show_console_log "$ctl/console.log"
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        log "error: the guest did not finish within ${guest_timeout}s (FALCON_GUEST_TIMEOUT); QEMU was killed"
+        exit 124
     fi
+    [ -z "$status" ] || die "${status} (after ${took}s)"
     die "the guest stopped without reporting the command's exit status (QEMU exit status $rc, after ${took}s)"
+}
+
+# Shows the end of the guest's kernel console log, for a failed run.
+show_console_log() {
+    [ -s "$1" ] || return 0
+    log "last lines of the guest's console:"
+    tail -n 40 "$1" | tr -d '\r' | sed 's/^/  | /' >&2
 }
 
 case "${1:-}" in

@@ -165,7 +165,19 @@ pub enum Message {
         /// At most [`SNAPSHOT_CHUNK_MAX`] bytes.
         data: Bytes,
     },
+    /// Between two transports, never seen by the engine or the node: how to
+    /// reach the sender's memory (the rdma transport's queue pair and rings),
+    /// sent over the authenticated TCP link.
+    LinkSetup {
+        /// The sender's view (informational).
+        view: u64,
+        /// At most [`LINK_SETUP_MAX`] bytes, the transport's own format.
+        data: Bytes,
+    },
 }
+
+/// The most bytes one [`Message::LinkSetup`] carries.
+pub const LINK_SETUP_MAX: usize = 4096;
 
 /// The most bytes one [`Message::SnapshotChunk`] carries.
 pub const SNAPSHOT_CHUNK_MAX: usize = 1 << 20;
@@ -212,6 +224,7 @@ impl Message {
             }
             Message::StartViewChange { view } | Message::NewerView { view } => pad(&[*view]),
             Message::SnapshotRequest { view, op, offset } => pad(&[*view, *op, *offset]),
+            Message::LinkSetup { view, .. } => pad(&[*view]),
             Message::SnapshotChunk {
                 view,
                 op,
@@ -268,6 +281,7 @@ impl Message {
             Message::NeedSnapshot { .. } => "need_snapshot",
             Message::SnapshotRequest { .. } => "snapshot_request",
             Message::SnapshotChunk { .. } => "snapshot_chunk",
+            Message::LinkSetup { .. } => "link_setup",
         }
     }
 }
@@ -321,6 +335,7 @@ const T_START_VIEW: u8 = 10;
 const T_CATCH_UP: u8 = 11;
 const T_SNAP_REQUEST: u8 = 12;
 const T_SNAP_CHUNK: u8 = 13;
+const T_LINK_SETUP: u8 = 14;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -353,6 +368,7 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
         Message::NeedSnapshot { .. } => T_SNAP,
         Message::SnapshotRequest { .. } => T_SNAP_REQUEST,
         Message::SnapshotChunk { .. } => T_SNAP_CHUNK,
+        Message::LinkSetup { .. } => T_LINK_SETUP,
     };
     out.push(t);
     out.extend_from_slice(&env.cluster.to_le_bytes());
@@ -365,7 +381,7 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
     if let Some(entries) = env.msg.entries() {
         put_entries(out, entries);
     }
-    if let Message::SnapshotChunk { data, .. } = &env.msg {
+    if let Message::SnapshotChunk { data, .. } | Message::LinkSetup { data, .. } = &env.msg {
         out.extend_from_slice(&(data.len() as u32).to_le_bytes());
         out.extend_from_slice(data);
     }
@@ -565,6 +581,19 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
                 data,
             }
         }
+        T_LINK_SETUP => {
+            let view = r.u64()?;
+            let len = r.u32()? as usize;
+            if len > LINK_SETUP_MAX {
+                return Err(DecodeError::TooLarge {
+                    what: "link setup",
+                    size: len,
+                    max: LINK_SETUP_MAX,
+                });
+            }
+            let data = Bytes::copy_from_slice(r.take(len)?);
+            Message::LinkSetup { view, data }
+        }
         other => return Err(DecodeError::UnknownType(other)),
     };
     if r.at != b.len() {
@@ -647,6 +676,10 @@ mod tests {
                 offset: 4096,
                 total: 10_000,
                 data: Bytes::from_static(b"snapshot bytes"),
+            },
+            Message::LinkSetup {
+                view: 4,
+                data: Bytes::from_static(b"qp 17"),
             },
         ]
     }

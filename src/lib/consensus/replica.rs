@@ -1212,9 +1212,11 @@ impl Replica {
         }
         if matches!(
             env.msg,
-            Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. }
+            Message::SnapshotRequest { .. }
+                | Message::SnapshotChunk { .. }
+                | Message::LinkSetup { .. }
         ) {
-            // The node moves snapshots; they say nothing about views.
+            // The node moves snapshots and transports set up links; they say nothing about views.
             return;
         }
         let from = env.from;
@@ -1344,7 +1346,9 @@ impl Replica {
                     self.ask_leader_for_log(out);
                 }
             }
-            Message::SnapshotRequest { .. } | Message::SnapshotChunk { .. } => {}
+            Message::SnapshotRequest { .. }
+            | Message::SnapshotChunk { .. }
+            | Message::LinkSetup { .. } => {}
             Message::NeedSnapshot { op, .. } => {
                 if from == self.leader() && op > self.commit && self.snapshot_wait.is_none() {
                     self.snapshot_wait = Some(op);

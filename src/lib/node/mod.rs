@@ -1786,6 +1786,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
                 continue;
             }
+            if matches!(env.msg, Message::LinkSetup { .. }) {
+                // A peer that runs another transport; its own transport would have taken it.
+                continue;
+            }
             node.step(Input::Receive(env))?;
         }
         if let Some(path) = node.install.take() {

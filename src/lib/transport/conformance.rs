@@ -226,18 +226,22 @@ pub fn queues_are_bounded<T: Transport>(mut make: impl FnMut(u32) -> Vec<T>) {
     assert_eq!(ts[0].send(&env(0, 9, 1)), Err(SendError::UnknownPeer(9)));
 }
 
-/// Expands to one `#[test]` per check, for endpoints made by `$make` (a `fn(u32) -> Vec<T>`).
+/// Expands to one `#[test]` per check, for endpoints made by `$make` (a
+/// `fn(u32) -> Vec<T>`); attributes after it and a semicolon (such as
+/// `make; #[ignore = "…"]`) go on every test.
 #[macro_export]
 macro_rules! transport_conformance_tests {
-    ($make:expr) => {
-        $crate::transport_conformance_tests!(@each $make; delivers_in_order, the_latest_ack_arrives, carries_large_messages, all_pairs_connect, queues_are_bounded);
+    (@one [$($attr:tt)*] $make:expr; $name:ident) => {
+        #[test]
+        $($attr)*
+        fn $name() {
+            $crate::transport::conformance::$name($make);
+        }
     };
-    (@each $make:expr; $($name:ident),*) => {
-        $(
-            #[test]
-            fn $name() {
-                $crate::transport::conformance::$name($make);
-            }
-        )*
+    (@each $attrs:tt $make:expr; $($name:ident),*) => {
+        $( $crate::transport_conformance_tests!(@one $attrs $make; $name); )*
+    };
+    ($make:expr $(; $(#[$attr:meta])*)?) => {
+        $crate::transport_conformance_tests!(@each [$($(#[$attr])*)?] $make; delivers_in_order, the_latest_ack_arrives, carries_large_messages, all_pairs_connect, queues_are_bounded);
     };
 }

@@ -18,6 +18,8 @@
 
 pub mod conformance;
 pub mod mem;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod ring;
 pub mod shm;
 pub mod tcp;

@@ -29,9 +29,11 @@ pub const VERSION: u32 = 1;
 /// Bytes before the data area.
 pub const HEADER: usize = 4096;
 const REC_HEADER: usize = 16;
-const WRITE_POS: usize = 64;
+/// Offset of `write_pos` (then `write_seq`) in the header: written by the sender only.
+pub const WRITE_POS: usize = 64;
 const WRITE_SEQ: usize = 72;
-const READ_POS: usize = 128;
+/// Offset of `read_pos` in the header: written by the receiver only.
+pub const READ_POS: usize = 128;
 
 /// Why a record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,6 +172,21 @@ impl Ring {
     fn read_pos(&self) -> &AtomicU64 {
         // SAFETY: as above.
         unsafe { &*(self.base.add(READ_POS) as *const AtomicU64) }
+    }
+
+    /// Bytes in the data area.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The published write position (bytes since the ring was made).
+    pub fn published(&self) -> u64 {
+        self.write_pos().load(Ordering::Acquire)
+    }
+
+    /// The receiver's read position (bytes since the ring was made).
+    pub fn consumed(&self) -> u64 {
+        self.read_pos().load(Ordering::Acquire)
     }
 
     /// The largest payload one record can carry.
