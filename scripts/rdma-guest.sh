@@ -46,6 +46,7 @@ guest_dir=${FALCON_GUEST_DIR:-/var/tmp/falcon-rdma-guest}
 guest_timeout=${FALCON_GUEST_TIMEOUT:-600}
 guest_mem=${FALCON_GUEST_MEM:-2G}
 guest_cpus=${FALCON_GUEST_CPUS:-2}
+qemu_pid= # the running guest's timeout(1) process, during a run
 
 # What the guest is made of. Any change here (or in the build_* functions
 # below) changes the recipe hash and makes the next `build` start afresh.
@@ -54,6 +55,7 @@ guest_packages=(
     linux-image-amd64 kmod iproute2
     rdma-core ibverbs-providers ibverbs-utils libibverbs1
     librdmacm1 rdmacm-utils
+    libpcap0.8
 )
 # The guest's rxe setup. Used by the stage 1 script, which is written afresh
 # for every run: changing these needs no rebuild.
@@ -100,11 +102,11 @@ host_mirror() {
 
 # Refuses a cache dir inside the repository (it holds a ~1 GB image).
 check_guest_dir() {
-    mkdir -p "$guest_dir"
-    guest_dir=$(cd "$guest_dir" && pwd -P)
+    guest_dir=$(realpath -m "$guest_dir")
     case "$guest_dir/" in
     "$repo_dir"/*) die "FALCON_GUEST_DIR ($guest_dir) must not be inside the repository ($repo_dir)" ;;
     esac
+    mkdir -p "$guest_dir"
 }
 
 # Stage 0: the guest's init (PID 1, via init= on the kernel command line),
@@ -166,6 +168,7 @@ $(tail -n 20 "$build_log")"
     # Nothing in the guest needs apt's caches, docs or man pages.
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* \
         "$root"/usr/share/doc/* "$root"/usr/share/man/*
+    # shellcheck disable=SC2016 # dpkg-query's ${…} fields, not the shell's
     chroot "$root" dpkg-query -W -f='${Package} ${Version}\n' >"$root.packages.txt"
 }
 
@@ -225,8 +228,12 @@ cmd_build() {
     local kernels initrds
     kernels=("$work"/rootfs/boot/vmlinuz-*)
     initrds=("$work"/rootfs/boot/initrd.img-*)
-    [ ${#kernels[@]} = 1 ] && [ -f "${kernels[0]}" ] || die "expected one kernel in /boot, found: ${kernels[*]}"
-    [ ${#initrds[@]} = 1 ] && [ -f "${initrds[0]}" ] || die "expected one initrd in /boot, found: ${initrds[*]}"
+    if [ ${#kernels[@]} != 1 ] || [ ! -f "${kernels[0]}" ]; then
+        die "expected one kernel in the guest's /boot, found: ${kernels[*]}"
+    fi
+    if [ ${#initrds[@]} != 1 ] || [ ! -f "${initrds[0]}" ]; then
+        die "expected one initrd in the guest's /boot, found: ${initrds[*]}"
+    fi
     cp "${kernels[0]}" "$work/vmlinuz"
     cp "${initrds[0]}" "$work/initrd.img"
 
@@ -288,7 +295,8 @@ ulimit -l unlimited # memory registration (ibv_reg_mr) pins pages
 ip link set lo up
 
 # Soft-RoCE on a dummy netdev (rxe cannot bind to lo).
-modprobe -a rdma_rxe dummy || setup_failed "cannot load rdma_rxe/dummy"
+modprobe rdma_rxe || setup_failed "cannot load rdma_rxe"
+modprobe dummy numdummies=0 || setup_failed "cannot load dummy"
 ip link add "$rxe_netdev" type dummy || setup_failed "cannot create the dummy netdev"
 ip addr add "$rxe_addr/24" dev "$rxe_netdev" || setup_failed "cannot set $rxe_addr on $rxe_netdev"
 ip link set "$rxe_netdev" up || setup_failed "cannot bring $rxe_netdev up"
@@ -322,13 +330,14 @@ EOF
 }
 
 cmd_run() {
-    [ $# -ge 3 ] && [ "$2" = -- ] || usage
+    if [ $# -lt 3 ] || [ "$2" != -- ]; then usage; fi
     local hostdir=$1
     shift 2
     [ -d "$hostdir" ] || die "HOSTDIR $hostdir is not a directory"
     hostdir=$(cd "$hostdir" && pwd -P)
-    [[ $guest_timeout =~ ^[0-9]+$ ]] && [ "$guest_timeout" -gt 0 ] ||
+    if ! [[ $guest_timeout =~ ^[1-9][0-9]*$ ]]; then
         die "FALCON_GUEST_TIMEOUT must be a positive number of seconds, not '$guest_timeout'"
+    fi
 
     check_guest_dir
     if ! guest_is_current; then
@@ -358,7 +367,9 @@ cmd_run() {
     # snapshot=on: guest writes to its root go to a temporary overlay, so the
     # image stays pristine and several guests can run at once. "," in a QEMU
     # option value is written ",,".
-    timeout --foreground -k 10 "$guest_timeout" \
+    # QEMU runs in the background so that a signal to this script (a test
+    # harness giving up) stops it instead of leaving it behind.
+    timeout -k 10 "$guest_timeout" \
         qemu-system-x86_64 -accel tcg -cpu max -m "$guest_mem" -smp "$guest_cpus" \
         -nodefaults -no-user-config -display none -monitor none -no-reboot -nic none \
         -serial "file:${ctl//,/,,}/console.log" -serial stdio \
@@ -366,7 +377,11 @@ cmd_run() {
         -drive "file=${guest_dir//,/,,}/rootfs.ext4,format=raw,if=virtio,snapshot=on" \
         -virtfs "local,path=${ctl//,/,,},mount_tag=falconctl,security_model=none,id=falconctl" \
         -virtfs "local,path=${hostdir//,/,,},mount_tag=host,security_model=none,multidevs=remap,id=host" \
-        </dev/null || rc=$?
+        </dev/null &
+    qemu_pid=$!
+    trap stop_guest INT TERM HUP
+    wait "$qemu_pid" || rc=$?
+    trap - INT TERM HUP
     local took=$((SECONDS - started))
 
     local status
@@ -382,6 +397,15 @@ cmd_run() {
     fi
     [ -z "$status" ] || die "${status} (after ${took}s)"
     die "the guest stopped without reporting the command's exit status (QEMU exit status $rc, after ${took}s)"
+}
+
+# Signal handler for a run: stops QEMU (through timeout(1), which passes the
+# signal on) and exits.
+stop_guest() {
+    kill -TERM "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+    log "interrupted; the guest was stopped"
+    exit 130
 }
 
 # Shows the end of the guest's kernel console log, for a failed run.

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libpcap-dev pkg-config tcpdump util-linux redis-server redis-tools memcached sockperf)
+# The second line: building with --features rdma (ibverbs-sys runs cmake and bindgen).
+packages=(libpcap-dev pkg-config tcpdump util-linux redis-server redis-tools memcached sockperf
+    cmake libnl-3-dev libnl-route-3-dev libclang-dev libibverbs-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

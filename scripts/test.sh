@@ -17,6 +17,20 @@ cargo test --locked --all-targets --no-fail-fast 2>&1 | tee target/test-output.t
 # Doc tests (not part of --all-targets).
 cargo test --locked --doc 2>&1 | tee -a target/test-output.txt
 
+# The rdma transport (cargo feature, off by default): lints, the tests that
+# run on any host, then — as root, where the Soft-RoCE guest can be built —
+# the tests that need a device, inside QEMU (scripts/test-rdma.sh).
+echo "== rdma feature: clippy, host tests"
+cargo clippy --locked --all-targets --features rdma -- -D warnings
+cargo test --locked --features rdma --lib transport::rdma 2>&1 | tee -a target/test-output.txt
+cargo test --locked --features rdma --test rdma 2>&1 | tee -a target/test-output.txt
+if [ "$(id -u)" = 0 ]; then
+    echo "== rdma feature: the tests that need a device, in the Soft-RoCE guest"
+    bash scripts/test-rdma.sh 2>&1 | tee -a target/test-output.txt
+else
+    echo "rdma guest tests skipped: building the Soft-RoCE guest needs root"
+fi
+
 passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
 ignored=$(grep -Eo '[0-9]+ ignored' target/test-output.txt | awk '{s+=$1} END {print s+0}')

@@ -7,7 +7,6 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use falcon::consensus::Envelope;
 use falcon::transport::conformance::{CLUSTER, env, number};
 use falcon::transport::rdma::verbs::{VerbsError, device_names};
 use falcon::transport::rdma::{RdmaOptions, RdmaTransport};
@@ -28,9 +27,11 @@ fn options(id: u32, addrs: &[SocketAddr], ring_bytes: usize) -> RdmaOptions {
     o
 }
 
-/// Pumps every endpoint until each has a connected queue pair to every other.
-fn join(ts: &mut [RdmaTransport]) {
+/// Pumps every endpoint until each has a connected queue pair to every
+/// other; the events each reported meanwhile.
+fn join(ts: &mut [RdmaTransport]) -> Vec<Vec<TransportEvent>> {
     let n = ts.len();
+    let mut evs = vec![Vec::new(); n];
     let deadline = Instant::now() + Duration::from_secs(20);
     while ts.iter().any(|t| t.connected().len() < n - 1) {
         assert!(
@@ -38,13 +39,14 @@ fn join(ts: &mut [RdmaTransport]) {
             "queue pairs not connected after 20 s: {:?}",
             ts.iter().map(|t| t.connected()).collect::<Vec<_>>()
         );
-        for t in ts.iter_mut() {
+        for (i, t) in ts.iter_mut().enumerate() {
             let mut sink = Vec::new();
             t.recv(Duration::from_millis(2), &mut sink).unwrap();
             assert!(sink.is_empty(), "a message before any was sent: {sink:?}");
-            let _ = t.events();
+            evs[i].extend(t.events());
         }
     }
+    evs
 }
 
 fn cluster_with(n: u32, ring_bytes: usize) -> Vec<RdmaTransport> {
@@ -95,19 +97,18 @@ mod conformance {
     );
 }
 
-/// Receives on `ts[i]` for `d` while pumping the others.
-fn pump(ts: &mut [RdmaTransport], i: usize, d: Duration, got: &mut Vec<Envelope>) {
+/// Receives on every endpoint for `d`; what each got.
+fn pump(ts: &mut [RdmaTransport], d: Duration) -> Vec<Vec<u64>> {
+    let mut got = vec![Vec::new(); ts.len()];
     let end = Instant::now() + d;
     while Instant::now() < end {
-        for (j, t) in ts.iter_mut().enumerate() {
-            if j == i {
-                t.recv(Duration::from_millis(1), got).unwrap();
-            } else {
-                let mut sink = Vec::new();
-                t.recv(Duration::ZERO, &mut sink).unwrap();
-            }
+        for (i, t) in ts.iter_mut().enumerate() {
+            let mut inbox = Vec::new();
+            t.recv(Duration::from_millis(1), &mut inbox).unwrap();
+            got[i].extend(inbox.iter().map(number));
         }
     }
+    got
 }
 
 #[test]
@@ -161,29 +162,27 @@ fn a_restarted_peer_gets_a_new_link_and_messages_flow_again() {
         .collect();
     join(&mut ts);
     ts[1].send(&env(1, 0, 1)).unwrap();
-    let mut got = Vec::new();
-    pump(&mut ts, 0, Duration::from_millis(200), &mut got);
-    assert_eq!(got.iter().map(number).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        pump(&mut ts, Duration::from_millis(200)),
+        vec![vec![1], vec![]]
+    );
     // Replica 1 crashes (its queue pair and memory go) and starts again.
     ts.pop();
     let mut sink = Vec::new();
     ts[0].recv(Duration::from_millis(50), &mut sink).unwrap();
     ts.push(RdmaTransport::bind(options(1, &addrs, 1 << 20)).unwrap());
-    join(&mut ts);
-    let evs = ts[0].events();
+    let evs = join(&mut ts).swap_remove(0);
     assert!(
         evs.iter()
             .any(|e| matches!(e, TransportEvent::Lost { peer: 1, .. })),
         "the old link was not reported lost: {evs:?}"
     );
-    got.clear();
     ts[1].send(&env(1, 0, 2)).unwrap();
     ts[0].send(&env(0, 1, 3)).unwrap();
-    pump(&mut ts, 0, Duration::from_millis(200), &mut got);
-    assert_eq!(got.iter().map(number).collect::<Vec<_>>(), vec![2]);
-    let mut back = Vec::new();
-    pump(&mut ts, 1, Duration::from_millis(200), &mut back);
-    assert_eq!(back.iter().map(number).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(
+        pump(&mut ts, Duration::from_millis(200)),
+        vec![vec![2], vec![3]]
+    );
 }
 
 #[test]

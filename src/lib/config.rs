@@ -4,6 +4,8 @@
 //! cluster = "demo"                 # cluster id; peers of another cluster are refused
 //! key_file = "cluster.key"         # shared secret: at least 32 bytes, read raw
 //! transport = "tcp"                # tcp | shm | rdma
+//! # rdma_device = "mlx5_0"         # rdma: the device (default: the first)
+//! # rdma_fallback = "tcp"          # rdma: use TCP when the host has no usable device
 //! sync = "batch"                   # always | batch | never
 //! election_timeout = "150ms"
 //!
@@ -103,6 +105,11 @@ pub struct ClusterConfig {
     pub key_file: Option<PathBuf>,
     /// How replicas talk.
     pub transport: TransportKind,
+    /// `transport = "rdma"`: the device (None: the first one).
+    pub rdma_device: Option<String>,
+    /// `transport = "rdma"`: fall back to TCP when this host has no usable
+    /// RDMA device (off unless the file says `rdma_fallback = "tcp"`).
+    pub rdma_fallback: bool,
     /// When the log syncs.
     pub sync: SyncPolicy,
     /// Election timeout.
@@ -132,6 +139,8 @@ struct RawConfig {
     cluster: Spanned<String>,
     key_file: Option<Spanned<String>>,
     transport: Option<Spanned<String>>,
+    rdma_device: Option<Spanned<String>>,
+    rdma_fallback: Option<Spanned<String>>,
     sync: Option<Spanned<String>>,
     election_timeout: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
@@ -248,6 +257,20 @@ impl ClusterConfig {
                         t.span(),
                         "transport",
                         format!("{other:?} is not tcp, shm or rdma"),
+                    ));
+                }
+            },
+        };
+        let rdma_fallback = match &raw.rdma_fallback {
+            None => false,
+            Some(f) => match f.get_ref().as_str() {
+                "tcp" => true,
+                "none" => false,
+                other => {
+                    return Err(field_err(
+                        f.span(),
+                        "rdma_fallback",
+                        format!("{other:?} is not \"tcp\" or \"none\""),
                     ));
                 }
             },
@@ -374,6 +397,8 @@ impl ClusterConfig {
             cluster,
             key_file: raw.key_file.as_ref().map(|k| resolve(k.get_ref())),
             transport,
+            rdma_device: raw.rdma_device.as_ref().map(|d| d.get_ref().clone()),
+            rdma_fallback,
             sync,
             election_timeout,
             heartbeat,

@@ -547,10 +547,10 @@ pub fn run(
                     "{} `falcon replicate --null-program` processes on 127.0.0.1-{}, {} peer links, sync {sync}, leader {leader}",
                     args.replicas,
                     args.replicas,
-                    if args.transport == "shm" {
-                        "shared-memory (shm rings in /dev/shm, poll adaptive)"
-                    } else {
-                        "TCP"
+                    match args.transport.as_str() {
+                        "shm" => "shared-memory (shm rings in /dev/shm, poll adaptive)",
+                        "rdma" => "RDMA (one-sided writes into rings, RC queue pairs set up over TCP)",
+                        _ => "TCP",
                     }
                 ),
             },

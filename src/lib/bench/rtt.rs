@@ -71,13 +71,25 @@ fn usage(msg: impl Into<String>) -> BenchError {
     BenchError::Usage(msg.into())
 }
 
-/// Checks the transport name; only TCP runs in this release.
+/// Checks the transport name: tcp and shm always, rdma in a build with the
+/// `rdma` feature on a host with a device.
 pub fn check_transport(name: &str) -> Result<(), BenchError> {
     match name {
         "tcp" | "shm" => Ok(()),
+        #[cfg(feature = "rdma")]
+        "rdma" => match crate::transport::rdma::verbs::device_names() {
+            Ok(d) if !d.is_empty() => Ok(()),
+            Ok(_) => Err(BenchError::NotBuilt(
+                "--transport rdma is not available: no RDMA device on this host (load Soft-RoCE: modprobe rdma_rxe; rdma link add rxe0 type rxe netdev eth0)".into(),
+            )),
+            Err(e) => Err(BenchError::NotBuilt(format!(
+                "--transport rdma is not available: {e}"
+            ))),
+        },
         "mem" => Err(usage(
             "--transport mem exists only inside one process (tests, --consensus): a round trip needs tcp, shm or rdma",
         )),
+        #[cfg(not(feature = "rdma"))]
         "rdma" => Err(BenchError::NotBuilt(format!(
             "--transport rdma is not available: {}",
             rdma_absent_reason()
@@ -89,6 +101,7 @@ pub fn check_transport(name: &str) -> Result<(), BenchError> {
 }
 
 /// Why RDMA cannot run here, in words.
+#[cfg(not(feature = "rdma"))]
 fn rdma_absent_reason() -> String {
     let devices = std::fs::read_dir("/sys/class/infiniband")
         .map(|d| d.count())
@@ -365,8 +378,6 @@ pub fn shm_local(
     iters: usize,
     poll: crate::transport::shm::PollMode,
 ) -> Result<RttResult, BenchError> {
-    use crate::consensus::{Envelope, Message};
-    use crate::transport::Transport;
     use crate::transport::shm::{ShmOptions, ShmTransport};
     let base = if std::path::Path::new("/dev/shm").is_dir() {
         std::path::PathBuf::from("/dev/shm")
@@ -380,10 +391,88 @@ pub fn shm_local(
         o.poll = poll;
         ShmTransport::bind(o)
     };
+    let a = mk(0)?;
+    let b = mk(1)?;
+    let samples = echo_pair(a, b, size, warmup, iters, "shm", 0x5117)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RttResult::new(
+        format!("shm (poll {poll:?})").to_lowercase(),
+        format!("shared memory ({})", base.display()),
+        format!("{} (ring files, echo on a thread)", dir.display()),
+        size,
+        samples,
+    ))
+}
+
+/// `--rtt --transport rdma --local`: two rdma endpoints in this process
+/// (the echo on a thread), their queue pairs set up over loopback TCP.
+#[cfg(feature = "rdma")]
+pub fn rdma_local(
+    size: usize,
+    warmup: usize,
+    iters: usize,
+    poll: crate::transport::shm::PollMode,
+) -> Result<RttResult, BenchError> {
+    use crate::transport::Transport;
+    use crate::transport::rdma::{RdmaOptions, RdmaTransport};
+    let ports: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<_> = ports
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
+    drop(ports);
+    let mut key = vec![0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    let mk = |id| {
+        let mut o = RdmaOptions::new(0x5117, id, addrs.clone(), key.clone());
+        o.ring_bytes = (4 * size + (1 << 20)).next_power_of_two();
+        o.poll = poll;
+        RdmaTransport::bind(o)
+            .map_err(|e| BenchError::NotBuilt(format!("--transport rdma is not available: {e}")))
+    };
     let mut a = mk(0)?;
     let mut b = mk(1)?;
+    let device = a.device().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.connected().is_empty() || b.connected().is_empty() {
+        if Instant::now() > deadline {
+            return Err(
+                std::io::Error::other("the rdma queue pairs did not connect within 20 s").into(),
+            );
+        }
+        let mut sink = Vec::new();
+        a.recv(Duration::from_millis(1), &mut sink)?;
+        b.recv(Duration::from_millis(1), &mut sink)?;
+    }
+    let samples = echo_pair(a, b, size, warmup, iters, "rdma", 0x5117)?;
+    Ok(RttResult::new(
+        format!("rdma (poll {poll:?})").to_lowercase(),
+        format!("RDMA device {device}"),
+        format!(
+            "RC queue pair, one-sided writes; set up over {} and {}",
+            addrs[0], addrs[1]
+        ),
+        size,
+        samples,
+    ))
+}
+
+/// Round trips between two endpoints of one transport: `b` echoes on a
+/// thread, `a` measures one message outstanding.
+fn echo_pair<T: crate::transport::Transport + Send + 'static>(
+    mut a: T,
+    mut b: T,
+    size: usize,
+    warmup: usize,
+    iters: usize,
+    what: &'static str,
+    cluster: u64,
+) -> Result<Vec<Duration>, BenchError> {
+    use crate::consensus::{Envelope, Message};
     let total = warmup + iters;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
+    let server = std::thread::spawn(move || -> std::io::Result<T> {
         let mut inbox = Vec::new();
         let mut echoed = 0;
         let started = Instant::now();
@@ -396,7 +485,7 @@ pub fn shm_local(
                 echoed += 1;
             }
         }
-        Ok(())
+        Ok(b)
     });
     let msg = Message::Prepare {
         view: 1,
@@ -412,7 +501,7 @@ pub fn shm_local(
         commit: 0,
     };
     let env = Envelope {
-        cluster: 0x5117,
+        cluster,
         from: 0,
         to: 1,
         msg,
@@ -422,12 +511,14 @@ pub fn shm_local(
     for i in 0..total {
         let t = Instant::now();
         a.send(&env)
-            .map_err(|e| std::io::Error::other(format!("shm send: {e}")))?;
+            .map_err(|e| std::io::Error::other(format!("{what} send: {e}")))?;
         a.flush();
         got.clear();
         while got.is_empty() {
             if t.elapsed() > Duration::from_secs(10) {
-                return Err(std::io::Error::other("no echo over shm within 10 s").into());
+                return Err(
+                    std::io::Error::other(format!("no echo over {what} within 10 s")).into(),
+                );
             }
             a.recv(Duration::from_millis(100), &mut got)?;
         }
@@ -435,18 +526,13 @@ pub fn shm_local(
             samples.push(t.elapsed());
         }
     }
-    server
+    let b = server
         .join()
         .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
+    // The echo side goes first: it may still hold a message for `a`.
+    drop(b);
     drop(a);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(RttResult::new(
-        format!("shm (poll {poll:?})").to_lowercase(),
-        format!("shared memory ({})", base.display()),
-        format!("{} (ring files, echo on a thread)", dir.display()),
-        size,
-        samples,
-    ))
+    Ok(samples)
 }
 
 /// A latency histogram for the terminal: log-spaced buckets, one bar each.
@@ -514,15 +600,20 @@ pub fn run(
         serve(listener, ui, stop)?;
         return Ok(Status::Success);
     }
-    if args.transport == "shm" && !args.local {
-        return Err(usage(
-            "--transport shm runs on one host: use --local (--serve/--peer are for tcp between hosts)",
-        ));
+    if args.transport != "tcp" && !args.local {
+        return Err(usage(format!(
+            "--transport {} measures on one host: use --local (--serve/--peer are for tcp between hosts)",
+            args.transport
+        )));
     }
     let r = match args.peer {
         Some(addr) => client(addr, args.size, args.warmup, args.iters)?,
         None if args.transport == "shm" => {
             shm_local(args.size, args.warmup, args.iters, args.poll)?
+        }
+        #[cfg(feature = "rdma")]
+        None if args.transport == "rdma" => {
+            rdma_local(args.size, args.warmup, args.iters, args.poll)?
         }
         None => local(args.size, args.warmup, args.iters)?,
     };

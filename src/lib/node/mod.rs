@@ -159,6 +159,9 @@ pub enum NodeError {
     /// A snapshot could not be used.
     #[error("{0}")]
     Snapshot(String),
+    /// The node cannot start as configured (no RDMA device, …).
+    #[error("{0}")]
+    Setup(String),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -168,6 +171,74 @@ pub enum NodeError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The TCP transport, its descriptor registered in `poll` as `PEERS`.
+fn tcp_transport(
+    cfg: &crate::config::ClusterConfig,
+    me: NodeId,
+    key: &[u8],
+    poll: &Poll,
+) -> Result<Box<dyn Transport>, NodeError> {
+    let peers = cfg.replicas.iter().map(|r| r.peer).collect();
+    let t = TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, key.to_vec()))
+        .map_err(io_err("starting the peer transport"))?;
+    let tfd = t.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
+        .map_err(io_err("registering"))?;
+    Ok(Box::new(t))
+}
+
+/// A transport with its event descriptors, for `transport = "rdma"`.
+struct RdmaBox {
+    t: Box<dyn Transport>,
+    device: String,
+    fds: Vec<std::os::fd::RawFd>,
+}
+
+impl RdmaBox {
+    fn device(&self) -> &str {
+        &self.device
+    }
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.fds.clone()
+    }
+}
+
+impl From<RdmaBox> for Box<dyn Transport> {
+    fn from(b: RdmaBox) -> Box<dyn Transport> {
+        b.t
+    }
+}
+
+/// The rdma transport, or why there is none.
+#[cfg(feature = "rdma")]
+fn rdma_transport(
+    cfg: &crate::config::ClusterConfig,
+    me: NodeId,
+    key: &[u8],
+) -> Result<RdmaBox, String> {
+    use crate::transport::rdma::{RdmaOptions, RdmaTransport};
+    let peers = cfg.replicas.iter().map(|r| r.peer).collect();
+    let mut o = RdmaOptions::new(cfg.cluster_id, me, peers, key.to_vec());
+    o.device = cfg.rdma_device.clone();
+    let t = RdmaTransport::bind(o).map_err(|e| format!("cannot use rdma: {e}"))?;
+    Ok(RdmaBox {
+        device: t.device().to_string(),
+        fds: t.fds().to_vec(),
+        t: Box::new(t),
+    })
+}
+
+/// Without the `rdma` feature there is no rdma transport.
+#[cfg(not(feature = "rdma"))]
+fn rdma_transport(
+    _cfg: &crate::config::ClusterConfig,
+    _me: NodeId,
+    _key: &[u8],
+) -> Result<RdmaBox, String> {
+    Err("this falcon was built without RDMA support (build it with `cargo build --release --features rdma`, which needs libibverbs)".into())
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
@@ -1549,17 +1620,31 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 .map_err(io_err("starting the shm doorbell thread"))?;
             Box::new(t)
         }
-        _ => {
-            let peers = cfg.replicas.iter().map(|r| r.peer).collect();
-            let t =
-                TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, opts.key.clone()))
-                    .map_err(io_err("starting the peer transport"))?;
-            let tfd = t.as_raw_fd();
-            poll.registry()
-                .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
-                .map_err(io_err("registering"))?;
-            Box::new(t)
-        }
+        crate::config::TransportKind::Rdma => match rdma_transport(cfg, me, &opts.key) {
+            Ok(t) => {
+                ui.note(&format!("peers over rdma (device {})", t.device()));
+                for fd in t.fds() {
+                    poll.registry()
+                        .register(&mut SourceFd(&fd), PEERS, Interest::READABLE)
+                        .map_err(io_err("registering"))?;
+                }
+                t.into()
+            }
+            Err(why) if cfg.rdma_fallback => {
+                ui.warn(&format!(
+                    "{why}; using TCP instead (rdma_fallback = \"tcp\" in {})",
+                    cfg.path.display()
+                ));
+                tcp_transport(cfg, me, &opts.key, &poll)?
+            }
+            Err(why) => {
+                return Err(NodeError::Setup(format!(
+                    "{why} (to run over TCP on such hosts instead, set rdma_fallback = \"tcp\" in {})",
+                    cfg.path.display()
+                )));
+            }
+        },
+        crate::config::TransportKind::Tcp => tcp_transport(cfg, me, &opts.key, &poll)?,
     };
     let mut clients_listener = TcpListener::bind(rc.client)
         .map_err(io_err(format!("listening for clients on {}", rc.client)))?;
@@ -1669,7 +1754,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
     let mut last_exit_check = Instant::now();
-    let spin_window = if cfg.transport == crate::config::TransportKind::Shm {
+    let spin_window = if cfg.transport != crate::config::TransportKind::Tcp {
         SHM_SPIN
     } else {
         Duration::ZERO
@@ -1960,7 +2045,10 @@ names the line and the field):
 
   cluster = \"demo\"            # cluster id; peers of another cluster are refused
   key_file = \"cluster.key\"    # shared secret, at least 32 bytes, read raw
-  transport = \"tcp\"           # tcp, or shm when every replica is on one host (rdma: later)
+  transport = \"tcp\"           # tcp; shm when every replica is on one host; rdma
+                                # (a build with --features rdma, an RDMA device)
+  rdma_device = \"rxe0\"        # optional, rdma: the device (default: the first)
+  rdma_fallback = \"tcp\"       # optional, rdma: use TCP on a host without a device
   sync = \"batch\"              # always | batch | never
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
@@ -2002,7 +2090,7 @@ pub fn replicate(
     ui: &Ui,
     stop: Arc<AtomicBool>,
 ) -> Result<crate::output::Status, ReplicateError> {
-    use crate::config::{self, ClusterConfig, TransportKind};
+    use crate::config::{self, ClusterConfig};
     if let Some(path) = &args.new_key {
         config::generate_key(path)?;
         ui.note(&format!(
@@ -2019,12 +2107,6 @@ pub fn replicate(
     if let Some(t) = args.election_timeout {
         cfg.election_timeout = t;
         cfg.heartbeat = cfg.heartbeat.min(t / 3);
-    }
-    if cfg.transport == TransportKind::Rdma {
-        return Err(ReplicateError::Usage(format!(
-            "{}: transport \"rdma\" is not built yet; use transport = \"tcp\" (or \"shm\" when every replica is on this host)",
-            path.display(),
-        )));
     }
     let index = cfg.choose_node(args.node)?;
     let key_file = cfg.key_file.clone().ok_or_else(|| {

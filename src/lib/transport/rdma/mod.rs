@@ -96,6 +96,10 @@ struct Hello {
     out_rkey: u32,
     /// Data bytes of its rings.
     capacity: u32,
+    /// The generation of the receiver's link the sender is connected to (0:
+    /// none). When it is not the receiver's current one, the sender has not
+    /// heard of that link yet, and the receiver announces it again.
+    connected_to: u64,
 }
 
 impl Hello {
@@ -113,11 +117,12 @@ impl Hello {
         v.extend_from_slice(&self.out_rkey.to_le_bytes());
         v.extend_from_slice(&self.capacity.to_le_bytes());
         v.extend_from_slice(&0u32.to_le_bytes()); // reserved
+        v.extend_from_slice(&self.connected_to.to_le_bytes());
         v
     }
 
     fn decode(b: &[u8]) -> Option<Hello> {
-        if b.len() != 76 || &b[..8] != MAGIC {
+        if b.len() != 84 || &b[..8] != MAGIC {
             return None;
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -136,6 +141,7 @@ impl Hello {
             out_addr: u64_at(56),
             out_rkey: u32_at(64),
             capacity: u32_at(68),
+            connected_to: u64_at(76),
         })
         .filter(|h| u32_at(72) == 0 && h.capacity.is_power_of_two())
     }
@@ -283,6 +289,7 @@ impl RdmaTransport {
             out_addr: l.out_mem.addr(),
             out_rkey: l.out_mem.rkey(),
             capacity: l.in_ring.capacity() as u32,
+            connected_to: l.remote.map_or(0, |r| r.generation),
         }
     }
 
@@ -358,8 +365,27 @@ impl RdmaTransport {
             return;
         }
         let state = self.links[peer].as_ref().map(|l| l.remote);
+        let same_link = |r: &Hello| {
+            Hello {
+                connected_to: 0,
+                ..*r
+            } == Hello {
+                connected_to: 0,
+                ..h
+            }
+        };
         match state {
-            Some(Some(r)) if r == h => return,
+            Some(Some(r)) if same_link(&r) => {
+                // The link we are connected to; if the peer has not heard of
+                // ours yet (our announcement was lost), tell it again.
+                if self.links[peer]
+                    .as_ref()
+                    .is_some_and(|l| l.generation != h.connected_to)
+                {
+                    self.announce(peer);
+                }
+                return;
+            }
             Some(None) => {}
             // Connected to an older link of the peer (it restarted or rebuilt): start over.
             Some(Some(_)) => {
@@ -375,13 +401,23 @@ impl RdmaTransport {
         let Some(l) = &mut self.links[peer] else {
             return;
         };
+        if h.connected_to != 0 && h.connected_to != l.generation {
+            // Its link is connected to an older one of ours: connecting to it
+            // would fail. Announce ours; the peer makes a new link for it.
+            self.announce(peer);
+            return;
+        }
         match l.qp.connect(&self.dev, &h.ep, l.psn) {
             Ok(()) => {
+                let answer = l.generation != h.connected_to;
                 l.remote = Some(h);
                 self.notices.push(TransportEvent::Connected {
                     peer: peer as NodeId,
                     incoming: false,
                 });
+                if answer {
+                    self.announce(peer);
+                }
             }
             Err(e) => {
                 let reason = format!("connecting the queue pair: {e}");
@@ -741,10 +777,11 @@ mod tests {
             out_addr: 0x7f00_0000_9000,
             out_rkey: 6,
             capacity: 1 << 20,
+            connected_to: 76,
         };
         let b = h.encode();
         assert_eq!(Hello::decode(&b), Some(h));
-        assert_eq!(Hello::decode(&b[..75]), None);
+        assert_eq!(Hello::decode(&b[..83]), None);
         let mut bad = b.clone();
         bad[0] ^= 1;
         assert_eq!(Hello::decode(&bad), None);
