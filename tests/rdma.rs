@@ -211,3 +211,84 @@ fn a_peer_with_another_ring_size_is_refused_with_a_reason() {
     );
     assert!(a.connected().is_empty());
 }
+
+/// A Prepare of `view` carrying one small entry.
+fn prepare(from: u32, to: u32, view: u64, op: u64) -> falcon::consensus::Envelope {
+    falcon::consensus::Envelope {
+        cluster: CLUSTER,
+        from,
+        to,
+        msg: falcon::consensus::Message::Prepare {
+            view,
+            op_start: op,
+            entries: vec![falcon::log::Entry {
+                view,
+                op,
+                kind: falcon::log::Kind::Data,
+                conn: 1,
+                time_ns: op,
+                payload: vec![op as u8; 100].into(),
+            }],
+            commit: 0,
+        },
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/test-rdma.sh runs it inside a Soft-RoCE guest"]
+fn a_revoked_writer_cannot_write_a_followers_log() {
+    let mut ts = cluster_with(3, 1 << 20);
+    ts[1].grant(1, Some(0));
+    // A write of view 1 in flight when replica 1 moves to view 2 (led by 2)…
+    ts[0].send(&prepare(0, 1, 1, 1)).unwrap();
+    ts[0].flush();
+    std::thread::sleep(Duration::from_millis(50));
+    ts[1].grant(2, Some(2));
+    let mut got = Vec::new();
+    ts[1].recv(Duration::from_millis(50), &mut got).unwrap();
+    assert!(got.is_empty(), "a revoked write arrived: {got:?}");
+    assert_eq!(ts[1].revoked(), 1, "the reader did not drop it");
+    // …and once the fence has reached replica 0's memory, its writes stop there.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let mut sink = Vec::new();
+        for t in ts.iter_mut() {
+            t.recv(Duration::from_millis(1), &mut sink).unwrap();
+        }
+        match ts[0].send(&prepare(0, 1, 1, 2)) {
+            Err(SendError::Revoked(1)) => break true,
+            _ if Instant::now() > deadline => break false,
+            _ => {}
+        }
+    };
+    assert!(refused, "replica 0 never saw replica 1's fence");
+    // The new leader's writes and everyone's view-change messages pass.
+    ts[2].send(&prepare(2, 1, 2, 2)).unwrap();
+    ts[0].send(&env(0, 1, 77)).unwrap();
+    let got = pump_envs(&mut ts, 1, Duration::from_millis(300));
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|e| format!("{} {}", e.from, e.msg.name()))
+        .collect();
+    seen.sort();
+    assert!(
+        seen == vec!["0 missing", "2 prepare"],
+        "replica 1 got {seen:?}"
+    );
+}
+
+/// Receives on every endpoint for `d`; what `ts[i]` got.
+fn pump_envs(ts: &mut [RdmaTransport], i: usize, d: Duration) -> Vec<falcon::consensus::Envelope> {
+    let mut got = Vec::new();
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        for (j, t) in ts.iter_mut().enumerate() {
+            let mut inbox = Vec::new();
+            t.recv(Duration::from_millis(1), &mut inbox).unwrap();
+            if j == i {
+                got.extend(inbox);
+            }
+        }
+    }
+    got
+}

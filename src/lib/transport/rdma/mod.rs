@@ -44,6 +44,10 @@ const RECVS: usize = 128;
 /// Announce an unanswered link again after this long.
 const HELLO_EVERY: Duration = Duration::from_millis(200);
 const MAGIC: &[u8; 8] = b"FRDMA\x00\x00\x01";
+/// Where, in the header of a sender's out-ring, the receiver writes its
+/// owner word (`view << 8 | leader + 1`): the fence the sender checks before
+/// a log write. (The ring itself uses offsets 0–24, 64–80 and 128–136.)
+const OWNER_WORD: usize = 192;
 
 /// Settings of one rdma endpoint.
 #[derive(Clone, Debug)]
@@ -181,6 +185,20 @@ pub struct RdmaTransport {
     notices: Vec<TransportEvent>,
     buf: Vec<u8>,
     wc: Vec<ibverbs_sys::ibv_wc>,
+    /// The view this replica follows; log writes of older views are refused.
+    granted: u64,
+    /// Our owner word, written into every connected peer's out-ring.
+    owner: u64,
+    /// Log writes refused by fencing, as writer and as reader.
+    revoked: u64,
+}
+
+/// The log writes a follower fences by view.
+fn is_log_write(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::Prepare { .. } | Message::Commit { .. } | Message::CatchUp { .. }
+    )
 }
 
 fn wr_id(generation: u64, recv: bool, peer: usize) -> u64 {
@@ -211,6 +229,9 @@ impl RdmaTransport {
             notices: Vec::new(),
             buf: Vec::new(),
             wc: vec![ibverbs_sys::ibv_wc::default(); 64],
+            granted: 0,
+            owner: 0,
+            revoked: 0,
             opts,
         })
     }
@@ -418,6 +439,7 @@ impl RdmaTransport {
                 if answer {
                     self.announce(peer);
                 }
+                self.tell_owner(peer);
             }
             Err(e) => {
                 let reason = format!("connecting the queue pair: {e}");
@@ -570,6 +592,41 @@ impl RdmaTransport {
         }
     }
 
+    /// Writes our owner word into `peer`'s out-ring: its fence for log writes to us.
+    fn tell_owner(&mut self, peer: usize) {
+        if self.owner == 0 {
+            return;
+        }
+        let word = self.owner;
+        let Some(l) = self.links[peer].as_mut() else {
+            return;
+        };
+        let Some(r) = l.remote else {
+            return;
+        };
+        if l.inflight >= INFLIGHT_MAX {
+            return; // the next grant or link says it again
+        }
+        let staged = Self::stage(l, &word.to_le_bytes());
+        let w = Write {
+            local: staged,
+            lkey: l.stage.lkey(),
+            len: 8,
+            remote: r.out_addr + OWNER_WORD as u64,
+            rkey: r.out_rkey,
+        };
+        let id = wr_id(l.generation & ((1 << 56) - 1), false, peer);
+        match l.qp.post_writes(&[w], id, None) {
+            Ok(()) => l.inflight += 1,
+            Err(e) => self.broken(peer, format!("posting the owner word: {e}")),
+        }
+    }
+
+    /// Log writes refused so far because their view was fenced off.
+    pub fn revoked(&self) -> u64 {
+        self.revoked
+    }
+
     /// Takes every record the peers wrote; true if any.
     fn drain(&mut self, out: &mut Vec<Envelope>) -> bool {
         let mut any = false;
@@ -591,7 +648,11 @@ impl RdmaTransport {
                                     && env.from == peer as NodeId
                                     && env.to == self.opts.id =>
                             {
-                                out.push(env)
+                                if is_log_write(&env.msg) && env.msg.view() < self.granted {
+                                    self.revoked += 1; // written before the sender saw our fence
+                                } else {
+                                    out.push(env)
+                                }
                             }
                             Ok(env) => self.notices.push(TransportEvent::Refused {
                                 addr: format!("rdma link from replica {peer}"),
@@ -717,6 +778,20 @@ impl Transport for RdmaTransport {
         let Some(l) = self.links[to].as_mut().filter(|l| l.remote.is_some()) else {
             return Err(SendError::Down(env.to));
         };
+        if is_log_write(&env.msg) {
+            // The receiver's fence, written into our memory by the receiver.
+            // SAFETY: 8-aligned word inside the out-ring's header.
+            let owner = unsafe {
+                (*(l.out_mem.ptr.add(OWNER_WORD) as *const std::sync::atomic::AtomicU64))
+                    .load(std::sync::atomic::Ordering::Acquire)
+            };
+            let (view, leader) = (owner >> 8, owner & 0xff);
+            let v = env.msg.view();
+            if v < view || (v == view && leader != 0 && leader != u64::from(self.opts.id) + 1) {
+                self.revoked += 1;
+                return Err(SendError::Revoked(env.to));
+            }
+        }
         let bytes = message::to_bytes(env);
         if !l.out_ring.push(&bytes) {
             return Err(SendError::Full(env.to));
@@ -755,6 +830,14 @@ impl Transport for RdmaTransport {
 
     fn id(&self) -> NodeId {
         self.opts.id
+    }
+
+    fn grant(&mut self, view: u64, leader: Option<NodeId>) {
+        self.granted = self.granted.max(view);
+        self.owner = view << 8 | leader.map_or(0, |l| u64::from(l) + 1);
+        for p in 0..self.links.len() {
+            self.tell_owner(p);
+        }
     }
 }
 
