@@ -53,11 +53,14 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l snapshot-cmd
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l restore-cmd -d 'Run CMD (with sh -c) before the program starts, to put the state in $FALCON_SNAPSHOT_DIR in place: at a restart with a snapshot in the data dir, and when a replica too far behind receives the leader\'s snapshot. Same environment as --snapshot-cmd' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l snapshot-every -d 'Entries applied between two snapshots' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l memory-entries -d 'Delivered entries each replica keeps in memory for followers that fall behind a little; older ones are read back from the log' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l poll -d 'With transport shm or rdma: how the replica waits for its peers. adaptive spins on the rings for 50 µs after each peer message, then sleeps; spin never sleeps (lowest latency; a core per replica, so only where each replica has a core of its own); sleep never spins. TCP always sleeps in epoll' -r -f -a "spin\t'Spin on the rings, never sleep (lowest latency, a core per replica)'
+adaptive\t'Spin for a bounded time, then sleep on the doorbell'
+sleep\t'Sleep on the doorbell at once'"
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
-complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l null-program -d 'Run no program: clients send frames (u32 little-endian length, then the bytes) and the leader answers each committed frame with its op (u64 little-endian). What `falcon bench --consensus` measures'
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l null-program -d 'Run no program: clients send frames (u32 little-endian length, then the bytes) and the leader answers each committed frame with its op and the nanoseconds from proposing it to applying it on the leader (two u64 little-endian). What `falcon bench --consensus` measures'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s q -l quiet -d 'Only errors on standard error'
@@ -87,7 +90,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand bench" -l sync -d '--conse
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l cluster -d '--consensus: drive an already running cluster (its replicas started with `falcon replicate --null-program`) instead of starting one' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l requests -d 'Requests per run for --redis at 50 connections (a tenth at 1)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l rounds -d 'Rounds for --redis (the median is reported)' -r
-complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport: tcp, shm or rdma (shm and rdma: not built yet); for --consensus also mem, the engine alone in one process without a disk' -r
+complete -c falcon -n "__fish_falcon_using_subcommand bench" -l transport -d 'The transport: tcp or shm (replicas on this host, over shared memory); for --consensus also mem, the engine alone in one process without a disk' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l dir -d 'Where --log puts its scratch log (on the disk to measure; removed afterwards)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l duration -d 'How long each measurement runs' -r
 complete -c falcon -n "__fish_falcon_using_subcommand bench" -l verify-mib -d 'Size of the log that --log builds to measure --verify speed' -r

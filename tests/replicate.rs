@@ -712,7 +712,14 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
         c.log(far),
         c.log(leader)
     );
-    assert_eq!(set_many(c.addrs[leader].1, "b", 200), 200);
+    let stored = set_many(c.addrs[leader].1, "b", 200);
+    assert_eq!(
+        stored,
+        200,
+        "after the install, the leader stored {stored} of 200 writes; leader:\n{}\nfar replica:\n{}",
+        c.log(leader),
+        c.log(far)
+    );
     assert!(
         wait_until(Duration::from_secs(30), || c.digests_agree()),
         "digests differ: {:?}, keys {:?}, a:2999 {:?} a:3001 {:?}; far replica:\n{}",

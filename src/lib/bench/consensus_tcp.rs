@@ -105,6 +105,9 @@ pub struct TcpRow {
     pub commits_per_s: f64,
     /// Client-observed commit latency.
     pub latency: Summary,
+    /// Commit latency inside the leader: from proposing an entry to
+    /// applying it once a majority has it (no client hops).
+    pub leader_latency: Option<Summary>,
     /// CPU seconds of all replica processes per 1,000 commits (None for --cluster).
     pub replica_cpu_s_per_1000: Option<f64>,
     /// CPU seconds of the load generator per 1,000 commits.
@@ -140,9 +143,11 @@ fn start_cluster(
     n: usize,
     sync: &str,
     transport: &str,
+    poll: crate::transport::shm::PollMode,
     ui: &Ui,
     net: Option<&Netns>,
 ) -> Result<(Procs, Vec<SocketAddr>), BenchError> {
+    let poll = format!("{poll:?}").to_lowercase();
     let exe = std::env::current_exe()?;
     // One cluster name per run: shm rings live in a directory named after it.
     let mut toml = format!(
@@ -187,6 +192,7 @@ fn start_cluster(
                 .args(["replicate", "--config", "cluster.toml", "--node"])
                 .arg((i + 1).to_string())
                 .args(["--null-program", "--follower-clients", "refuse"])
+                .args(["--poll", &poll])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -199,6 +205,10 @@ fn start_cluster(
     ));
     Ok((procs, clients))
 }
+
+/// Bytes of one answer of a `--null-program` leader: the op, then the
+/// leader's own proposal-to-commit time in ns.
+const ACK: usize = 16;
 
 /// One frame of `size` bytes.
 fn frame(size: usize) -> Vec<u8> {
@@ -217,7 +227,7 @@ fn find_leader(clients: &[SocketAddr], within: Duration) -> Option<SocketAddr> {
                 continue;
             };
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut ack = [0u8; 8];
+            let mut ack = [0u8; ACK];
             if s.write_all(&probe).is_ok() && s.read_exact(&mut ack).is_ok() {
                 return Some(addr);
             }
@@ -252,7 +262,7 @@ fn drive(
     load: &Load,
     pb: &indicatif::ProgressBar,
     stop: &std::sync::atomic::AtomicBool,
-) -> Result<(u64, Vec<Duration>, f64), BenchError> {
+) -> Result<Driven, BenchError> {
     let Load {
         leader,
         clients,
@@ -296,6 +306,7 @@ fn drive(
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let mut samples = Vec::new();
+    let mut leader_samples = Vec::new();
     let mut committed = 0u64;
     // Every acknowledgement, warm-up included, for the live rate.
     let mut acked = 0u64;
@@ -330,10 +341,12 @@ fn drive(
                     }
                 }
                 let now = Instant::now();
-                let acks = c.inbuf.len() / 8;
+                let acks = c.inbuf.len() / ACK;
                 for k in 0..acks {
-                    let op =
-                        u64::from_le_bytes(c.inbuf[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
+                    let at = k * ACK;
+                    let op = u64::from_le_bytes(c.inbuf[at..at + 8].try_into().expect("8 bytes"));
+                    let inside =
+                        u64::from_le_bytes(c.inbuf[at + 8..at + 16].try_into().expect("8 bytes"));
                     if op <= c.last_op {
                         return Err(std::io::Error::other(format!(
                             "the leader acknowledged op {op} after op {}: commits out of order",
@@ -348,13 +361,16 @@ fn drive(
                     })?;
                     if sent >= measure_from && now <= end {
                         samples.push(now - sent);
+                        if inside > 0 {
+                            leader_samples.push(Duration::from_nanos(inside));
+                        }
                         committed += 1;
                     }
                     // The client sends its next entry at once.
                     c.outbuf.extend_from_slice(&one);
                     c.sent.push_back(now);
                 }
-                c.inbuf.drain(..acks * 8);
+                c.inbuf.drain(..acks * ACK);
             }
             write_out(c)?;
         }
@@ -371,7 +387,22 @@ fn drive(
         }
     }
     let cpu = cpu0.map_or(0.0, |c0| (super::cpu_time() - c0).as_secs_f64());
-    Ok((committed, samples, cpu))
+    Ok(Driven {
+        committed,
+        samples,
+        leader_samples,
+        client_cpu_s: cpu,
+    })
+}
+
+/// What one load run measured.
+struct Driven {
+    committed: u64,
+    /// Client-observed latencies.
+    samples: Vec<Duration>,
+    /// The leader's own proposal-to-commit times.
+    leader_samples: Vec<Duration>,
+    client_cpu_s: f64,
 }
 
 fn write_out(c: &mut Conn) -> std::io::Result<()> {
@@ -450,6 +481,7 @@ pub fn run(
                 args.replicas,
                 &sync,
                 &args.transport,
+                args.poll,
                 ui,
                 net.as_ref(),
             )?;
@@ -500,7 +532,12 @@ pub fn run(
             warmup,
             duration: args.duration,
         };
-        let (committed, mut samples, client_cpu) = drive(&load, &pb, stop)?;
+        let Driven {
+            committed,
+            mut samples,
+            mut leader_samples,
+            client_cpu_s: client_cpu,
+        } = drive(&load, &pb, stop)?;
         let total_secs = t0.elapsed().as_secs_f64();
         pb.finish_and_clear();
         let replica_cpu = cpu_before.map(|b| {
@@ -524,6 +561,7 @@ pub fn run(
             },
             commits_per_s: committed as f64 / args.duration.as_secs_f64(),
             latency: summarize(&mut samples),
+            leader_latency: (!leader_samples.is_empty()).then(|| summarize(&mut leader_samples)),
             replica_cpu_s_per_1000: replica_cpu.map(per_1000),
             client_cpu_s_per_1000: per_1000(client_cpu),
         });
@@ -548,9 +586,9 @@ pub fn run(
                     args.replicas,
                     args.replicas,
                     match args.transport.as_str() {
-                        "shm" => "shared-memory (shm rings in /dev/shm, poll adaptive)",
-                        "rdma" => "RDMA (one-sided writes into rings, RC queue pairs set up over TCP)",
-                        _ => "TCP",
+                        "shm" => format!("shared-memory (shm rings in /dev/shm, poll {})", format!("{:?}", args.poll).to_lowercase()),
+                        "rdma" => format!("RDMA (one-sided writes into rings, RC queue pairs set up over TCP, poll {})", format!("{:?}", args.poll).to_lowercase()),
+                        _ => "TCP".to_string(),
                     }
                 ),
             },
@@ -568,7 +606,7 @@ pub fn run(
     ));
     setup.push((
         "latency".into(),
-        "from the client's write of an entry to its acknowledgement (the leader answers once a majority has it on disk, or in memory with sync never)".into(),
+        "from the client's write of an entry to its acknowledgement (the leader answers once a majority has it on disk, or in memory with sync never); leader: inside the leader, from proposing the entry to applying it (the round to the followers, without the client's hops)".into(),
     ));
     setup.push((
         "placement".into(),
@@ -601,6 +639,8 @@ pub fn run(
         "p99 µs",
         "p99.9 µs",
         "max µs",
+        "leader p50 µs",
+        "leader p99 µs",
         "replica CPU s/1k",
         "client CPU s/1k",
     ]);
@@ -614,6 +654,12 @@ pub fn run(
             format!("{:.1}", r.latency.p99_us),
             format!("{:.1}", r.latency.p999_us),
             format!("{:.1}", r.latency.max_us),
+            r.leader_latency
+                .as_ref()
+                .map_or("-".into(), |l| format!("{:.1}", l.p50_us)),
+            r.leader_latency
+                .as_ref()
+                .map_or("-".into(), |l| format!("{:.1}", l.p99_us)),
             r.replica_cpu_s_per_1000
                 .map_or("-".into(), |c| format!("{c:.3}")),
             format!("{:.3}", r.client_cpu_s_per_1000),

@@ -92,6 +92,8 @@ pub struct NodeOptions {
     pub null_program: bool,
     /// Delivered entries kept in memory.
     pub memory_entries: u64,
+    /// How the loop waits for peers over shm and rdma.
+    pub poll: crate::transport::shm::PollMode,
 }
 
 /// What a follower does with a client that connects to it.
@@ -1099,13 +1101,22 @@ impl Node<'_> {
             Kind::Open if self.framed => {}
             Kind::Open => self.open_app(e.conn),
             Kind::Data if self.framed => {
-                // No program: the leader's answer is the op the frame committed at.
+                // No program: the leader's answer is the op the frame committed
+                // at and how long the leader took from proposing it to
+                // applying it (its clock stamped the entry; 0 if another
+                // leader proposed it).
+                let inside_ns = if e.view == self.engine.view() {
+                    self.now().saturating_sub(e.time_ns)
+                } else {
+                    0
+                };
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
                     if let Some(c) = self.clients.get_mut(&t) {
                         if c.out.is_empty() {
                             self.acked_clients.push(t);
                         }
                         c.out.extend_from_slice(&e.op.to_le_bytes());
+                        c.out.extend_from_slice(&inside_ns.to_le_bytes());
                     }
                 }
             }
@@ -1754,10 +1765,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
     let mut last_exit_check = Instant::now();
-    let spin_window = if cfg.transport != crate::config::TransportKind::Tcp {
-        SHM_SPIN
-    } else {
-        Duration::ZERO
+    use crate::transport::shm::PollMode;
+    let spin_window = match (cfg.transport, opts.poll) {
+        (crate::config::TransportKind::Tcp, _) | (_, PollMode::Sleep) => Duration::ZERO,
+        (_, PollMode::Adaptive) => SHM_SPIN,
+        (_, PollMode::Spin) => Duration::MAX,
     };
     let mut last_peer_msg = Instant::now() - Duration::from_secs(1);
     loop {
@@ -1799,12 +1811,24 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Over shm, right after peer traffic the loop spins on the rings
         // for a moment instead of sleeping: the next message is likely close.
         let spinning = last_peer_msg.elapsed() < spin_window;
-        let wait = if node.unread.is_empty() && !spinning {
+        let mut wait = if node.unread.is_empty() && !spinning {
             tick
         } else {
             Duration::ZERO
         };
-        match node.poll.poll(&mut events, Some(wait)) {
+        // Over shm and rdma, peers wake a sleeping loop only when told it sleeps.
+        let slept = !wait.is_zero();
+        let mut peers_ready = false;
+        if slept && !node.transport.before_sleep() {
+            // A message came in since the last look: no sleep, and look now.
+            wait = Duration::ZERO;
+            peers_ready = true;
+        }
+        let polled = node.poll.poll(&mut events, Some(wait));
+        if slept {
+            node.transport.after_sleep();
+        }
+        match polled {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -1814,7 +1838,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 });
             }
         }
-        let mut peers_ready = false;
         for ev in events.iter() {
             let t = ev.token();
             let closed = ev.is_read_closed() || ev.is_error();
@@ -2007,7 +2030,8 @@ pub struct ReplicateArgs {
 
     /// Run no program: clients send frames (u32 little-endian length, then
     /// the bytes) and the leader answers each committed frame with its op
-    /// (u64 little-endian). What `falcon bench --consensus` measures.
+    /// and the nanoseconds from proposing it to applying it on the leader
+    /// (two u64 little-endian). What `falcon bench --consensus` measures.
     #[arg(long, hide = true, conflicts_with_all = ["snapshot_cmd", "restore_cmd", "reset_cmd"])]
     pub null_program: bool,
 
@@ -2015,6 +2039,14 @@ pub struct ReplicateArgs {
     /// fall behind a little; older ones are read back from the log.
     #[arg(long, hide = true, value_name = "N", default_value_t = 65_536)]
     pub memory_entries: u64,
+
+    /// With transport shm or rdma: how the replica waits for its peers.
+    /// adaptive spins on the rings for 50 µs after each peer message, then
+    /// sleeps; spin never sleeps (lowest latency; a core per replica, so
+    /// only where each replica has a core of its own); sleep never spins.
+    /// TCP always sleeps in epoll.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "adaptive")]
+    pub poll: crate::transport::shm::PollMode,
 
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
@@ -2131,6 +2163,7 @@ pub fn replicate(
         snapshot_every: args.snapshot_every,
         null_program: args.null_program,
         memory_entries: args.memory_entries,
+        poll: args.poll,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

@@ -91,4 +91,12 @@ pub trait Transport {
     /// side before they touch this replica's memory where they can; the
     /// others need not do anything, since the engine refuses them too.
     fn grant(&mut self, _view: u64, _leader: Option<NodeId>) {}
+    /// The caller is about to sleep in its own poll (on the descriptors or
+    /// wake-up this transport gave it): arrange to be woken by the next
+    /// message. False when one is already there: do not sleep.
+    fn before_sleep(&mut self) -> bool {
+        true
+    }
+    /// The caller's poll returned (after [`Transport::before_sleep`]).
+    fn after_sleep(&mut self) {}
 }

@@ -218,13 +218,14 @@ impl Bell {
         (self.u64_at(base).load(Ordering::Relaxed) == s1).then_some((s1, view, op))
     }
 
-    /// Sender side: bump the word; wake the owner if it sleeps.
+    /// Sender side (after publishing): if the owner sleeps, bump the word
+    /// and wake it. An owner that does not sleep sees the ring itself.
     fn ring(&self) {
-        self.word().fetch_add(1, Ordering::SeqCst);
-        // Pairs with the fence after the owner sets `sleeping`: one of the two
-        // sees the other's store.
+        // Pairs with the fence after the owner sets `sleeping`: either the
+        // owner sees what we published, or we see that it sleeps.
         fence(Ordering::SeqCst);
         if self.sleeping().load(Ordering::SeqCst) != 0 {
+            self.word().fetch_add(1, Ordering::SeqCst);
             // SAFETY: FUTEX_WAKE on a shared-memory word.
             unsafe {
                 libc::syscall(
@@ -277,6 +278,8 @@ pub struct ShmTransport {
     bell_path: PathBuf,
     notices: Vec<TransportEvent>,
     buf: Vec<u8>,
+    /// Where `send` encodes (kept between calls).
+    scratch: Vec<u8>,
     last_check: Instant,
     /// The view this replica follows (its owner word); log writes of older views are refused.
     granted: u64,
@@ -349,6 +352,7 @@ impl ShmTransport {
             bell_path,
             notices: Vec::new(),
             buf: Vec::new(),
+            scratch: Vec::new(),
             last_check: Instant::now(),
             granted: 0,
             acks_seen: vec![0; opts.n as usize],
@@ -515,9 +519,15 @@ impl ShmTransport {
                 PollMode::Spin => deadline,
                 _ => Instant::now() + self.opts.spin.min(timeout),
             };
-            while Instant::now() < spin_until {
+            // The clock is read every 64 checks: reading it costs more than a check.
+            let mut n = 0u32;
+            loop {
                 if self.any_ready() {
                     return;
+                }
+                n = n.wrapping_add(1);
+                if n % 64 == 0 && Instant::now() >= spin_until {
+                    break;
                 }
                 std::hint::spin_loop();
             }
@@ -539,7 +549,9 @@ impl ShmTransport {
 
     /// Starts a thread that sleeps on this replica's doorbell and calls
     /// `wake` whenever a sender rang it, so an event loop that waits on
-    /// something else (epoll) learns of messages. It ends when `wake` returns false.
+    /// something else (epoll) learns of messages: the loop calls
+    /// [`Transport::before_sleep`] before it sleeps, which makes senders ring.
+    /// It ends when `wake` returns false.
     pub fn spawn_bell_watcher(
         &self,
         wake: impl Fn() -> bool + Send + 'static,
@@ -552,10 +564,9 @@ impl ShmTransport {
                 // runs changes the word from it and is reported next round.
                 let mut last = bell.word().load(Ordering::Acquire);
                 loop {
-                    bell.sleeping().store(1, Ordering::SeqCst);
-                    fence(Ordering::SeqCst);
+                    // The event loop sets `sleeping` before it sleeps
+                    // (before_sleep): only then do senders bump the word.
                     bell.wait(last, Duration::from_millis(50));
-                    bell.sleeping().store(0, Ordering::SeqCst);
                     let now = bell.word().load(Ordering::Acquire);
                     if now != last {
                         last = now;
@@ -618,8 +629,14 @@ impl Transport for ShmTransport {
                 return Ok(());
             }
         }
-        let bytes = message::to_bytes(env);
-        if !o.ring.push(&bytes) {
+        let mut bytes = std::mem::take(&mut self.scratch);
+        bytes.clear();
+        message::encode(env, &mut bytes);
+        let pushed = o.ring.push(&bytes);
+        if bytes.capacity() <= 1 << 20 {
+            self.scratch = bytes; // reused: no allocation per message
+        }
+        if !pushed {
             return Err(SendError::Full(env.to));
         }
         o.dirty = true;
@@ -654,6 +671,20 @@ impl Transport for ShmTransport {
         self.granted = self.granted.max(view);
         let word = view << 8 | leader.map_or(0, |l| u64::from(l) + 1);
         self.bell.u64_at(128).store(word, Ordering::Release);
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        self.bell.sleeping().store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.any_ready() {
+            self.bell.sleeping().store(0, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn after_sleep(&mut self) {
+        self.bell.sleeping().store(0, Ordering::SeqCst);
     }
 
     fn events(&mut self) -> Vec<TransportEvent> {

@@ -676,6 +676,18 @@ impl TcpTransport {
                             });
                         }
                     }
+                    // The peer is up (it may have just restarted): dial it now
+                    // instead of at the end of a long backoff, so what we send
+                    // reaches it before its election timer runs out.
+                    let min = self.opts.reconnect_min;
+                    if let Some(Some(o)) = self.out.get_mut(from as usize) {
+                        if let OutState::Idle { retry_at } = &mut o.state {
+                            // (In the past: this turn's dial_due takes it.)
+                            let now = Instant::now();
+                            *retry_at = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+                            o.backoff = min;
+                        }
+                    }
                     self.notices.push(TransportEvent::Connected {
                         peer: from,
                         incoming: true,
