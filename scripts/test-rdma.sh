@@ -37,8 +37,10 @@ echo '-- rdma tests that need a device:'
 ./$rel --ignored --test-threads 1
 for t in tcp shm rdma; do
     echo \"-- bench --rtt --local --transport \$t:\"
-    ./target/debug/falcon bench --rtt --local --transport \$t --iters 2000 --warmup 200 --color never | grep -E 'transport|rtt|one way' | head -6
+    ./target/debug/falcon bench --rtt --local --transport \$t --iters 2000 --warmup 200 --color never | grep -E 'transport:|round trip'
 done
-echo '-- bench --consensus --transport rdma (3 replicas):'
-./target/debug/falcon -q bench --consensus --transport rdma --replicas 3 --clients 4 --sync never --duration 2s --dir /tmp --color never
+for t in tcp shm rdma; do
+    echo \"-- bench --consensus --transport \$t (3 replicas):\"
+    ./target/debug/falcon -q bench --consensus --transport \$t --replicas 3 --clients 4 --sync never --duration 2s --dir /tmp --color never | grep -E 'cluster:|^.[ ]*(replicas|3) '
+done
 "
