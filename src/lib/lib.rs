@@ -18,3 +18,4 @@ pub mod output;
 pub mod sim;
 pub mod snapshot;
 pub mod transport;
+pub mod vm;

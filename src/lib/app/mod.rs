@@ -109,10 +109,44 @@ impl App {
         timeout: Duration,
         log_file: Option<&std::path::Path>,
     ) -> Result<App, AppError> {
-        let (program, args) = argv.split_first().ok_or(AppError::Missing)?;
+        if argv.is_empty() {
+            return Err(AppError::Missing);
+        }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Err(AppError::PortTaken { addr });
         }
+        let mut app = App::spawn(argv, log_file, None)?;
+        let started = Instant::now();
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(app);
+            }
+            if let Ok(Some(status)) = app.child.try_wait() {
+                return Err(AppError::Exited {
+                    program: app.program.clone(),
+                    status,
+                });
+            }
+            if started.elapsed() > timeout {
+                app.stop(Duration::from_secs(2));
+                return Err(AppError::NotListening {
+                    program: app.program.clone(),
+                    addr,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `argv` as [`App::start`] does, without waiting for a port;
+    /// `keep_fd` stays open in the child (under the same number).
+    pub fn spawn(
+        argv: &[String],
+        log_file: Option<&std::path::Path>,
+        keep_fd: Option<std::os::fd::RawFd>,
+    ) -> Result<App, AppError> {
+        let (program, args) = argv.split_first().ok_or(AppError::Missing)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null());
         // Its own process group: Ctrl-C at the terminal reaches falcon only,
@@ -123,9 +157,15 @@ impl App {
         // for its own fresh copy.
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = keep_fd {
+                    let fl = libc::fcntl(fd, libc::F_GETFD);
+                    if fl < 0 || libc::fcntl(fd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -149,31 +189,10 @@ impl App {
             program: program.clone(),
             source,
         })?;
-        let mut app = App {
+        Ok(App {
             child,
             program: program.clone(),
-        };
-        let started = Instant::now();
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(app);
-            }
-            if let Ok(Some(status)) = app.child.try_wait() {
-                return Err(AppError::Exited {
-                    program: app.program.clone(),
-                    status,
-                });
-            }
-            if started.elapsed() > timeout {
-                app.stop(Duration::from_secs(2));
-                return Err(AppError::NotListening {
-                    program: app.program.clone(),
-                    addr,
-                    waited: timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 
     /// The program's pid.
