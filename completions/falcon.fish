@@ -33,7 +33,7 @@ complete -c falcon -n "__fish_falcon_needs_command" -s q -l quiet -d 'Only error
 complete -c falcon -n "__fish_falcon_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_needs_command" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "replicate" -d 'Run a server program as one replica of a cluster'
-complete -c falcon -n "__fish_falcon_needs_command" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'
@@ -66,9 +66,29 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s v -l verbose
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l capture -d 'Write the ordered inbound frames (what every VM receives, in order) to FILE as pcap' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l node -d 'This replica\'s id in the cluster file (default: $FALCON_NODE, else the replica whose peer address is an address of this host)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l election-timeout -d 'Overrides the cluster file\'s election timeout' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l app-timeout -d 'How long to wait for the program to accept connections on its app address' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l follower-clients -d 'What a follower does with a client that connects to it' -r -f -a "forward\t'Pass the connection on to the leader\'s client address (both ways, until either side closes)'
+refuse\t'Close it: the client tries another replica'"
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l on-leader -d 'Run CMD (with sh -c) when this replica becomes the leader, for example to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l on-follower -d 'Run CMD (with sh -c) when this replica becomes a follower (same environment)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l snapshot-cmd -d 'Run CMD (with sh -c) to write the program\'s state into the directory $FALCON_SNAPSHOT_DIR, every --snapshot-every entries. Applying pauses while it runs; falcon then packs the directory into DATA_DIR/snapshot and deletes log segments it covers. Environment: FALCON_SNAPSHOT_DIR, FALCON_OP, FALCON_NODE, FALCON_DATA_DIR, FALCON_APP, FALCON_APP_HOST, FALCON_APP_PORT. Needs --restore-cmd' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l restore-cmd -d 'Run CMD (with sh -c) before the program starts, to put the state in $FALCON_SNAPSHOT_DIR in place: at a restart with a snapshot in the data dir, and when a replica too far behind receives the leader\'s snapshot. Same environment as --snapshot-cmd' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l snapshot-every -d 'Entries applied between two snapshots' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l memory-entries -d 'Delivered entries each replica keeps in memory for followers that fall behind a little; older ones are read back from the log' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l poll -d 'With transport shm or rdma: how the replica waits for its peers. adaptive spins on the rings for 50 µs after each peer message, then sleeps; spin never sleeps (lowest latency; a core per replica, so only where each replica has a core of its own); sleep never spins. TCP always sleeps in epoll' -r -f -a "spin\t'Spin on the rings, never sleep (lowest latency, a core per replica)'
+adaptive\t'Spin for a bounded time, then sleep on the doorbell'
+sleep\t'Sleep on the doorbell at once'"
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l create -d 'Create the TAP device when it is missing (and bring it up); it goes away when falcon stops'
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l null-program -d 'Run no program: clients send frames (u32 little-endian length, then the bytes) and the leader answers each committed frame with its op and the nanoseconds from proposing it to applying it on the leader (two u64 little-endian). What `falcon bench --consensus` measures'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -s q -l quiet -d 'Only errors on standard error'
@@ -158,7 +178,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s q -l qui
 complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand make-fixtures" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "replicate" -d 'Run a server program as one replica of a cluster'
-complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'

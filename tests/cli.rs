@@ -56,7 +56,6 @@ fn every_subcommand_has_a_help_page_with_examples() {
 #[test]
 fn later_subcommands_say_so_and_exit_2() {
     for (args, issue) in [
-        (vec!["tap-attach", "tap0"], "#7"),
         (vec!["failover", "status"], "#8"),
         (
             vec!["bench", "--rtt", "--local", "--transport", "rdma"],
@@ -72,6 +71,36 @@ fn later_subcommands_say_so_and_exit_2() {
         );
         assert_eq!(r.stderr.lines().count(), 1, "one clear line: {r:?}");
     }
+}
+
+#[test]
+fn tap_attach_without_qemu_or_tap_says_what_is_missing() {
+    let r = run(&["tap-attach", "tap0"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("no QEMU command"), "{r:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(dir.path().join("k"), [7u8; 32]).unwrap();
+    std::fs::write(
+        &cfg,
+        "cluster = \"t\"\nkey_file = \"k\"\n[[replica]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"\napp = \"127.0.0.1:3\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
+    let r = run(&[
+        "tap-attach",
+        "falcon-nosuch1",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--node",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("no network interface falcon-nosuch1") && r.stderr.contains("--create"),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -59,9 +59,8 @@ pub enum Command {
     /// Run a server program as one replica of a cluster
     Replicate(falcon::node::ReplicateArgs),
 
-    /// Replicate a QEMU virtual machine by ordering its inbound frames (not in this release yet)
-    #[command(after_help = TAP_EXAMPLES)]
-    TapAttach(Later),
+    /// Replicate a QEMU virtual machine by ordering its inbound frames
+    TapAttach(falcon::node::TapAttachArgs),
 
     /// Measure the log, round trips and consensus, beside their baselines
     Bench(BenchArgs),
@@ -101,10 +100,6 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 }
-
-const TAP_EXAMPLES: &str = "\
-Planned usage (issue #7; this release exits with status 2):
-  falcon tap-attach tap0 --config cluster.toml --node 1";
 
 const FAILOVER_EXAMPLES: &str = "\
 Planned usage (issue #8; this release exits with status 2):

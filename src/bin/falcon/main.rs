@@ -69,7 +69,16 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
                 other => other.map_err(anyhow::Error::from),
             }
         }
-        Command::TapAttach(_) => later("tap-attach", 7),
+        Command::TapAttach(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+                .context("installing the Ctrl-C handler")?;
+            match falcon::node::tap_attach(&args, ui, stop) {
+                Err(falcon::node::ReplicateError::Usage(m)) => Err(Usage(m).into()),
+                other => other.map_err(anyhow::Error::from),
+            }
+        }
         Command::Failover(_) => later("failover", 8),
         Command::LogInspect(args) => {
             let stop = Arc::new(AtomicBool::new(false));

@@ -36,6 +36,8 @@ use crate::transport::{Transport, TransportEvent};
 const CLIENTS: Token = Token(1);
 const PEERS: Token = Token(2);
 const SYNCED: Token = Token(3);
+const TAP: Token = Token(4);
+const VM: Token = Token(5);
 const CLIENT_BASE: usize = 1 << 20;
 const APP_BASE: usize = 1 << 40;
 /// The transport's own timers get a turn at least this often.
@@ -94,7 +96,24 @@ pub struct NodeOptions {
     pub memory_entries: u64,
     /// How the loop waits for peers over shm and rdma.
     pub poll: crate::transport::shm::PollMode,
+    /// `falcon tap-attach`: the program is QEMU, and its network is the
+    /// TAP device, ordered through the engine.
+    pub tap: Option<TapOptions>,
 }
+
+/// What `falcon tap-attach` adds to a replica.
+#[derive(Clone, Debug)]
+pub struct TapOptions {
+    /// The TAP device.
+    pub name: String,
+    /// Make it when missing.
+    pub create: bool,
+    /// Write the ordered inbound frames to this pcap file.
+    pub capture: Option<PathBuf>,
+}
+
+/// The netdev id falcon gives QEMU's stream backend (`-device …,netdev=falcon`).
+pub const NETDEV_ID: &str = "falcon";
 
 /// What a follower does with a client that connects to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -495,6 +514,10 @@ struct Node<'a> {
     install: Option<PathBuf>,
     /// Said once: a snapshot is needed but there is no --restore-cmd.
     told_no_restore: bool,
+    /// tap-attach: the TAP device and the VM's stream.
+    vm: Option<crate::vm::front::VmFront>,
+    /// The TAP device may hold more frames than the last turn read.
+    tap_more: bool,
 }
 
 impl Node<'_> {
@@ -1097,6 +1120,12 @@ impl Node<'_> {
                 self.replay = None;
             }
         }
+        if e.kind == Kind::Frame {
+            if let Some(vm) = &mut self.vm {
+                vm.to_vm(&e.payload, crate::log::now_ns());
+            }
+            return;
+        }
         match e.kind {
             Kind::Open if self.framed => {}
             Kind::Open => self.open_app(e.conn),
@@ -1216,10 +1245,51 @@ impl Node<'_> {
         }
     }
 
+    /// Frames from the TAP device: the leader proposes them (in this turn's
+    /// batch), a backup drops them.
+    fn on_tap(&mut self) -> Result<(), NodeError> {
+        let leader = self.role == Role::Leader;
+        let Some(vm) = &mut self.vm else {
+            return Ok(());
+        };
+        let mut frames = Vec::new();
+        self.tap_more = vm
+            .read_tap(leader, 256, &mut frames)
+            .map_err(io_err(format!("reading the TAP device {}", vm.tap_name())))?;
+        self.proposals
+            .extend(frames.into_iter().map(|payload| Event {
+                kind: Kind::Frame,
+                conn: 0,
+                payload,
+            }));
+        Ok(())
+    }
+
+    /// The VM's stream: what it sent (the leader's goes out through the TAP
+    /// device), and room to write what is queued for it.
+    fn on_vm(&mut self, ready: Ready) -> Result<(), NodeError> {
+        let leader = self.role == Role::Leader;
+        let Some(vm) = &mut self.vm else {
+            return Ok(());
+        };
+        if ready.writable {
+            vm.flush_vm().map_err(io_err("writing to the VM"))?;
+        }
+        if ready.readable {
+            vm.from_vm(leader).map_err(io_err("reading from the VM"))?;
+        }
+        Ok(())
+    }
+
     fn accept_clients(&mut self) -> Result<(), NodeError> {
         loop {
             match self.clients_listener.accept() {
                 Ok((mut stream, _)) => {
+                    if self.vm.is_some() {
+                        // tap-attach: the VM's clients come through the TAP device.
+                        drop(stream);
+                        continue;
+                    }
                     if self.role != Role::Leader {
                         self.follower_client(stream);
                         continue;
@@ -1589,7 +1659,46 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     ));
     let replay_target = log.last_op().saturating_sub(base);
     crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
-    let app = if opts.null_program {
+    let mut vm = None;
+    let app = if let Some(t) = &opts.tap {
+        // tap-attach: falcon opens the TAP device and is QEMU's network
+        // backend through one end of a socket pair.
+        let tap = crate::vm::tap::Tap::open(&t.name, t.create)
+            .map_err(|e| NodeError::Setup(e.to_string()))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(io_err("making the VM's socket pair"))?;
+        ours.set_nonblocking(true)
+            .map_err(io_err("making the VM's socket pair"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        let mut argv = opts.program.clone();
+        argv.push("-netdev".into());
+        argv.push(format!(
+            "stream,id={NETDEV_ID},server=off,addr.type=fd,addr.str={fd}"
+        ));
+        let log_path = rc.data_dir.join("qemu.log");
+        let app = App::spawn(&argv, Some(&log_path), Some(fd))?;
+        drop(theirs);
+        let capture = match &t.capture {
+            Some(p) => Some(
+                crate::capture::PcapWriter::create(p)
+                    .map_err(|e| NodeError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
+        ui.note(&format!(
+            "started {} (pid {}; output in {}), its network on TAP device {} through falcon",
+            app.program,
+            app.pid(),
+            log_path.display(),
+            t.name
+        ));
+        vm = Some(crate::vm::front::VmFront::new(
+            tap,
+            mio::net::UnixStream::from_std(ours),
+            capture,
+        ));
+        Some(app)
+    } else if opts.null_program {
         ui.note("no program (--null-program): the leader answers each committed frame with its op");
         None
     } else {
@@ -1612,6 +1721,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     // and the shm doorbell thread both use it.
     let waker =
         Arc::new(mio::Waker::new(poll.registry(), SYNCED).map_err(io_err("creating the waker"))?);
+    // shm and rdma wake a sleeping loop themselves but say nothing to a busy
+    // one: the loop looks at them every turn (cheap: memory reads).
+    let mut poll_peers_every_turn = cfg.transport == crate::config::TransportKind::Shm;
     let transport: Box<dyn Transport> = match cfg.transport {
         crate::config::TransportKind::Shm => {
             let dir = cfg.shm_dir();
@@ -1634,6 +1746,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         crate::config::TransportKind::Rdma => match rdma_transport(cfg, me, &opts.key) {
             Ok(t) => {
                 ui.note(&format!("peers over rdma (device {})", t.device()));
+                poll_peers_every_turn = true;
                 for fd in t.fds() {
                     poll.registry()
                         .register(&mut SourceFd(&fd), PEERS, Interest::READABLE)
@@ -1727,7 +1840,20 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         fetch: None,
         install: None,
         told_no_restore: false,
+        vm,
+        tap_more: false,
     };
+    if let Some(vm) = &mut node.vm {
+        let tfd = vm.tap_fd();
+        node.poll
+            .registry()
+            .register(&mut SourceFd(&tfd), TAP, Interest::READABLE)
+            .map_err(io_err("registering the TAP device"))?;
+        node.poll
+            .registry()
+            .register(vm.vm_stream(), VM, Interest::READABLE | Interest::WRITABLE)
+            .map_err(io_err("registering the VM's stream"))?;
+    }
     // Connections open at the snapshot's op get their own program connection again.
     for &c in &open_at_base {
         node.open_app(c);
@@ -1811,7 +1937,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Over shm, right after peer traffic the loop spins on the rings
         // for a moment instead of sleeping: the next message is likely close.
         let spinning = last_peer_msg.elapsed() < spin_window;
-        let mut wait = if node.unread.is_empty() && !spinning {
+        let mut wait = if node.unread.is_empty() && !spinning && !node.tap_more {
             tick
         } else {
             Duration::ZERO
@@ -1853,11 +1979,18 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             } else if t == SYNCED {
                 // The fsync thread (handled below) or the shm doorbell: look at the peers too.
                 peers_ready = true;
+            } else if t == TAP {
+                node.on_tap()?;
+            } else if t == VM {
+                node.on_vm(ready)?;
             } else if t.0 >= APP_BASE {
                 node.on_app(t, ready);
             } else if t.0 >= CLIENT_BASE {
                 node.on_client(t, ready)?;
             }
+        }
+        if node.tap_more {
+            node.on_tap()?;
         }
         for t in std::mem::take(&mut node.unread) {
             let more = Ready {
@@ -1872,7 +2005,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // milliseconds for its own timers (reconnects, handshake deadlines).
         // (The readiness of the transport's own epoll descriptor is reported
         // once per change, so a turn that brought messages earns another.)
-        if peers_ready || peers_busy || spinning || last_peer_turn.elapsed() >= PEER_TIMERS {
+        if peers_ready
+            || peers_busy
+            || spinning
+            || poll_peers_every_turn
+            || last_peer_turn.elapsed() >= PEER_TIMERS
+        {
             last_peer_turn = Instant::now();
             inbox.clear();
             node.transport
@@ -2122,6 +2260,83 @@ pub fn replicate(
     ui: &Ui,
     stop: Arc<AtomicBool>,
 ) -> Result<crate::output::Status, ReplicateError> {
+    replica(args, None, ui, stop)
+}
+
+/// `falcon tap-attach`: a QEMU virtual machine whose inbound frames are
+/// ordered through the engine.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = TAP_ATTACH_HELP)]
+pub struct TapAttachArgs {
+    /// The host's TAP device that carries the VM's traffic (its MAC is the
+    /// VM's on every replica).
+    #[arg(value_name = "TAP")]
+    pub tap: String,
+
+    /// Create the TAP device when it is missing (and bring it up); it goes
+    /// away when falcon stops.
+    #[arg(long)]
+    pub create: bool,
+
+    /// Write the ordered inbound frames (what every VM receives, in order)
+    /// to FILE as pcap.
+    #[arg(long, value_name = "FILE")]
+    pub capture: Option<PathBuf>,
+
+    /// Everything `falcon replicate` takes: the cluster file, --node, hooks;
+    /// after `--`, the QEMU command line.
+    #[command(flatten)]
+    pub replica: ReplicateArgs,
+}
+
+const TAP_ATTACH_HELP: &str = "\
+falcon opens the TAP device, starts QEMU with one end of a socket pair as
+its network backend (it appends -netdev stream,id=falcon,server=off,
+addr.type=fd,addr.str=N to the command), and orders every frame that
+arrives on the TAP device through the replicas: each VM receives the same
+frames in the same order, and only once a majority has them. The leader's
+VM's frames go out through its TAP device; a backup's are dropped.
+
+Examples (give the VM its NIC on that backend, with the same MAC on every
+replica):
+
+  falcon tap-attach tap0 --config cluster.toml --node 1 -- \\
+      qemu-system-x86_64 -accel tcg -m 128 -nodefaults -nographic \\
+      -kernel vmlinux -initrd guest.cpio.gz \\
+      -device virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=
+
+QEMU's output goes to qemu.log in the replica's data directory.";
+
+/// Runs `falcon tap-attach`.
+pub fn tap_attach(
+    args: &TapAttachArgs,
+    ui: &Ui,
+    stop: Arc<AtomicBool>,
+) -> Result<crate::output::Status, ReplicateError> {
+    if args.replica.program.is_empty() {
+        return Err(ReplicateError::Usage(
+            "no QEMU command: give it after --, e.g. falcon tap-attach tap0 -- qemu-system-x86_64 -device virtio-net-pci,netdev=falcon …".into(),
+        ));
+    }
+    if args.replica.null_program {
+        return Err(ReplicateError::Usage(
+            "--null-program does not go with tap-attach".into(),
+        ));
+    }
+    let tap = TapOptions {
+        name: args.tap.clone(),
+        create: args.create,
+        capture: args.capture.clone(),
+    };
+    replica(&args.replica, Some(tap), ui, stop)
+}
+
+fn replica(
+    args: &ReplicateArgs,
+    tap: Option<TapOptions>,
+    ui: &Ui,
+    stop: Arc<AtomicBool>,
+) -> Result<crate::output::Status, ReplicateError> {
     use crate::config::{self, ClusterConfig};
     if let Some(path) = &args.new_key {
         config::generate_key(path)?;
@@ -2164,6 +2379,7 @@ pub fn replicate(
         null_program: args.null_program,
         memory_entries: args.memory_entries,
         poll: args.poll,
+        tap,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

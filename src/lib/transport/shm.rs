@@ -232,7 +232,8 @@ impl Bell {
                     libc::SYS_futex,
                     self.word() as *const AtomicU32,
                     libc::FUTEX_WAKE,
-                    1,
+                    // Every waiter: the doorbell thread and a recv() may both sleep on it.
+                    i32::MAX,
                 );
             }
         }

@@ -5,6 +5,7 @@
 //! * [`FrameReader`] / [`encode`]: QEMU's `-netdev stream` framing — each
 //!   frame is a 4-byte big-endian length, then the raw Ethernet frame.
 
+pub mod front;
 pub mod tap;
 
 /// The longest frame accepted from QEMU or the TAP device (64 KiB of

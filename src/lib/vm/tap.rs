@@ -169,6 +169,9 @@ mod tests {
         let e = Tap::open("a/b", true).err().expect("slash");
         assert!(e.to_string().contains("not an interface name"), "{e}");
         let e = Tap::open("falcon-nosuch0", false).err().expect("missing");
-        assert!(e.to_string().contains("ip tuntap add dev falcon-nosuch0"), "{e}");
+        assert!(
+            e.to_string().contains("ip tuntap add dev falcon-nosuch0"),
+            "{e}"
+        );
     }
 }

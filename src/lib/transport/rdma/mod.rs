@@ -162,6 +162,8 @@ struct Link {
     stage: Region,
     stage_next: usize,
     generation: u64,
+    /// Names this link's work requests (`wr_id`), so completions of a dropped link are ignored.
+    tag: u64,
     psn: u32,
     remote: Option<Hello>,
     /// Bytes of the out-ring already posted to the peer.
@@ -182,6 +184,9 @@ pub struct RdmaTransport {
     /// The newest generation each peer announced.
     seen: Vec<u64>,
     last_generation: u64,
+    next_tag: u64,
+    /// Per peer: no new link before this (after making one failed).
+    retry_at: Vec<Option<Instant>>,
     notices: Vec<TransportEvent>,
     buf: Vec<u8>,
     /// Where `send` encodes (kept between calls).
@@ -212,6 +217,15 @@ impl RdmaTransport {
     pub fn bind(opts: RdmaOptions) -> Result<RdmaTransport, VerbsError> {
         let n = opts.peers.len();
         let dev = Device::open(opts.device.as_deref(), 4096)?;
+        // Fail now, not link by link later, when rings cannot be registered.
+        let len = HEADER + opts.ring_bytes.next_power_of_two();
+        drop(dev.register(len).map_err(|e| VerbsError::Call {
+            verb: "registering ring memory (is `ulimit -l` below the ring size?)",
+            source: match e {
+                VerbsError::Call { source, .. } => source,
+                VerbsError::NoDevice(m) => std::io::Error::other(m),
+            },
+        })?);
         let tcp = TcpTransport::bind(TcpOptions::new(
             opts.cluster_id,
             opts.id,
@@ -228,6 +242,8 @@ impl RdmaTransport {
             dev,
             seen: vec![0; n],
             last_generation: 0,
+            next_tag: 0,
+            retry_at: vec![None; n],
             notices: Vec::new(),
             buf: Vec::new(),
             scratch: Vec::new(),
@@ -259,8 +275,10 @@ impl RdmaTransport {
     }
 
     fn next_generation(&mut self) -> u64 {
-        // Wall-clock nanoseconds, so a restarted replica's links are newer.
-        let g = (crate::log::now_ns() & ((1 << 56) - 1)).max(self.last_generation + 1);
+        // Wall-clock nanoseconds, so a restarted replica's links are newer
+        // (and `seen` is forgotten when a peer's TCP link comes back, for a
+        // clock stepped back across a restart).
+        let g = crate::log::now_ns().max(self.last_generation + 1);
         self.last_generation = g;
         g
     }
@@ -268,6 +286,8 @@ impl RdmaTransport {
     /// A new queue pair and fresh rings for `peer`.
     fn make_link(&mut self, peer: usize) -> Result<Link, VerbsError> {
         let generation = self.next_generation();
+        self.next_tag = (self.next_tag + 1) & ((1 << 56) - 1);
+        let tag = self.next_tag;
         let qp = self.dev.queue_pair(256, RECVS as u32)?;
         let len = HEADER + self.opts.ring_bytes.next_power_of_two();
         let in_mem = self.dev.register(len)?;
@@ -280,7 +300,7 @@ impl RdmaTransport {
                 Ring::init(out_mem.ptr, len, generation),
             )
         };
-        qp.post_recvs(RECVS, wr_id(generation, true, peer))?;
+        qp.post_recvs(RECVS, wr_id(tag, true, peer))?;
         Ok(Link {
             qp,
             in_ring,
@@ -290,6 +310,7 @@ impl RdmaTransport {
             stage,
             stage_next: 0,
             generation,
+            tag,
             psn: (generation as u32) & 0xff_ffff,
             remote: None,
             sent: 0,
@@ -336,21 +357,41 @@ impl RdmaTransport {
         }
     }
 
-    /// Makes a link to `peer` if there is none, and announces it.
-    fn ensure_link(&mut self, peer: usize) {
-        if self.links[peer].is_none() {
-            match self.make_link(peer) {
-                Ok(l) => self.links[peer] = Some(l),
-                Err(e) => {
+    /// Makes a link to `peer` if there is none (not announced); false if
+    /// there is none and making one failed (it is tried again a second later).
+    fn have_link(&mut self, peer: usize) -> bool {
+        if self.links[peer].is_some() {
+            return true;
+        }
+        if self.retry_at[peer].is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        match self.make_link(peer) {
+            Ok(l) => {
+                self.links[peer] = Some(l);
+                self.retry_at[peer] = None;
+                true
+            }
+            Err(e) => {
+                if self.retry_at[peer].is_none() {
                     self.notices.push(TransportEvent::Lost {
                         peer: peer as NodeId,
-                        reason: format!("cannot make a queue pair: {e}"),
+                        reason: format!(
+                            "cannot make a queue pair: {e} (trying again every second)"
+                        ),
                     });
-                    return;
                 }
+                self.retry_at[peer] = Some(Instant::now() + Duration::from_secs(1));
+                false
             }
         }
-        self.announce(peer);
+    }
+
+    /// Makes a link to `peer` if there is none, and announces it.
+    fn ensure_link(&mut self, peer: usize) {
+        if self.have_link(peer) {
+            self.announce(peer);
+        }
     }
 
     /// The link to `peer` failed: drop it, make a new one and announce it.
@@ -412,15 +453,24 @@ impl RdmaTransport {
             }
             Some(None) => {}
             // Connected to an older link of the peer (it restarted or rebuilt): start over.
+            // A fresh link is not announced before it is connected: an
+            // announcement of an unconnected link would make the peer rebuild
+            // in turn, and two replicas could chase each other for ever.
             Some(Some(_)) => {
                 self.links[peer] = None;
                 self.notices.push(TransportEvent::Lost {
                     peer: peer as NodeId,
                     reason: "it made a new rdma link".into(),
                 });
-                self.ensure_link(peer);
+                if !self.have_link(peer) {
+                    return;
+                }
             }
-            None => self.ensure_link(peer),
+            None => {
+                if !self.have_link(peer) {
+                    return;
+                }
+            }
         }
         let Some(l) = &mut self.links[peer] else {
             return;
@@ -469,7 +519,7 @@ impl RdmaTransport {
                 let Some(l) = self.links.get_mut(peer).and_then(|l| l.as_mut()) else {
                     continue;
                 };
-                if l.generation & ((1 << 56) - 1) != generation {
+                if l.tag != generation {
                     continue; // a link already dropped
                 }
                 if let Some((status, vendor)) = wc.error() {
@@ -520,7 +570,14 @@ impl RdmaTransport {
         }
         let cap = l.out_ring.capacity() as u64;
         let at = l.sent & (cap - 1);
-        let len = wp - l.sent;
+        let Some(len) = wp.checked_sub(l.sent).filter(|&n| n <= cap) else {
+            // Only a peer writing where it must not can do this.
+            self.broken(
+                peer,
+                format!("the out-ring's write position ({wp}) is not ours"),
+            );
+            return;
+        };
         let first = len.min(cap - at);
         let data = l.out_mem.addr() + HEADER as u64;
         let rdata = r.in_addr + HEADER as u64;
@@ -555,7 +612,7 @@ impl RdmaTransport {
             remote: r.in_addr + WRITE_POS as u64,
             rkey: r.in_rkey,
         });
-        let id = wr_id(l.generation & ((1 << 56) - 1), false, peer);
+        let id = wr_id(l.tag, false, peer);
         match l.qp.post_writes(&writes, id, Some(0)) {
             Ok(()) => {
                 l.sent = wp;
@@ -585,7 +642,7 @@ impl RdmaTransport {
             remote: r.out_addr + READ_POS as u64,
             rkey: r.out_rkey,
         };
-        let id = wr_id(l.generation & ((1 << 56) - 1), false, peer);
+        let id = wr_id(l.tag, false, peer);
         match l.qp.post_writes(&[w], id, None) {
             Ok(()) => {
                 l.reported = consumed;
@@ -618,7 +675,7 @@ impl RdmaTransport {
             remote: r.out_addr + OWNER_WORD as u64,
             rkey: r.out_rkey,
         };
-        let id = wr_id(l.generation & ((1 << 56) - 1), false, peer);
+        let id = wr_id(l.tag, false, peer);
         match l.qp.post_writes(&[w], id, None) {
             Ok(()) => l.inflight += 1,
             Err(e) => self.broken(peer, format!("posting the owner word: {e}")),
@@ -706,9 +763,13 @@ impl RdmaTransport {
         }
         for ev in self.tcp.events() {
             match ev {
-                TransportEvent::Connected { peer, .. } => {
+                TransportEvent::Connected { peer, incoming } => {
                     // A (new) TCP link: tell the peer about our queue pair.
                     let p = peer as usize;
+                    if incoming {
+                        // Perhaps a restarted peer, whose clock may be behind.
+                        self.seen[p] = 0;
+                    }
                     if self.links[p].as_ref().is_none_or(|l| l.remote.is_none()) {
                         self.ensure_link(p);
                     }
@@ -839,8 +900,15 @@ impl Transport for RdmaTransport {
 
     fn before_sleep(&mut self) -> bool {
         // The next completion (a peer's write with immediate) makes the
-        // channel's descriptor readable.
-        self.dev.arm().is_ok() && !self.any_ready()
+        // channel's descriptor readable. Completions that came before the
+        // arming raise no event: take them now (they may free room for
+        // writes still waiting to be posted).
+        if self.dev.arm().is_err() {
+            return false;
+        }
+        self.reap();
+        self.flush();
+        !self.any_ready()
     }
 
     fn events(&mut self) -> Vec<TransportEvent> {

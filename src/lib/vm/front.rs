@@ -1,0 +1,193 @@
+//! One replica's side of a replicated VM: its TAP device and the stream to
+//! its QEMU, with bounded queues both ways.
+//!
+//! * Inbound (TAP → VM): on the leader, frames read from the TAP device are
+//!   proposed to the engine; every replica writes a frame to its VM only
+//!   once it is committed ([`VmFront::to_vm`]).
+//! * Outbound (VM → TAP): the leader's VM's frames go out through the TAP
+//!   device at once; a backup's are counted and dropped.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+
+use super::tap::Tap;
+use super::{FRAME_MAX, FrameReader, encode};
+use crate::capture::{Frame, PcapWriter};
+
+/// Bytes queued for one VM at most; beyond, committed frames are dropped
+/// (and counted) as a congested switch would, so one slow VM cannot stall
+/// the replica's loop.
+pub const VM_QUEUE_MAX: usize = 4 << 20;
+
+/// Counters an operator wants to see.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct VmStats {
+    /// Frames read from the TAP device (on the leader: proposed).
+    pub tap_in: u64,
+    /// Frames read from the TAP device while not the leader (dropped).
+    pub tap_in_ignored: u64,
+    /// Committed frames written to the VM.
+    pub to_vm: u64,
+    /// Committed frames dropped because the VM did not read fast enough.
+    pub to_vm_dropped: u64,
+    /// Frames from the VM sent out through the TAP device (leader).
+    pub from_vm: u64,
+    /// Frames from the VM dropped because this replica is a backup.
+    pub from_vm_dropped: u64,
+    /// Frames the TAP device would not take (queue full or no carrier).
+    pub tap_out_dropped: u64,
+}
+
+/// The TAP device and the VM's stream.
+pub struct VmFront {
+    tap: Tap,
+    vm: mio::net::UnixStream,
+    reader: FrameReader,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    capture: Option<PcapWriter>,
+    /// Counters.
+    pub stats: VmStats,
+}
+
+impl VmFront {
+    /// Wraps an open TAP device and the falcon end of the VM's stream.
+    pub fn new(tap: Tap, vm: mio::net::UnixStream, capture: Option<PcapWriter>) -> VmFront {
+        VmFront {
+            tap,
+            vm,
+            reader: FrameReader::new(),
+            out: Vec::new(),
+            buf: vec![0; FRAME_MAX],
+            capture,
+            stats: VmStats::default(),
+        }
+    }
+
+    /// The TAP device's name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// The descriptors to wait on: the TAP device's and the VM stream's.
+    pub fn tap_fd(&self) -> std::os::fd::RawFd {
+        self.tap.as_raw_fd()
+    }
+
+    /// The VM stream, to register with the event loop.
+    pub fn vm_stream(&mut self) -> &mut mio::net::UnixStream {
+        &mut self.vm
+    }
+
+    /// Reads up to `max` frames from the TAP device. The leader gets them
+    /// (to propose); a backup's are counted and dropped. True if the device
+    /// may have more.
+    pub fn read_tap(
+        &mut self,
+        leader: bool,
+        max: usize,
+        out: &mut Vec<bytes::Bytes>,
+    ) -> io::Result<bool> {
+        for _ in 0..max {
+            match self.tap.read_frame(&mut self.buf)? {
+                None => return Ok(false),
+                Some(0) => continue,
+                Some(n) => {
+                    if leader {
+                        self.stats.tap_in += 1;
+                        out.push(bytes::Bytes::copy_from_slice(&self.buf[..n]));
+                    } else {
+                        self.stats.tap_in_ignored += 1;
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues a committed frame for the VM (and the capture file) and writes
+    /// what the stream takes now.
+    pub fn to_vm(&mut self, frame: &[u8], time_ns: u64) {
+        if let Some(c) = &mut self.capture {
+            c.write(&Frame {
+                time_ns,
+                bytes: frame.to_vec(),
+            });
+        }
+        if self.out.len() + 4 + frame.len() > VM_QUEUE_MAX {
+            self.stats.to_vm_dropped += 1;
+            return;
+        }
+        encode(frame, &mut self.out);
+        self.stats.to_vm += 1;
+        let _ = self.flush_vm();
+    }
+
+    /// Writes queued frames to the VM as far as it takes them.
+    pub fn flush_vm(&mut self) -> io::Result<()> {
+        let mut done = 0;
+        while done < self.out.len() {
+            match self.vm.write(&self.out[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.out.drain(..done);
+                    return Err(e);
+                }
+            }
+        }
+        self.out.drain(..done);
+        Ok(())
+    }
+
+    /// Reads what the VM sent: the leader passes each frame to the TAP
+    /// device, a backup counts and drops it. Errs when the stream closed or
+    /// carried a frame it cannot hold (then the VM is not trusted further).
+    pub fn from_vm(&mut self, leader: bool) -> io::Result<()> {
+        loop {
+            match self.vm.read(&mut self.buf) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the VM's network stream closed (QEMU exited?)",
+                    ));
+                }
+                Ok(n) => {
+                    let (reader, buf) = (&mut self.reader, &self.buf);
+                    reader.feed(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.drain_frames(leader)?;
+        }
+        self.drain_frames(leader)
+    }
+
+    fn drain_frames(&mut self, leader: bool) -> io::Result<()> {
+        while let Some(frame) = self
+            .reader
+            .next_frame()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("from the VM: {e}")))?
+        {
+            if leader {
+                if self.tap.write_frame(frame)? {
+                    self.stats.from_vm += 1;
+                } else {
+                    self.stats.tap_out_dropped += 1;
+                }
+            } else {
+                self.stats.from_vm_dropped += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the capture file, if any; how many frames it holds.
+    pub fn finish(self) -> Option<Result<u64, crate::capture::PcapError>> {
+        self.capture.map(PcapWriter::finish)
+    }
+}
