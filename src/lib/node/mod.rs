@@ -518,6 +518,8 @@ struct Node<'a> {
     vm: Option<crate::vm::front::VmFront>,
     /// The TAP device may hold more frames than the last turn read.
     tap_more: bool,
+    /// The VM's stream failed (said once).
+    vm_broken: bool,
 }
 
 impl Node<'_> {
@@ -1245,6 +1247,30 @@ impl Node<'_> {
         }
     }
 
+    /// tap-attach: says what went where, and closes the capture file.
+    fn vm_report(&mut self) {
+        let Some(vm) = self.vm.take() else {
+            return;
+        };
+        let st = vm.stats;
+        self.ui.note(&format!(
+            "tap {}: {} frames proposed from the TAP device ({} ignored as a backup), {} committed frames to the VM ({} dropped: VM too slow), {} from the VM out through the TAP device ({} dropped by it), {} from the VM dropped as a backup",
+            vm.tap_name(),
+            st.tap_in,
+            st.tap_in_ignored,
+            st.to_vm,
+            st.to_vm_dropped,
+            st.from_vm,
+            st.tap_out_dropped,
+            st.from_vm_dropped
+        ));
+        match vm.finish() {
+            Some(Ok(n)) => self.ui.note(&format!("capture: {n} frames written")),
+            Some(Err(e)) => self.ui.error(&format!("capture: {e}")),
+            None => {}
+        }
+    }
+
     /// Frames from the TAP device: the leader proposes them (in this turn's
     /// batch), a backup drops them.
     fn on_tap(&mut self) -> Result<(), NodeError> {
@@ -1272,11 +1298,24 @@ impl Node<'_> {
         let Some(vm) = &mut self.vm else {
             return Ok(());
         };
+        // A broken stream means QEMU is going away: the exit check stops the
+        // replica then. Say what happened once.
+        let mut broken = None;
         if ready.writable {
-            vm.flush_vm().map_err(io_err("writing to the VM"))?;
+            if let Err(e) = vm.flush_vm() {
+                broken = Some(format!("writing to the VM: {e}"));
+            }
         }
         if ready.readable {
-            vm.from_vm(leader).map_err(io_err("reading from the VM"))?;
+            if let Err(e) = vm.from_vm(leader) {
+                broken = Some(format!("reading from the VM: {e}"));
+            }
+        }
+        if let Some(msg) = broken {
+            if !self.vm_broken {
+                self.ui.warn(&msg);
+                self.vm_broken = true;
+            }
         }
         Ok(())
     }
@@ -1842,6 +1881,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         told_no_restore: false,
         vm,
         tap_more: false,
+        vm_broken: false,
     };
     if let Some(vm) = &mut node.vm {
         let tfd = vm.tap_fd();
@@ -1904,6 +1944,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             if let Some(app) = &mut node.app {
                 app.stop(Duration::from_secs(5));
             }
+            node.vm_report();
             return Ok(NodeExit::Stopped);
         }
         for sig in crate::app::take_signals() {
@@ -1920,6 +1961,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             last_exit_check = Instant::now();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
+                node.vm_report();
                 return Ok(NodeExit::ProgramExited(status));
             }
             node.hook_children

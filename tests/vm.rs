@@ -1,0 +1,317 @@
+//! `falcon tap-attach` with real QEMU guests (scripts/vm-guest.sh: Debian's
+//! kernel, busybox, tests/guest/server.c) on three network hosts —
+//! namespaces joined by a bridge (root only, as in CI). Every guest runs
+//! under `-accel tcg`.
+
+mod util;
+use util::{falcon, root, wait_until};
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+fn must(cmd: &str) {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Namespaces `v<pid>-{1,2,3}` on a bridge (10.76.0.0/24); removed on drop.
+struct Net {
+    tag: String,
+}
+
+impl Net {
+    fn new() -> Net {
+        let tag = format!("v{}", std::process::id() % 100_000);
+        let net = Net { tag: tag.clone() };
+        must(&format!(
+            "ip link add {tag}br type bridge && ip link set {tag}br up"
+        ));
+        for i in 1..=3 {
+            must(&format!(
+                "ip netns add {tag}-{i} && ip link add {tag}v{i} type veth peer name {tag}p{i} && \
+                 ip link set {tag}p{i} netns {tag}-{i} && ip link set {tag}v{i} master {tag}br && ip link set {tag}v{i} up && \
+                 ip netns exec {tag}-{i} ip link set lo up && \
+                 ip netns exec {tag}-{i} ip addr add 10.76.0.{i}/24 dev {tag}p{i} && \
+                 ip netns exec {tag}-{i} ip link set {tag}p{i} up"
+            ));
+        }
+        net
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.tag)
+    }
+
+    /// Runs `cmd` in replica `i`'s namespace.
+    fn run(&self, i: usize, cmd: &str) -> std::process::Output {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(i)))
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=3 {
+            let _ = sh(&format!(
+                "ip netns pids {}-{i} | xargs -r kill -9; ip netns del {}-{i}",
+                self.tag, self.tag
+            ));
+            let _ = sh(&format!("ip link del {}v{i}", self.tag));
+        }
+        let _ = sh(&format!("ip link del {}br", self.tag));
+    }
+}
+
+struct Replica(Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        // SIGTERM: falcon stops QEMU and reports what went where.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        if !wait_until(Duration::from_secs(10), || {
+            matches!(self.0.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// The guest (built, or reused, by scripts/vm-guest.sh).
+fn guest() -> PathBuf {
+    let dir = std::env::var_os("FALCON_VM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/falcon-vm-guest"));
+    let o = Command::new("bash")
+        .arg(root().join("scripts/vm-guest.sh"))
+        .arg(&dir)
+        .output()
+        .expect("bash");
+    assert!(
+        o.status.success(),
+        "scripts/vm-guest.sh failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dir
+}
+
+fn log(dir: &Path, i: usize) -> String {
+    std::fs::read_to_string(dir.join(format!("replica{i}.log"))).unwrap_or_default()
+}
+
+/// The replica whose log last says it leads.
+fn leader(dir: &Path) -> Option<usize> {
+    (1..=3).find(|&i| {
+        let l = log(dir, i);
+        let last_role = l
+            .lines()
+            .rfind(|x| x.contains(&format!("replica {i}: ")) && x.contains(" in view "))
+            .unwrap_or("");
+        last_role.contains(": leader in view")
+    })
+}
+
+#[test]
+fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces and TAP devices need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
+    );
+    let guest = guest();
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("cluster.key"), [0x5au8; 32]).unwrap();
+    let mut toml = String::from(
+        "cluster = \"vm-test\"\nkey_file = \"cluster.key\"\nelection_timeout = \"1s\"\n",
+    );
+    for i in 1..=3 {
+        toml.push_str(&format!(
+            "\n[[replica]]\nid = {i}\npeer = \"10.76.0.{i}:7101\"\nclient = \"10.76.0.{i}:7201\"\napp = \"10.76.0.{i}:7001\"\ndata_dir = \"data/{i}\"\n"
+        ));
+    }
+    std::fs::write(d.join("cluster.toml"), toml).unwrap();
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        let err = std::fs::File::create(d.join(format!("replica{i}.log"))).unwrap();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &net.ns(i)])
+            .arg(falcon().get_program())
+            .current_dir(d)
+            .args([
+                "tap-attach",
+                "tap0",
+                "--create",
+                "--config",
+                "cluster.toml",
+                "--node",
+            ])
+            .arg(i.to_string())
+            .arg("--capture")
+            .arg(d.join(format!("inbound{i}.pcap")))
+            .args([
+                "--",
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                "128",
+                "-nodefaults",
+            ])
+            .args(["-display", "none", "-no-reboot", "-serial"])
+            .arg(format!(
+                "file:{}",
+                d.join(format!("console{i}.log")).display()
+            ))
+            .arg("-kernel")
+            .arg(guest.join("vmlinux"))
+            .arg("-initrd")
+            .arg(guest.join("initrd.cpio.gz"))
+            .args([
+                "-append",
+                "console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24",
+            ])
+            .args([
+                "-device",
+                "virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err);
+        replicas.push(Replica(c.spawn().unwrap()));
+    }
+    // Each host's side of its TAP device: the VM is 10.0.0.2 behind every one.
+    for i in 1..=3 {
+        assert!(
+            wait_until(Duration::from_secs(30), || net
+                .run(i, "ip link show tap0")
+                .status
+                .success()),
+            "replica {i} made no tap0; its log:\n{}",
+            log(d, i)
+        );
+        let o = net.run(i, "ip addr add 10.0.0.1/24 dev tap0");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || leader(d).is_some()),
+        "no leader; logs:\n{}\n{}\n{}",
+        log(d, 1),
+        log(d, 2),
+        log(d, 3)
+    );
+    let lead = leader(d).unwrap();
+    // Every guest boots (each prints a line on its console when its network is up).
+    for i in 1..=3 {
+        assert!(
+            wait_until(Duration::from_secs(120), || std::fs::read_to_string(
+                d.join(format!("console{i}.log"))
+            )
+            .unwrap_or_default()
+            .contains("falcon guest: eth0")),
+            "guest {i} did not come up; console:\n{}",
+            std::fs::read_to_string(d.join(format!("console{i}.log"))).unwrap_or_default()
+        );
+    }
+    // ARP and ICMP through the leader: every frame to the VM was ordered first.
+    assert!(
+        wait_until(Duration::from_secs(60), || net
+            .run(lead, "ping -c 1 -W 2 10.0.0.2")
+            .status
+            .success()),
+        "no ping answer through the leader (replica {lead}); its log:\n{}",
+        log(d, lead)
+    );
+    let o = net.run(lead, "ping -c 5 -i 0.2 -W 2 10.0.0.2");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("5 received"), "{text}");
+    // TCP through the leader: the guest's key-value server.
+    let o = net.run(
+        lead,
+        "printf \"set k1 v1\\nset k2 v2\\nget k1\\ncount\\n\" | timeout 20 nc -q 2 10.0.0.2 80",
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        text,
+        "ok\nok\nv1\n4\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = net.run(lead, "echo through-falcon | timeout 20 nc -q 2 10.0.0.2 7");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "through-falcon\n");
+    // A backup's host reaches nothing: its VM's answers are dropped.
+    let backup = (1..=3).find(|&i| i != lead).unwrap();
+    assert!(
+        !net.run(backup, "ping -c 2 -W 1 10.0.0.2").status.success(),
+        "a backup's VM answered on its host's network"
+    );
+    drop(replicas); // SIGTERM: each replica reports its counters and closes its capture
+    let counters = |i: usize| {
+        log(d, i)
+            .lines()
+            .find(|l| l.contains("tap tap0:"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("replica {i} reported no counters; log:\n{}", log(d, i)))
+    };
+    for i in 1..=3 {
+        println!(
+            "replica {i}{}: {}",
+            if i == lead { " (leader)" } else { "" },
+            counters(i)
+        );
+    }
+    // The backups' VMs got the same frames and answered them (dropped).
+    for i in (1..=3).filter(|&i| i != lead) {
+        let c = counters(i);
+        let dropped: u64 = c
+            .split(", ")
+            .find(|p| p.ends_with("from the VM dropped as a backup"))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(dropped > 0, "backup {i}'s VM answered nothing: {c}");
+    }
+    // Every replica's capture holds the same ordered frames (libpcap reads them back).
+    let frames = |i: usize| -> Vec<Vec<u8>> {
+        let mut cap = pcap::Capture::from_file(d.join(format!("inbound{i}.pcap"))).unwrap();
+        let mut v = Vec::new();
+        while let Ok(p) = cap.next_packet() {
+            v.push(p.data.to_vec());
+        }
+        v
+    };
+    let leader_frames = frames(lead);
+    println!(
+        "captured {} ordered inbound frames on the leader",
+        leader_frames.len()
+    );
+    assert!(
+        leader_frames.len() >= 10,
+        "{} frames captured",
+        leader_frames.len()
+    );
+    for i in (1..=3).filter(|&i| i != lead) {
+        let f = frames(i);
+        let n = f.len().min(leader_frames.len());
+        assert!(
+            n + 3 >= leader_frames.len(),
+            "backup {i} captured {} of {}",
+            f.len(),
+            leader_frames.len()
+        );
+        assert_eq!(
+            f[..n],
+            leader_frames[..n],
+            "backup {i}'s frames differ from the leader's"
+        );
+    }
+}
