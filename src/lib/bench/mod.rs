@@ -44,6 +44,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "ADDR", conflicts_with = "local")]
     pub peer: Option<SocketAddr>,
 
+    /// --rtt --peer: the server is a plain echo server (TCP port 7 style,
+    /// such as the test guest's), not `falcon bench --rtt --serve`.
+    #[arg(long, requires = "peer")]
+    pub plain_echo: bool,
+
     /// --rtt: message size; --consensus: entry size (bytes).
     #[arg(long, value_name = "BYTES", default_value_t = 64)]
     pub size: usize,

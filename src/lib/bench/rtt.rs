@@ -191,6 +191,7 @@ pub fn client(
     size: usize,
     warmup: usize,
     iters: usize,
+    plain_echo: bool,
 ) -> Result<RttResult, BenchError> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
         std::io::Error::new(
@@ -200,10 +201,12 @@ pub fn client(
     })?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut head = MAGIC.to_vec();
-    head.extend_from_slice(&(size as u32).to_le_bytes());
-    head.extend_from_slice(&((warmup + iters) as u64).to_le_bytes());
-    s.write_all(&head)?;
+    if !plain_echo {
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&(size as u32).to_le_bytes());
+        head.extend_from_slice(&((warmup + iters) as u64).to_le_bytes());
+        s.write_all(&head)?;
+    }
     let msg = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut samples = Vec::with_capacity(iters);
@@ -243,7 +246,7 @@ pub fn local(size: usize, warmup: usize, iters: usize) -> Result<RttResult, Benc
         TcpStream::connect(addr).is_ok()
     });
     let r = if up {
-        client(addr, size, warmup, iters)
+        client(addr, size, warmup, iters, false)
     } else {
         Err(std::io::Error::other("the round-trip server process did not start").into())
     };
@@ -261,7 +264,7 @@ pub fn in_process(size: usize, warmup: usize, iters: usize) -> Result<RttResult,
         let (s, _) = listener.accept()?;
         echo_session(s)
     });
-    let r = client(addr, size, warmup, iters);
+    let r = client(addr, size, warmup, iters, false);
     let _ = server.join();
     r
 }
@@ -607,7 +610,7 @@ pub fn run(
         )));
     }
     let r = match args.peer {
-        Some(addr) => client(addr, args.size, args.warmup, args.iters)?,
+        Some(addr) => client(addr, args.size, args.warmup, args.iters, args.plain_echo)?,
         None if args.transport == "shm" => {
             shm_local(args.size, args.warmup, args.iters, args.poll)?
         }
