@@ -248,6 +248,37 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
     );
     let o = net.run(lead, "echo through-falcon | timeout 20 nc -q 2 10.0.0.2 7");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "through-falcon\n");
+    // A second connection, many requests: the backups' guests must serve
+    // the same requests in the same order (their TCP is translated).
+    let mut script = String::new();
+    for k in 0..40 {
+        script.push_str(&format!("set key{k} value{k}\\n"));
+    }
+    script.push_str("count\\n");
+    let o = net.run(
+        lead,
+        &format!("printf \"{script}\" | timeout 30 nc -q 3 10.0.0.2 80 | tail -1"),
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "45\n");
+    let served = |i: usize| -> Vec<String> {
+        std::fs::read_to_string(d.join(format!("console{i}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("falcon guest: request "))
+            .map(str::to_string)
+            .collect()
+    };
+    let want = served(lead);
+    assert_eq!(want.len(), 45, "the leader's guest served {:?}", want);
+    for i in (1..=3).filter(|&i| i != lead) {
+        assert!(
+            wait_until(Duration::from_secs(30), || served(i) == want),
+            "backup {i}'s guest served other requests than the leader's:\n{:?}\nleader:\n{:?}\nits log:\n{}",
+            served(i),
+            want,
+            log(d, i)
+        );
+    }
     // A backup's host reaches nothing: its VM's answers are dropped.
     let backup = (1..=3).find(|&i| i != lead).unwrap();
     assert!(
@@ -258,7 +289,7 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
     let counters = |i: usize| {
         log(d, i)
             .lines()
-            .find(|l| l.contains("tap tap0:"))
+            .find(|l| l.contains("tap tap0:") && l.contains("frames proposed"))
             .map(str::to_string)
             .unwrap_or_else(|| panic!("replica {i} reported no counters; log:\n{}", log(d, i)))
     };
@@ -268,6 +299,9 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
             if i == lead { " (leader)" } else { "" },
             counters(i)
         );
+        if let Some(t) = log(d, i).lines().find(|l| l.contains("TCP translation")) {
+            println!("replica {i}: {t}");
+        }
     }
     // The backups' VMs got the same frames and answered them (dropped).
     for i in (1..=3).filter(|&i| i != lead) {

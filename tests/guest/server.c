@@ -11,6 +11,10 @@
  *                               frame-level replication cannot make it agree)
  *             time           -> the guest's clock in ns (differs likewise)
  *
+ * Every request on 80 is also written to the console ("falcon guest:
+ * request N: LINE"), so a test can compare what each replica's guest served
+ * even where the guest's answers are dropped (backups).
+ *
  * Single-threaded, poll(2) over every connection, bounded buffers. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -55,6 +59,8 @@ static void answer(int fd, char *line) {
     char out[BUF];
     if (!strncmp(line, "GET /", 5)) { line += 5; char *sp = strchr(line, ' '); if (sp) *sp = 0; for (char *p = line; *p; p++) if (*p == '/') *p = ' '; }
     served++;
+    printf("falcon guest: request %llu: %s\n", served, line);
+    fflush(stdout);
     if (!strcmp(line, "count")) { snprintf(out, sizeof out, "%llu\n", served); put(fd, out); }
     else if (!strncmp(line, "set ", 4)) {
         char *k = line + 4, *v = strchr(k, ' ');

@@ -1123,8 +1123,9 @@ impl Node<'_> {
             }
         }
         if e.kind == Kind::Frame {
+            let leader = self.role == Role::Leader;
             if let Some(vm) = &mut self.vm {
-                vm.to_vm(&e.payload, crate::log::now_ns());
+                vm.to_vm(&e.payload, crate::log::now_ns(), leader);
             }
             return;
         }
@@ -1253,6 +1254,14 @@ impl Node<'_> {
             return;
         };
         let st = vm.stats;
+        let tr = vm.translate_stats();
+        self.ui.note(&format!(
+            "tap {}: TCP translation as a backup: {} frames rewritten, {} held, {} dropped",
+            vm.tap_name(),
+            tr.rewritten,
+            tr.held,
+            tr.dropped
+        ));
         self.ui.note(&format!(
             "tap {}: {} frames proposed from the TAP device ({} ignored as a backup), {} committed frames to the VM ({} dropped: VM too slow), {} from the VM out through the TAP device ({} dropped by it), {} from the VM dropped as a backup",
             vm.tap_name(),

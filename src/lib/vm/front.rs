@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
 use super::tap::Tap;
+use super::translate::Translator;
 use super::{FRAME_MAX, FrameReader, encode};
 use crate::capture::{Frame, PcapWriter};
 
@@ -46,6 +47,8 @@ pub struct VmFront {
     out: Vec<u8>,
     buf: Vec<u8>,
     capture: Option<PcapWriter>,
+    /// A backup's per-flow TCP translation.
+    translator: Translator,
     /// Counters.
     pub stats: VmStats,
 }
@@ -60,6 +63,7 @@ impl VmFront {
             out: Vec::new(),
             buf: vec![0; FRAME_MAX],
             capture,
+            translator: Translator::new(),
             stats: VmStats::default(),
         }
     }
@@ -106,21 +110,37 @@ impl VmFront {
     }
 
     /// Queues a committed frame for the VM (and the capture file) and writes
-    /// what the stream takes now.
-    pub fn to_vm(&mut self, frame: &[u8], time_ns: u64) {
+    /// what the stream takes now. A backup translates TCP flows first (and
+    /// may hold a frame until its guest catches up).
+    pub fn to_vm(&mut self, frame: &[u8], time_ns: u64, leader: bool) {
         if let Some(c) = &mut self.capture {
             c.write(&Frame {
                 time_ns,
                 bytes: frame.to_vec(),
             });
         }
+        if leader {
+            self.queue(frame);
+        } else {
+            for f in self.translator.inbound(frame.to_vec()) {
+                self.queue(&f);
+            }
+        }
+        let _ = self.flush_vm();
+    }
+
+    fn queue(&mut self, frame: &[u8]) {
         if self.out.len() + 4 + frame.len() > VM_QUEUE_MAX {
             self.stats.to_vm_dropped += 1;
             return;
         }
         encode(frame, &mut self.out);
         self.stats.to_vm += 1;
-        let _ = self.flush_vm();
+    }
+
+    /// A backup's translation counters.
+    pub fn translate_stats(&self) -> super::translate::TranslateStats {
+        self.translator.stats
     }
 
     /// Writes queued frames to the VM as far as it takes them.
@@ -180,8 +200,21 @@ impl VmFront {
                     self.stats.tap_out_dropped += 1;
                 }
             } else {
+                // Dropped, but it tells the translation how far our guest is.
                 self.stats.from_vm_dropped += 1;
+                let released = self.translator.outbound(frame);
+                for f in released {
+                    if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
+                        self.stats.to_vm_dropped += 1;
+                    } else {
+                        encode(&f, &mut self.out);
+                        self.stats.to_vm += 1;
+                    }
+                }
             }
+        }
+        if !self.out.is_empty() {
+            self.flush_vm()?;
         }
         Ok(())
     }

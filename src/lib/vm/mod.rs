@@ -7,6 +7,7 @@
 
 pub mod front;
 pub mod tap;
+pub mod translate;
 
 /// The longest frame accepted from QEMU or the TAP device (64 KiB of
 /// payload plus headers: what virtio-net with TSO can hand over).

@@ -1,0 +1,409 @@
+//! A backup's per-flow TCP translation.
+//!
+//! Every VM receives the same inbound frames, but each guest picks its own
+//! initial sequence numbers (and timestamps), so a backup's guest sends
+//! different sequence numbers than the leader's — the one the client talks
+//! to. For each TCP flow a backup learns:
+//!
+//! * its own guest's ISN, from the SYN-ACK its guest sends (outbound, then
+//!   dropped), and
+//! * the leader guest's ISN, from the client's first acknowledgement (the
+//!   client acknowledges the leader's SYN-ACK: `ack = leader ISN + 1`),
+//!
+//! and rewrites every later inbound frame of the flow: the acknowledgement
+//! number and SACK blocks move by `own ISN − leader ISN`, the timestamp echo
+//! by the matching timestamp offset, and the TCP checksum is recomputed.
+//! Frames of a flow wait until the backup's own SYN-ACK went out; an
+//! acknowledgement waits until the backup's guest has sent the bytes it
+//! acknowledges. Everything that is not IPv4/TCP passes unchanged.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::capture::checksum;
+
+/// The most frames held for one flow (beyond, the oldest is dropped).
+const HELD_MAX: usize = 1024;
+/// Flows tracked at most (beyond, the oldest is forgotten).
+const FLOWS_MAX: usize = 65_536;
+
+/// A TCP flow as the guest sees it: (guest addr, guest port, peer addr, peer port).
+type Key = ([u8; 4], u16, [u8; 4], u16);
+
+#[derive(Default, Debug)]
+struct Flow {
+    /// The backup guest's ISN (from its SYN-ACK).
+    own_isn: Option<u32>,
+    /// The backup guest's TSval in that SYN-ACK.
+    own_ts: Option<u32>,
+    /// `own ISN − leader ISN` (learned from the client's first ACK).
+    seq_delta: Option<u32>,
+    /// `own TSval − leader TSval` (from the first timestamp echo).
+    ts_delta: Option<u32>,
+    /// The highest sequence number the backup's guest has sent (snd_nxt).
+    sent_up_to: Option<u32>,
+    /// Inbound frames waiting.
+    held: VecDeque<Vec<u8>>,
+    last_use: u64,
+}
+
+/// Counters.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct TranslateStats {
+    /// Inbound frames rewritten.
+    pub rewritten: u64,
+    /// Inbound frames held at least once.
+    pub held: u64,
+    /// Held frames dropped (too many waiting).
+    pub dropped: u64,
+}
+
+/// A backup's flow table.
+#[derive(Default)]
+pub struct Translator {
+    flows: HashMap<Key, Flow>,
+    clock: u64,
+    /// Counters.
+    pub stats: TranslateStats,
+}
+
+/// Where the parts of an IPv4/TCP frame are.
+struct Tcp {
+    ip: usize,
+    tcp: usize,
+    end: usize,
+}
+
+fn parse(frame: &[u8]) -> Option<Tcp> {
+    if frame.len() < 14 + 20 + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = 14;
+    let ihl = usize::from(frame[ip] & 0x0f) * 4;
+    if frame[ip] >> 4 != 4 || ihl < 20 || frame[ip + 9] != 6 {
+        return None;
+    }
+    // Fragments are not translated (guests set DF on TCP).
+    if u16::from_be_bytes([frame[ip + 6], frame[ip + 7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([frame[ip + 2], frame[ip + 3]]));
+    let end = ip + total;
+    let tcp = ip + ihl;
+    if end > frame.len() || tcp + 20 > end {
+        return None;
+    }
+    let off = usize::from(frame[tcp + 12] >> 4) * 4;
+    if off < 20 || tcp + off > end {
+        return None;
+    }
+    Some(Tcp { ip, tcp, end })
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The TCP options: (kind, offset of its data) for SACK (5) and timestamps (8).
+fn options(frame: &[u8], t: &Tcp) -> Vec<(u8, usize, usize)> {
+    let off = usize::from(frame[t.tcp + 12] >> 4) * 4;
+    let (mut at, end) = (t.tcp + 20, t.tcp + off);
+    let mut out = Vec::new();
+    while at < end {
+        match frame[at] {
+            0 => break,
+            1 => at += 1,
+            kind => {
+                if at + 1 >= end {
+                    break;
+                }
+                let len = usize::from(frame[at + 1]);
+                if len < 2 || at + len > end {
+                    break;
+                }
+                out.push((kind, at + 2, len - 2));
+                at += len;
+            }
+        }
+    }
+    out
+}
+
+fn fix_checksum(frame: &mut [u8], t: &Tcp) {
+    frame[t.tcp + 16] = 0;
+    frame[t.tcp + 17] = 0;
+    let len = (t.end - t.tcp) as u16;
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&frame[t.ip + 12..t.ip + 20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let sum = checksum(&[&pseudo, &frame[t.tcp..t.end]]);
+    frame[t.tcp + 16..t.tcp + 18].copy_from_slice(&sum.to_be_bytes());
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const RST: u8 = 0x04;
+
+impl Translator {
+    /// A table with no flows.
+    pub fn new() -> Translator {
+        Translator::default()
+    }
+
+    fn flow(&mut self, key: Key) -> &mut Flow {
+        self.clock += 1;
+        if self.flows.len() >= FLOWS_MAX && !self.flows.contains_key(&key) {
+            if let Some(oldest) = self
+                .flows
+                .iter()
+                .min_by_key(|(_, f)| f.last_use)
+                .map(|(k, _)| *k)
+            {
+                self.flows.remove(&oldest);
+            }
+        }
+        let clock = self.clock;
+        let f = self.flows.entry(key).or_default();
+        f.last_use = clock;
+        f
+    }
+
+    /// A frame the backup's own guest sent (it is dropped afterwards): learns
+    /// the guest's ISN and how far it has sent. Returns frames that were
+    /// waiting for it, translated, to hand to the guest now.
+    pub fn outbound(&mut self, frame: &[u8]) -> Vec<Vec<u8>> {
+        let Some(t) = parse(frame) else {
+            return Vec::new();
+        };
+        let flags = frame[t.tcp + 13];
+        let key: Key = (
+            frame[t.ip + 12..t.ip + 16].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp], frame[t.tcp + 1]]),
+            frame[t.ip + 16..t.ip + 20].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp + 2], frame[t.tcp + 3]]),
+        );
+        let seq = u32_at(frame, t.tcp + 4);
+        let off = usize::from(frame[t.tcp + 12] >> 4) * 4;
+        let payload = (t.end - t.tcp - off) as u32;
+        let ts = options(frame, &t)
+            .into_iter()
+            .find(|o| o.0 == 8 && o.2 == 8)
+            .map(|o| u32_at(frame, o.1));
+        let f = self.flow(key);
+        if flags & SYN != 0 && flags & ACK != 0 {
+            f.own_isn = Some(seq);
+            f.own_ts = ts;
+        }
+        let next = seq
+            .wrapping_add(payload)
+            .wrapping_add(u32::from(flags & (SYN | 0x01) != 0));
+        f.sent_up_to = Some(match f.sent_up_to {
+            Some(s) if (next.wrapping_sub(s) as i32) < 0 => s,
+            _ => next,
+        });
+        self.release(key)
+    }
+
+    /// An ordered inbound frame for the backup's guest: what to hand to the
+    /// guest now (this frame translated, perhaps with frames that waited),
+    /// or nothing while the flow waits.
+    pub fn inbound(&mut self, frame: Vec<u8>) -> Vec<Vec<u8>> {
+        let Some(t) = parse(&frame) else {
+            return vec![frame];
+        };
+        let flags = frame[t.tcp + 13];
+        // As the guest sees it: the guest is the destination.
+        let key: Key = (
+            frame[t.ip + 16..t.ip + 20].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp + 2], frame[t.tcp + 3]]),
+            frame[t.ip + 12..t.ip + 16].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp], frame[t.tcp + 1]]),
+        );
+        if flags & SYN != 0 && flags & ACK == 0 {
+            // A new connection: it starts afresh on every guest.
+            let f = self.flow(key);
+            *f = Flow {
+                last_use: f.last_use,
+                ..Flow::default()
+            };
+            return vec![frame];
+        }
+        if !self.flows.contains_key(&key) {
+            // A flow this backup never saw open (opened before it started,
+            // or forgotten): pass it as it is.
+            return vec![frame];
+        }
+        let f = self.flow(key);
+        f.held.push_back(frame);
+        if f.held.len() > HELD_MAX {
+            f.held.pop_front();
+            self.stats.dropped += 1;
+        }
+        self.release(key)
+    }
+
+    /// Translates and returns the flow's waiting frames that may go now.
+    fn release(&mut self, key: Key) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut held_now = 0;
+        let Some(f) = self.flows.get_mut(&key) else {
+            return out;
+        };
+        while let Some(frame) = f.held.front() {
+            let Some(t) = parse(frame) else {
+                out.push(f.held.pop_front().expect("front"));
+                continue;
+            };
+            let flags = frame[t.tcp + 13];
+            if flags & ACK == 0 || flags & RST != 0 && f.own_isn.is_none() {
+                out.push(f.held.pop_front().expect("front"));
+                continue;
+            }
+            let Some(own) = f.own_isn else {
+                held_now += 1;
+                break; // our SYN-ACK has not gone out yet
+            };
+            let ack = u32_at(frame, t.tcp + 8);
+            let delta = *f
+                .seq_delta
+                .get_or_insert(own.wrapping_add(1).wrapping_sub(ack));
+            let new_ack = ack.wrapping_add(delta);
+            if let Some(sent) = f.sent_up_to {
+                if (new_ack.wrapping_sub(sent) as i32) > 0 {
+                    held_now += 1;
+                    break; // acknowledges bytes our guest has not sent yet
+                }
+            }
+            let mut frame = f.held.pop_front().expect("front");
+            put_u32(&mut frame, t.tcp + 8, new_ack);
+            for (kind, at, len) in options(&frame, &t) {
+                if kind == 5 {
+                    for edge in (0..len / 4).map(|k| at + 4 * k) {
+                        let v = u32_at(&frame, edge).wrapping_add(delta);
+                        put_u32(&mut frame, edge, v);
+                    }
+                } else if kind == 8 && len == 8 {
+                    let ecr = u32_at(&frame, at + 4);
+                    if let Some(own_ts) = f.own_ts {
+                        let d = *f.ts_delta.get_or_insert(own_ts.wrapping_sub(ecr));
+                        put_u32(&mut frame, at + 4, ecr.wrapping_add(d));
+                    }
+                }
+            }
+            fix_checksum(&mut frame, &t);
+            self.stats.rewritten += 1;
+            out.push(frame);
+        }
+        self.stats.held += held_now;
+        if flags_closed(&out) {
+            // A reset ends the flow on every side.
+            self.flows.remove(&key);
+        }
+        out
+    }
+}
+
+fn flags_closed(out: &[Vec<u8>]) -> bool {
+    out.last()
+        .and_then(|f| parse(f).map(|t| f[t.tcp + 13] & RST != 0))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::{TcpFrame, tcp_frame};
+
+    const CLIENT: [u8; 4] = [10, 0, 0, 1];
+    const GUEST: [u8; 4] = [10, 0, 0, 2];
+
+    fn frame(from_client: bool, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let (src, dst, sport, dport) = if from_client {
+            (CLIENT, GUEST, 40000, 80)
+        } else {
+            (GUEST, CLIENT, 80, 40000)
+        };
+        tcp_frame(&TcpFrame {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: src,
+            dst_ip: dst,
+            sport,
+            dport,
+            seq,
+            ack,
+            flags,
+            ip_id: 1,
+            data: payload,
+        })
+    }
+
+    fn ack_of(f: &[u8]) -> u32 {
+        let t = parse(f).unwrap();
+        u32_at(f, t.tcp + 8)
+    }
+
+    fn checksum_ok(f: &[u8]) -> bool {
+        let t = parse(f).unwrap();
+        let mut copy = f.to_vec();
+        fix_checksum(&mut copy, &t);
+        copy == f
+    }
+
+    #[test]
+    fn a_backup_rewrites_acks_by_its_own_isn_and_holds_what_it_cannot_pass_yet() {
+        let mut tr = Translator::new();
+        let (client_isn, leader_isn, own_isn) = (1000u32, 5_000_000u32, 0xffff_fff0u32);
+        // The client's SYN reaches every guest unchanged.
+        let syn = frame(true, client_isn, 0, SYN, b"");
+        assert_eq!(tr.inbound(syn.clone()), vec![syn]);
+        // The client's ACK of the leader's SYN-ACK comes before our guest's SYN-ACK: held.
+        let ack1 = frame(true, client_isn + 1, leader_isn + 1, ACK, b"");
+        assert!(tr.inbound(ack1).is_empty());
+        // Our guest answers the SYN: the ACK goes, acknowledging our ISN.
+        let released = tr.outbound(&frame(false, own_isn, client_isn + 1, SYN | ACK, b""));
+        assert_eq!(released.len(), 1);
+        assert_eq!(ack_of(&released[0]), own_isn.wrapping_add(1));
+        assert!(checksum_ok(&released[0]));
+        // A request: passes, rewritten.
+        let req = frame(true, client_isn + 1, leader_isn + 1, ACK | 0x08, b"get k\n");
+        let out = tr.inbound(req);
+        assert_eq!(out.len(), 1);
+        assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
+        // The client acknowledges 3 answer bytes the leader's guest sent;
+        // ours has not sent them: held until it does.
+        let ack2 = frame(true, client_isn + 7, leader_isn + 4, ACK, b"");
+        assert!(tr.inbound(ack2).is_empty());
+        let released = tr.outbound(&frame(
+            false,
+            own_isn.wrapping_add(1),
+            client_isn + 7,
+            ACK,
+            b"v1\n",
+        ));
+        assert_eq!(released.len(), 1);
+        assert_eq!(ack_of(&released[0]), own_isn.wrapping_add(4));
+        assert!(checksum_ok(&released[0]));
+        assert_eq!(tr.stats.rewritten, 3);
+    }
+
+    #[test]
+    fn other_frames_pass_unchanged_and_garbage_does_not_panic() {
+        let mut tr = Translator::new();
+        let arp = vec![0xffu8; 42];
+        assert_eq!(tr.inbound(arp.clone()), vec![arp]);
+        for len in 0..80 {
+            let mut f = frame(true, 1, 2, ACK, b"x");
+            f.truncate(len.min(f.len()));
+            let _ = tr.inbound(f.clone());
+            let _ = tr.outbound(&f);
+        }
+        // A flow never seen opening passes unchanged.
+        let f = frame(true, 10, 20, ACK, b"");
+        assert_eq!(tr.inbound(f.clone()), vec![f]);
+    }
+}
