@@ -30,7 +30,9 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
-        let tag = format!("v{}", std::process::id() % 100_000);
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("v{}{k}", std::process::id() % 10_000);
         let net = Net { tag: tag.clone() };
         must(&format!(
             "ip link add {tag}br type bridge && ip link set {tag}br up"
@@ -67,6 +69,10 @@ impl Drop for Net {
             let _ = sh(&format!("ip link del {}v{i}", self.tag));
         }
         let _ = sh(&format!("ip link del {}br", self.tag));
+        let _ = sh(&format!(
+            "ip netns pids {t}-c | xargs -r kill -9; ip netns del {t}-c",
+            t = self.tag
+        ));
     }
 }
 
@@ -119,15 +125,43 @@ fn leader(dir: &Path) -> Option<usize> {
     })
 }
 
-#[test]
-fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
+/// Three replicas of the test guest behind `falcon tap-attach`, booted.
+/// With `shared_lan`, every replica's tap0 is bridged onto one client
+/// network (namespace `<tag>-c`, 10.0.0.1) as on real hosts; without, each
+/// host's tap0 has 10.0.0.1 itself.
+struct Setup {
+    replicas: Vec<Option<Replica>>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+    dir: tempfile::TempDir,
+    net: Net,
+}
+
+impl Setup {
+    fn d(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// One cluster of guests at a time: three TCG guests already fill two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn start(shared_lan: bool) -> Setup {
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
         "network namespaces and TAP devices need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
     );
+    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let guest = guest();
     let net = Net::new();
+    if shared_lan {
+        must(&format!(
+            "ip netns add {tag}-c && ip netns exec {tag}-c ip link set lo up && \\
+             ip netns exec {tag}-c ip link add cbr type bridge && \\
+             ip netns exec {tag}-c ip addr add 10.0.0.1/24 dev cbr && ip netns exec {tag}-c ip link set cbr up",
+            tag = net.tag
+        ));
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("cluster.key"), [0x5au8; 32]).unwrap();
@@ -187,7 +221,7 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
-        replicas.push(Replica(c.spawn().unwrap()));
+        replicas.push(Some(Replica(c.spawn().unwrap())));
     }
     // Each host's side of its TAP device: the VM is 10.0.0.2 behind every one.
     for i in 1..=3 {
@@ -199,8 +233,24 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
             "replica {i} made no tap0; its log:\n{}",
             log(d, i)
         );
-        let o = net.run(i, "ip addr add 10.0.0.1/24 dev tap0");
+        let cmd = if shared_lan {
+            format!(
+                "ip link add vbr type bridge && ip link set vbr up && ip link set tap0 master vbr && \\
+                 ip link add vc{i} type veth peer name {tag}h{i} && ip link set {tag}h{i} netns {tag}-c && \\
+                 ip link set vc{i} master vbr && ip link set vc{i} up",
+                tag = net.tag
+            )
+        } else {
+            "ip addr add 10.0.0.1/24 dev tap0".to_string()
+        };
+        let o = net.run(i, &cmd);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if shared_lan {
+            must(&format!(
+                "ip netns exec {tag}-c ip link set {tag}h{i} master cbr && ip netns exec {tag}-c ip link set {tag}h{i} up",
+                tag = net.tag
+            ));
+        }
     }
     assert!(
         wait_until(Duration::from_secs(30), || leader(d).is_some()),
@@ -209,7 +259,6 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
         log(d, 2),
         log(d, 3)
     );
-    let lead = leader(d).unwrap();
     // Every guest boots (each prints a line on its console when its network is up).
     for i in 1..=3 {
         assert!(
@@ -222,6 +271,19 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
             std::fs::read_to_string(d.join(format!("console{i}.log"))).unwrap_or_default()
         );
     }
+    Setup {
+        replicas,
+        _serial: serial,
+        dir,
+        net,
+    }
+}
+
+#[test]
+fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
+    let setup = start(false);
+    let (net, d) = (&setup.net, setup.d());
+    let lead = leader(d).unwrap();
     // ARP and ICMP through the leader: every frame to the VM was ordered first.
     assert!(
         wait_until(Duration::from_secs(60), || net
@@ -285,7 +347,9 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
         !net.run(backup, "ping -c 2 -W 1 10.0.0.2").status.success(),
         "a backup's VM answered on its host's network"
     );
-    drop(replicas); // SIGTERM: each replica reports its counters and closes its capture
+    let mut setup = setup;
+    setup.replicas.clear(); // SIGTERM: each replica reports its counters and closes its capture
+    let d = setup.d();
     let counters = |i: usize| {
         log(d, i)
             .lines()
@@ -348,4 +412,67 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
             "backup {i}'s frames differ from the leader's"
         );
     }
+}
+
+#[test]
+fn a_clients_tcp_connection_survives_the_leaders_death() {
+    let mut setup = start(true);
+    let d = setup.d().to_path_buf();
+    let lead = leader(&d).unwrap();
+    let client = format!("{}-c", setup.net.tag);
+    let in_client = |cmd: &str| sh(&format!("ip netns exec {client} bash -c '{cmd}'"));
+    assert!(
+        wait_until(Duration::from_secs(60), || in_client(
+            "ping -c 1 -W 2 10.0.0.2"
+        )
+        .status
+        .success()),
+        "the client network does not reach the VM; leader log:\n{}",
+        log(&d, lead)
+    );
+    // FALCON_VM_TCPDUMP=FILE: capture the client's side, to see a failure.
+    let _dump = std::env::var("FALCON_VM_TCPDUMP").ok().map(|f| {
+        Replica(
+            Command::new("ip")
+                .args(["netns", "exec", &client, "tcpdump", "-i", "cbr", "-U", "-w", &f])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    });
+    // One connection, a request every 100 ms for 12 s; each answer must come.
+    let conversation = std::thread::spawn(move || {
+        sh(&format!(
+            "ip netns exec {client} bash -c 'exec 3<>/dev/tcp/10.0.0.2/80 || exit 9; \
+             for i in $(seq 1 120); do echo \"set k$i v$i\" >&3; \
+             read -t 30 line <&3 || {{ echo \"no answer to request $i\"; exit 1; }}; \
+             echo \"$i $line\"; sleep 0.1; done; echo count >&3; read -t 30 line <&3; echo \"count $line\"'"
+        ))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // The leader's host dies: falcon by SIGKILL (its QEMU follows).
+    let mut old = setup.replicas[lead - 1].take().unwrap();
+    let _ = old.0.kill();
+    let _ = old.0.wait();
+    std::mem::forget(old);
+    let o = conversation.join().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let new_lead = (1..=3).find(|&i| i != lead && log(&d, i).contains(": leader in view"));
+    assert!(
+        o.status.success() && text.lines().filter(|l| l.ends_with(" ok")).count() == 120,
+        "the connection did not survive the failover (new leader {new_lead:?}):\n{text}\n{}\nlogs:\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        log(&d, (lead % 3) + 1),
+        log(&d, ((lead + 1) % 3) + 1)
+    );
+    let new_lead = new_lead.expect("a new leader");
+    assert!(
+        log(&d, new_lead).contains("announced the VM on tap0"),
+        "{}",
+        log(&d, new_lead)
+    );
+    // The guest the client now talks to served all of it, in one count.
+    assert!(text.contains("count 121"), "{text}");
+    println!("the connection survived; new leader: replica {new_lead}");
 }

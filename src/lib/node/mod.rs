@@ -621,6 +621,23 @@ impl Node<'_> {
                             .error(&format!("running the {name} hook {cmd:?}: {e}")),
                     }
                 }
+                if role == Role::Leader && was != Role::Leader {
+                    if let Some(vm) = &mut self.vm {
+                        // The VM is reached through this host now.
+                        match vm.announce() {
+                            Ok(true) => self.ui.note(&format!(
+                                "announced the VM on {} (gratuitous ARP)",
+                                vm.tap_name()
+                            )),
+                            Ok(false) => self
+                                .ui
+                                .detail("the VM's address is not known yet: no gratuitous ARP"),
+                            Err(e) => self
+                                .ui
+                                .warn(&format!("announcing the VM on {}: {e}", vm.tap_name())),
+                        }
+                    }
+                }
                 if was == Role::Leader && role != Role::Leader {
                     // Clients of the old leader reconnect; the new view closes their connections everywhere.
                     let tokens: Vec<Token> = self.clients.keys().copied().collect();

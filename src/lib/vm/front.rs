@@ -20,6 +20,23 @@ use crate::capture::{Frame, PcapWriter};
 /// the replica's loop.
 pub const VM_QUEUE_MAX: usize = 4 << 20;
 
+/// The sender's MAC and IPv4 address of a frame a guest sent (IPv4 or ARP).
+fn identity(frame: &[u8]) -> Option<([u8; 6], [u8; 4])> {
+    if frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[14] >> 4 == 4 {
+        Some((
+            frame[6..12].try_into().expect("6"),
+            frame[26..30].try_into().expect("4"),
+        ))
+    } else if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] {
+        Some((
+            frame[22..28].try_into().expect("6"),
+            frame[28..32].try_into().expect("4"),
+        ))
+    } else {
+        None
+    }
+}
+
 /// Counters an operator wants to see.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct VmStats {
@@ -47,8 +64,11 @@ pub struct VmFront {
     out: Vec<u8>,
     buf: Vec<u8>,
     capture: Option<PcapWriter>,
-    /// A backup's per-flow TCP translation.
+    /// Per-flow TCP translation.
     translator: Translator,
+    /// The guest's MAC and IPv4 address (from its frames).
+    mac: Option<[u8; 6]>,
+    ip: Option<[u8; 4]>,
     /// Counters.
     pub stats: VmStats,
 }
@@ -64,6 +84,8 @@ impl VmFront {
             buf: vec![0; FRAME_MAX],
             capture,
             translator: Translator::new(),
+            mac: None,
+            ip: None,
             stats: VmStats::default(),
         }
     }
@@ -119,12 +141,11 @@ impl VmFront {
                 bytes: frame.to_vec(),
             });
         }
-        if leader {
-            self.queue(frame);
-        } else {
-            for f in self.translator.inbound(frame.to_vec()) {
-                self.queue(&f);
-            }
+        // The leader translates too: its offsets are 0 for flows opened under
+        // it, and flows it joined as a backup keep their offsets.
+        let _ = leader;
+        for f in self.translator.inbound(frame.to_vec()) {
+            self.queue(&f);
         }
         let _ = self.flush_vm();
     }
@@ -136,6 +157,25 @@ impl VmFront {
         }
         encode(frame, &mut self.out);
         self.stats.to_vm += 1;
+    }
+
+    /// This replica just became the leader: its TAP device now carries the
+    /// VM, so tell the network (a gratuitous ARP for the guest's address,
+    /// learned from what the guest sent). False if the address is not known yet.
+    pub fn announce(&mut self) -> io::Result<bool> {
+        let (Some(mac), Some(ip)) = (self.mac, self.ip) else {
+            return Ok(false);
+        };
+        let mut f = Vec::with_capacity(60);
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&ip);
+        f.resize(60, 0);
+        self.tap.write_frame(&f)
     }
 
     /// A backup's translation counters.
@@ -193,23 +233,29 @@ impl VmFront {
             .next_frame()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("from the VM: {e}")))?
         {
+            // Learn how far our guest is (and release frames waiting for it).
+            let released = self.translator.outbound(frame);
+            if let Some((mac, ip)) = identity(frame).filter(|(_, ip)| *ip != [0; 4]) {
+                self.mac = Some(mac);
+                self.ip = Some(ip);
+            }
             if leader {
-                if self.tap.write_frame(frame)? {
+                let mut out = frame.to_vec();
+                self.translator.rewrite_out(&mut out);
+                if self.tap.write_frame(&out)? {
                     self.stats.from_vm += 1;
                 } else {
                     self.stats.tap_out_dropped += 1;
                 }
             } else {
-                // Dropped, but it tells the translation how far our guest is.
                 self.stats.from_vm_dropped += 1;
-                let released = self.translator.outbound(frame);
-                for f in released {
-                    if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
-                        self.stats.to_vm_dropped += 1;
-                    } else {
-                        encode(&f, &mut self.out);
-                        self.stats.to_vm += 1;
-                    }
+            }
+            for f in released {
+                if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
+                    self.stats.to_vm_dropped += 1;
+                } else {
+                    encode(&f, &mut self.out);
+                    self.stats.to_vm += 1;
                 }
             }
         }

@@ -16,6 +16,12 @@
 //! Frames of a flow wait until the backup's own SYN-ACK went out; an
 //! acknowledgement waits until the backup's guest has sent the bytes it
 //! acknowledges. Everything that is not IPv4/TCP passes unchanged.
+//!
+//! The leader runs the same table (its offsets are 0: the client
+//! acknowledges its own guest's ISN). After a failover the new leader keeps
+//! translating flows it joined as a backup, both ways: inbound as before,
+//! and its guest's outbound frames back into the numbering the client knows
+//! ([`Translator::rewrite_out`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -55,6 +61,8 @@ pub struct TranslateStats {
     pub held: u64,
     /// Held frames dropped (too many waiting).
     pub dropped: u64,
+    /// Outbound frames rewritten (as the leader, for flows opened under another).
+    pub rewritten_out: u64,
 }
 
 /// A backup's flow table.
@@ -206,6 +214,40 @@ impl Translator {
             _ => next,
         });
         self.release(key)
+    }
+
+    /// As the leader, a frame its guest sends out: flows the guest joined as
+    /// a backup (under another leader) are moved into the numbering the
+    /// client knows — sequence number by `−(own ISN − leader ISN)`,
+    /// timestamp by the timestamp offset — so connections opened before a
+    /// failover go on. Call after [`Translator::outbound`].
+    pub fn rewrite_out(&mut self, frame: &mut [u8]) {
+        let Some(t) = parse(frame) else {
+            return;
+        };
+        let key: Key = (
+            frame[t.ip + 12..t.ip + 16].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp], frame[t.tcp + 1]]),
+            frame[t.ip + 16..t.ip + 20].try_into().expect("4"),
+            u16::from_be_bytes([frame[t.tcp + 2], frame[t.tcp + 3]]),
+        );
+        let Some(f) = self.flows.get(&key) else {
+            return;
+        };
+        let (delta, ts_delta) = (f.seq_delta.unwrap_or(0), f.ts_delta.unwrap_or(0));
+        if delta == 0 && ts_delta == 0 {
+            return;
+        }
+        let seq = u32_at(frame, t.tcp + 4);
+        put_u32(frame, t.tcp + 4, seq.wrapping_sub(delta));
+        for (kind, at, len) in options(frame, &t) {
+            if kind == 8 && len == 8 {
+                let val = u32_at(frame, at);
+                put_u32(frame, at, val.wrapping_sub(ts_delta));
+            }
+        }
+        fix_checksum(frame, &t);
+        self.stats.rewritten_out += 1;
     }
 
     /// An ordered inbound frame for the backup's guest: what to hand to the
