@@ -10,6 +10,7 @@
  *             random         -> a random number (differs between replicas:
  *                               frame-level replication cannot make it agree)
  *             time           -> the guest's clock in ns (differs likewise)
+ *           (both answers are also written to the console, to compare)
  *
  * Every request on 80 is also written to the console ("falcon guest:
  * request N: LINE"), so a test can compare what each replica's guest served
@@ -81,9 +82,11 @@ static void answer(int fd, char *line) {
     } else if (!strcmp(line, "random")) {
         unsigned long long r = 0; if (getrandom(&r, sizeof r, 0) < 0) r = 0;
         snprintf(out, sizeof out, "%llu\n", r); put(fd, out);
+        printf("falcon guest: answer to random: %s", out); fflush(stdout);
     } else if (!strcmp(line, "time")) {
         struct timespec t; clock_gettime(CLOCK_REALTIME, &t);
         snprintf(out, sizeof out, "%lld\n", (long long)t.tv_sec * 1000000000LL + t.tv_nsec); put(fd, out);
+        printf("falcon guest: answer to time: %s", out); fflush(stdout);
     } else put(fd, "error: count | set KEY VALUE | get KEY | dump | random | time\n");
 }
 
