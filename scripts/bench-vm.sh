@@ -33,9 +33,11 @@ trap cleanup EXIT
 append="console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24"
 nic="virtio-net-pci,mac=52:54:00:12:34:56,romfile="
 
-wait_ping() { # $1: namespace
+wait_ping() { # $1: namespace; the guest answers pings and its echo port is open
     for _ in $(seq 1 120); do
-        ip netns exec "$1" ping -c 1 -W 1 10.0.0.2 >/dev/null 2>&1 && return 0
+        ip netns exec "$1" ping -c 1 -W 1 10.0.0.2 >/dev/null 2>&1 &&
+            ip netns exec "$1" nc -z -w 1 10.0.0.2 7 2>/dev/null && return 0
+        sleep 0.2
     done
     echo "bench-vm: the guest never answered in $1" >&2
     return 1

@@ -4,78 +4,11 @@
 //! answers a client.
 
 mod util;
-use util::wait_until;
+use util::{Net, sh, wait_until};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
-}
-
-fn must(cmd: &str) {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Namespaces `fN-<pid>-{1,2,3}`, a bridge in the root namespace; removed on drop.
-struct Net {
-    tag: String,
-}
-
-impl Net {
-    fn new() -> Net {
-        // One tag per network, so the tests of this file can run at once.
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tag = format!("f{}{k}", std::process::id() % 10_000);
-        let net = Net { tag: tag.clone() };
-        must(&format!(
-            "ip link add {tag}br type bridge && ip addr add 10.77.0.254/24 dev {tag}br && ip link set {tag}br up"
-        ));
-        for i in 1..=3 {
-            must(&format!(
-                "ip netns add {tag}-{i} && ip link add {tag}v{i} type veth peer name {tag}p{i} && \
-                 ip link set {tag}p{i} netns {tag}-{i} && ip link set {tag}v{i} master {tag}br && ip link set {tag}v{i} up && \
-                 ip netns exec {tag}-{i} ip link set lo up && \
-                 ip netns exec {tag}-{i} ip addr add 10.77.0.{i}/24 dev {tag}p{i} && \
-                 ip netns exec {tag}-{i} ip link set {tag}p{i} up"
-            ));
-        }
-        net
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("{}-{i}", self.tag)
-    }
-
-    /// Cuts (or heals) replica `i`'s link to the bridge.
-    fn link(&self, i: usize, up: bool) {
-        must(&format!(
-            "ip link set {}v{i} {}",
-            self.tag,
-            if up { "up" } else { "down" }
-        ));
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for i in 1..=3 {
-            let _ = sh(&format!(
-                "ip netns pids {}-{i} | xargs -r kill -9; ip netns del {}-{i}",
-                self.tag, self.tag
-            ));
-            let _ = sh(&format!("ip link del {}v{i}", self.tag));
-        }
-        let _ = sh(&format!("ip link del {}br", self.tag));
-    }
-}
 
 fn redis(ns: &str, host: &str, port: u16, args: &str) -> Option<String> {
     let o = sh(&format!(
@@ -97,7 +30,7 @@ fn a_cut_off_replica_catches_up_and_a_minority_leader_never_answers() {
         Path::new("/usr/bin/redis-server").exists(),
         "redis-server is installed by scripts/setup.sh"
     );
-    let net = Net::new();
+    let net = Net::new('f', "10.77.0");
     let dir = tempfile::tempdir().unwrap();
     let mut toml =
         "cluster = \"netns\"\nkey_file = \"cluster.key\"\nelection_timeout = \"1s\"\n".to_string();
@@ -249,7 +182,7 @@ fn bench_rtt_between_two_hosts() {
         0,
         "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
     );
-    let net = Net::new();
+    let net = Net::new('f', "10.77.0");
     let exe = env!("CARGO_BIN_EXE_falcon");
     let mut server = Command::new("ip")
         .args([

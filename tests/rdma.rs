@@ -7,7 +7,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use falcon::transport::conformance::{CLUSTER, env, number};
+use falcon::transport::conformance::{CLUSTER, env, number, prepare};
 use falcon::transport::rdma::verbs::{VerbsError, device_names};
 use falcon::transport::rdma::{RdmaOptions, RdmaTransport};
 use falcon::transport::{SendError, Transport, TransportEvent};
@@ -210,28 +210,6 @@ fn a_peer_with_another_ring_size_is_refused_with_a_reason() {
         "{evs:?}"
     );
     assert!(a.connected().is_empty());
-}
-
-/// A Prepare of `view` carrying one small entry.
-fn prepare(from: u32, to: u32, view: u64, op: u64) -> falcon::consensus::Envelope {
-    falcon::consensus::Envelope {
-        cluster: CLUSTER,
-        from,
-        to,
-        msg: falcon::consensus::Message::Prepare {
-            view,
-            op_start: op,
-            entries: vec![falcon::log::Entry {
-                view,
-                op,
-                kind: falcon::log::Kind::Data,
-                conn: 1,
-                time_ns: op,
-                payload: vec![op as u8; 100].into(),
-            }],
-            commit: 0,
-        },
-    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use falcon::consensus::{Envelope, Message, message};
-use falcon::transport::conformance::{CLUSTER, collect, env, number};
+use falcon::transport::conformance::{CLUSTER, collect, env, number, prepare};
 use falcon::transport::tcp::{TcpOptions, TcpTransport};
 use falcon::transport::{Transport, TransportEvent};
 use hmac::{Hmac, Mac};
@@ -379,28 +379,6 @@ fn shm_node(dir: &std::path::Path, id: u32, n: u32) -> falcon::transport::shm::S
     let mut o = ShmOptions::new(CLUSTER, id, n, dir.join("rings"));
     o.ring_bytes = 64 << 10;
     ShmTransport::bind(o).unwrap()
-}
-
-/// A Prepare of `view` carrying the one entry `op`.
-fn prepare(from: u32, to: u32, view: u64, op: u64) -> Envelope {
-    Envelope {
-        cluster: CLUSTER,
-        from,
-        to,
-        msg: Message::Prepare {
-            view,
-            op_start: op,
-            entries: vec![falcon::log::Entry {
-                view,
-                op,
-                kind: falcon::log::Kind::Data,
-                conn: 1,
-                time_ns: op,
-                payload: vec![op as u8; 100].into(),
-            }],
-            commit: 0,
-        },
-    }
 }
 
 /// (view, op_start) of the Prepares in `got`, which must hold nothing else.

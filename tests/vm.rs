@@ -4,77 +4,11 @@
 //! under `-accel tcg`.
 
 mod util;
-use util::{falcon, root, wait_until};
+use util::{Net, falcon, must, root, sh, wait_until};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-fn sh(cmd: &str) -> std::process::Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
-}
-
-fn must(cmd: &str) {
-    let o = sh(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Namespaces `v<pid>-{1,2,3}` on a bridge (10.76.0.0/24); removed on drop.
-struct Net {
-    tag: String,
-}
-
-impl Net {
-    fn new() -> Net {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tag = format!("v{}{k}", std::process::id() % 10_000);
-        let net = Net { tag: tag.clone() };
-        must(&format!(
-            "ip link add {tag}br type bridge && ip link set {tag}br up"
-        ));
-        for i in 1..=3 {
-            must(&format!(
-                "ip netns add {tag}-{i} && ip link add {tag}v{i} type veth peer name {tag}p{i} && \
-                 ip link set {tag}p{i} netns {tag}-{i} && ip link set {tag}v{i} master {tag}br && ip link set {tag}v{i} up && \
-                 ip netns exec {tag}-{i} ip link set lo up && \
-                 ip netns exec {tag}-{i} ip addr add 10.76.0.{i}/24 dev {tag}p{i} && \
-                 ip netns exec {tag}-{i} ip link set {tag}p{i} up"
-            ));
-        }
-        net
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("{}-{i}", self.tag)
-    }
-
-    /// Runs `cmd` in replica `i`'s namespace.
-    fn run(&self, i: usize, cmd: &str) -> std::process::Output {
-        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(i)))
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for i in 1..=3 {
-            let _ = sh(&format!(
-                "ip netns pids {}-{i} | xargs -r kill -9; ip netns del {}-{i}",
-                self.tag, self.tag
-            ));
-            let _ = sh(&format!("ip link del {}v{i}", self.tag));
-        }
-        let _ = sh(&format!("ip link del {}br", self.tag));
-        let _ = sh(&format!(
-            "ip netns pids {t}-c | xargs -r kill -9; ip netns del {t}-c",
-            t = self.tag
-        ));
-    }
-}
 
 struct Replica(Child);
 
@@ -153,7 +87,7 @@ fn start(shared_lan: bool) -> Setup {
     );
     let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let guest = guest();
-    let net = Net::new();
+    let net = Net::new('v', "10.76.0");
     if shared_lan {
         must(&format!(
             "ip netns add {tag}-c && ip netns exec {tag}-c ip link set lo up && \\
@@ -266,7 +200,7 @@ fn start(shared_lan: bool) -> Setup {
                 d.join(format!("console{i}.log"))
             )
             .unwrap_or_default()
-            .contains("falcon guest: eth0")),
+            .contains("falcon guest: listening")),
             "guest {i} did not come up; console:\n{}",
             std::fs::read_to_string(d.join(format!("console{i}.log"))).unwrap_or_default()
         );

@@ -92,6 +92,8 @@ static void answer(int fd, char *line) {
 
 int main(void) {
     int ls[2] = { listen_on(7), listen_on(80) };
+    printf("falcon guest: listening on 7 and 80\n");
+    fflush(stdout);
     for (;;) {
         struct pollfd p[2 + MAXC];
         int n = 0, map[MAXC];

@@ -100,3 +100,84 @@ pub fn wait_until(within: std::time::Duration, mut f: impl FnMut() -> bool) -> b
     }
     false
 }
+
+/// Runs `cmd` with `sh -c`.
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+/// Runs `cmd` with `sh -c`; it must succeed.
+pub fn must(cmd: &str) {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Three network hosts: namespaces `<tag>-{1,2,3}`, each with a veth to a
+/// bridge in the root namespace and address `<subnet>.i/24`; removed (with a
+/// client namespace `<tag>-c`, if a test made one) on drop. Root only.
+pub struct Net {
+    /// The prefix of every name.
+    pub tag: String,
+}
+
+impl Net {
+    /// `letter` starts the tag (one per test file), `subnet` is like "10.77.0".
+    pub fn new(letter: char, subnet: &str) -> Net {
+        // One tag per network, so the tests of a file can run at once.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{letter}{}{k}", std::process::id() % 10_000);
+        let net = Net { tag: tag.clone() };
+        must(&format!(
+            "ip link add {tag}br type bridge && ip addr add {subnet}.254/24 dev {tag}br && ip link set {tag}br up"
+        ));
+        for i in 1..=3 {
+            must(&format!(
+                "ip netns add {tag}-{i} && ip link add {tag}v{i} type veth peer name {tag}p{i} && \
+                 ip link set {tag}p{i} netns {tag}-{i} && ip link set {tag}v{i} master {tag}br && ip link set {tag}v{i} up && \
+                 ip netns exec {tag}-{i} ip link set lo up && \
+                 ip netns exec {tag}-{i} ip addr add {subnet}.{i}/24 dev {tag}p{i} && \
+                 ip netns exec {tag}-{i} ip link set {tag}p{i} up"
+            ));
+        }
+        net
+    }
+
+    /// Host `i`'s namespace.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.tag)
+    }
+
+    /// Cuts (or heals) host `i`'s link to the bridge.
+    pub fn link(&self, i: usize, up: bool) {
+        must(&format!(
+            "ip link set {}v{i} {}",
+            self.tag,
+            if up { "up" } else { "down" }
+        ));
+    }
+
+    /// Runs `cmd` (no single quotes) in host `i`'s namespace.
+    pub fn run(&self, i: usize, cmd: &str) -> Output {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.ns(i)))
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in ["1", "2", "3", "c"] {
+            let _ = sh(&format!(
+                "ip netns pids {t}-{ns} 2>/dev/null | xargs -r kill -9; ip netns del {t}-{ns} 2>/dev/null",
+                t = self.tag
+            ));
+        }
+        for i in 1..=3 {
+            let _ = sh(&format!("ip link del {}v{i} 2>/dev/null", self.tag));
+        }
+        let _ = sh(&format!("ip link del {}br 2>/dev/null", self.tag));
+    }
+}

@@ -22,6 +22,28 @@ pub fn env(from: u32, to: u32, op: u64) -> Envelope {
     }
 }
 
+/// A Prepare of `view` carrying the one entry `op` (100 bytes), from `from` to `to`.
+pub fn prepare(from: u32, to: u32, view: u64, op: u64) -> Envelope {
+    Envelope {
+        cluster: CLUSTER,
+        from,
+        to,
+        msg: Message::Prepare {
+            view,
+            op_start: op,
+            entries: vec![Entry {
+                view,
+                op,
+                kind: Kind::Data,
+                conn: 1,
+                time_ns: op,
+                payload: vec![op as u8; 100].into(),
+            }],
+            commit: 0,
+        },
+    }
+}
+
 /// The number of a message made by [`env`] (`u64::MAX` for anything else).
 pub fn number(e: &Envelope) -> u64 {
     match e.msg {

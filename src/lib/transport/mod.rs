@@ -27,7 +27,8 @@ pub mod tcp;
 use std::io;
 use std::time::Duration;
 
-use crate::consensus::{Envelope, NodeId};
+use crate::consensus::{Envelope, Message, NodeId, message};
+use shm::PollMode;
 
 /// Why a message could not be queued.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -99,4 +100,81 @@ pub trait Transport {
     }
     /// The caller's poll returned (after [`Transport::before_sleep`]).
     fn after_sleep(&mut self) {}
+}
+
+/// The log writes a follower fences by view (shm and rdma).
+pub(crate) fn is_log_write(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::Prepare { .. } | Message::Commit { .. } | Message::CatchUp { .. }
+    )
+}
+
+/// Whether a follower whose owner word is `owner` (`view << 8 | leader + 1`,
+/// 0 for no leader) accepts a log write of `view` from `from`.
+pub(crate) fn owner_admits(owner: u64, view: u64, from: NodeId) -> bool {
+    let (owner_view, leader) = (owner >> 8, owner & 0xff);
+    view > owner_view || (view == owner_view && (leader == 0 || leader == u64::from(from) + 1))
+}
+
+/// A record read from the ring `from` writes, checked: `Ok(Some)` to
+/// deliver, `Ok(None)` for a log write of a view this replica left
+/// (`granted`: fenced off), `Err` with the reason to refuse it.
+pub(crate) fn check_record(
+    record: &[u8],
+    cluster: u64,
+    from: NodeId,
+    me: NodeId,
+    granted: u64,
+) -> Result<Option<Envelope>, String> {
+    match message::decode(record) {
+        Ok(env) if env.cluster == cluster && env.from == from && env.to == me => {
+            if is_log_write(&env.msg) && env.msg.view() < granted {
+                Ok(None)
+            } else {
+                Ok(Some(env))
+            }
+        }
+        Ok(env) => Err(format!(
+            "message of cluster {:#x} addressed as {} → {} on the ring from {from}",
+            env.cluster, env.from, env.to
+        )),
+        Err(e) => Err(format!("malformed message: {e}")),
+    }
+}
+
+/// Spins until `ready()` or the end of the spin `poll` allows within
+/// `timeout`: `Some(true)` when ready, `Some(false)` when `spin` ran out the
+/// whole timeout, `None` when the caller should now sleep.
+pub(crate) fn spin(
+    poll: PollMode,
+    spin: Duration,
+    timeout: Duration,
+    ready: impl Fn() -> bool,
+) -> Option<bool> {
+    if poll == PollMode::Sleep {
+        return None;
+    }
+    let until = std::time::Instant::now()
+        + if poll == PollMode::Spin {
+            timeout
+        } else {
+            spin.min(timeout)
+        };
+    // The clock is read every 64 checks: reading it costs more than a check.
+    let mut n = 0u32;
+    loop {
+        if ready() {
+            return Some(true);
+        }
+        n = n.wrapping_add(1);
+        if n % 64 == 0 && std::time::Instant::now() >= until {
+            return if poll == PollMode::Spin {
+                Some(false)
+            } else {
+                None
+            };
+        }
+        std::hint::spin_loop();
+    }
 }

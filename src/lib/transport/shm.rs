@@ -159,20 +159,6 @@ struct Bell(Mapping);
 /// Where the ack slots start in a bell.
 const ACKS: usize = 256;
 
-/// The log writes a follower fences by view.
-fn is_log_write(m: &Message) -> bool {
-    matches!(
-        m,
-        Message::Prepare { .. } | Message::Commit { .. } | Message::CatchUp { .. }
-    )
-}
-
-/// Whether a follower that publishes `owner` accepts a log write of `view` from `from`.
-fn owner_admits(owner: u64, view: u64, from: NodeId) -> bool {
-    let (owner_view, leader) = (owner >> 8, owner & 0xff);
-    view > owner_view || (view == owner_view && (leader == 0 || leader == u64::from(from) + 1))
-}
-
 impl Bell {
     fn word(&self) -> &AtomicU32 {
         // SAFETY: page-aligned mapping of at least 64 bytes.
@@ -438,29 +424,20 @@ impl ShmTransport {
                     Ok(false) => break,
                     Ok(true) => {
                         any = true;
-                        match message::decode(&self.buf) {
-                            Ok(env)
-                                if env.cluster == self.opts.cluster_id
-                                    && env.from == from as NodeId
-                                    && env.to == self.opts.id =>
-                            {
-                                if is_log_write(&env.msg) && env.msg.view() < self.granted {
-                                    // Written before the writer saw our owner word move on.
-                                    self.revoked += 1;
-                                } else {
-                                    out.push(env)
-                                }
-                            }
-                            Ok(env) => self.notices.push(TransportEvent::Refused {
+                        let (cluster, me) = (self.opts.cluster_id, self.opts.id);
+                        match super::check_record(
+                            &self.buf,
+                            cluster,
+                            from as NodeId,
+                            me,
+                            self.granted,
+                        ) {
+                            Ok(Some(env)) => out.push(env),
+                            // Written before the writer saw our owner word move on.
+                            Ok(None) => self.revoked += 1,
+                            Err(reason) => self.notices.push(TransportEvent::Refused {
                                 addr: inc.path.display().to_string(),
-                                reason: format!(
-                                    "message of cluster {:#x} addressed as {} → {} on the ring from {from}",
-                                    env.cluster, env.from, env.to
-                                ),
-                            }),
-                            Err(e) => self.notices.push(TransportEvent::Refused {
-                                addr: inc.path.display().to_string(),
-                                reason: format!("malformed message: {e}"),
+                                reason,
                             }),
                         }
                     }
@@ -515,26 +492,8 @@ impl ShmTransport {
     /// Blocks until a message may be there (or `timeout`), as `poll` says.
     pub fn wait(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        if self.opts.poll != PollMode::Sleep {
-            let spin_until = match self.opts.poll {
-                PollMode::Spin => deadline,
-                _ => Instant::now() + self.opts.spin.min(timeout),
-            };
-            // The clock is read every 64 checks: reading it costs more than a check.
-            let mut n = 0u32;
-            loop {
-                if self.any_ready() {
-                    return;
-                }
-                n = n.wrapping_add(1);
-                if n % 64 == 0 && Instant::now() >= spin_until {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            if self.opts.poll == PollMode::Spin {
-                return;
-            }
+        if super::spin(self.opts.poll, self.opts.spin, timeout, || self.any_ready()).is_some() {
+            return;
         }
         let seen = self.bell.word().load(Ordering::Acquire);
         self.bell.sleeping().store(1, Ordering::SeqCst);
@@ -605,9 +564,9 @@ impl Transport for ShmTransport {
             return Err(SendError::Down(env.to));
         };
         if let Some(bell) = &o.bell {
-            if is_log_write(&env.msg) {
+            if super::is_log_write(&env.msg) {
                 let owner = bell.owner();
-                if !owner_admits(owner, env.msg.view(), self.opts.id) {
+                if !super::owner_admits(owner, env.msg.view(), self.opts.id) {
                     self.revoked += 1;
                     if self.fenced_by[to] != owner {
                         self.fenced_by[to] = owner;

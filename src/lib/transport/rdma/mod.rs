@@ -200,14 +200,6 @@ pub struct RdmaTransport {
     revoked: u64,
 }
 
-/// The log writes a follower fences by view.
-fn is_log_write(m: &Message) -> bool {
-    matches!(
-        m,
-        Message::Prepare { .. } | Message::Commit { .. } | Message::CatchUp { .. }
-    )
-}
-
 fn wr_id(generation: u64, recv: bool, peer: usize) -> u64 {
     (generation << 8) | (u64::from(recv) << 7) | peer as u64
 }
@@ -702,28 +694,20 @@ impl RdmaTransport {
                     Ok(false) => break,
                     Ok(true) => {
                         any = true;
-                        match message::decode(&self.buf) {
-                            Ok(env)
-                                if env.cluster == self.opts.cluster_id
-                                    && env.from == peer as NodeId
-                                    && env.to == self.opts.id =>
-                            {
-                                if is_log_write(&env.msg) && env.msg.view() < self.granted {
-                                    self.revoked += 1; // written before the sender saw our fence
-                                } else {
-                                    out.push(env)
-                                }
-                            }
-                            Ok(env) => self.notices.push(TransportEvent::Refused {
+                        let (cluster, me) = (self.opts.cluster_id, self.opts.id);
+                        match super::check_record(
+                            &self.buf,
+                            cluster,
+                            peer as NodeId,
+                            me,
+                            self.granted,
+                        ) {
+                            Ok(Some(env)) => out.push(env),
+                            // Written before the sender saw our fence.
+                            Ok(None) => self.revoked += 1,
+                            Err(reason) => self.notices.push(TransportEvent::Refused {
                                 addr: format!("rdma link from replica {peer}"),
-                                reason: format!(
-                                    "message of cluster {:#x} addressed as {} → {}",
-                                    env.cluster, env.from, env.to
-                                ),
-                            }),
-                            Err(e) => self.notices.push(TransportEvent::Refused {
-                                addr: format!("rdma link from replica {peer}"),
-                                reason: format!("malformed message: {e}"),
+                                reason,
                             }),
                         }
                     }
@@ -796,26 +780,8 @@ impl RdmaTransport {
 
     fn wait(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        if self.opts.poll != PollMode::Sleep {
-            let spin_until = match self.opts.poll {
-                PollMode::Spin => deadline,
-                _ => Instant::now() + self.opts.spin.min(timeout),
-            };
-            // The clock is read every 64 checks: reading it costs more than a check.
-            let mut n = 0u32;
-            loop {
-                if self.any_ready() {
-                    return;
-                }
-                n = n.wrapping_add(1);
-                if n % 64 == 0 && Instant::now() >= spin_until {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            if self.opts.poll == PollMode::Spin {
-                return;
-            }
+        if super::spin(self.opts.poll, self.opts.spin, timeout, || self.any_ready()).is_some() {
+            return;
         }
         if self.dev.arm().is_err() || self.any_ready() {
             return;
@@ -848,16 +814,14 @@ impl Transport for RdmaTransport {
         let Some(l) = self.links[to].as_mut().filter(|l| l.remote.is_some()) else {
             return Err(SendError::Down(env.to));
         };
-        if is_log_write(&env.msg) {
+        if super::is_log_write(&env.msg) {
             // The receiver's fence, written into our memory by the receiver.
             // SAFETY: 8-aligned word inside the out-ring's header.
             let owner = unsafe {
                 (*(l.out_mem.ptr.add(OWNER_WORD) as *const std::sync::atomic::AtomicU64))
                     .load(std::sync::atomic::Ordering::Acquire)
             };
-            let (view, leader) = (owner >> 8, owner & 0xff);
-            let v = env.msg.view();
-            if v < view || (v == view && leader != 0 && leader != u64::from(self.opts.id) + 1) {
+            if !super::owner_admits(owner, env.msg.view(), self.opts.id) {
                 self.revoked += 1;
                 return Err(SendError::Revoked(env.to));
             }
