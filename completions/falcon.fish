@@ -67,6 +67,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s q -l quiet -
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l capture -d 'Write the ordered inbound frames (what every VM receives, in order) to FILE as pcap' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l qemu-socket -d 'Serve a QEMU started separately with -netdev stream,server=on, addr.type=unix,addr.path=PATH: falcon connects, and connects again when QEMU restarts. Without a QEMU command and without this, falcon uses qemu-net.sock in the replica\'s data directory and says so' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l node -d 'This replica\'s id in the cluster file (default: $FALCON_NODE, else the replica whose peer address is an address of this host)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l election-timeout -d 'Overrides the cluster file\'s election timeout' -r

@@ -75,9 +75,19 @@ fn later_subcommands_say_so_and_exit_2() {
 
 #[test]
 fn tap_attach_without_qemu_or_tap_says_what_is_missing() {
-    let r = run(&["tap-attach", "tap0"]);
+    let r = run(&[
+        "tap-attach",
+        "tap0",
+        "--qemu-socket",
+        "/tmp/x.sock",
+        "--",
+        "qemu",
+    ]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("no QEMU command"), "{r:?}");
+    assert!(
+        r.stderr.contains("does not go with a QEMU command"),
+        "{r:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(dir.path().join("k"), [7u8; 32]).unwrap();

@@ -440,3 +440,127 @@ fn a_clients_tcp_connection_survives_the_leaders_death() {
     assert!(text.contains("count 121"), "{text}");
     println!("the connection survived; new leader: replica {new_lead}");
 }
+
+#[test]
+fn a_qemu_started_separately_is_served_and_found_again_after_a_restart() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces and TAP devices need root: run the suite as root"
+    );
+    let guest = guest();
+    let net = Net::new('w', "10.75.0");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("cluster.key"), [0x5au8; 32]).unwrap();
+    std::fs::write(
+        d.join("cluster.toml"),
+        "cluster = \"vm-socket\"\nkey_file = \"cluster.key\"\n\n[[replica]]\nid = 1\npeer = \"10.75.0.1:7101\"\nclient = \"10.75.0.1:7201\"\napp = \"10.75.0.1:7001\"\ndata_dir = \"data/1\"\n",
+    )
+    .unwrap();
+    let sock = d.join("qemu.sock");
+    let qemu = |n: usize| {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &net.ns(1),
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+        ])
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial"])
+        .arg(format!(
+            "file:{}",
+            d.join(format!("console-{n}.log")).display()
+        ))
+        .arg("-kernel")
+        .arg(guest.join("vmlinux"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.cpio.gz"))
+        .args([
+            "-append",
+            "console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24",
+        ])
+        .arg("-netdev")
+        .arg(format!(
+            "stream,id=falcon,server=on,addr.type=unix,addr.path={}",
+            sock.display()
+        ))
+        .args([
+            "-device",
+            "virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        Replica(c.spawn().unwrap())
+    };
+    let first = qemu(1);
+    let err = std::fs::File::create(d.join("replica1.log")).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &net.ns(1)])
+        .arg(falcon().get_program())
+        .current_dir(d)
+        .args([
+            "tap-attach",
+            "tap0",
+            "--create",
+            "--config",
+            "cluster.toml",
+            "--node",
+            "1",
+        ])
+        .arg("--qemu-socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err);
+    let _falcon = Replica(c.spawn().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(30), || net
+            .run(1, "ip link show tap0")
+            .status
+            .success()),
+        "no tap0; log:\n{}",
+        log(d, 1)
+    );
+    must(&format!(
+        "ip netns exec {} ip addr add 10.0.0.1/24 dev tap0",
+        net.ns(1)
+    ));
+    let answers = || {
+        wait_until(Duration::from_secs(90), || {
+            net.run(1, "ping -c 1 -W 2 10.0.0.2").status.success()
+        })
+    };
+    assert!(
+        answers(),
+        "the separately started guest never answered; log:\n{}",
+        log(d, 1)
+    );
+    assert!(log(d, 1).contains("connected to QEMU at"), "{}", log(d, 1));
+    // QEMU restarts: falcon notices, waits, and serves the new one.
+    drop(first);
+    assert!(
+        wait_until(Duration::from_secs(10), || log(d, 1)
+            .contains("waiting for QEMU to listen")),
+        "{}",
+        log(d, 1)
+    );
+    let _second = qemu(2);
+    assert!(
+        answers(),
+        "the restarted guest never answered; log:\n{}",
+        log(d, 1)
+    );
+    assert_eq!(
+        log(d, 1).matches("connected to QEMU at").count(),
+        2,
+        "{}",
+        log(d, 1)
+    );
+}

@@ -110,6 +110,10 @@ pub struct TapOptions {
     pub create: bool,
     /// Write the ordered inbound frames to this pcap file.
     pub capture: Option<PathBuf>,
+    /// Serve a QEMU started separately that listens on this UNIX socket
+    /// (`-netdev stream,server=on,addr.type=unix,addr.path=…`) instead of
+    /// starting QEMU: connect, and connect again when it restarts.
+    pub socket: Option<PathBuf>,
 }
 
 /// The netdev id falcon gives QEMU's stream backend (`-device …,netdev=falcon`).
@@ -520,6 +524,8 @@ struct Node<'a> {
     tap_more: bool,
     /// The VM's stream failed (said once).
     vm_broken: bool,
+    /// tap-attach --qemu-socket: where QEMU listens.
+    vm_socket: Option<PathBuf>,
 }
 
 impl Node<'_> {
@@ -1265,6 +1271,33 @@ impl Node<'_> {
         }
     }
 
+    /// tap-attach --qemu-socket: connects to QEMU when it listens.
+    fn connect_vm(&mut self) {
+        let (Some(path), Some(vm)) = (&self.vm_socket, &mut self.vm) else {
+            return;
+        };
+        if vm.connected() {
+            return;
+        }
+        let Ok(std) = std::os::unix::net::UnixStream::connect(path) else {
+            return;
+        };
+        if std.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut stream = mio::net::UnixStream::from_std(std);
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, VM, Interest::READABLE | Interest::WRITABLE)
+            .is_ok()
+        {
+            vm.attach(stream);
+            self.ui
+                .note(&format!("connected to QEMU at {}", path.display()));
+        }
+    }
+
     /// tap-attach: says what went where, and closes the capture file.
     fn vm_report(&mut self) {
         let Some(vm) = self.vm.take() else {
@@ -1338,7 +1371,16 @@ impl Node<'_> {
             }
         }
         if let Some(msg) = broken {
-            if !self.vm_broken {
+            if let Some(path) = &self.vm_socket {
+                // QEMU started separately went away: wait for it to come back.
+                if let Some(mut stream) = vm.detach() {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                }
+                self.ui.warn(&format!(
+                    "{msg}; waiting for QEMU to listen on {} again",
+                    path.display()
+                ));
+            } else if !self.vm_broken {
                 self.ui.warn(&msg);
                 self.vm_broken = true;
             }
@@ -1725,7 +1767,30 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let replay_target = log.last_op().saturating_sub(base);
     crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
     let mut vm = None;
-    let app = if let Some(t) = &opts.tap {
+    let mut vm_socket: Option<PathBuf> = None;
+    let app = if let Some(t) = opts.tap.as_ref().filter(|t| t.socket.is_some()) {
+        let tap = crate::vm::tap::Tap::open(&t.name, t.create)
+            .map_err(|e| NodeError::Setup(e.to_string()))?;
+        let path = t
+            .socket
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| rc.data_dir.join("qemu-net.sock"));
+        let capture = match &t.capture {
+            Some(p) => Some(
+                crate::capture::PcapWriter::create(p)
+                    .map_err(|e| NodeError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
+        ui.note(&format!(
+            "serving a QEMU started separately: give it\n  -netdev stream,id={NETDEV_ID},server=on,addr.type=unix,addr.path={} -device virtio-net-pci,netdev={NETDEV_ID},mac=<the VM's MAC, the same on every replica>\n(falcon connects when it listens, and again when it restarts)",
+            path.display()
+        ));
+        vm = Some(crate::vm::front::VmFront::new(tap, None, capture));
+        vm_socket = Some(path);
+        None
+    } else if let Some(t) = &opts.tap {
         // tap-attach: falcon opens the TAP device and is QEMU's network
         // backend through one end of a socket pair.
         let tap = crate::vm::tap::Tap::open(&t.name, t.create)
@@ -1759,7 +1824,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         ));
         vm = Some(crate::vm::front::VmFront::new(
             tap,
-            mio::net::UnixStream::from_std(ours),
+            Some(mio::net::UnixStream::from_std(ours)),
             capture,
         ));
         Some(app)
@@ -1908,6 +1973,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm,
         tap_more: false,
         vm_broken: false,
+        vm_socket,
     };
     if let Some(vm) = &mut node.vm {
         let tfd = vm.tap_fd();
@@ -1915,10 +1981,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .registry()
             .register(&mut SourceFd(&tfd), TAP, Interest::READABLE)
             .map_err(io_err("registering the TAP device"))?;
-        node.poll
-            .registry()
-            .register(vm.vm_stream(), VM, Interest::READABLE | Interest::WRITABLE)
-            .map_err(io_err("registering the VM's stream"))?;
+        if let Some(stream) = vm.vm_stream() {
+            node.poll
+                .registry()
+                .register(stream, VM, Interest::READABLE | Interest::WRITABLE)
+                .map_err(io_err("registering the VM's stream"))?;
+        }
     }
     // Connections open at the snapshot's op get their own program connection again.
     for &c in &open_at_base {
@@ -1985,6 +2053,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
+            node.connect_vm();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
                 node.vm_report();
@@ -2351,6 +2420,13 @@ pub struct TapAttachArgs {
     #[arg(long, value_name = "FILE")]
     pub capture: Option<PathBuf>,
 
+    /// Serve a QEMU started separately with -netdev stream,server=on,
+    /// addr.type=unix,addr.path=PATH: falcon connects, and connects again
+    /// when QEMU restarts. Without a QEMU command and without this, falcon
+    /// uses qemu-net.sock in the replica's data directory and says so.
+    #[arg(long, value_name = "PATH")]
+    pub qemu_socket: Option<PathBuf>,
+
     /// Everything `falcon replicate` takes: the cluster file, --node, hooks;
     /// after `--`, the QEMU command line.
     #[command(flatten)]
@@ -2381,9 +2457,9 @@ pub fn tap_attach(
     ui: &Ui,
     stop: Arc<AtomicBool>,
 ) -> Result<crate::output::Status, ReplicateError> {
-    if args.replica.program.is_empty() {
+    if !args.replica.program.is_empty() && args.qemu_socket.is_some() {
         return Err(ReplicateError::Usage(
-            "no QEMU command: give it after --, e.g. falcon tap-attach tap0 -- qemu-system-x86_64 -device virtio-net-pci,netdev=falcon …".into(),
+            "--qemu-socket serves a QEMU started separately; it does not go with a QEMU command after --".into(),
         ));
     }
     if args.replica.null_program {
@@ -2391,10 +2467,16 @@ pub fn tap_attach(
             "--null-program does not go with tap-attach".into(),
         ));
     }
+    let socket = if args.replica.program.is_empty() {
+        Some(args.qemu_socket.clone().unwrap_or_default())
+    } else {
+        None
+    };
     let tap = TapOptions {
         name: args.tap.clone(),
         create: args.create,
         capture: args.capture.clone(),
+        socket,
     };
     replica(&args.replica, Some(tap), ui, stop)
 }
@@ -2414,7 +2496,7 @@ fn replica(
         ));
         return Ok(crate::output::Status::Success);
     }
-    if args.program.is_empty() && !args.null_program {
+    if args.program.is_empty() && !args.null_program && tap.is_none() {
         return Err(ReplicateError::Usage("no program to run: give it after --, e.g. falcon replicate -- redis-server --port 7001".into()));
     }
     let path = ClusterConfig::find(args.config.as_deref())?;

@@ -59,7 +59,8 @@ pub struct VmStats {
 /// The TAP device and the VM's stream.
 pub struct VmFront {
     tap: Tap,
-    vm: mio::net::UnixStream,
+    /// The stream to QEMU (None while QEMU, started separately, is away).
+    vm: Option<mio::net::UnixStream>,
     reader: FrameReader,
     out: Vec<u8>,
     buf: Vec<u8>,
@@ -75,7 +76,7 @@ pub struct VmFront {
 
 impl VmFront {
     /// Wraps an open TAP device and the falcon end of the VM's stream.
-    pub fn new(tap: Tap, vm: mio::net::UnixStream, capture: Option<PcapWriter>) -> VmFront {
+    pub fn new(tap: Tap, vm: Option<mio::net::UnixStream>, capture: Option<PcapWriter>) -> VmFront {
         VmFront {
             tap,
             vm,
@@ -101,8 +102,27 @@ impl VmFront {
     }
 
     /// The VM stream, to register with the event loop.
-    pub fn vm_stream(&mut self) -> &mut mio::net::UnixStream {
-        &mut self.vm
+    pub fn vm_stream(&mut self) -> Option<&mut mio::net::UnixStream> {
+        self.vm.as_mut()
+    }
+
+    /// Whether the stream to QEMU is there.
+    pub fn connected(&self) -> bool {
+        self.vm.is_some()
+    }
+
+    /// A (new) stream to QEMU; what was queued for the old one is dropped
+    /// (a restarted QEMU is a fresh VM).
+    pub fn attach(&mut self, vm: mio::net::UnixStream) {
+        self.vm = Some(vm);
+        self.out.clear();
+        self.reader = FrameReader::new();
+    }
+
+    /// The stream to QEMU went away: gives it back (to deregister).
+    pub fn detach(&mut self) -> Option<mio::net::UnixStream> {
+        self.out.clear();
+        self.vm.take()
     }
 
     /// Reads up to `max` frames from the TAP device. The leader gets them
@@ -187,7 +207,13 @@ impl VmFront {
     pub fn flush_vm(&mut self) -> io::Result<()> {
         let mut done = 0;
         while done < self.out.len() {
-            match self.vm.write(&self.out[done..]) {
+            let Some(vm) = self.vm.as_mut() else {
+                // No QEMU to write to: what is queued is lost with it.
+                self.stats.to_vm_dropped += 1;
+                self.out.clear();
+                return Ok(());
+            };
+            match vm.write(&self.out[done..]) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -207,7 +233,10 @@ impl VmFront {
     /// carried a frame it cannot hold (then the VM is not trusted further).
     pub fn from_vm(&mut self, leader: bool) -> io::Result<()> {
         loop {
-            match self.vm.read(&mut self.buf) {
+            let Some(vm) = self.vm.as_mut() else {
+                return Ok(());
+            };
+            match vm.read(&mut self.buf) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
