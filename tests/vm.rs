@@ -350,6 +350,25 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
         v
     };
     let leader_frames = frames(lead);
+    // The log holds the same frames: log-inspect exports them as they are.
+    let exported = d.join("exported.pcap");
+    let o = falcon()
+        .arg("log-inspect")
+        .arg(d.join(format!("data/{lead}/log")))
+        .arg("--export-pcap")
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut cap = pcap::Capture::from_file(&exported).unwrap();
+    let mut from_log = Vec::new();
+    while let Ok(p) = cap.next_packet() {
+        from_log.push(p.data.to_vec());
+    }
+    assert_eq!(
+        from_log, leader_frames,
+        "log-inspect's export differs from the capture"
+    );
     println!(
         "captured {} ordered inbound frames on the leader",
         leader_frames.len()
