@@ -25,6 +25,37 @@ impl Drop for Replica {
     }
 }
 
+/// QEMU running the test guest (console to `console`), its NIC on netdev
+/// `falcon` with the same MAC everywhere; the netdev itself is added by
+/// falcon (or by the caller).
+fn qemu_command(guest: &Path, console: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    v.push(format!("file:{}", console.display()).into());
+    v.push("-kernel".into());
+    v.push(guest.join("vmlinux").into());
+    v.push("-initrd".into());
+    v.push(guest.join("initrd.cpio.gz").into());
+    v.push("-append".into());
+    v.push("console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24".into());
+    v.push("-device".into());
+    v.push("virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=".into());
+    v
+}
+
 /// The guest (built, or reused, by scripts/vm-guest.sh).
 fn guest() -> PathBuf {
     let dir = std::env::var_os("FALCON_VM_GUEST_DIR")
@@ -126,32 +157,8 @@ fn start(shared_lan: bool) -> Setup {
             .arg(i.to_string())
             .arg("--capture")
             .arg(d.join(format!("inbound{i}.pcap")))
-            .args([
-                "--",
-                "qemu-system-x86_64",
-                "-accel",
-                "tcg",
-                "-m",
-                "128",
-                "-nodefaults",
-            ])
-            .args(["-display", "none", "-no-reboot", "-serial"])
-            .arg(format!(
-                "file:{}",
-                d.join(format!("console{i}.log")).display()
-            ))
-            .arg("-kernel")
-            .arg(guest.join("vmlinux"))
-            .arg("-initrd")
-            .arg(guest.join("initrd.cpio.gz"))
-            .args([
-                "-append",
-                "console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24",
-            ])
-            .args([
-                "-device",
-                "virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=",
-            ])
+            .arg("--")
+            .args(qemu_command(&guest, &d.join(format!("console{i}.log"))))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err);
@@ -481,41 +488,16 @@ fn a_qemu_started_separately_is_served_and_found_again_after_a_restart() {
     let sock = d.join("qemu.sock");
     let qemu = |n: usize| {
         let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &net.ns(1),
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-m",
-            "128",
-        ])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial"])
-        .arg(format!(
-            "file:{}",
-            d.join(format!("console-{n}.log")).display()
-        ))
-        .arg("-kernel")
-        .arg(guest.join("vmlinux"))
-        .arg("-initrd")
-        .arg(guest.join("initrd.cpio.gz"))
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 falcon.ip=10.0.0.2/24",
-        ])
-        .arg("-netdev")
-        .arg(format!(
-            "stream,id=falcon,server=on,addr.type=unix,addr.path={}",
-            sock.display()
-        ))
-        .args([
-            "-device",
-            "virtio-net-pci,netdev=falcon,mac=52:54:00:12:34:56,romfile=",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        c.args(["netns", "exec", &net.ns(1)])
+            .args(qemu_command(&guest, &d.join(format!("console-{n}.log"))))
+            .arg("-netdev")
+            .arg(format!(
+                "stream,id=falcon,server=on,addr.type=unix,addr.path={}",
+                sock.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         Replica(c.spawn().unwrap())
     };
     let first = qemu(1);

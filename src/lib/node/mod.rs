@@ -198,6 +198,14 @@ pub enum NodeError {
     },
 }
 
+/// tap-attach --capture: the pcap file, if asked for.
+fn open_capture(t: &TapOptions) -> Result<Option<crate::capture::PcapWriter>, NodeError> {
+    t.capture
+        .as_ref()
+        .map(|p| crate::capture::PcapWriter::create(p).map_err(|e| NodeError::Setup(e.to_string())))
+        .transpose()
+}
+
 /// The TCP transport, its descriptor registered in `poll` as `PEERS`.
 fn tcp_transport(
     cfg: &crate::config::ClusterConfig,
@@ -1776,13 +1784,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .clone()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| rc.data_dir.join("qemu-net.sock"));
-        let capture = match &t.capture {
-            Some(p) => Some(
-                crate::capture::PcapWriter::create(p)
-                    .map_err(|e| NodeError::Setup(e.to_string()))?,
-            ),
-            None => None,
-        };
+        let capture = open_capture(t)?;
         ui.note(&format!(
             "serving a QEMU started separately: give it\n  -netdev stream,id={NETDEV_ID},server=on,addr.type=unix,addr.path={} -device virtio-net-pci,netdev={NETDEV_ID},mac=<the VM's MAC, the same on every replica>\n(falcon connects when it listens, and again when it restarts)",
             path.display()
@@ -1808,13 +1810,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         let log_path = rc.data_dir.join("qemu.log");
         let app = App::spawn(&argv, Some(&log_path), Some(fd))?;
         drop(theirs);
-        let capture = match &t.capture {
-            Some(p) => Some(
-                crate::capture::PcapWriter::create(p)
-                    .map_err(|e| NodeError::Setup(e.to_string()))?,
-            ),
-            None => None,
-        };
+        let capture = open_capture(t)?;
         ui.note(&format!(
             "started {} (pid {}; output in {}), its network on TAP device {} through falcon",
             app.program,

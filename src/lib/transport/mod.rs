@@ -178,3 +178,52 @@ pub(crate) fn spin(
         std::hint::spin_loop();
     }
 }
+
+/// Who a ring's records must come from, and what this replica accepts.
+pub(crate) struct RingCheck<'a> {
+    pub cluster: u64,
+    pub from: NodeId,
+    pub me: NodeId,
+    pub granted: u64,
+    /// Names the ring in notices.
+    pub addr: &'a str,
+}
+
+/// Takes every published record of `ring`: delivered to `out`, fenced ones
+/// counted in `revoked`, bad ones (and a damaged ring, skipped to its end)
+/// reported. True if there was any record.
+pub(crate) fn drain_ring(
+    ring: &mut ring::Ring,
+    buf: &mut Vec<u8>,
+    check: &RingCheck<'_>,
+    out: &mut Vec<Envelope>,
+    notices: &mut Vec<TransportEvent>,
+    revoked: &mut u64,
+) -> bool {
+    let mut any = false;
+    loop {
+        match ring.pop(buf) {
+            Ok(false) => return any,
+            Ok(true) => {
+                any = true;
+                match check_record(buf, check.cluster, check.from, check.me, check.granted) {
+                    Ok(Some(env)) => out.push(env),
+                    // Written before the writer saw this replica's fence.
+                    Ok(None) => *revoked += 1,
+                    Err(reason) => notices.push(TransportEvent::Refused {
+                        addr: check.addr.to_string(),
+                        reason,
+                    }),
+                }
+            }
+            Err(e) => {
+                notices.push(TransportEvent::Refused {
+                    addr: check.addr.to_string(),
+                    reason: format!("ring damaged: {e}; skipped what was in it"),
+                });
+                ring.reset_reader();
+                return true;
+            }
+        }
+    }
+}

@@ -247,6 +247,8 @@ struct Incoming {
     ring: Ring,
     _map: Mapping,
     path: PathBuf,
+    /// The path as text, for notices.
+    name: String,
 }
 
 struct Outgoing {
@@ -329,6 +331,7 @@ impl ShmTransport {
             incoming.push(Some(Incoming {
                 ring,
                 _map: map,
+                name: path.display().to_string(),
                 path,
             }));
         }
@@ -419,38 +422,21 @@ impl ShmTransport {
             let Some(inc) = self.incoming[from].as_mut() else {
                 continue;
             };
-            loop {
-                match inc.ring.pop(&mut self.buf) {
-                    Ok(false) => break,
-                    Ok(true) => {
-                        any = true;
-                        let (cluster, me) = (self.opts.cluster_id, self.opts.id);
-                        match super::check_record(
-                            &self.buf,
-                            cluster,
-                            from as NodeId,
-                            me,
-                            self.granted,
-                        ) {
-                            Ok(Some(env)) => out.push(env),
-                            // Written before the writer saw our owner word move on.
-                            Ok(None) => self.revoked += 1,
-                            Err(reason) => self.notices.push(TransportEvent::Refused {
-                                addr: inc.path.display().to_string(),
-                                reason,
-                            }),
-                        }
-                    }
-                    Err(e) => {
-                        self.notices.push(TransportEvent::Refused {
-                            addr: inc.path.display().to_string(),
-                            reason: format!("ring damaged: {e}; skipped what was in it"),
-                        });
-                        inc.ring.reset_reader();
-                        break;
-                    }
-                }
-            }
+            let check = super::RingCheck {
+                cluster: self.opts.cluster_id,
+                from: from as NodeId,
+                me: self.opts.id,
+                granted: self.granted,
+                addr: &inc.name,
+            };
+            any |= super::drain_ring(
+                &mut inc.ring,
+                &mut self.buf,
+                &check,
+                out,
+                &mut self.notices,
+                &mut self.revoked,
+            );
         }
         any
     }

@@ -172,6 +172,8 @@ struct Link {
     reported: u64,
     inflight: usize,
     hello_at: Option<Instant>,
+    /// Names the link in notices.
+    name: String,
 }
 
 /// One replica's rdma endpoint.
@@ -309,6 +311,7 @@ impl RdmaTransport {
             reported: 0,
             inflight: 0,
             hello_at: None,
+            name: format!("rdma link from replica {peer}"),
         })
     }
 
@@ -689,38 +692,21 @@ impl RdmaTransport {
             if l.remote.is_none() {
                 continue;
             }
-            loop {
-                match l.in_ring.pop(&mut self.buf) {
-                    Ok(false) => break,
-                    Ok(true) => {
-                        any = true;
-                        let (cluster, me) = (self.opts.cluster_id, self.opts.id);
-                        match super::check_record(
-                            &self.buf,
-                            cluster,
-                            peer as NodeId,
-                            me,
-                            self.granted,
-                        ) {
-                            Ok(Some(env)) => out.push(env),
-                            // Written before the sender saw our fence.
-                            Ok(None) => self.revoked += 1,
-                            Err(reason) => self.notices.push(TransportEvent::Refused {
-                                addr: format!("rdma link from replica {peer}"),
-                                reason,
-                            }),
-                        }
-                    }
-                    Err(e) => {
-                        self.notices.push(TransportEvent::Refused {
-                            addr: format!("rdma link from replica {peer}"),
-                            reason: format!("ring damaged: {e}; skipped what was in it"),
-                        });
-                        l.in_ring.reset_reader();
-                        break;
-                    }
-                }
-            }
+            let check = super::RingCheck {
+                cluster: self.opts.cluster_id,
+                from: peer as NodeId,
+                me: self.opts.id,
+                granted: self.granted,
+                addr: &l.name,
+            };
+            any |= super::drain_ring(
+                &mut l.in_ring,
+                &mut self.buf,
+                &check,
+                out,
+                &mut self.notices,
+                &mut self.revoked,
+            );
             self.report(peer);
         }
         any
