@@ -11,7 +11,8 @@
 #     processes whose peer links are rdma queue pairs, driven by clients.
 # Timings inside the guest are of an emulated CPU: they show that it works
 # and how the transports compare, not how fast real hardware is.
-# Needs root (the guest build uses debootstrap). Exit status: the guest's.
+# Needs root (the guest build uses debootstrap). Exit status: the tests' (the
+# benchmarks inform; under emulation one can stop early, which is reported).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,10 +38,10 @@ echo '-- rdma tests that need a device:'
 ./$rel --ignored --test-threads 1
 for t in tcp shm rdma; do
     echo \"-- bench --rtt --local --transport \$t:\"
-    ./target/debug/falcon bench --rtt --local --transport \$t --iters 2000 --warmup 200 --color never | grep -E 'transport:|round trip'
+    ./target/debug/falcon bench --rtt --local --transport \$t --iters 2000 --warmup 200 --color never | grep -E 'transport:|round trip' || echo '   (this benchmark did not complete under emulation; the tests above decide)'
 done
 for t in tcp shm rdma; do
     echo \"-- bench --consensus --transport \$t (3 replicas):\"
-    ./target/debug/falcon -q bench --consensus --transport \$t --replicas 3 --clients 4 --sync never --duration 2s --dir /tmp --color never | grep -E 'cluster:|^.[ ]*(replicas|3) '
+    ./target/debug/falcon -q bench --consensus --transport \$t --replicas 3 --clients 4 --sync never --duration 2s --dir /tmp --color never | grep -E 'cluster:|^.[ ]*(replicas|3) ' || echo '   (this benchmark did not complete: under emulation a view change can interrupt it; the tests above decide)'
 done
 "
