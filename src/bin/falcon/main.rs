@@ -55,30 +55,26 @@ fn later(name: &str, issue: u32) -> anyhow::Result<Status> {
     .into())
 }
 
+/// Runs a replica (`replicate`, `tap-attach`) until Ctrl-C or SIGTERM.
+fn run_replica(
+    f: impl FnOnce(Arc<AtomicBool>) -> Result<falcon::output::Status, falcon::node::ReplicateError>,
+) -> anyhow::Result<falcon::output::Status> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    match f(stop) {
+        Err(falcon::node::ReplicateError::Usage(m)) => Err(Usage(m).into()),
+        other => other.map_err(anyhow::Error::from),
+    }
+}
+
 fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let status = match cli.command {
-        Command::Replicate(args) => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
-                .context("installing the Ctrl-C handler")?;
-            match falcon::node::replicate(&args, ui, stop) {
-                Err(falcon::node::ReplicateError::Usage(m)) => Err(Usage(m).into()),
-                other => other.map_err(anyhow::Error::from),
-            }
-        }
-        Command::TapAttach(args) => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
-                .context("installing the Ctrl-C handler")?;
-            match falcon::node::tap_attach(&args, ui, stop) {
-                Err(falcon::node::ReplicateError::Usage(m)) => Err(Usage(m).into()),
-                other => other.map_err(anyhow::Error::from),
-            }
-        }
+        Command::Replicate(args) => run_replica(|stop| falcon::node::replicate(&args, ui, stop)),
+        Command::TapAttach(args) => run_replica(|stop| falcon::node::tap_attach(&args, ui, stop)),
         Command::Failover(_) => later("failover", 8),
         Command::LogInspect(args) => {
             let stop = Arc::new(AtomicBool::new(false));

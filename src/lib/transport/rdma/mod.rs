@@ -617,63 +617,58 @@ impl RdmaTransport {
         }
     }
 
-    /// Writes our read position back into `peer`'s out-ring when it moved.
-    fn report(&mut self, peer: usize) {
+    /// Writes one 8-byte word into `peer`'s out-ring header at `offset`
+    /// (one-sided, staged first); false when the link is not up or full.
+    fn write_word(&mut self, peer: usize, offset: usize, word: u64, what: &str) -> bool {
         let Some(l) = self.links[peer].as_mut() else {
-            return;
+            return false;
         };
         let Some(r) = l.remote else {
-            return;
-        };
-        let consumed = l.in_ring.consumed();
-        if consumed == l.reported || l.inflight >= INFLIGHT_MAX {
-            return;
-        }
-        let staged = Self::stage(l, &consumed.to_le_bytes());
-        let w = Write {
-            local: staged,
-            lkey: l.stage.lkey(),
-            len: 8,
-            remote: r.out_addr + READ_POS as u64,
-            rkey: r.out_rkey,
-        };
-        let id = wr_id(l.tag, false, peer);
-        match l.qp.post_writes(&[w], id, None) {
-            Ok(()) => {
-                l.reported = consumed;
-                l.inflight += 1;
-            }
-            Err(e) => self.broken(peer, format!("posting the read position: {e}")),
-        }
-    }
-
-    /// Writes our owner word into `peer`'s out-ring: its fence for log writes to us.
-    fn tell_owner(&mut self, peer: usize) {
-        if self.owner == 0 {
-            return;
-        }
-        let word = self.owner;
-        let Some(l) = self.links[peer].as_mut() else {
-            return;
-        };
-        let Some(r) = l.remote else {
-            return;
+            return false;
         };
         if l.inflight >= INFLIGHT_MAX {
-            return; // the next grant or link says it again
+            return false;
         }
         let staged = Self::stage(l, &word.to_le_bytes());
         let w = Write {
             local: staged,
             lkey: l.stage.lkey(),
             len: 8,
-            remote: r.out_addr + OWNER_WORD as u64,
+            remote: r.out_addr + offset as u64,
             rkey: r.out_rkey,
         };
         let id = wr_id(l.tag, false, peer);
         match l.qp.post_writes(&[w], id, None) {
-            Ok(()) => l.inflight += 1,
-            Err(e) => self.broken(peer, format!("posting the owner word: {e}")),
+            Ok(()) => {
+                l.inflight += 1;
+                true
+            }
+            Err(e) => {
+                self.broken(peer, format!("posting {what}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Writes our read position back into `peer`'s out-ring when it moved.
+    fn report(&mut self, peer: usize) {
+        let Some(l) = self.links[peer].as_ref() else {
+            return;
+        };
+        let consumed = l.in_ring.consumed();
+        if consumed != l.reported && self.write_word(peer, READ_POS, consumed, "the read position")
+        {
+            if let Some(l) = self.links[peer].as_mut() {
+                l.reported = consumed;
+            }
+        }
+    }
+
+    /// Writes our owner word into `peer`'s out-ring: its fence for log writes
+    /// to us (when the link is full, the next grant or link says it again).
+    fn tell_owner(&mut self, peer: usize) {
+        if self.owner != 0 {
+            self.write_word(peer, OWNER_WORD, self.owner, "the owner word");
         }
     }
 
