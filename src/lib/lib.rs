@@ -6,11 +6,13 @@
 //! thin layer over it. See `DESIGN.md` for the map of the modules.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod capture;
 pub mod config;
 pub mod consensus;
+pub mod failover;
 pub mod inspect;
 pub mod log;
 pub mod node;

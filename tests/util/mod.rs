@@ -61,6 +61,20 @@ pub fn run(args: &[&str]) -> Run {
     }
 }
 
+/// Runs falcon with `args` in directory `dir`.
+pub fn run_in(dir: &Path, args: &[&str]) -> Run {
+    let out: Output = falcon()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("running falcon");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Runs falcon with `args`, path arguments given as paths.
 pub fn run_at(path: &Path, args: &[&str]) -> Run {
     let mut all = vec!["log-inspect", path.to_str().unwrap()];

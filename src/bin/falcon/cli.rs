@@ -21,11 +21,12 @@ Examples:
   falcon log-inspect data/1/log             summary of a replica's log
   falcon log-inspect data/1/log --verify    check every checksum (exit 1 if corrupt)
   falcon bench --log                        the log against the raw disk
+  falcon failover status                    the cluster's replicas, as a table
 
 Exit status:
   0  success
   1  failure (the command ran and found or hit a problem; see the message)
-  2  usage error (bad arguments, or a subcommand this release does not have yet)";
+  2  usage error (bad arguments)";
 
 /// falcon's command line.
 #[derive(Debug, Parser)]
@@ -68,9 +69,9 @@ pub enum Command {
     /// Read, verify, follow and export a replica's log
     LogInspect(LogInspectArgs),
 
-    /// Show cluster status and move leadership to another replica (not in this release yet)
+    /// Cluster status, planned leadership transfer, failure drills
     #[command(after_help = FAILOVER_EXAMPLES)]
-    Failover(Later),
+    Failover(falcon::failover::FailoverArgs),
 
     /// Write the man pages and shell completions (for packagers)
     #[command(hide = true)]
@@ -79,18 +80,6 @@ pub enum Command {
     /// Write the fixture logs under fixtures/ (for falcon's own tests)
     #[command(hide = true)]
     MakeFixtures(GenerateArgs),
-}
-
-/// Arguments of a subcommand that a later release builds.
-#[derive(Debug, Args)]
-pub struct Later {
-    /// Arguments (accepted and ignored: this subcommand is not built yet).
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "ARGS"
-    )]
-    pub args: Vec<String>,
 }
 
 /// Where to write generated files.
@@ -102,6 +91,12 @@ pub struct GenerateArgs {
 }
 
 const FAILOVER_EXAMPLES: &str = "\
-Planned usage (issue #8; this release exits with status 2):
-  falcon failover status --config cluster.toml
-  falcon failover transfer --to 2 --config cluster.toml";
+Examples:
+  falcon failover status --config cluster.toml      the replicas, as a table
+  falcon failover status --watch                    refreshed every second
+  falcon failover transfer --to 2                   move the leadership to replica 2
+  falcon failover drill --rounds 50                 kill leaders under load, measure
+  falcon failover drill --config cluster.toml --kill random --rounds 10
+
+Every replica answers on admin.sock in its data directory (JSON lines; only
+its user or root may connect).";

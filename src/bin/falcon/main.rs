@@ -48,13 +48,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn later(name: &str, issue: u32) -> anyhow::Result<Status> {
-    Err(Usage(format!(
-        "falcon {name} is not built yet (planned in issue #{issue}); this release has log-inspect and bench --log"
-    ))
-    .into())
-}
-
 /// Runs a replica (`replicate`, `tap-attach`) until Ctrl-C or SIGTERM.
 fn run_replica(
     f: impl FnOnce(Arc<AtomicBool>) -> Result<falcon::output::Status, falcon::node::ReplicateError>,
@@ -75,7 +68,16 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
     let status = match cli.command {
         Command::Replicate(args) => run_replica(|stop| falcon::node::replicate(&args, ui, stop)),
         Command::TapAttach(args) => run_replica(|stop| falcon::node::tap_attach(&args, ui, stop)),
-        Command::Failover(_) => later("failover", 8),
+        Command::Failover(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+                .context("installing the Ctrl-C handler")?;
+            match falcon::failover::run(&args, ui, &mut out, &stop) {
+                Err(falcon::failover::FailoverError::Usage(m)) => Err(Usage(m).into()),
+                other => other.context("failover"),
+            }
+        }
         Command::LogInspect(args) => {
             let stop = Arc::new(AtomicBool::new(false));
             if args.follow {

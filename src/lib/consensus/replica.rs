@@ -429,6 +429,17 @@ impl Replica {
         }
         self.log.get((op - self.first_op) as usize)
     }
+
+    /// On the leader: the last op replica `f` acknowledged (0 when unknown).
+    pub fn acked(&self, f: NodeId) -> u64 {
+        self.acked.get(f as usize).copied().unwrap_or(0)
+    }
+
+    /// A planned leadership transfer is under way (to this replica).
+    pub fn transferring_to(&self) -> Option<NodeId> {
+        self.transfer.map(|t| t.0)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg

@@ -7,6 +7,8 @@
 //! sends the program's answers back to the client; followers read and
 //! discard theirs so the program never blocks.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -99,6 +101,8 @@ pub struct NodeOptions {
     /// `falcon tap-attach`: the program is QEMU, and its network is the
     /// TAP device, ordered through the engine.
     pub tap: Option<TapOptions>,
+    /// Serve Prometheus metrics over HTTP here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What `falcon tap-attach` adds to a replica.
@@ -534,6 +538,10 @@ struct Node<'a> {
     vm_broken: bool,
     /// tap-attach --qemu-socket: where QEMU listens.
     vm_socket: Option<PathBuf>,
+    /// Requests from the admin socket and the metrics endpoint.
+    admin_rx: Option<std::sync::mpsc::Receiver<crate::admin::Call>>,
+    /// Counts and times for them.
+    observed: admin::Observed,
 }
 
 impl Node<'_> {
@@ -580,6 +588,8 @@ impl Node<'_> {
                 }
             }
             Command::Deliver(entries) => {
+                self.observed
+                    .committed(&entries, self.engine.view(), self.role == Role::Leader);
                 self.apply_queue.extend(entries);
                 self.pump_apply();
                 // Memory holds a window of delivered entries; older ones are
@@ -601,6 +611,7 @@ impl Node<'_> {
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
                 self.role = role;
+                self.observed.role_changed(was, role);
                 // Only this view's leader may write our log from now on.
                 self.transport
                     .grant(view, (role != Role::ViewChange).then_some(leader));
@@ -1301,6 +1312,7 @@ impl Node<'_> {
             .is_ok()
         {
             vm.attach(stream);
+            self.observed.program_starts += 1;
             self.ui
                 .note(&format!("connected to QEMU at {}", path.display()));
         }
@@ -1410,6 +1422,7 @@ impl Node<'_> {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    self.observed.clients_accepted += 1;
                     let token = Token(CLIENT_BASE + self.next_token);
                     self.next_token += 1;
                     let conn = (self.engine.view() << 32) | (self.next_conn & 0xffff_ffff);
@@ -1847,6 +1860,24 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     // and the shm doorbell thread both use it.
     let waker =
         Arc::new(mio::Waker::new(poll.registry(), SYNCED).map_err(io_err("creating the waker"))?);
+    // The admin socket (and the metrics endpoint) pass requests to the loop
+    // and wake it.
+    let admin_path = crate::admin::socket_path(&rc.data_dir);
+    let (admin_server, admin_rx) = {
+        let waker = waker.clone();
+        crate::admin::AdminServer::start(&admin_path, ui, move || {
+            let _ = waker.wake();
+        })
+        .map_err(io_err("starting the admin socket"))?
+    };
+    if let Some(addr) = opts.metrics {
+        let waker = waker.clone();
+        let bound = crate::admin::metrics::serve(addr, admin_server.sender(), move || {
+            let _ = waker.wake();
+        })
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
+        ui.note(&format!("metrics on http://{bound}/metrics"));
+    }
     // shm and rdma wake a sleeping loop themselves but say nothing to a busy
     // one: the loop looks at them every turn (cheap: memory reads).
     let mut poll_peers_every_turn = cfg.transport == crate::config::TransportKind::Shm;
@@ -1970,7 +2001,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         tap_more: false,
         vm_broken: false,
         vm_socket,
+        admin_rx: Some(admin_rx),
+        observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
     };
+    node.observed.program_starts = u64::from(node.app.is_some());
+    node.ui.detail(&format!(
+        "admin socket {} (falcon failover status)",
+        admin_path.display()
+    ));
     if let Some(vm) = &mut node.vm {
         let tfd = vm.tap_fd();
         node.poll
@@ -2134,6 +2172,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.on_client(t, more)?;
         }
         node.propose()?;
+        node.serve_admin()?;
         // The transport works when its sockets are ready, and every few
         // milliseconds for its own timers (reconnects, handshake deadlines).
         // (The readiness of the transport's own epoll descriptor is reported
@@ -2187,15 +2226,35 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 TransportEvent::Refused { addr, reason } => {
                     ui.warn(&format!("refused a peer connection from {addr}: {reason}"))
                 }
-                TransportEvent::Lost { peer, reason } => ui.detail(&format!(
-                    "lost replica {}: {reason}",
-                    node.ids[peer as usize]
-                )),
-                TransportEvent::Connected { peer, incoming } => ui.detail(&format!(
-                    "connected to replica {} ({})",
-                    node.ids[peer as usize],
-                    if incoming { "in" } else { "out" }
-                )),
+                TransportEvent::Lost { peer, reason } => {
+                    // One line when the last link to a replica goes (not per failed redial).
+                    let links = &mut node.observed.peers[peer as usize];
+                    if *links > 0 {
+                        *links -= 1;
+                    }
+                    if *links == 0 && node.observed.peer_up[peer as usize] {
+                        node.observed.peer_up[peer as usize] = false;
+                        node.observed.peer_losses += 1;
+                        ui.note(&format!(
+                            "lost the link to replica {}: {reason}",
+                            node.ids[peer as usize]
+                        ));
+                    } else {
+                        ui.detail(&format!(
+                            "replica {} still unreachable: {reason}",
+                            node.ids[peer as usize]
+                        ));
+                    }
+                }
+                TransportEvent::Connected { peer, incoming } => {
+                    node.observed.peers[peer as usize] += 1;
+                    node.observed.peer_up[peer as usize] = true;
+                    ui.detail(&format!(
+                        "connected to replica {} ({})",
+                        node.ids[peer as usize],
+                        if incoming { "in" } else { "out" }
+                    ))
+                }
             }
         }
         node.step(Input::Tick)?;
@@ -2204,6 +2263,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
             node.sync_inflight = false;
+            if let Some(t) = node.observed.sync_sent.take() {
+                node.observed
+                    .fsync_latency
+                    .observe(t.elapsed().as_nanos() as u64);
+            }
             let before = node.log.durable_op();
             let d = node.log.note_synced(result)?;
             if d > before {
@@ -2222,6 +2286,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             } else {
                 let (file, op, epoch) = node.log.sync_handle()?;
                 node.sync_inflight = true;
+                node.observed.sync_sent = Some(Instant::now());
                 if sync_tx.send((file, op, epoch)).is_err() {
                     return Err(NodeError::Io {
                         context: "the fsync thread stopped".into(),
@@ -2318,6 +2383,13 @@ pub struct ReplicateArgs {
     /// TCP always sleeps in epoll.
     #[arg(long, value_enum, value_name = "MODE", default_value = "adaptive")]
     pub poll: crate::transport::shm::PollMode,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (commit latency,
+    /// commits, view and role, follower lag, log size, fsync latency,
+    /// connections). Every replica also answers `falcon failover status`
+    /// on admin.sock in its data directory.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
@@ -2526,6 +2598,7 @@ fn replica(
         memory_entries: args.memory_entries,
         poll: args.poll,
         tap,
+        metrics: args.metrics,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

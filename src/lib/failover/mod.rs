@@ -1,0 +1,495 @@
+//! `falcon failover`: what an operator needs after the first day. `status`
+//! shows every replica (through its admin socket), `transfer` moves the
+//! leadership on purpose, `drill` rehearses failures under load and measures
+//! them.
+
+pub mod drill;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::admin::{self, AdminError, NodeStatus, Request};
+use crate::config::ClusterConfig;
+use crate::output::{self, Status, Ui};
+
+/// `falcon failover …`.
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FailoverCommand,
+}
+
+/// The failover subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum FailoverCommand {
+    /// A table of the replicas: role, view, ops, lag, links, program, log size, uptime
+    #[command(after_help = STATUS_HELP)]
+    Status(StatusArgs),
+    /// Hand the leadership to another replica (planned failover)
+    #[command(after_help = TRANSFER_HELP)]
+    Transfer(TransferArgs),
+    /// Kill replicas under load, round after round, and measure the failovers
+    #[command(after_help = drill::DRILL_HELP)]
+    Drill(drill::DrillArgs),
+}
+
+/// `falcon failover status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Refresh in place until Ctrl-C (with --json: one JSON line per refresh).
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Time between two refreshes with --watch.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+}
+
+const STATUS_HELP: &str = "\
+Each replica answers on admin.sock in its data directory (only its own user
+or root may connect); a replica that does not answer is shown as down.
+lag is how many ops a replica's log is behind the leader's.
+
+Exit status: 0 when a leader answers, 1 when none does (the cluster cannot
+take writes), 2 for a usage error.
+
+Examples:
+  falcon failover status --config cluster.toml
+  falcon failover status --watch
+  falcon failover status --json | jq '.replicas[] | select(.up == false) | .id'";
+
+/// `falcon failover transfer`.
+#[derive(Debug, clap::Args)]
+pub struct TransferArgs {
+    /// The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The replica (id) to lead next.
+    #[arg(long, value_name = "ID")]
+    pub to: u32,
+
+    /// Give up after this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+const TRANSFER_HELP: &str = "\
+The leader stops taking new input, waits until the target has every entry,
+and starts a view that the target leads; the target's --on-leader hook runs.
+falcon prints how long the service could not commit: from the last commit
+under the old leader (or the moment it stopped taking input, if later) to
+the first commit under the new one.
+
+Examples:
+  falcon failover transfer --to 2 --config cluster.toml
+  falcon failover transfer --to 3 --json";
+
+/// How long one admin request may take.
+const ASK: Duration = Duration::from_secs(2);
+
+/// One replica as the tools see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Seen {
+    /// Its id.
+    pub id: u32,
+    /// It answered.
+    pub up: bool,
+    /// Why not, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What it said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+    /// Ops behind the leader's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// Asks every replica of the cluster for its status, at once.
+pub fn survey(cfg: &ClusterConfig) -> Vec<Seen> {
+    let answers: Vec<(u32, Result<NodeStatus, AdminError>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = cfg
+            .replicas
+            .iter()
+            .map(|r| s.spawn(move || (r.id, admin::status(&r.data_dir, ASK))))
+            .collect();
+        hs.into_iter()
+            .zip(&cfg.replicas)
+            .map(|(h, r)| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        r.id,
+                        Err(AdminError::Refused("the status thread panicked".into())),
+                    )
+                })
+            })
+            .collect()
+    });
+    let leader_last = leader_of(
+        &answers
+            .iter()
+            .filter_map(|(_, a)| a.as_ref().ok())
+            .collect::<Vec<_>>(),
+    )
+    .map(|l| l.last_op);
+    answers
+        .into_iter()
+        .map(|(id, a)| match a {
+            Ok(st) => Seen {
+                id,
+                up: true,
+                error: None,
+                lag: leader_last.map(|l| l.saturating_sub(st.last_op)),
+                status: Some(st),
+            },
+            Err(e) => Seen {
+                id,
+                up: false,
+                error: Some(match e {
+                    AdminError::Connect { source, .. }
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        "not running (nothing answers on its admin socket)".into()
+                    }
+                    e => e.to_string(),
+                }),
+                status: None,
+                lag: None,
+            },
+        })
+        .collect()
+}
+
+/// The leader among `statuses`: the replica leading the highest view.
+pub fn leader_of<'a>(statuses: &[&'a NodeStatus]) -> Option<&'a NodeStatus> {
+    statuses
+        .iter()
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.view)
+        .copied()
+}
+
+fn load(config: Option<&std::path::Path>) -> Result<ClusterConfig, crate::config::ConfigError> {
+    ClusterConfig::load(&ClusterConfig::find(config)?)
+}
+
+/// Why a failover command could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// The cluster file.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Writing the output.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A usage problem (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The command ran and failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs `falcon failover …`.
+pub fn run(
+    args: &FailoverArgs,
+    ui: &Ui,
+    out: &mut dyn Write,
+    stop: &Arc<AtomicBool>,
+) -> Result<Status, FailoverError> {
+    match &args.command {
+        FailoverCommand::Status(a) => status(a, ui, out, stop),
+        FailoverCommand::Transfer(a) => transfer(a, ui, out),
+        FailoverCommand::Drill(a) => drill::run(a, ui, out, stop),
+    }
+}
+
+fn status(
+    args: &StatusArgs,
+    ui: &Ui,
+    out: &mut dyn Write,
+    stop: &Arc<AtomicBool>,
+) -> Result<Status, FailoverError> {
+    let cfg = load(args.config.as_deref())?;
+    loop {
+        let seen = survey(&cfg);
+        let has_leader = seen
+            .iter()
+            .any(|s| s.status.as_ref().is_some_and(|st| st.role == "leader"));
+        if ui.json {
+            output::json_line(
+                out,
+                &serde_json::json!({
+                    "cluster": cfg.cluster,
+                    "config": cfg.path,
+                    "leader": leader_of(&seen.iter().filter_map(|s| s.status.as_ref()).collect::<Vec<_>>()).map(|l| l.id),
+                    "replicas": seen,
+                }),
+            )?;
+        } else {
+            let text = status_table(&cfg, &seen, ui);
+            if args.watch {
+                // Redraw in place: home, clear, table.
+                write!(out, "\x1b[H\x1b[2J")?;
+                writeln!(
+                    out,
+                    "falcon failover status — every {} (Ctrl-C to stop)\n",
+                    humantime::format_duration(args.interval)
+                )?;
+            }
+            write!(out, "{text}")?;
+        }
+        out.flush()?;
+        if !args.watch {
+            return Ok(if has_leader {
+                Status::Success
+            } else {
+                Status::Failure
+            });
+        }
+        let until = Instant::now() + args.interval;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(Status::Success);
+            }
+            std::thread::sleep(Duration::from_millis(50).min(args.interval));
+        }
+    }
+}
+
+fn ms(d_ns: u64) -> String {
+    format!("{:.1}", d_ns as f64 / 1e6)
+}
+
+fn uptime(s: f64) -> String {
+    humantime::format_duration(Duration::from_secs(s as u64)).to_string()
+}
+
+fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
+    let mut t = ui.table();
+    t.set_header([
+        "id", "role", "view", "last op", "commit", "lag", "peers", "program", "log", "uptime",
+    ]);
+    let mut notes = Vec::new();
+    for s in seen {
+        match &s.status {
+            Some(st) => {
+                let role = match st.role.as_str() {
+                    "leader" => ui.good("leader"),
+                    r => r.to_string(),
+                };
+                let peers = format!(
+                    "{}/{}",
+                    st.peers_connected.len(),
+                    cfg.replicas.len().saturating_sub(1)
+                );
+                let program = st
+                    .program
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |p| format!("{} pid {}", p.name, p.pid));
+                t.add_row([
+                    st.id.to_string(),
+                    role,
+                    st.view.to_string(),
+                    st.last_op.to_string(),
+                    st.commit.to_string(),
+                    s.lag.map_or_else(|| "?".into(), |l| l.to_string()),
+                    peers,
+                    program,
+                    output::human_bytes(st.log_bytes),
+                    uptime(st.uptime_s),
+                ]);
+            }
+            None => {
+                t.add_row([
+                    s.id.to_string(),
+                    ui.bad("down"),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                notes.push(format!(
+                    "replica {}: {}",
+                    s.id,
+                    s.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+        }
+    }
+    let mut text = format!(
+        "cluster {:?} ({}, {} replicas)\n{t}\n",
+        cfg.cluster,
+        cfg.path.display(),
+        cfg.replicas.len()
+    );
+    if !seen
+        .iter()
+        .any(|s| s.status.as_ref().is_some_and(|st| st.role == "leader"))
+    {
+        notes.push("no replica leads: the cluster takes no writes now".into());
+    }
+    for n in notes {
+        text.push_str(&n);
+        text.push('\n');
+    }
+    text
+}
+
+/// What a transfer did.
+#[derive(Debug, serde::Serialize)]
+pub struct Transferred {
+    /// The old leader.
+    pub from: u32,
+    /// The new leader.
+    pub to: u32,
+    /// The view before and after.
+    pub old_view: u64,
+    /// The new leader's view.
+    pub new_view: u64,
+    /// From the request to the new leader's first commit, ms.
+    pub took_ms: f64,
+    /// From the last commit under the old leader (or the moment it stopped
+    /// taking input, if later) to the first under the new one, ms.
+    pub unavailable_ms: f64,
+}
+
+fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, FailoverError> {
+    let cfg = load(args.config.as_deref())?;
+    let Some(target) = cfg.replicas.iter().find(|r| r.id == args.to) else {
+        return Err(FailoverError::Usage(format!(
+            "--to {}: no such replica in {} (ids: {})",
+            args.to,
+            cfg.path.display(),
+            cfg.replicas
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let seen = survey(&cfg);
+    let statuses: Vec<&NodeStatus> = seen.iter().filter_map(|s| s.status.as_ref()).collect();
+    let Some(old) = leader_of(&statuses).cloned() else {
+        return Err(FailoverError::Failed(
+            "no replica leads now (see falcon failover status); nothing to transfer".into(),
+        ));
+    };
+    if old.id == args.to {
+        ui.note(&format!(
+            "replica {} already leads (view {}); nothing to do",
+            old.id, old.view
+        ));
+        if ui.json {
+            output::json_line(
+                out,
+                &serde_json::json!({"from": old.id, "to": old.id, "old_view": old.view, "new_view": old.view, "took_ms": 0.0, "unavailable_ms": 0.0}),
+            )?;
+        }
+        return Ok(Status::Success);
+    }
+    match seen.iter().find(|s| s.id == args.to) {
+        Some(s) if !s.up => {
+            return Err(FailoverError::Failed(format!(
+                "replica {} does not answer ({}): it cannot take over",
+                args.to,
+                s.error.as_deref().unwrap_or("down")
+            )));
+        }
+        _ => {}
+    }
+    let started = Instant::now();
+    let old_dir = cfg
+        .replicas
+        .iter()
+        .find(|r| r.id == old.id)
+        .map(|r| r.data_dir.clone())
+        .expect("the leader is in the cluster file");
+    admin::call(
+        &admin::socket_path(&old_dir),
+        &Request::Transfer { to: args.to },
+        ASK,
+    )
+    .map_err(|e| FailoverError::Failed(format!("replica {}: {e}", old.id)))?;
+    ui.detail(&format!(
+        "replica {} (view {}) is handing over to replica {}",
+        old.id, old.view, args.to
+    ));
+    // The target leads a newer view and has committed its first entry.
+    let new = loop {
+        if let Ok(st) = admin::status(&target.data_dir, ASK) {
+            if st.role == "leader" && st.view > old.view && st.leader_first_commit_ns.is_some() {
+                break st;
+            }
+        }
+        if started.elapsed() > args.timeout {
+            let now = survey(&cfg);
+            let roles: Vec<String> = now
+                .iter()
+                .map(|s| match &s.status {
+                    Some(st) => format!("{} {} in view {}", s.id, st.role, st.view),
+                    None => format!("{} down", s.id),
+                })
+                .collect();
+            return Err(FailoverError::Failed(format!(
+                "replica {} did not take over within {} (now: {}); the old leader gives up after 2 s if the target does not catch up",
+                args.to,
+                humantime::format_duration(args.timeout),
+                roles.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let took = started.elapsed();
+    let old_now = admin::status(&old_dir, ASK).ok();
+    let first = new.leader_first_commit_ns.unwrap_or(0);
+    let stopped = old_now
+        .as_ref()
+        .map(|o| {
+            o.leader_last_commit_ns
+                .unwrap_or(0)
+                .max(o.transfer_started_ns.unwrap_or(0))
+        })
+        .filter(|&t| t > 0)
+        .unwrap_or(first);
+    let res = Transferred {
+        from: old.id,
+        to: new.id,
+        old_view: old.view,
+        new_view: new.view,
+        took_ms: took.as_secs_f64() * 1e3,
+        unavailable_ms: first.saturating_sub(stopped) as f64 / 1e6,
+    };
+    if ui.json {
+        output::json_line(out, &serde_json::to_value(&res).expect("serializes"))?;
+    } else {
+        writeln!(
+            out,
+            "replica {} leads now (view {} → {}); unavailable for {} ms (last commit under replica {} to first under replica {}); the transfer took {:.1} ms",
+            res.to,
+            res.old_view,
+            res.new_view,
+            ms(first.saturating_sub(stopped)),
+            res.from,
+            res.to,
+            res.took_ms
+        )?;
+    }
+    Ok(Status::Success)
+}
