@@ -272,9 +272,6 @@ impl AdminServer {
             .spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    if !peer_allowed(&stream, &ui) {
-                        continue;
-                    }
                     if live.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
                         let _ = (&stream).write_all(
                             format!("{}\n", refusal("too many admin connections; retry"))
@@ -283,11 +280,13 @@ impl AdminServer {
                         continue;
                     }
                     live.fetch_add(1, Ordering::Relaxed);
-                    let (tx, wake, live) = (tx.clone(), wake.clone(), live.clone());
+                    let (tx, wake, live, ui) = (tx.clone(), wake.clone(), live.clone(), ui.clone());
                     let spawned = std::thread::Builder::new()
                         .name("falcon-admin-conn".into())
                         .spawn(move || {
-                            serve(stream, &tx, &*wake);
+                            if peer_allowed(&stream, &ui) {
+                                serve(stream, &tx, &*wake);
+                            }
                             live.fetch_sub(1, Ordering::Relaxed);
                         });
                     if spawned.is_err() {
@@ -326,13 +325,18 @@ fn peer_allowed(stream: &UnixStream, ui: &Ui) -> bool {
         Ok(c) if c.uid() == me || c.uid() == 0 => true,
         Ok(c) => {
             ui.warn(&format!(
-                "refused an admin connection from uid {} (pid {}): only uid {me} or root may use the admin socket",
+                "refused an admin connection from uid {} (pid {}): only falcon's user (uid {me}) or root may use the admin socket",
                 c.uid(),
                 c.pid()
             ));
             let _ = (&*stream).write_all(
                 format!("{}\n", refusal("permission denied: not the replica's user")).as_bytes(),
             );
+            // Closing with the request unread would reset the connection
+            // and lose the answer: read to the client's end (briefly) first.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let _ = std::io::copy(&mut (&*stream).take(LINE_MAX as u64), &mut std::io::sink());
             false
         }
         Err(e) => {
