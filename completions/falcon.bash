@@ -40,6 +40,30 @@ _falcon() {
             falcon,tap-attach)
                 cmd="falcon__subcmd__tap__subcmd__attach"
                 ;;
+            falcon__subcmd__failover,drill)
+                cmd="falcon__subcmd__failover__subcmd__drill"
+                ;;
+            falcon__subcmd__failover,help)
+                cmd="falcon__subcmd__failover__subcmd__help"
+                ;;
+            falcon__subcmd__failover,status)
+                cmd="falcon__subcmd__failover__subcmd__status"
+                ;;
+            falcon__subcmd__failover,transfer)
+                cmd="falcon__subcmd__failover__subcmd__transfer"
+                ;;
+            falcon__subcmd__failover__subcmd__help,drill)
+                cmd="falcon__subcmd__failover__subcmd__help__subcmd__drill"
+                ;;
+            falcon__subcmd__failover__subcmd__help,help)
+                cmd="falcon__subcmd__failover__subcmd__help__subcmd__help"
+                ;;
+            falcon__subcmd__failover__subcmd__help,status)
+                cmd="falcon__subcmd__failover__subcmd__help__subcmd__status"
+                ;;
+            falcon__subcmd__failover__subcmd__help,transfer)
+                cmd="falcon__subcmd__failover__subcmd__help__subcmd__transfer"
+                ;;
             falcon__subcmd__help,bench)
                 cmd="falcon__subcmd__help__subcmd__bench"
                 ;;
@@ -63,6 +87,15 @@ _falcon() {
                 ;;
             falcon__subcmd__help,tap-attach)
                 cmd="falcon__subcmd__help__subcmd__tap__subcmd__attach"
+                ;;
+            falcon__subcmd__help__subcmd__failover,drill)
+                cmd="falcon__subcmd__help__subcmd__failover__subcmd__drill"
+                ;;
+            falcon__subcmd__help__subcmd__failover,status)
+                cmd="falcon__subcmd__help__subcmd__failover__subcmd__status"
+                ;;
+            falcon__subcmd__help__subcmd__failover,transfer)
+                cmd="falcon__subcmd__help__subcmd__failover__subcmd__transfer"
                 ;;
             *)
                 ;;
@@ -179,12 +212,184 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover)
-            opts="-v -q -h -V --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --json --verbose --quiet --color --help --version status transfer drill help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__drill)
+            opts="-v -q -h -V --config --kill --rounds --election-timeout --clients --settle --round-timeout --keep --json --verbose --quiet --color --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kill)
+                    COMPREPLY=($(compgen -W "leader follower random" -- "${cur}"))
+                    return 0
+                    ;;
+                --rounds)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --election-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --clients)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --settle)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --round-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help)
+            opts="status transfer drill help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help__subcmd__drill)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help__subcmd__transfer)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__status)
+            opts="-v -q -h -V --config --watch --interval --json --verbose --quiet --color --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__transfer)
+            opts="-v -q -h -V --config --to --timeout --json --verbose --quiet --color --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --to)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --color)
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
@@ -247,8 +452,50 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__help__subcmd__failover)
-            opts=""
+            opts="status transfer drill"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__help__subcmd__failover__subcmd__drill)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__help__subcmd__failover__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__help__subcmd__failover__subcmd__transfer)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -421,7 +668,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -479,6 +726,10 @@ _falcon() {
                     COMPREPLY=($(compgen -W "spin adaptive sleep" -- "${cur}"))
                     return 0
                     ;;
+                --metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --new-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -495,7 +746,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__tap__subcmd__attach)
-            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -559,6 +810,10 @@ _falcon() {
                     ;;
                 --poll)
                     COMPREPLY=($(compgen -W "spin adaptive sleep" -- "${cur}"))
+                    return 0
+                    ;;
+                --metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --new-key)

@@ -36,7 +36,7 @@ complete -c falcon -n "__fish_falcon_needs_command" -f -a "replicate" -d 'Run a 
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
-complete -c falcon -n "__fish_falcon_needs_command" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'
+complete -c falcon -n "__fish_falcon_needs_command" -f -a "failover" -d 'Cluster status, planned leadership transfer, failure drills'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "generate" -d 'Write the man pages and shell completions (for packagers)'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "make-fixtures" -d 'Write the fixture logs under fixtures/ (for falcon\'s own tests)'
 complete -c falcon -n "__fish_falcon_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -56,6 +56,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l memory-entri
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l poll -d 'With transport shm or rdma: how the replica waits for its peers. adaptive spins on the rings for 50 µs after each peer message, then sleeps; spin never sleeps (lowest latency; a core per replica, so only where each replica has a core of its own); sleep never spins. TCP always sleeps in epoll' -r -f -a "spin\t'Spin on the rings, never sleep (lowest latency, a core per replica)'
 adaptive\t'Spin for a bounded time, then sleep on the doorbell'
 sleep\t'Sleep on the doorbell at once'"
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l metrics -d 'Serve Prometheus metrics at http://ADDR/metrics (commit latency, commits, view and role, follower lag, log size, fsync latency, connections). Every replica also answers `falcon failover status` on admin.sock in its data directory' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
@@ -84,6 +85,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l memory-entr
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l poll -d 'With transport shm or rdma: how the replica waits for its peers. adaptive spins on the rings for 50 µs after each peer message, then sleeps; spin never sleeps (lowest latency; a core per replica, so only where each replica has a core of its own); sleep never spins. TCP always sleeps in epoll' -r -f -a "spin\t'Spin on the rings, never sleep (lowest latency, a core per replica)'
 adaptive\t'Spin for a bounded time, then sleep on the doorbell'
 sleep\t'Sleep on the doorbell at once'"
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l metrics -d 'Serve Prometheus metrics at http://ADDR/metrics (commit latency, commits, view and role, follower lag, log size, fsync latency, connections). Every replica also answers `falcon failover status` on admin.sock in its data directory' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
@@ -153,14 +155,62 @@ complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s v -l verbo
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s V -l version -d 'Print version'
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -s v -l verbose -d 'More detail on standard error (repeat for more)'
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -s q -l quiet -d 'Only errors on standard error'
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c falcon -n "__fish_falcon_using_subcommand failover" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l interval -d 'Time between two refreshes with --watch' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l watch -d 'Refresh in place until Ctrl-C (with --json: one JSON line per refresh)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l to -d 'The replica (id) to lead next' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l timeout -d 'Give up after this long' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l config -d 'A cluster the operator started on this host (its replicas run redis-server); without it the drill starts its own 3-replica Redis cluster on 127.0.0.1 and removes it afterwards' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l kill -d 'Which replica each round kills' -r -f -a "leader\t'The leader: a real failover'
+follower\t'A follower: the service must not notice'
+random\t'Either, at random'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l rounds -d 'Rounds' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l election-timeout -d 'The drill\'s own cluster: its election timeout' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l clients -d 'Checker connections writing during the drill' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l settle -d 'Load before each kill' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l round-timeout -d 'A round that has not recovered after this long fails' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l keep -d 'The drill\'s own cluster: keep its directory (logs, data) afterwards'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c falcon -n "__fish_falcon_using_subcommand generate" -l out -d 'Output directory' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand generate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
@@ -183,7 +233,10 @@ complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "tap-attach" -d 'Replicate a QEMU virtual machine by ordering its inbound frames'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "bench" -d 'Measure the log, round trips and consensus, beside their baselines'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "log-inspect" -d 'Read, verify, follow and export a replica\'s log'
-complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "failover" -d 'Show cluster status and move leadership to another replica (not in this release yet)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "failover" -d 'Cluster status, planned leadership transfer, failure drills'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "generate" -d 'Write the man pages and shell completions (for packagers)'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "make-fixtures" -d 'Write the fixture logs under fixtures/ (for falcon\'s own tests)'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'

@@ -98,7 +98,7 @@ with_falcon() { # prints p50 p99, and the leader's counters to stderr
     leader=""
     for _ in $(seq 1 100); do
         for i in 1 2 3; do
-            grep -q "replica $i: leader in view" "$work/replica$i.log" 2>/dev/null && leader=$i
+            grep -q "role: replica $i leads view" "$work/replica$i.log" 2>/dev/null && leader=$i
         done
         [ -n "$leader" ] && break
         sleep 0.2

@@ -84,9 +84,12 @@ fn leader(dir: &Path) -> Option<usize> {
         let l = log(dir, i);
         let last_role = l
             .lines()
-            .rfind(|x| x.contains(&format!("replica {i}: ")) && x.contains(" in view "))
+            .rfind(|x| {
+                x.contains(&format!("role: replica {i} "))
+                    || x.contains(&format!("view change: replica {i} "))
+            })
             .unwrap_or("");
-        last_role.contains(": leader in view")
+        last_role.contains(&format!("role: replica {i} leads view"))
     })
 }
 
@@ -448,7 +451,8 @@ fn a_clients_tcp_connection_survives_the_leaders_death() {
     std::mem::forget(old);
     let o = conversation.join().unwrap();
     let text = String::from_utf8_lossy(&o.stdout).to_string();
-    let new_lead = (1..=3).find(|&i| i != lead && log(&d, i).contains(": leader in view"));
+    let new_lead = (1..=3)
+        .find(|&i| i != lead && log(&d, i).contains(&format!("role: replica {i} leads view")));
     assert!(
         o.status.success() && text.lines().filter(|l| l.ends_with(" ok")).count() == 120,
         "the connection did not survive the failover (new leader {new_lead:?}):\n{text}\n{}\nlogs:\n{}\n{}",

@@ -37,6 +37,10 @@ pub struct Ui {
     pub verbose: u8,
     /// Standard error is a terminal (progress bars go there).
     pub stderr_tty: bool,
+    /// A log subscriber is installed ([`Ui::install_logs`]).
+    pub logs: bool,
+    /// Messages are log lines of this replica (see [`Ui::for_node`]).
+    pub node: Option<u32>,
 }
 
 impl Ui {
@@ -55,6 +59,48 @@ impl Ui {
             quiet,
             verbose,
             stderr_tty: std::io::stderr().is_terminal(),
+            logs: false,
+            node: None,
+        }
+    }
+
+    /// Makes messages structured log lines (tracing): a timestamp, the
+    /// level and, from [`Ui::for_node`] on, the replica's id on every line;
+    /// JSON lines with `json`. Levels: `-q` errors only, then info, `-v`
+    /// debug, `-vv` trace. For long-running commands (`replicate`,
+    /// `tap-attach`) whose output is a log.
+    pub fn install_logs(&mut self, json: bool) {
+        use tracing::Level;
+        let level = match (self.quiet, self.verbose) {
+            (true, _) => Level::ERROR,
+            (false, 0) => Level::INFO,
+            (false, 1) => Level::DEBUG,
+            _ => Level::TRACE,
+        };
+        let ansi = self.stderr_tty && std::env::var_os("NO_COLOR").is_none();
+        let b = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(level)
+            .with_target(false)
+            .with_ansi(ansi);
+        let installed = if json {
+            b.json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .try_init()
+                .is_ok()
+        } else {
+            b.try_init().is_ok()
+        };
+        self.logs = installed;
+    }
+
+    /// The same settings, for replica `id`: once logs are installed, every
+    /// message is a log line that names it (`node{id=2}`).
+    pub fn for_node(&self, id: u32) -> Ui {
+        Ui {
+            node: self.logs.then_some(id),
+            ..self.clone()
         }
     }
 
@@ -66,6 +112,8 @@ impl Ui {
             quiet: false,
             verbose: 0,
             stderr_tty: false,
+            logs: false,
+            node: None,
         }
     }
 
@@ -79,6 +127,11 @@ impl Ui {
 
     /// A warning on standard error (hidden by `-q`).
     pub fn warn(&self, msg: &str) {
+        if let Some(id) = self.node {
+            let _s = tracing::error_span!("node", id).entered();
+            tracing::warn!("{msg}");
+            return;
+        }
         if !self.quiet {
             eprintln!("{} {msg}", self.paint("1;33", "warning:"));
         }
@@ -86,11 +139,21 @@ impl Ui {
 
     /// An error on standard error (never hidden).
     pub fn error(&self, msg: &str) {
+        if let Some(id) = self.node {
+            let _s = tracing::error_span!("node", id).entered();
+            tracing::error!("{msg}");
+            return;
+        }
         eprintln!("{} {msg}", self.paint("1;31", "error:"));
     }
 
     /// A note on standard error (hidden by `-q`).
     pub fn note(&self, msg: &str) {
+        if let Some(id) = self.node {
+            let _s = tracing::error_span!("node", id).entered();
+            tracing::info!("{msg}");
+            return;
+        }
         if !self.quiet {
             eprintln!("{msg}");
         }
@@ -98,6 +161,11 @@ impl Ui {
 
     /// Extra detail at `-v` or more.
     pub fn detail(&self, msg: &str) {
+        if let Some(id) = self.node {
+            let _s = tracing::error_span!("node", id).entered();
+            tracing::debug!("{msg}");
+            return;
+        }
         if self.verbose > 0 && !self.quiet {
             eprintln!("{msg}");
         }

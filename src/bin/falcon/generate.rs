@@ -20,7 +20,7 @@ Failure: the command ran and found or hit a problem, reported on standard error
 (for example a corrupt log under \fBlog\-inspect \-\-verify\fR).
 .TP
 \fB2\fR
-Usage error: bad arguments, or a subcommand this release does not have yet.
+Usage error: bad arguments, or a feature this build does not have (such as the rdma transport).
 .PP
 A closed pipe on standard output is not an error.
 "#;
@@ -62,10 +62,23 @@ pub fn write_all(out: &Path) -> anyhow::Result<()> {
         .filter(|s| !s.is_hide_set() && s.get_name() != "help")
     {
         let name = format!("falcon-{}", sub.get_name());
-        let sub = sub
-            .clone()
-            .name(name.clone())
-            .bin_name(format!("falcon {}", sub.get_name()));
+        let bin = format!("falcon {}", sub.get_name());
+        // One page per subcommand, and per subcommand of it (falcon-failover-drill).
+        for inner in sub
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            let inner_name = format!("{name}-{}", inner.get_name());
+            let inner = inner
+                .clone()
+                .name(inner_name.clone())
+                .bin_name(format!("{bin} {}", inner.get_name()));
+            write(
+                man_dir.join(format!("{inner_name}.1")),
+                &man_page(&inner, &inner_name)?,
+            )?;
+        }
+        let sub = sub.clone().name(name.clone()).bin_name(bin);
         write(man_dir.join(format!("{name}.1")), &man_page(&sub, &name)?)?;
     }
     for (shell, file) in [

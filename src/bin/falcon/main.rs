@@ -48,6 +48,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// A replica's messages are log lines (timestamp, level, node id; JSON
+/// lines with --json).
+fn logs(ui: &Ui, replica: bool) -> Ui {
+    let mut ui = ui.clone();
+    if replica {
+        ui.install_logs(ui.json);
+    }
+    ui
+}
+
 /// Runs a replica (`replicate`, `tap-attach`) until Ctrl-C or SIGTERM.
 fn run_replica(
     f: impl FnOnce(Arc<AtomicBool>) -> Result<falcon::output::Status, falcon::node::ReplicateError>,
@@ -66,8 +76,14 @@ fn run(cli: Cli, ui: &Ui) -> anyhow::Result<Status> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let status = match cli.command {
-        Command::Replicate(args) => run_replica(|stop| falcon::node::replicate(&args, ui, stop)),
-        Command::TapAttach(args) => run_replica(|stop| falcon::node::tap_attach(&args, ui, stop)),
+        Command::Replicate(args) => {
+            let ui = &logs(ui, args.new_key.is_none());
+            run_replica(|stop| falcon::node::replicate(&args, ui, stop))
+        }
+        Command::TapAttach(args) => {
+            let ui = &logs(ui, true);
+            run_replica(|stop| falcon::node::tap_attach(&args, ui, stop))
+        }
         Command::Failover(args) => {
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();

@@ -277,12 +277,14 @@ impl Member {
     }
 }
 
+/// Acknowledged items per (round, writer).
+type Acked = Arc<Mutex<HashMap<(u64, u32), Vec<u64>>>>;
+
 /// The checker: connections that append numbered items to their own lists.
 struct Checker {
     round: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    /// Acknowledged items per (round, writer).
-    acked: Arc<Mutex<HashMap<(u64, u32), Vec<u64>>>>,
+    acked: Acked,
     /// The first acknowledgement at or after `watch_from` (ns since the epoch).
     watch_from: Arc<AtomicU64>,
     first_after: Arc<AtomicU64>,

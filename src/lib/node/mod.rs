@@ -621,9 +621,16 @@ impl Node<'_> {
                     Role::Follower => "follower",
                     Role::ViewChange => "changing views",
                 };
-                self.ui.note(&format!(
-                    "replica {me}: {name} in view {view} (leader: replica {lead})"
-                ));
+                // One line per change: a view change, then the role it ends in.
+                self.ui.note(&match role {
+                    Role::Leader => format!("role: replica {me} leads view {view}"),
+                    Role::Follower => format!(
+                        "role: replica {me} follows replica {lead} in view {view}"
+                    ),
+                    Role::ViewChange => format!(
+                        "view change: replica {me} moves to view {view}, which replica {lead} would lead"
+                    ),
+                });
                 let hook = match role {
                     Role::Leader => self.hooks.0.clone(),
                     Role::Follower => self.hooks.1.clone(),
@@ -1678,6 +1685,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let cfg = &opts.config;
     let me = opts.index as NodeId;
     let rc = &cfg.replicas[opts.index];
+    // Every line this replica logs names it.
+    let ui = &ui.for_node(rc.id);
     std::fs::create_dir_all(&rc.data_dir)
         .map_err(io_err(format!("creating {}", rc.data_dir.display())))?;
     let storage = FsStorage::new(rc.data_dir.join("log"), true).map_err(io_err(format!(
