@@ -105,6 +105,9 @@ for _ in $(seq 1 600); do
 done
 echo "replica $L caught up in $(( ($(date +%s%N) - t2) / 1000000 )) ms (program start included)"
 
+step "falcon failover status: what an operator sees"
+"$falcon" failover status --config "$work/cluster.toml" || true
+
 step "result"
 printf '%-9s %-12s %s\n' replica role "DEBUG DIGEST"
 digests=()

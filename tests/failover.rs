@@ -175,6 +175,30 @@ fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
     assert_eq!(table.stdout.matches("leader").count(), 1, "{table:?}");
     assert_eq!(table.stdout.matches("follower").count(), 2, "{table:?}");
 
+    // --watch redraws in place until Ctrl-C, then exits 0.
+    let mut watch = util::falcon()
+        .current_dir(d)
+        .args([
+            "failover",
+            "status",
+            "--watch",
+            "--interval",
+            "200ms",
+            "--config",
+            "cluster.toml",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    sh(&format!("kill -INT {}", watch.id()));
+    let o = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(text.matches("\x1b[H\x1b[2J").count() >= 3, "{text}");
+    assert!(text.matches("leader").count() >= 3, "{text}");
+
     // metrics: the leader's commit histogram counted the SETs; roles and views.
     let m = scrape(l);
     assert!(
