@@ -176,7 +176,7 @@ fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
     assert_eq!(table.stdout.matches("follower").count(), 2, "{table:?}");
 
     // --watch redraws in place until Ctrl-C, then exits 0.
-    let mut watch = util::falcon()
+    let watch = util::falcon()
         .current_dir(d)
         .args([
             "failover",
