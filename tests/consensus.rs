@@ -321,8 +321,10 @@ fn normal_4_1_the_uncommitted_window_is_bounded() {
     );
 }
 
-/// 4.2 View changes: a backup that hears nothing for the timeout moves to the
-/// next view, persists it, tells everyone, and sends its log to the new leader.
+/// 4.2 View changes: a backup that hears nothing for the timeout first asks
+/// whether the others would follow (a pre-vote, nothing saved); with a
+/// majority's yes it moves to the next view, persists it, tells everyone,
+/// and sends its log to the new leader.
 #[test]
 fn view_change_4_2_timeout_starts_a_view_change() {
     let mut backup = Replica::new(cfg(2, 3), 1, 0);
@@ -349,6 +351,21 @@ fn view_change_4_2_timeout_starts_a_view_change() {
     assert_eq!(
         out,
         vec![
+            send(0, Message::ViewProbe { view: 1 }),
+            send(1, Message::ViewProbe { view: 1 }),
+        ],
+        "a probe first: nothing saved, no view moved"
+    );
+    assert_eq!(backup.view(), 0);
+    // A yes from another replica makes a majority of 3 with its own.
+    let out = step(
+        &mut backup,
+        251 * MS,
+        recv(1, 2, Message::ViewProbeOk { view: 1 }),
+    );
+    assert_eq!(
+        out,
+        vec![
             Command::SaveState(PersistentState {
                 view: 1,
                 log_view: 0
@@ -372,6 +389,66 @@ fn view_change_4_2_timeout_starts_a_view_change() {
                 }
             ),
         ]
+    );
+}
+
+/// falcon: the pre-vote. A replica that hears from its leader refuses to
+/// join a view change (a replica cut off or just restarted cannot disturb a
+/// working cluster); once the leader has been silent for the election
+/// timeout, it says yes. A leader never says yes; a probe of an old view
+/// learns the newer one.
+#[test]
+fn a_replica_that_hears_its_leader_refuses_a_probe() {
+    let mut backup = Replica::new(cfg(2, 3), 1, 0);
+    step(
+        &mut backup,
+        200 * MS,
+        recv(0, 2, Message::Commit { view: 0, commit: 0 }),
+    );
+    assert_eq!(
+        step(
+            &mut backup,
+            250 * MS,
+            recv(1, 2, Message::ViewProbe { view: 1 })
+        ),
+        vec![],
+        "the leader spoke 50 ms ago"
+    );
+    assert_eq!(
+        step(
+            &mut backup,
+            360 * MS,
+            recv(1, 2, Message::ViewProbe { view: 1 })
+        ),
+        vec![send(1, Message::ViewProbeOk { view: 1 })],
+        "silent for the 150 ms timeout"
+    );
+    assert_eq!(backup.view(), 0, "a probe moves no view");
+    assert_eq!(
+        step(
+            &mut backup,
+            361 * MS,
+            recv(1, 2, Message::ViewProbe { view: 0 })
+        ),
+        vec![send(1, Message::NewerView { view: 0 })]
+    );
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 1, Input::Tick);
+    assert!(
+        step(
+            &mut leader,
+            10_000 * MS,
+            recv(1, 0, Message::ViewProbe { view: 1 })
+        )
+        .iter()
+        .all(|c| !matches!(
+            c,
+            Command::Send {
+                msg: Message::ViewProbeOk { .. },
+                ..
+            }
+        )),
+        "a leader never says yes"
     );
 }
 

@@ -132,6 +132,19 @@ pub enum Message {
         /// The replier's view.
         view: u64,
     },
+    /// Before it starts a view change on its own, a replica asks whether the
+    /// others would join one (a pre-vote): a replica that hears from a live
+    /// leader says no, so one that was cut off or just restarted cannot
+    /// disturb a working cluster.
+    ViewProbe {
+        /// The view the sender would start.
+        view: u64,
+    },
+    /// Yes to a [`Message::ViewProbe`]: the replier hears from no leader either.
+    ViewProbeOk {
+        /// The view probed.
+        view: u64,
+    },
     /// Leader → follower: the entries you need are compacted away here; fetch a
     /// snapshot covering everything up to `op`.
     NeedSnapshot {
@@ -222,7 +235,10 @@ impl Message {
             Message::Missing { view, from } | Message::RequestDoViewChange { view, from } => {
                 pad(&[*view, *from])
             }
-            Message::StartViewChange { view } | Message::NewerView { view } => pad(&[*view]),
+            Message::StartViewChange { view }
+            | Message::NewerView { view }
+            | Message::ViewProbe { view }
+            | Message::ViewProbeOk { view } => pad(&[*view]),
             Message::SnapshotRequest { view, op, offset } => pad(&[*view, *op, *offset]),
             Message::LinkSetup { view, .. } => pad(&[*view]),
             Message::SnapshotChunk {
@@ -278,6 +294,8 @@ impl Message {
             Message::DoViewChange { .. } => "do_view_change",
             Message::RequestDoViewChange { .. } => "request_do_view_change",
             Message::NewerView { .. } => "newer_view",
+            Message::ViewProbe { .. } => "view_probe",
+            Message::ViewProbeOk { .. } => "view_probe_ok",
             Message::NeedSnapshot { .. } => "need_snapshot",
             Message::SnapshotRequest { .. } => "snapshot_request",
             Message::SnapshotChunk { .. } => "snapshot_chunk",
@@ -336,6 +354,8 @@ const T_CATCH_UP: u8 = 11;
 const T_SNAP_REQUEST: u8 = 12;
 const T_SNAP_CHUNK: u8 = 13;
 const T_LINK_SETUP: u8 = 14;
+const T_PROBE: u8 = 15;
+const T_PROBE_OK: u8 = 16;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -369,6 +389,8 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
         Message::SnapshotRequest { .. } => T_SNAP_REQUEST,
         Message::SnapshotChunk { .. } => T_SNAP_CHUNK,
         Message::LinkSetup { .. } => T_LINK_SETUP,
+        Message::ViewProbe { .. } => T_PROBE,
+        Message::ViewProbeOk { .. } => T_PROBE_OK,
     };
     out.push(t);
     out.extend_from_slice(&env.cluster.to_le_bytes());
@@ -553,6 +575,8 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
             from: r.u64()?,
         },
         T_NEWER => Message::NewerView { view: r.u64()? },
+        T_PROBE => Message::ViewProbe { view: r.u64()? },
+        T_PROBE_OK => Message::ViewProbeOk { view: r.u64()? },
         T_SNAP => Message::NeedSnapshot {
             view: r.u64()?,
             op: r.u64()?,
@@ -664,6 +688,8 @@ mod tests {
             },
             Message::RequestDoViewChange { view: 4, from: 1 },
             Message::NewerView { view: 9 },
+            Message::ViewProbe { view: 5 },
+            Message::ViewProbeOk { view: 5 },
             Message::NeedSnapshot { view: 4, op: 100 },
             Message::SnapshotRequest {
                 view: 4,

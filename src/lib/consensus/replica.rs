@@ -275,6 +275,10 @@ pub struct Replica {
     durable: u64,
     open_conns: BTreeSet<u64>,
     election_deadline: u64,
+    /// When this replica last heard from its view's leader (or started).
+    last_leader_contact: u64,
+    /// A pre-vote under way: the view it would start, and who said yes.
+    probe: Option<(u64, BTreeSet<NodeId>)>,
     last_resend: u64,
     // Leader state.
     acked: Vec<u64>,
@@ -364,6 +368,8 @@ impl Replica {
             durable: 0,
             open_conns: open_conns.into_iter().collect(),
             election_deadline: 0,
+            last_leader_contact: now,
+            probe: None,
             last_resend: now,
             acked: vec![0; n],
             next: vec![1; n],
@@ -454,6 +460,13 @@ impl Replica {
 
     fn is_leader(&self) -> bool {
         self.cfg.leader_of(self.view) == self.cfg.id
+    }
+
+    /// The view's leader spoke: no view change for another election timeout,
+    /// and no yes to anyone else's probe for one either.
+    fn heard_from_leader(&mut self) {
+        self.last_leader_contact = self.now;
+        self.reset_election_deadline();
     }
 
     fn reset_election_deadline(&mut self) {
@@ -763,12 +776,12 @@ impl Replica {
             }
             Status::Normal => {
                 if self.now >= self.election_deadline && self.cfg.n > 1 {
-                    self.start_view_change(self.view + 1, out);
+                    self.probe_view(self.view + 1, out);
                 }
             }
             Status::ViewChange => {
                 if self.now >= self.election_deadline {
-                    self.start_view_change(self.view + 1, out);
+                    self.probe_view(self.view + 1, out);
                 } else if self.now.saturating_sub(self.last_resend) >= hb {
                     // Messages may be lost: say it again.
                     self.last_resend = self.now;
@@ -788,8 +801,42 @@ impl Replica {
 
     // ---- view change ----
 
+    /// A pre-vote: asks the others whether they would join a view change to
+    /// `view`, and starts it once a majority (this replica included) said
+    /// yes. Nothing is promised or saved yet, so a replica that was cut off
+    /// or just restarted, and hears from no leader, cannot push a working
+    /// cluster into a view change: its probes are refused until it hears
+    /// from the leader itself.
+    fn probe_view(&mut self, view: u64, out: &mut Vec<Command>) {
+        self.reset_election_deadline();
+        self.probe = Some((view, BTreeSet::new()));
+        for f in self.others() {
+            self.send(out, f, Message::ViewProbe { view });
+        }
+        if self.cfg.quorum() <= 1 {
+            self.probe = None;
+            self.start_view_change(view, out);
+        }
+    }
+
+    /// Whether this replica would join a view change now: it leads no
+    /// working view and has heard from no leader for an election timeout.
+    fn leaderless(&self) -> bool {
+        match self.status {
+            Status::ViewChange => true,
+            Status::Normal => {
+                !self.is_leader()
+                    && self.now
+                        >= self
+                            .last_leader_contact
+                            .saturating_add(self.cfg.election_timeout_ns)
+            }
+        }
+    }
+
     fn start_view_change(&mut self, view: u64, out: &mut Vec<Command>) {
         debug_assert!(view > self.view);
+        self.probe = None;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1058,6 +1105,7 @@ impl Replica {
     /// Moves to a higher view we learnt of from a message of its normal
     /// operation: we missed its start, so we wait for the leader's log.
     fn adopt_view(&mut self, view: u64, out: &mut Vec<Command>) {
+        self.probe = None;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1119,7 +1167,8 @@ impl Replica {
                 leader: self.leader(),
             });
         }
-        self.reset_election_deadline();
+        self.probe = None;
+        self.heard_from_leader();
         self.learn_commit(commit, out);
         out.push(Command::Send {
             to: from,
@@ -1142,13 +1191,20 @@ impl Replica {
         out: &mut Vec<Command>,
     ) {
         let end = op_start + entries.len() as u64;
-        if entries.is_empty()
-            || end - 1 > commit
-            || op_start > self.last_op() + 1
-            || op_start < self.first_op
-        {
+        if entries.is_empty() || end - 1 > commit || op_start > self.last_op() + 1 {
             return;
         }
+        // The leader spoke (a big catch-up must not look like silence).
+        self.heard_from_leader();
+        // Entries below first_op were delivered here, so committed: the
+        // same in every log. (A leader that missed our acknowledgements
+        // sends from further back than we need.)
+        let (op_start, entries) = if op_start < self.first_op {
+            let skip = ((self.first_op - op_start) as usize).min(entries.len());
+            (op_start + skip as u64, entries.into_iter().skip(skip).collect())
+        } else {
+            (op_start, entries)
+        };
         // Committing through `end - 1` commits our entries before op_start
         // too: only safe up to where they are known to be the leader's.
         let trusted = self.trusted_last();
@@ -1174,7 +1230,9 @@ impl Replica {
             .into_iter()
             .filter(|e| e.op > self.last_op())
             .collect();
-        self.append_local(rest, out);
+        if !rest.is_empty() {
+            self.append_local(rest, out);
+        }
         self.learn_commit(end - 1, out);
         self.send(
             out,
@@ -1232,6 +1290,32 @@ impl Replica {
         }
         let from = env.from;
         let v = env.msg.view();
+        match env.msg {
+            // Pre-votes promise nothing and move no view.
+            Message::ViewProbe { view } => {
+                if view > self.view && self.leaderless() {
+                    self.send(out, from, Message::ViewProbeOk { view });
+                } else if view <= self.view {
+                    // The prober is behind: it learns of this view.
+                    self.send(out, from, Message::NewerView { view: self.view });
+                }
+                return;
+            }
+            Message::ViewProbeOk { view } => {
+                let quorum = self.cfg.quorum();
+                if let Some((pv, yes)) = &mut self.probe {
+                    if *pv == view && view == self.view + 1 {
+                        yes.insert(from);
+                        if yes.len() + 1 >= quorum {
+                            self.probe = None;
+                            self.start_view_change(view, out);
+                        }
+                    }
+                }
+                return;
+            }
+            _ => {}
+        }
         if v < self.view {
             if !matches!(env.msg, Message::NewerView { .. }) {
                 self.send(out, from, Message::NewerView { view: self.view });
@@ -1296,7 +1380,7 @@ impl Replica {
                 }
                 match self.status {
                     Status::Normal => {
-                        self.reset_election_deadline();
+                        self.heard_from_leader();
                         self.learn_commit(commit, out);
                     }
                     Status::ViewChange => {
@@ -1359,7 +1443,9 @@ impl Replica {
             }
             Message::SnapshotRequest { .. }
             | Message::SnapshotChunk { .. }
-            | Message::LinkSetup { .. } => {}
+            | Message::LinkSetup { .. }
+            | Message::ViewProbe { .. }
+            | Message::ViewProbeOk { .. } => {}
             Message::NeedSnapshot { op, .. } => {
                 if from == self.leader() && op > self.commit && self.snapshot_wait.is_none() {
                     self.snapshot_wait = Some(op);
@@ -1388,7 +1474,7 @@ impl Replica {
             self.ask_leader_for_log(out);
             return;
         }
-        self.reset_election_deadline();
+        self.heard_from_leader();
         let last = self.last_op();
         if op_start > last + 1 {
             self.send(

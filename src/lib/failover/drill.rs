@@ -83,7 +83,7 @@ SIGKILL; the drill measures
   detect   kill → a surviving replica starts a view change
   elect    kill → a new leader leads (a majority agreed on its view)
   commit   kill → the new leader's first commit (the failover time)
-  client   kill → the first write acknowledged to a checker client
+  client   kill → the first write acknowledged by the new leader
 then starts the killed replica again (same command, directory, environment
 and network namespace), waits until it has caught up, and checks on the
 leader that every acknowledged item is in its list. Exit status 1 when a
@@ -111,10 +111,13 @@ pub struct Round {
     pub elect_ms: Option<f64>,
     /// kill → the new leader's first commit, ms (leader kills).
     pub commit_ms: Option<f64>,
-    /// kill → first acknowledged client write, ms.
+    /// kill → first client write acknowledged after the takeover, ms.
     pub client_ms: Option<f64>,
     /// restart → the killed replica has applied everything committed when it started, ms.
     pub catch_up_ms: Option<f64>,
+    /// View changes while the killed replica came back (0 when it rejoined
+    /// without disturbing the leader).
+    pub rejoin_view_changes: u64,
     /// Writes acknowledged to the checker in this round.
     pub acked: u64,
     /// Of those, missing on the leader afterwards.
@@ -277,8 +280,8 @@ impl Member {
     }
 }
 
-/// Acknowledged items per (round, writer).
-type Acked = Arc<Mutex<HashMap<(u64, u32), Vec<u64>>>>;
+/// Acknowledged items per (round, writer), with when each was acknowledged.
+type Acked = Arc<Mutex<HashMap<(u64, u32), Vec<(u64, u64)>>>>;
 
 /// The checker: connections that append numbered items to their own lists.
 struct Checker {
@@ -378,7 +381,7 @@ impl Checker {
                             .expect("checker lock")
                             .entry((r, w))
                             .or_default()
-                            .push(seq);
+                            .push((seq, t));
                         if t >= watch.load(Ordering::Acquire) {
                             first.fetch_min(t, Ordering::AcqRel);
                         }
@@ -416,10 +419,16 @@ impl Checker {
         }
     }
 
-    /// Items of round `r` acknowledged, and how many of them the cluster
-    /// lost (read back through `clients`; the lists are deleted afterwards).
-    fn verify(&self, r: u64, clients: &[SocketAddr]) -> Result<(u64, u64), String> {
-        let acked: Vec<(u32, Vec<u64>)> = {
+    /// Items of round `r` acknowledged, how many of them the cluster lost
+    /// (read back through `clients`; the lists are deleted afterwards), and
+    /// the first acknowledgement at or after `after_ns`.
+    fn verify(
+        &self,
+        r: u64,
+        clients: &[SocketAddr],
+        after_ns: u64,
+    ) -> Result<(u64, u64, Option<u64>), String> {
+        let acked: Vec<(u32, Vec<(u64, u64)>)> = {
             let mut m = self.acked.lock().expect("checker lock");
             let keys: Vec<(u64, u32)> = m.keys().filter(|k| k.0 == r).copied().collect();
             keys.into_iter()
@@ -427,21 +436,39 @@ impl Checker {
                 .collect()
         };
         let (mut total, mut lost) = (0, 0);
+        let first = acked
+            .iter()
+            .flat_map(|(_, items)| items.iter().map(|&(_, t)| t))
+            .filter(|&t| t >= after_ns)
+            .min();
         for (w, items) in acked {
             let k = key(&self.prefix, r, w);
-            let have = read_list(clients, &k)?;
+            let have = retrying(|| read_list(clients, &k))?;
             let have: std::collections::HashSet<u64> = have.into_iter().collect();
             total += items.len() as u64;
-            lost += items.iter().filter(|i| !have.contains(i)).count() as u64;
-            let _ = command(clients, &["DEL", &k]);
+            lost += items.iter().filter(|(i, _)| !have.contains(i)).count() as u64;
+            let _ = retrying(|| command(clients, &["DEL", &k]));
         }
-        Ok((total, lost))
+        Ok((total, lost, first))
     }
 
     fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Tries `f` on the replicas until one answers, for up to 10 s (a view
+/// change may be under way: connections close, followers refuse).
+fn retrying<T>(mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -871,7 +898,6 @@ fn one_round(
             .leader_first_commit_ns
             .map(|c| elapsed_ms(kill_ns, c));
     }
-    round.client_ms = checker.first_ack().map(|a| elapsed_ms(kill_ns, a));
     // Start the killed replica again once it and its program are gone.
     let t = Instant::now();
     while !(gone(victim.pid) && victim.program.as_ref().is_none_or(|p| gone(p.pid))) {
@@ -898,8 +924,12 @@ fn one_round(
         .map_or(new_leader.commit, |s| s.commit);
     loop {
         if let Ok(s) = admin::status(&members[mi].data_dir, Duration::from_secs(1)) {
-            if s.role == "follower" && s.applied >= target {
+            // (It may have become the leader: a restarted replica that
+            // hears from nobody within the election timeout starts a view
+            // change; counted below.)
+            if s.role != "view-change" && s.applied >= target {
                 round.catch_up_ms = Some(restarted.elapsed().as_secs_f64() * 1e3);
+                round.rejoin_view_changes = s.view.saturating_sub(new_leader.view);
                 break;
             }
         }
@@ -916,10 +946,19 @@ fn one_round(
     }
     // The round's lists are complete once the writers moved on.
     checker.next_round(r + 1);
-    match checker.verify(r, clients) {
-        Ok((acked, lost)) => {
+    // The first write the cluster acknowledged after the kill — for a
+    // leader, after the new leader took over (an answer the old leader sent
+    // just before it died may arrive after the kill).
+    let served_from = if kill_leader {
+        new_leader.role_since_ns
+    } else {
+        kill_ns
+    };
+    match checker.verify(r, clients, served_from) {
+        Ok((acked, lost, first)) => {
             round.acked = acked;
             round.lost = lost;
+            round.client_ms = first.map(|t| elapsed_ms(kill_ns, t));
             if lost > 0 {
                 round.error = Some(format!(
                     "{lost} of {acked} acknowledged writes are missing on the leader"
@@ -948,6 +987,7 @@ fn report(
         "client": col(|r| r.client_ms),
         "catch_up": col(|r| r.catch_up_ms),
     });
+    let disturbed = rounds.iter().filter(|r| r.rejoin_view_changes > 0).count();
     let lost: u64 = rounds.iter().map(|r| r.lost).sum();
     let acked: u64 = rounds.iter().map(|r| r.acked).sum();
     let failed = rounds.iter().filter(|r| r.error.is_some()).count();
@@ -962,6 +1002,7 @@ fn report(
                 "acked": acked,
                 "lost": lost,
                 "failed_rounds": failed,
+                "rejoins_with_view_changes": disturbed,
                 "ok": ok,
             }),
         )?;
@@ -976,6 +1017,7 @@ fn report(
             "commit ms",
             "client ms",
             "catch-up ms",
+            "rejoin vc",
             "acked",
             "lost",
         ]);
@@ -992,6 +1034,7 @@ fn report(
                 f(r.commit_ms),
                 f(r.client_ms),
                 f(r.catch_up_ms),
+                r.rejoin_view_changes.to_string(),
                 r.acked.to_string(),
                 if r.lost > 0 {
                     ui.bad(&r.lost.to_string())
@@ -1033,6 +1076,13 @@ fn report(
                 ui.bad(&lost.to_string())
             }
         )?;
+        let disturbed = rounds.iter().filter(|r| r.rejoin_view_changes > 0).count();
+        if disturbed > 0 {
+            writeln!(
+                out,
+                "in {disturbed} rounds the restarted replica started view changes of its own before it heard from the leader (rejoin vc)"
+            )?;
+        }
     }
     Ok(if ok { Status::Success } else { Status::Failure })
 }
