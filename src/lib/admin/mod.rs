@@ -84,6 +84,12 @@ pub struct NodeStatus {
     pub commit: u64,
     /// The last op applied to the program.
     pub applied: u64,
+    /// Committed entries waiting for the program.
+    #[serde(default)]
+    pub apply_queue: usize,
+    /// The connection whose answer the applier waits for, and since when (ms).
+    #[serde(default)]
+    pub awaiting_answer: Option<(u64, f64)>,
     /// Ids of the replicas this one has a live link to.
     pub peers_connected: Vec<u32>,
     /// On the leader: for each follower, the last op it acknowledged.

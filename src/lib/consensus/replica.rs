@@ -270,6 +270,9 @@ pub struct Replica {
     /// Per follower: the op a catch-up was last sent from, and when (no
     /// second copy of the same chunk within a heartbeat).
     catch_up_sent: Vec<(u64, u64)>,
+    /// The op this replica last asked its leader for its log from, and when
+    /// (one request per half election timeout, not one per message heard).
+    asked_log: (u64, u64),
     commit: u64,
     delivered: u64,
     durable: u64,
@@ -363,6 +366,7 @@ impl Replica {
             first_op,
             stored_first: first_op,
             catch_up_sent: vec![(0, 0); n],
+            asked_log: (0, 0),
             commit: first_op - 1,
             delivered: first_op - 1,
             durable: 0,
@@ -837,6 +841,7 @@ impl Replica {
     fn start_view_change(&mut self, view: u64, out: &mut Vec<Command>) {
         debug_assert!(view > self.view);
         self.probe = None;
+        self.asked_log = (0, 0);
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1036,6 +1041,14 @@ impl Replica {
         if self.catch_up_from_below(f, from, out) {
             return;
         }
+        // The same log (or chunk) went to it within a heartbeat: a follower
+        // asks again at every message it hears, and a copy per request could
+        // be megabytes each.
+        let (last_from, at) = self.catch_up_sent[fi];
+        if last_from == from && at > 0 && self.now.saturating_sub(at) < self.cfg.heartbeat_ns {
+            return;
+        }
+        self.catch_up_sent[fi] = (from, self.now.max(1));
         if self.last_op() + 1 - from > self.cfg.catch_up_entries && from <= self.commit {
             // Far behind: committed entries first, in chunks it asks for one by one.
             let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
@@ -1082,6 +1095,7 @@ impl Replica {
         self.acked = vec![0; n];
         self.next = vec![self.commit + 1; n];
         self.last_sent = vec![0; n];
+        self.catch_up_sent = vec![(0, 0); n];
         self.transfer = None;
     }
 
@@ -1106,6 +1120,7 @@ impl Replica {
     /// operation: we missed its start, so we wait for the leader's log.
     fn adopt_view(&mut self, view: u64, out: &mut Vec<Command>) {
         self.probe = None;
+        self.asked_log = (0, 0);
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1246,8 +1261,17 @@ impl Replica {
 
     /// Asks the leader for its log from our commit point: only committed
     /// entries are known to match the leader's.
-    fn ask_leader_for_log(&self, out: &mut Vec<Command>) {
+    fn ask_leader_for_log(&mut self, out: &mut Vec<Command>) {
         let from = (self.commit + 1).max(self.first_op);
+        let (last, at) = self.asked_log;
+        if last == from
+            && at > 0
+            && self.now.saturating_sub(at) < (self.cfg.election_timeout_ns / 2).max(self.cfg.heartbeat_ns)
+        {
+            // Asked already; the answer (a whole log, perhaps) may be on its way.
+            return;
+        }
+        self.asked_log = (from, self.now.max(1));
         self.send(
             out,
             self.leader(),

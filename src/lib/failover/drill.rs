@@ -62,15 +62,25 @@ pub struct DrillArgs {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub clients: u32,
 
+    /// Writes per second the checker connections send together, at most
+    /// (0: as fast as the cluster answers). Headroom matters: a replica that
+    /// restarts replays the log into its program and must apply faster
+    /// than the cluster commits to catch up.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub rate: u32,
+
     /// Load before each kill.
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub settle: Duration,
 
-    /// A round that has not recovered after this long fails.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// A round that has not recovered after this long fails (a restarted
+    /// replica replays the whole log into a fresh program: this grows with
+    /// the log).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = humantime::parse_duration)]
     pub round_timeout: Duration,
 
-    /// The drill's own cluster: keep its directory (logs, data) afterwards.
+    /// The drill's own cluster: keep its directory (logs, data) afterwards,
+    /// and its replicas running when a round fails.
     #[arg(long, conflicts_with = "config")]
     pub keep: bool,
 }
@@ -219,6 +229,24 @@ fn launch_of(pid: u32) -> std::io::Result<Launch> {
     })
 }
 
+/// falcon processes working in `dir` (the drill's own replicas).
+fn drill_processes(dir: &Path) -> Vec<u32> {
+    let exe = std::env::current_exe().ok();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| pid != std::process::id())
+                .filter(|pid| {
+                    let p = PathBuf::from(format!("/proc/{pid}"));
+                    std::fs::read_link(p.join("cwd")).is_ok_and(|c| c == dir)
+                        && std::fs::read_link(p.join("exe")).ok() == exe
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether process `pid` is gone (or a zombie nobody reaped yet).
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -320,7 +348,13 @@ fn key(prefix: &str, round: u64, writer: u32) -> String {
 }
 
 impl Checker {
-    fn start(clients: &[SocketAddr], writers: u32) -> Checker {
+    fn start(clients: &[SocketAddr], writers: u32, rate: u32) -> Checker {
+        // Each writer's time between two writes.
+        let gap = if rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(f64::from(writers) / f64::from(rate))
+        };
         let prefix = format!("falcon-drill:{}:{}", std::process::id(), now_ns());
         let c = Checker {
             round: Arc::new(AtomicU64::new(1)),
@@ -348,7 +382,15 @@ impl Checker {
                 let mut seq = 0u64;
                 let mut at = w as usize;
                 let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+                let mut next_at = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
+                    if !gap.is_zero() {
+                        let now = Instant::now();
+                        if next_at > now {
+                            std::thread::sleep(next_at - now);
+                        }
+                        next_at = next_at.max(now) + gap;
+                    }
                     if conn.is_none() {
                         let addr = clients[at % clients.len()];
                         at += 1;
@@ -664,23 +706,39 @@ pub fn run(
         None => (own_cluster(&own_dir, args)?, true),
     };
     let result = drill(&cfg_path, own, args, ui, out, stop);
+    let failed = !matches!(result, Ok(Status::Success));
+    if own && args.keep && failed {
+        let pids = drill_processes(&own_dir);
+        ui.note(&format!(
+            "a round failed: the drill's cluster is left running for inspection in {} (falcon pids {}; falcon failover status --config {})",
+            own_dir.display(),
+            pids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            cfg_path.display()
+        ));
+        return result;
+    }
     if own {
-        // SIGTERM to the drill's replicas (they flush and stop their programs).
-        if let Ok(cfg) = ClusterConfig::load(&cfg_path) {
-            for s in survey(&cfg).iter().filter_map(|s| s.status.as_ref()) {
-                // SAFETY: a plain kill(2).
-                unsafe {
-                    libc::kill(s.pid as i32, libc::SIGTERM);
-                }
+        // SIGTERM to the drill's replicas (they flush and stop their
+        // programs), found by their working directory (a busy one may not
+        // answer its admin socket); SIGKILL to any still there after 10 s.
+        let ours = drill_processes(&own_dir);
+        for &pid in &ours {
+            // SAFETY: a plain kill(2).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
             }
-            let t = Instant::now();
-            while cfg
-                .replicas
-                .iter()
-                .any(|r| admin::socket_path(&r.data_dir).exists())
-                && t.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        while ours.iter().any(|&p| !gone(p)) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &pid in ours.iter().filter(|&&p| !gone(p)) {
+            // SAFETY: a plain kill(2).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
             }
         }
         if args.keep {
@@ -712,7 +770,7 @@ fn drill(
     }
     let clients: Vec<SocketAddr> = cfg.replicas.iter().map(|r| r.client).collect();
     let setup = format!(
-        "{} replicas ({}, transport {}, sync {}, election timeout {}){}; {} checker connections (RPUSH), {} of load before each kill; kill the {} with SIGKILL",
+        "{} replicas ({}, transport {}, sync {}, election timeout {}){}; {} checker connections (RPUSH, {}), {} of load before each kill; kill the {} with SIGKILL",
         cfg.replicas.len(),
         if own {
             "redis-server on 127.0.0.1, started by the drill".to_string()
@@ -728,6 +786,11 @@ fn drill(
             " (a --election-timeout on the replicas' command lines overrides the file's)"
         },
         args.clients,
+        if args.rate == 0 {
+            "as fast as answered".to_string()
+        } else {
+            format!("{} writes/s", args.rate)
+        },
         humantime::format_duration(args.settle),
         match args.kill {
             Victim::Leader => "leader",
@@ -736,7 +799,7 @@ fn drill(
         }
     );
     ui.note(&format!("drill: {setup}"));
-    let checker = Checker::start(&clients, args.clients);
+    let checker = Checker::start(&clients, args.clients, args.rate);
     let mut members: Vec<Member> = cfg
         .replicas
         .iter()
@@ -934,8 +997,22 @@ fn one_round(
             }
         }
         if restarted.elapsed() > args.round_timeout {
+            let now = match admin::status(&members[mi].data_dir, Duration::from_secs(1)) {
+                Ok(s) => format!(
+                    "it is {} in view {}, has applied op {} of {} committed ({} queued{})",
+                    s.role,
+                    s.view,
+                    s.applied,
+                    s.commit,
+                    s.apply_queue,
+                    s.awaiting_answer.map_or(String::new(), |(c, ms)| format!(
+                        ", waiting {ms:.0} ms for the program's answer on connection {c}"
+                    ))
+                ),
+                Err(e) => format!("it does not answer: {e}"),
+            };
             round.error = Some(format!(
-                "replica {} did not catch up within {} of its restart (see {})",
+                "replica {} did not catch up within {} of its restart: {now} (the leader's commit was {target}; see {})",
                 victim.id,
                 humantime::format_duration(args.round_timeout),
                 members[mi].data_dir.join("falcon-drill.log").display()

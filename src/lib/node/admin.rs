@@ -188,6 +188,11 @@ impl Node<'_> {
             last_op: self.engine.last_op(),
             commit: self.engine.commit(),
             applied: self.applied_op,
+            apply_queue: self.apply_queue.len(),
+            awaiting_answer: self
+                .last_written
+                .zip(self.awaiting_answer)
+                .map(|(c, t)| (c, t.elapsed().as_secs_f64() * 1e3)),
             peers_connected: o
                 .peers
                 .iter()

@@ -565,6 +565,10 @@ impl TcpTransport {
             Ok(open) => open,
             Err(e) => return self.refuse(token, e.to_string()),
         };
+        // Bytes of whole messages taken so far: removed from the buffer once,
+        // at the end (a buffer of many messages drained one by one would be
+        // moved once per message).
+        let mut at = 0usize;
         loop {
             let Some(c) = self.incoming.get_mut(&token) else {
                 return;
@@ -694,17 +698,19 @@ impl TcpTransport {
                     });
                 }
                 InState::Ready { from } => {
-                    if c.rbuf.len() < 4 {
+                    let avail = c.rbuf.len() - at;
+                    if avail < 4 {
                         break;
                     }
-                    let len = u32::from_le_bytes(c.rbuf[..4].try_into().expect("4 bytes")) as usize;
+                    let len = u32::from_le_bytes(c.rbuf[at..at + 4].try_into().expect("4 bytes"))
+                        as usize;
                     if len > MESSAGE_BYTES_MAX {
                         return self.refuse(token, format!("replica {from} sent a frame of {len} bytes (limit {MESSAGE_BYTES_MAX})"));
                     }
-                    if c.rbuf.len() < 4 + len {
+                    if avail < 4 + len {
                         break;
                     }
-                    let env = match message::decode(&c.rbuf[4..4 + len]) {
+                    let env = match message::decode(&c.rbuf[at + 4..at + 4 + len]) {
                         Ok(env) => env,
                         Err(e) => {
                             return self.refuse(
@@ -722,10 +728,13 @@ impl TcpTransport {
                             ),
                         );
                     }
-                    c.rbuf.drain(..4 + len);
+                    at += 4 + len;
                     out.push(env);
                 }
             }
+        }
+        if let Some(c) = self.incoming.get_mut(&token) {
+            c.rbuf.drain(..at);
         }
         if !open {
             self.refuse(token, "connection closed".into());
