@@ -1216,7 +1216,10 @@ impl Replica {
         // sends from further back than we need.)
         let (op_start, entries) = if op_start < self.first_op {
             let skip = ((self.first_op - op_start) as usize).min(entries.len());
-            (op_start + skip as u64, entries.into_iter().skip(skip).collect())
+            (
+                op_start + skip as u64,
+                entries.into_iter().skip(skip).collect(),
+            )
         } else {
             (op_start, entries)
         };
@@ -1266,7 +1269,8 @@ impl Replica {
         let (last, at) = self.asked_log;
         if last == from
             && at > 0
-            && self.now.saturating_sub(at) < (self.cfg.election_timeout_ns / 2).max(self.cfg.heartbeat_ns)
+            && self.now.saturating_sub(at)
+                < (self.cfg.election_timeout_ns / 2).max(self.cfg.heartbeat_ns)
         {
             // Asked already; the answer (a whole log, perhaps) may be on its way.
             return;
