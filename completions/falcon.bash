@@ -230,7 +230,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover__subcmd__drill)
-            opts="-v -q -h -V --config --kill --rounds --election-timeout --clients --settle --round-timeout --keep --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --kill --rounds --election-timeout --clients --rate --settle --round-timeout --keep --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -253,6 +253,10 @@ _falcon() {
                     return 0
                     ;;
                 --clients)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --rate)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

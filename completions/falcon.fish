@@ -196,12 +196,13 @@ random\t'Either, at random'"
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l rounds -d 'Rounds' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l election-timeout -d 'The drill\'s own cluster: its election timeout' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l clients -d 'Checker connections writing during the drill' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l rate -d 'Writes per second the checker connections send together, at most (0: as fast as the cluster answers). Headroom matters: a replica that restarts replays the log into its program and must apply faster than the cluster commits to catch up' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l settle -d 'Load before each kill' -r
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l round-timeout -d 'A round that has not recovered after this long fails' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l round-timeout -d 'A round that has not recovered after this long fails (a restarted replica replays the whole log into a fresh program: this grows with the log)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l keep -d 'The drill\'s own cluster: keep its directory (logs, data) afterwards'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l keep -d 'The drill\'s own cluster: keep its directory (logs, data) afterwards, and its replicas running when a round fails'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s q -l quiet -d 'Only errors on standard error'

@@ -93,7 +93,10 @@ pub fn serve(
         .name("falcon-metrics".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let Ok(stream) = stream else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
                 // One scrape at a time: Prometheus scrapes rarely, and a
                 // stalled client is cut off by the timeouts.
                 answer(stream, &calls, &wake);
@@ -107,7 +110,13 @@ fn answer(mut stream: TcpStream, calls: &SyncSender<Call>, wake: &dyn Fn()) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
+    // The whole request within 2 s (not 2 s per byte).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),

@@ -277,7 +277,11 @@ impl AdminServer {
             .name("falcon-admin".into())
             .spawn(move || {
                 for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
+                    let Ok(stream) = stream else {
+                        // Out of descriptors, say: do not spin on it.
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
                     if live.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
                         let _ = (&stream).write_all(
                             format!("{}\n", refusal("too many admin connections; retry"))
@@ -286,18 +290,19 @@ impl AdminServer {
                         continue;
                     }
                     live.fetch_add(1, Ordering::Relaxed);
-                    let (tx, wake, live, ui) = (tx.clone(), wake.clone(), live.clone(), ui.clone());
+                    let (tx, wake, ui) = (tx.clone(), wake.clone(), ui.clone());
+                    let conn_live = live.clone();
                     let spawned = std::thread::Builder::new()
                         .name("falcon-admin-conn".into())
                         .spawn(move || {
                             if peer_allowed(&stream, &ui) {
                                 serve(stream, &tx, &*wake);
                             }
-                            live.fetch_sub(1, Ordering::Relaxed);
+                            conn_live.fetch_sub(1, Ordering::Relaxed);
                         });
                     if spawned.is_err() {
                         // The closure (and its counter decrement) never ran.
-                        continue;
+                        live.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             })?;

@@ -470,6 +470,8 @@ impl Replica {
     /// and no yes to anyone else's probe for one either.
     fn heard_from_leader(&mut self) {
         self.last_leader_contact = self.now;
+        // A yes to an earlier probe arriving now must not unseat the leader.
+        self.probe = None;
         self.reset_election_deadline();
     }
 
@@ -1252,12 +1254,13 @@ impl Replica {
             self.append_local(rest, out);
         }
         self.learn_commit(end - 1, out);
+        // (Past what it delivered: a chunk it already had asks for new entries.)
         self.send(
             out,
             from,
             Message::Missing {
                 view: self.view,
-                from: end,
+                from: end.max(self.commit + 1),
             },
         );
     }

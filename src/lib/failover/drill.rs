@@ -199,7 +199,16 @@ fn launch_of(pid: u32) -> std::io::Result<Launch> {
             .map(|s| OsString::from_vec(s.to_vec()))
             .collect()
     };
-    let argv = split(std::fs::read(p.join("cmdline"))?);
+    // Arguments may be empty (`--save ""`): split on NUL, dropping only the last one.
+    let argv = {
+        let mut b = std::fs::read(p.join("cmdline"))?;
+        if b.last() == Some(&0) {
+            b.pop();
+        }
+        b.split(|&c| c == 0)
+            .map(|s| OsString::from_vec(s.to_vec()))
+            .collect::<Vec<_>>()
+    };
     let cwd = std::fs::read_link(p.join("cwd"))?;
     let env = split(std::fs::read(p.join("environ"))?)
         .into_iter()
@@ -276,18 +285,23 @@ impl Member {
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
             .stderr(f);
-        if let Some(ns) = &l.netns {
-            let fd = ns.as_raw_fd();
-            // SAFETY: setns only; between fork and exec nothing else runs.
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                cmd.pre_exec(move || {
+        let netns = l.netns.as_ref().map(|ns| ns.as_raw_fd());
+        // SAFETY: setsid and setns only; between fork and exec nothing else runs.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                // A session of its own: a Ctrl-C that stops the drill must
+                // not stop the replicas it started again.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         self.child = Some(cmd.spawn()?);
         Ok(())
@@ -451,14 +465,18 @@ impl Checker {
     }
 
     /// Moves the writers to round `r`'s lists and waits until none writes an older one.
-    fn next_round(&self, r: u64) {
+    /// False when a writer is still on an older round after 5 s (its
+    /// acknowledgements could then escape the check).
+    fn next_round(&self, r: u64) -> bool {
         self.round.store(r, Ordering::Release);
         let t = Instant::now();
-        while self.writing.iter().any(|w| w.load(Ordering::Acquire) < r)
-            && t.elapsed() < Duration::from_secs(5)
-        {
+        while self.writing.iter().any(|w| w.load(Ordering::Acquire) < r) {
+            if t.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
+        true
     }
 
     /// Items of round `r` acknowledged, how many of them the cluster lost
@@ -952,7 +970,7 @@ fn one_round(
             ));
             return round;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
     };
     round.leader = new_leader.id;
     if kill_leader {
@@ -1022,7 +1040,12 @@ fn one_round(
         std::thread::sleep(Duration::from_millis(5));
     }
     // The round's lists are complete once the writers moved on.
-    checker.next_round(r + 1);
+    if !checker.next_round(r + 1) {
+        round.error = Some(
+            "a checker connection stayed on this round's list for 5 s: its writes could not be checked".into(),
+        );
+        return round;
+    }
     // The first write the cluster acknowledged after the kill — for a
     // leader, after the new leader took over (an answer the old leader sent
     // just before it died may arrive after the kill).

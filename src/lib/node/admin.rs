@@ -28,6 +28,8 @@ pub(super) struct Observed {
     pub leader_first_commit_ns: Option<u64>,
     pub leader_last_commit_ns: Option<u64>,
     pub transfer_started_ns: Option<u64>,
+    /// The view this replica leads (or last led).
+    pub leader_view: u64,
     /// Live links to each replica (by index), from the transport's events
     /// (TCP has one each way).
     pub peers: Vec<u32>,
@@ -55,6 +57,7 @@ impl Observed {
             leader_first_commit_ns: None,
             leader_last_commit_ns: None,
             transfer_started_ns: None,
+            leader_view: 0,
             peers: vec![0; n],
             peer_up: vec![false; n],
             peer_losses: 0,
@@ -64,8 +67,8 @@ impl Observed {
         }
     }
 
-    /// The role changed (to `role` from `was`).
-    pub fn role_changed(&mut self, was: Role, role: Role) {
+    /// The role changed (to `role` from `was`, in `view`).
+    pub fn role_changed(&mut self, was: Role, role: Role, view: u64) {
         let now = now_ns();
         if was != role {
             self.role_since_ns = now;
@@ -76,6 +79,7 @@ impl Observed {
                 self.view_changes += 1;
             }
             Role::Leader if was != Role::Leader => {
+                self.leader_view = view;
                 self.leader_first_commit_ns = None;
                 self.leader_last_commit_ns = None;
                 self.transfer_started_ns = None;
@@ -84,20 +88,25 @@ impl Observed {
         }
     }
 
-    /// Entries were committed (`view` is the current view; `leading` says
-    /// whether this replica leads it).
-    pub fn committed(&mut self, entries: &[Entry], view: u64, leading: bool) {
+    /// Entries were committed; `leading` says whether this replica leads
+    /// (the commits are its own), `clock_ns` is the engine's clock, which
+    /// stamped the entries this replica proposed.
+    pub fn committed(&mut self, entries: &[Entry], leading: bool, clock_ns: u64) {
         let now = now_ns();
         self.commits += entries.len() as u64;
         for e in entries {
             self.commit_bytes += e.payload.len() as u64;
-            if leading && e.view == view {
-                // (A view's first entry, the no-op, carries no proposal time.)
-                if e.time_ns > 0 && e.time_ns <= now {
-                    self.commit_latency.observe(now - e.time_ns);
-                }
-                self.leader_first_commit_ns.get_or_insert(now);
-                self.leader_last_commit_ns = Some(now);
+        }
+        if !leading || entries.is_empty() {
+            return;
+        }
+        self.leader_first_commit_ns.get_or_insert(now);
+        self.leader_last_commit_ns = Some(now);
+        for e in entries {
+            // Entries of its own view carry its own clock (the view's first,
+            // the no-op, none); older views' entries another replica's.
+            if e.view == self.leader_view && e.time_ns > 0 && e.time_ns <= clock_ns {
+                self.commit_latency.observe(clock_ns - e.time_ns);
             }
         }
     }

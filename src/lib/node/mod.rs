@@ -588,8 +588,9 @@ impl Node<'_> {
                 }
             }
             Command::Deliver(entries) => {
+                let clock = self.now();
                 self.observed
-                    .committed(&entries, self.engine.view(), self.role == Role::Leader);
+                    .committed(&entries, self.role == Role::Leader, clock);
                 self.apply_queue.extend(entries);
                 self.pump_apply();
                 // Memory holds a window of delivered entries; older ones are
@@ -611,7 +612,7 @@ impl Node<'_> {
             Command::RoleChanged { role, view, leader } => {
                 let was = self.role;
                 self.role = role;
-                self.observed.role_changed(was, role);
+                self.observed.role_changed(was, role, view);
                 // Only this view's leader may write our log from now on.
                 self.transport
                     .grant(view, (role != Role::ViewChange).then_some(leader));
