@@ -230,17 +230,10 @@ fn bench_consensus_drives_an_already_running_cluster() {
                 .port()
         })
         .collect();
-    let mut toml = "cluster = \"running\"\nkey_file = \"cluster.key\"\n".to_string();
-    for i in 0..3 {
-        toml.push_str(&format!(
-            "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
-            i + 1,
-            ports[3 * i],
-            ports[3 * i + 1],
-            ports[3 * i + 2],
-            i + 1
-        ));
-    }
+    let toml = falcon::config::loopback_cluster(
+        "cluster = \"running\"\nkey_file = \"cluster.key\"\n",
+        &ports[..9],
+    );
     let cfg = dir.path().join("cluster.toml");
     std::fs::write(&cfg, toml).unwrap();
     let key = dir.path().join("cluster.key");

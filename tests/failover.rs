@@ -15,18 +15,6 @@ use std::time::Duration;
 
 const SUBNET: &str = "10.74.0";
 
-fn root_and_redis() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
-    );
-    assert!(
-        Path::new("/usr/bin/redis-server").exists(),
-        "redis-server is installed by scripts/setup.sh"
-    );
-}
-
 /// Starts replica `i` in its namespace, with a metrics endpoint and a hook
 /// that records each time it becomes the leader.
 fn start(net: &Net, dir: &Path, i: usize) -> Child {
@@ -102,7 +90,7 @@ fn redis(net: &Net, i: usize, args: &str) -> Option<String> {
 
 #[test]
 fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
-    root_and_redis();
+    util::need_root_and_redis();
     let net = Net::new('o', SUBNET);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -305,7 +293,7 @@ fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
     );
     assert_eq!(redis(&net, f, "GET k99").as_deref(), Some("99"));
     assert_eq!(redis(&net, f, "SET after transfer").as_deref(), Some("OK"));
-    // A transfer asked of a follower is refused with the leader's name.
+    // Transferring to the replica that already leads changes nothing.
     let r = run_in(
         d,
         &[
@@ -399,7 +387,7 @@ fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
 
 #[test]
 fn the_drill_runs_its_own_cluster_and_measures_leader_failovers() {
-    root_and_redis();
+    util::need_root_and_redis();
     let dir = tempfile::tempdir().unwrap();
     let r = run_in(
         dir.path(),

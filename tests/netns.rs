@@ -6,7 +6,6 @@
 mod util;
 use util::{Net, sh, wait_until};
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,15 +20,7 @@ fn redis(ns: &str, host: &str, port: u16, args: &str) -> Option<String> {
 
 #[test]
 fn a_cut_off_replica_catches_up_and_a_minority_leader_never_answers() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
-    );
-    assert!(
-        Path::new("/usr/bin/redis-server").exists(),
-        "redis-server is installed by scripts/setup.sh"
-    );
+    util::need_root_and_redis();
     let net = Net::new('f', "10.77.0");
     let dir = tempfile::tempdir().unwrap();
     let mut toml =

@@ -493,6 +493,23 @@ fn is_local(addr: SocketAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
 }
 
+/// A cluster file for replicas on 127.0.0.1 (benchmarks, drills, tests):
+/// `header` (TOML lines ending in a newline), then one `[[replica]]` per three
+/// ports — peer, client, app — with ids from 1 and data in `data/ID`.
+pub fn loopback_cluster(header: &str, ports: &[u16]) -> String {
+    let mut toml = header.to_string();
+    for (i, p) in ports.chunks_exact(3).enumerate() {
+        toml.push_str(&format!(
+            "\n[[replica]]\nid = {id}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{id}\"\n",
+            p[0],
+            p[1],
+            p[2],
+            id = i + 1
+        ));
+    }
+    toml
+}
+
 /// Reads a cluster key file: at least [`KEY_BYTES_MIN`] bytes, used raw.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let key = std::fs::read(path).map_err(|source| ConfigError::Read {

@@ -115,6 +115,19 @@ pub fn wait_until(within: std::time::Duration, mut f: impl FnMut() -> bool) -> b
     false
 }
 
+/// The suite runs as root (network namespaces), with redis-server installed.
+pub fn need_root_and_redis() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "network namespaces need root: run the suite as root (scripts/test.sh under sudo, as CI does)"
+    );
+    assert!(
+        Path::new("/usr/bin/redis-server").exists(),
+        "redis-server is installed by scripts/setup.sh"
+    );
+}
+
 /// Runs `cmd` with `sh -c`.
 pub fn sh(cmd: &str) -> Output {
     Command::new("sh").arg("-c").arg(cmd).output().expect("sh")

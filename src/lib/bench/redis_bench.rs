@@ -195,18 +195,10 @@ fn set_wait(port: u16, clients: usize, requests: usize) -> Result<(f64, Summary)
 fn falcon_cluster(dir: &Path, ports: &[u16], sync: &str) -> Result<(Procs, u16), BenchError> {
     let exe = std::env::current_exe()?;
     std::fs::create_dir_all(dir)?;
-    let mut toml =
-        format!("cluster = \"bench-{sync}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n");
-    for i in 0..3 {
-        toml.push_str(&format!(
-            "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
-            i + 1,
-            ports[3 * i],
-            ports[3 * i + 1],
-            ports[3 * i + 2],
-            i + 1
-        ));
-    }
+    let toml = crate::config::loopback_cluster(
+        &format!("cluster = \"bench-{sync}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n"),
+        &ports[..9],
+    );
     std::fs::write(dir.join("cluster.toml"), toml)?;
     let st = Command::new(&exe)
         .args(["replicate", "--new-key"])

@@ -606,20 +606,13 @@ fn own_cluster(dir: &Path, args: &DrillArgs) -> Result<PathBuf, FailoverError> {
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<Result<_, _>>()?
     };
-    let mut toml = format!(
-        "cluster = \"drill\"\nkey_file = \"cluster.key\"\ntransport = \"tcp\"\nsync = \"batch\"\nelection_timeout = \"{}\"\n",
-        humantime::format_duration(args.election_timeout)
+    let toml = crate::config::loopback_cluster(
+        &format!(
+            "cluster = \"drill\"\nkey_file = \"cluster.key\"\ntransport = \"tcp\"\nsync = \"batch\"\nelection_timeout = \"{}\"\n",
+            humantime::format_duration(args.election_timeout)
+        ),
+        &ports,
     );
-    for i in 0..3 {
-        toml.push_str(&format!(
-            "\n[[replica]]\nid = {}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"data/{}\"\n",
-            i + 1,
-            ports[3 * i],
-            ports[3 * i + 1],
-            ports[3 * i + 2],
-            i + 1
-        ));
-    }
     let path = dir.join("cluster.toml");
     std::fs::write(&path, toml)?;
     crate::config::generate_key(&dir.join("cluster.key"))?;
