@@ -16,7 +16,8 @@ use super::stats::{Summary, summarize};
 use super::{BenchArgs, BenchError, Procs};
 use crate::output::{self, Status, Ui};
 
-fn free_ports(n: usize) -> Vec<u16> {
+/// `n` ports free on 127.0.0.1 now (fewer if binding fails).
+pub(crate) fn free_ports(n: usize) -> Vec<u16> {
     let ls: Vec<TcpListener> = (0..n)
         .filter_map(|_| TcpListener::bind("127.0.0.1:0").ok())
         .collect();

@@ -1047,10 +1047,10 @@ impl Replica {
         // asks again at every message it hears, and a copy per request could
         // be megabytes each.
         let (last_from, at) = self.catch_up_sent[fi];
-        if last_from == from && at > 0 && self.now.saturating_sub(at) < self.cfg.heartbeat_ns {
+        if last_from == from && self.now.saturating_sub(at) < self.cfg.heartbeat_ns {
             return;
         }
-        self.catch_up_sent[fi] = (from, self.now.max(1));
+        self.catch_up_sent[fi] = (from, self.now);
         if self.last_op() + 1 - from > self.cfg.catch_up_entries && from <= self.commit {
             // Far behind: committed entries first, in chunks it asks for one by one.
             let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
@@ -1271,14 +1271,13 @@ impl Replica {
         let from = (self.commit + 1).max(self.first_op);
         let (last, at) = self.asked_log;
         if last == from
-            && at > 0
             && self.now.saturating_sub(at)
                 < (self.cfg.election_timeout_ns / 2).max(self.cfg.heartbeat_ns)
         {
             // Asked already; the answer (a whole log, perhaps) may be on its way.
             return;
         }
-        self.asked_log = (from, self.now.max(1));
+        self.asked_log = (from, self.now);
         self.send(
             out,
             self.leader(),

@@ -370,7 +370,7 @@ impl Checker {
             Duration::from_secs_f64(f64::from(writers) / f64::from(rate))
         };
         let prefix = format!("falcon-drill:{}:{}", std::process::id(), now_ns());
-        let c = Checker {
+        let mut c = Checker {
             round: Arc::new(AtomicU64::new(1)),
             stop: Arc::new(AtomicBool::new(false)),
             acked: Arc::default(),
@@ -380,7 +380,6 @@ impl Checker {
             threads: Vec::new(),
             prefix,
         };
-        let mut c = c;
         for w in 0..writers {
             let (round, stop, acked, watch, first, writing, clients, prefix) = (
                 c.round.clone(),
@@ -507,7 +506,12 @@ impl Checker {
             let have: std::collections::HashSet<u64> = have.into_iter().collect();
             total += items.len() as u64;
             lost += items.iter().filter(|(i, _)| !have.contains(i)).count() as u64;
-            let _ = retrying(|| command(clients, &["DEL", &k]));
+            let _ = retrying(|| {
+                clients
+                    .iter()
+                    .find_map(|&a| crate::bench::redis_bench::resp_command(a, &["DEL", &k]))
+                    .ok_or_else(|| "no replica answered DEL".to_string())
+            });
         }
         Ok((total, lost, first))
     }
@@ -531,24 +535,6 @@ fn retrying<T>(mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-}
-
-/// One command to whichever replica answers; the reply line.
-fn command(clients: &[SocketAddr], args: &[&str]) -> Result<String, String> {
-    let mut last = String::from("no replica");
-    for addr in clients {
-        let r = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(addr, Duration::from_millis(500))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(&resp(args))?;
-            reply_line(&mut BufReader::new(s))
-        })();
-        match r {
-            Ok(l) => return Ok(l),
-            Err(e) => last = format!("{addr}: {e}"),
-        }
-    }
-    Err(last)
 }
 
 /// LRANGE key 0 -1 through whichever replica answers, as numbers.
@@ -598,14 +584,12 @@ fn own_cluster(dir: &Path, args: &DrillArgs) -> Result<PathBuf, FailoverError> {
         )
     })?;
     std::fs::create_dir_all(dir)?;
-    let ports: Vec<u16> = {
-        let ls: Vec<std::net::TcpListener> = (0..9)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<_, _>>()?;
-        ls.iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<Result<_, _>>()?
-    };
+    let ports = crate::bench::redis_bench::free_ports(9);
+    if ports.len() < 9 {
+        return Err(FailoverError::Failed(
+            "no free ports on 127.0.0.1 for the drill's cluster".into(),
+        ));
+    }
     let toml = crate::config::loopback_cluster(
         &format!(
             "cluster = \"drill\"\nkey_file = \"cluster.key\"\ntransport = \"tcp\"\nsync = \"batch\"\nelection_timeout = \"{}\"\n",

@@ -415,12 +415,18 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
         _ => {}
     }
     let started = Instant::now();
-    let old_dir = cfg
+    let Some(old_dir) = cfg
         .replicas
         .iter()
         .find(|r| r.id == old.id)
         .map(|r| r.data_dir.clone())
-        .expect("the leader is in the cluster file");
+    else {
+        return Err(FailoverError::Failed(format!(
+            "the leader calls itself replica {}, which {} does not have: is a data directory shared between replicas?",
+            old.id,
+            cfg.path.display()
+        )));
+    };
     admin::call(
         &admin::socket_path(&old_dir),
         &Request::Transfer { to: args.to },

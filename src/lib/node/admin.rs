@@ -33,8 +33,6 @@ pub(super) struct Observed {
     /// Live links to each replica (by index), from the transport's events
     /// (TCP has one each way).
     pub peers: Vec<u32>,
-    /// Whether the replica counted as reachable (for one line per loss).
-    pub peer_up: Vec<bool>,
     pub peer_losses: u64,
     pub program_starts: u64,
     pub view_changes: u64,
@@ -59,7 +57,6 @@ impl Observed {
             transfer_started_ns: None,
             leader_view: 0,
             peers: vec![0; n],
-            peer_up: vec![false; n],
             peer_losses: 0,
             program_starts: 0,
             view_changes: 0,
@@ -120,19 +117,6 @@ fn role_name(r: Role) -> &'static str {
     }
 }
 
-/// Bytes in the files of `dir`.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 impl Node<'_> {
     /// Answers the requests waiting from the admin socket and the metrics endpoint.
     pub(super) fn serve_admin(&mut self) -> Result<(), NodeError> {
@@ -185,6 +169,11 @@ impl Node<'_> {
         Ok(serde_json::json!({"ok": true, "view": self.engine.view()}))
     }
 
+    /// Bytes of log segments, from the log's own table of segments.
+    fn log_bytes(&self) -> u64 {
+        self.log.segments().iter().map(|s| s.bytes).sum()
+    }
+
     pub(super) fn status(&self) -> NodeStatus {
         let o = &self.observed;
         let leading = self.role == Role::Leader;
@@ -223,7 +212,7 @@ impl Node<'_> {
                 pid: a.pid(),
                 state: "running".into(),
             }),
-            log_bytes: dir_bytes(&self.data_dir.join("log")),
+            log_bytes: self.log_bytes(),
             uptime_s: self.start.elapsed().as_secs_f64(),
             clients: self.clients.len(),
             data_dir: self.data_dir.clone(),
@@ -328,7 +317,7 @@ impl Node<'_> {
             "falcon_log_bytes",
             "gauge",
             "Bytes of log segments on disk.",
-            &one(dir_bytes(&self.data_dir.join("log")) as f64),
+            &one(self.log_bytes() as f64),
         );
         o.fsync_latency.render(
             &mut s,

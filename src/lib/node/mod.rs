@@ -2239,11 +2239,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 TransportEvent::Lost { peer, reason } => {
                     // One line when the last link to a replica goes (not per failed redial).
                     let links = &mut node.observed.peers[peer as usize];
-                    if *links > 0 {
-                        *links -= 1;
-                    }
-                    if *links == 0 && node.observed.peer_up[peer as usize] {
-                        node.observed.peer_up[peer as usize] = false;
+                    let was = *links;
+                    *links = was.saturating_sub(1);
+                    if was == 1 {
                         node.observed.peer_losses += 1;
                         ui.note(&format!(
                             "lost the link to replica {}: {reason}",
@@ -2258,7 +2256,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
                 TransportEvent::Connected { peer, incoming } => {
                     node.observed.peers[peer as usize] += 1;
-                    node.observed.peer_up[peer as usize] = true;
                     ui.detail(&format!(
                         "connected to replica {} ({})",
                         node.ids[peer as usize],
