@@ -256,6 +256,46 @@ fn a_restarted_peer_is_dialled_again() {
     assert!(!got.is_empty(), "no message after the peer restarted");
 }
 
+/// A peer that died before its link first came up gets no backlog when it
+/// returns: what was sent while the dial kept failing is dropped, not queued
+/// (the engine retransmits what matters; a stale backlog would replay
+/// everything since it left, even entries a snapshot replaced).
+#[test]
+fn a_peer_that_never_came_up_gets_no_backlog_when_it_starts() {
+    let addrs = free_addrs(2);
+    let mk = |id| {
+        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
+        o.reconnect_min = Duration::from_millis(10);
+        o.reconnect_max = Duration::from_millis(50);
+        o.connect_grace = Duration::from_millis(100);
+        TcpTransport::bind(o).unwrap()
+    };
+    let mut a = mk(0);
+    // Nobody listens on 1's address: the dials fail while a sends (past the grace).
+    for op in 1..=200 {
+        let _ = a.send(&env(0, 1, op));
+        let mut sink = Vec::new();
+        a.recv(Duration::from_millis(2), &mut sink).unwrap();
+    }
+    let mut b = mk(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut op = 1000;
+    while got.is_empty() && Instant::now() < deadline {
+        let _ = a.send(&env(0, 1, op));
+        op += 1;
+        let mut sink = Vec::new();
+        a.recv(Duration::from_millis(10), &mut sink).unwrap();
+        b.recv(Duration::from_millis(10), &mut got).unwrap();
+    }
+    assert!(!got.is_empty(), "no message after the peer started");
+    let stale: Vec<u64> = got.iter().map(number).filter(|&n| n < 1000).collect();
+    assert!(
+        stale.is_empty(),
+        "the peer received messages sent while it was unreachable: {stale:?}"
+    );
+}
+
 // ---- shm between real processes: this test binary runs again as the peer ----
 
 /// The peer side, run in a child process by the tests below (ignored when run

@@ -60,6 +60,10 @@ pub struct TcpOptions {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Messages for a peer not reached yet wait this long after start for
+    /// its first connection; after a dial fails past it, they are dropped
+    /// until the peer connects (the engine retransmits what matters).
+    pub connect_grace: Duration,
 }
 
 impl TcpOptions {
@@ -74,6 +78,7 @@ impl TcpOptions {
             handshake_timeout: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_secs(2),
+            connect_grace: Duration::from_secs(1),
         }
     }
 }
@@ -106,9 +111,10 @@ struct Outgoing {
     wbuf: Vec<u8>,
     wpos: usize,
     backoff: Duration,
-    /// The connection was up and broke: until it is up again, messages for
-    /// this peer are dropped, not queued (a restarted peer must not receive
-    /// a backlog it no longer needs; the engine retransmits what matters).
+    /// The connection broke, or a dial failed past the start's grace: until
+    /// it is up again, messages for this peer are dropped, not queued (a
+    /// restarted peer must not receive a backlog it no longer needs; the
+    /// engine retransmits what matters).
     down: bool,
 }
 
@@ -142,6 +148,8 @@ pub struct TcpTransport {
     incoming: HashMap<Token, Incoming>,
     next_token: usize,
     notices: Vec<TransportEvent>,
+    /// When it was bound (see [`TcpOptions::connect_grace`]).
+    started: Instant,
     urandom: std::fs::File,
 }
 
@@ -210,6 +218,7 @@ impl TcpTransport {
             incoming: HashMap::new(),
             next_token: 1 + n,
             notices: Vec::new(),
+            started: now,
             urandom: std::fs::File::open("/dev/urandom")?,
         };
         t.dial_due(now);
@@ -313,10 +322,16 @@ impl TcpTransport {
         // A partly written frame cannot be resumed on a new connection.
         o.wbuf.clear();
         o.wpos = 0;
-        if was_ready {
+        // A peer that does not answer (past the start's grace) is down: it
+        // gets what is sent after it is back, not a backlog. (One that died
+        // before its link first came up would otherwise receive every
+        // message of its absence, up to `queue_bytes_max`, on its return.)
+        if was_ready || now.saturating_duration_since(self.started) >= self.opts.connect_grace {
             o.down = true;
             o.queue.clear();
             o.queued_bytes = 0;
+        }
+        if was_ready {
             self.notices.push(TransportEvent::Lost {
                 peer: i as NodeId,
                 reason: reason.unwrap_or_else(|| "connection closed".into()),
