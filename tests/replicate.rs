@@ -96,6 +96,21 @@ impl Cluster {
         extra: Vec<String>,
         toml_extra: &str,
     ) -> Cluster {
+        let mut c = Cluster::configure(n, program, follower_clients, extra, toml_extra);
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    /// The cluster file and key, no replica started yet.
+    fn configure(
+        n: usize,
+        program: Vec<String>,
+        follower_clients: &'static str,
+        extra: Vec<String>,
+        toml_extra: &str,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(3 * n);
         let addrs: Vec<_> = (0..n)
@@ -121,18 +136,14 @@ impl Cluster {
             .output()
             .unwrap();
         assert!(r.status.success(), "{r:?}");
-        let mut c = Cluster {
+        Cluster {
             dir,
             addrs,
             nodes: (0..n).map(|_| None).collect(),
             program,
             follower_clients,
             extra,
-        };
-        for i in 0..n {
-            c.start_node(i);
         }
-        c
     }
 
     fn start_node(&mut self, i: usize) {
@@ -818,4 +829,210 @@ fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
         c.log(leader)
     );
     assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+}
+
+/// A small filesystem per replica (tmpfs with a size), unmounted when dropped.
+struct SmallDisks(Vec<PathBuf>);
+
+impl SmallDisks {
+    fn mount(dirs: Vec<PathBuf>, size: &str) -> SmallDisks {
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+            util::must(&format!(
+                "mount -t tmpfs -o size={size} falcon-test {}",
+                d.display()
+            ));
+        }
+        SmallDisks(dirs)
+    }
+
+    /// Fills disk `i` with a file of zeros until nothing more fits.
+    fn fill(&self, i: usize) {
+        let r = util::sh(&format!(
+            "dd if=/dev/zero of={}/filler bs=64k 2>&1; df -k {}",
+            self.0[i].display(),
+            self.0[i].display()
+        ));
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert!(
+            out.contains("No space left"),
+            "the disk did not fill: {out}"
+        );
+    }
+
+    fn free(&self, i: usize) {
+        std::fs::remove_file(self.0[i].join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisks {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = util::sh(&format!("umount -l {}", d.display()));
+        }
+    }
+}
+
+/// One SET of a `size`-byte value on a new connection; None when no answer
+/// came within `wait` (the connection stays open in the returned reader).
+fn set_big(
+    addr: SocketAddr,
+    key: &str,
+    size: usize,
+    wait: Duration,
+) -> (Option<String>, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let value = "x".repeat(size);
+    let req = format!(
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+        key.len(),
+        value.len()
+    );
+    w.write_all(req.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let answer = match r.read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line.trim_end().to_string()),
+        _ => None,
+    };
+    (answer, r)
+}
+
+#[test]
+fn a_full_disk_stops_input_harms_no_log_and_service_resumes_when_space_returns() {
+    let _one = serial();
+    util::need_root_and_redis();
+    let mut c = Cluster::configure(3, redis_program(), "refuse", Vec::new(), "");
+    let root = c.dir.path().to_path_buf();
+    let data = |i: usize| root.join(format!("data/{}", i + 1));
+    let disks = SmallDisks::mount((0..3).map(data).collect(), "24m");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(30));
+    let follower = (leader + 1) % 3;
+    assert_eq!(set_many(c.addrs[leader].1, "a", 100), 100);
+
+    // A follower's disk fills: it falls behind, the others go on.
+    disks.fill(follower);
+    assert_eq!(
+        set_many(c.addrs[leader].1, "b", 300),
+        300,
+        "the cluster stopped with one follower's disk full; leader:\n{}",
+        c.log(leader)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .log(follower)
+            .contains("disk full")),
+        "the follower did not report its full disk:\n{}",
+        c.log(follower)
+    );
+    disks.free(follower);
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .log(follower)
+            .contains("disk space is back")),
+        "the follower did not resume:\n{}",
+        c.log(follower)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "the follower did not catch up after its disk had room again: {:?}\n{}",
+        c.digests(),
+        c.log(follower)
+    );
+
+    // The leader's disk fills: it stops taking input (what it had read
+    // commits on the followers' disks), says so, and loses nothing.
+    disks.fill(leader);
+    let mut waiting = None;
+    for k in 0..20 {
+        let (answer, conn) = set_big(
+            c.addrs[leader].1,
+            &format!("c:{k}"),
+            16 << 10,
+            Duration::from_secs(3),
+        );
+        match answer {
+            Some(a) => assert_eq!(a, "+OK", "an answer other than OK: {a}"),
+            None => {
+                waiting = Some((k, conn));
+                break;
+            }
+        }
+    }
+    let (k, mut conn) = waiting.unwrap_or_else(|| {
+        panic!(
+            "the leader kept taking input with its disk full:\n{}",
+            c.log(leader)
+        )
+    });
+    let log = c.log(leader);
+    assert!(
+        log.contains("disk full") && log.contains("takes no new input"),
+        "no clear error on the leader:\n{log}"
+    );
+    let st = util::run_in(
+        c.dir.path(),
+        &["failover", "status", "--config", "cluster.toml"],
+    );
+    assert!(
+        st.stdout
+            .contains(&format!("replica {}: disk full for", leader + 1)),
+        "failover status does not show the full disk:\n{}{}",
+        st.stdout,
+        st.stderr
+    );
+    for i in 0..3 {
+        assert!(
+            !c.log(i).contains("view change"),
+            "a full disk caused a view change:\n{}",
+            c.log(i)
+        );
+    }
+    // Space returns: the waiting write is taken, ordered and answered.
+    disks.free(leader);
+    conn.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut line = String::new();
+    conn.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim_end(),
+        "+OK",
+        "the write that waited for space (c:{k}) was not answered; leader:\n{}",
+        c.log(leader)
+    );
+    assert!(c.log(leader).contains("disk space is back"));
+    assert_eq!(set_many(c.addrs[leader].1, "d", 100), 100);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "digests differ after the leader's disk had room again: {:?}",
+        c.digests()
+    );
+    assert_eq!(
+        resp_command(c.addrs[follower].2, &["STRLEN", &format!("c:{k}")]).as_deref(),
+        Some(":16384")
+    );
+    // Every log is whole.
+    for i in 0..3 {
+        let r = util::run(&[
+            "log-inspect",
+            "--verify",
+            data(i).join("log").to_str().unwrap(),
+        ]);
+        assert_eq!(
+            r.code,
+            0,
+            "log {} does not verify: {}{}",
+            i + 1,
+            r.stdout,
+            r.stderr
+        );
+    }
+    drop(c);
+    drop(disks);
 }

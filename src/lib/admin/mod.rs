@@ -122,6 +122,10 @@ pub struct NodeStatus {
     pub leader_last_commit_ns: Option<u64>,
     /// When a planned transfer away from this replica began.
     pub transfer_started_ns: Option<u64>,
+    /// Seconds since its log stopped growing for want of disk space (it
+    /// takes no client input and acknowledges nothing new meanwhile).
+    #[serde(default)]
+    pub disk_full_s: Option<f64>,
 }
 
 /// A request on its way to the event loop, with where the answer goes.

@@ -299,6 +299,13 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
                     .program
                     .as_ref()
                     .map_or_else(|| "-".to_string(), |p| format!("{} pid {}", p.name, p.pid));
+                if let Some(secs) = st.disk_full_s {
+                    notes.push(format!(
+                        "replica {}: disk full for {secs:.0} s: its log cannot grow; it takes no input and acknowledges nothing new (free space in {})",
+                        st.id,
+                        st.data_dir.display()
+                    ));
+                }
                 t.add_row([
                     st.id.to_string(),
                     role,

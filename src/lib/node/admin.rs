@@ -223,6 +223,9 @@ impl Node<'_> {
             leader_first_commit_ns: o.leader_first_commit_ns,
             leader_last_commit_ns: o.leader_last_commit_ns,
             transfer_started_ns: o.transfer_started_ns,
+            disk_full_s: self
+                .disk_full
+                .map(|(since, _)| since.elapsed().as_secs_f64()),
         }
     }
 

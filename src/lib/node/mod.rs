@@ -456,6 +456,9 @@ const FETCH_RETRY: Duration = Duration::from_secs(1);
 /// Bytes of snapshot per message.
 const SNAPSHOT_CHUNK: usize = 512 << 10;
 
+/// How often a replica whose disk is full tries its log again.
+const DISK_RETRY: Duration = Duration::from_secs(1);
+
 struct Node<'a> {
     ui: &'a Ui,
     me: NodeId,
@@ -475,6 +478,11 @@ struct Node<'a> {
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
     /// Client input read in this turn of the loop, proposed as one batch at its end.
     proposals: Vec<Event>,
+    /// Entries the engine holds that the log could not take (its disk is
+    /// full), oldest first, and when that started: retried every
+    /// [`DISK_RETRY`]; no client input is read meanwhile.
+    unwritten: Vec<Entry>,
+    disk_full: Option<(Instant, Instant)>,
     /// An fsync of the log is under way on the fsync thread.
     sync_inflight: bool,
     /// Clients that had more to read when their turn ended.
@@ -549,6 +557,53 @@ impl Node<'_> {
         self.start.elapsed().as_nanos() as u64
     }
 
+    /// Appends to the log. A full disk is not fatal: what did not fit waits
+    /// in memory (the engine holds it anyway) and is not acknowledged, the
+    /// replica takes no client input, and [`retry_unwritten`] tries again.
+    fn append(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
+        match self.log.append(&entries) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_no_space() => {
+                let written = self.log.last_op();
+                self.unwritten = entries.into_iter().filter(|e| e.op > written).collect();
+                if self.disk_full.is_none() {
+                    self.ui.error(&format!(
+                        "disk full: {e}; this replica takes no new input and acknowledges nothing past op {written} until space returns (the log is intact; retrying every {} s)",
+                        DISK_RETRY.as_secs()
+                    ));
+                    self.disk_full = Some((Instant::now(), Instant::now()));
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Tries the entries a full disk kept out of the log again.
+    fn retry_unwritten(&mut self) -> Result<(), NodeError> {
+        let Some((since, tried)) = self.disk_full else {
+            return Ok(());
+        };
+        if tried.elapsed() < DISK_RETRY {
+            return Ok(());
+        }
+        self.disk_full = Some((since, Instant::now()));
+        let entries = std::mem::take(&mut self.unwritten);
+        if !entries.is_empty() {
+            self.append(entries)?;
+        }
+        if self.unwritten.is_empty() {
+            self.disk_full = None;
+            self.ui.note(&format!(
+                "disk space is back: the log grows again after {:.1} s; taking input",
+                since.elapsed().as_secs_f64()
+            ));
+            let resumed = std::mem::take(&mut self.paused);
+            self.unread.extend(resumed);
+        }
+        Ok(())
+    }
+
     fn step(&mut self, input: Input) -> Result<(), NodeError> {
         let mut out = Vec::new();
         let now = self.now();
@@ -562,9 +617,14 @@ impl Node<'_> {
     fn execute(&mut self, cmd: Command) -> Result<(), NodeError> {
         match cmd {
             Command::Append(entries) => {
-                self.log.append(&entries)?;
+                if self.unwritten.is_empty() {
+                    self.append(entries)?;
+                } else {
+                    self.unwritten.extend(entries);
+                }
             }
             Command::Truncate { after } => {
+                self.unwritten.retain(|e| e.op <= after);
                 self.log.truncate_after(after)?;
 
                 self.held.retain(|h| h.0 <= after);
@@ -1122,6 +1182,7 @@ impl Node<'_> {
             .and_then(|d| d.sync_all())
             .map_err(io_err(format!("syncing {}", self.data_dir.display())))?;
         self.snapshot_op = meta.op;
+        self.unwritten.clear();
         self.log.reset(meta.op + 1, 0)?;
         self.hooks_env.restore(&cmd, &path)?;
         let app = App::start(
@@ -1501,9 +1562,10 @@ impl Node<'_> {
         if !ready.readable {
             return Ok(());
         }
-        if self.apply_queue.len() >= APPLY_BACKLOG_MAX {
-            // The program is behind: its input waits in the client's socket
-            // (TCP pushes back on the client), not in our memory.
+        if self.apply_queue.len() >= APPLY_BACKLOG_MAX || self.disk_full.is_some() {
+            // The program is behind, or the log cannot grow: input waits in
+            // the client's socket (TCP pushes back on the client), not in
+            // our memory.
             if !self.paused.contains(&t) {
                 self.paused.push(t);
             }
@@ -1967,6 +2029,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         proposals: Vec::new(),
         unread: Vec::new(),
         paused: Vec::new(),
+        unwritten: Vec::new(),
+        disk_full: None,
         sync_inflight: false,
         read_buf: vec![0u8; READ_CHUNK],
         start: Instant::now(),
@@ -2302,7 +2366,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
             }
         }
-        if !node.paused.is_empty() && node.apply_queue.len() < APPLY_BACKLOG_MAX / 2 {
+        node.retry_unwritten()?;
+        if !node.paused.is_empty()
+            && node.apply_queue.len() < APPLY_BACKLOG_MAX / 2
+            && node.disk_full.is_none()
+        {
             let resumed = std::mem::take(&mut node.paused);
             node.unread.extend(resumed);
         }
