@@ -185,6 +185,30 @@ impl Cluster {
         });
     }
 
+    /// Stops replica `i` cleanly (SIGINT, as Ctrl-C) and waits for it.
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `within` for replica `i` to exit by itself.
+    fn exit_status(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(st) = self.nodes[i].as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.nodes[i] = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("node{}.log", i + 1)))
             .unwrap_or_default()
@@ -1035,4 +1059,123 @@ fn a_full_disk_stops_input_harms_no_log_and_service_resumes_when_space_returns()
     }
     drop(c);
     drop(disks);
+}
+
+#[test]
+fn a_log_truncated_corrupted_or_swapped_while_stopped_keeps_the_replica_from_starting() {
+    let _one = serial();
+    let mut c = Cluster::start_toml(
+        3,
+        redis_program(),
+        "refuse",
+        Vec::new(),
+        "segment_size = \"64KiB\"\n",
+    );
+    let leader = c.leader(Duration::from_secs(30));
+    assert_eq!(set_many(c.addrs[leader].1, "a", 1500), 1500);
+    assert!(wait_until(Duration::from_secs(30), || c.digests_agree()));
+    for i in 0..3 {
+        c.stop(i);
+    }
+    let root = c.dir.path().to_path_buf();
+    let log1 = root.join("data/1/log");
+    let keep = root.join("log1.orig");
+    util::must(&format!("cp -a {} {}", log1.display(), keep.display()));
+    let restore = || {
+        util::must(&format!(
+            "rm -rf {0} && cp -a {1} {0}",
+            log1.display(),
+            keep.display()
+        ))
+    };
+    let verify = || {
+        util::run(&[
+            "log-inspect",
+            "--verify",
+            root.join("data/1").to_str().unwrap(),
+        ])
+    };
+    let sealed = verify();
+    assert_eq!(sealed.code, 0, "{}{}", sealed.stdout, sealed.stderr);
+    assert!(
+        sealed.stdout.contains("as sealed when replica"),
+        "{}",
+        sealed.stdout
+    );
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log1)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "too few segments: {segments:?}");
+    let refused = |c: &mut Cluster, what: &str, expect: &str| {
+        let _ = std::fs::remove_file(root.join("node1.log"));
+        c.start_node(0);
+        let st = c.exit_status(0, Duration::from_secs(20));
+        assert!(
+            st.is_some_and(|s| !s.success()),
+            "replica 1 started on a {what} log: {st:?}\n{}",
+            c.log(0)
+        );
+        assert!(
+            c.log(0).contains(expect),
+            "replica 1 did not say why ({expect:?}) for a {what} log:\n{}",
+            c.log(0)
+        );
+    };
+
+    // Truncated at a segment boundary: every record left is whole, so only
+    // the seal can tell.
+    std::fs::remove_file(segments.last().unwrap()).unwrap();
+    refused(&mut c, "truncated", "truncated or rolled back");
+    let v = verify();
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(v.stdout.contains("SEAL"), "{}", v.stdout);
+    restore();
+
+    // A byte flipped in the middle of the first segment.
+    let first = &segments[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(first, &bytes).unwrap();
+    refused(&mut c, "corrupted", "corrupt log");
+    let v = verify();
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(v.stdout.contains("CORRUPT"), "{}", v.stdout);
+    restore();
+
+    // Swapped with replica 2's log.
+    util::must(&format!(
+        "rm -rf {0} && cp -a {1} {0}",
+        log1.display(),
+        root.join("data/2/log").display()
+    ));
+    refused(&mut c, "swapped", "was the data directory swapped");
+    let v = verify();
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(
+        v.stdout.contains("swapped with another replica"),
+        "{}",
+        v.stdout
+    );
+    restore();
+
+    // The log put back: the replica starts, and the cluster agrees.
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(30));
+    assert_eq!(set_many(c.addrs[leader].1, "b", 10), 10);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "digests differ after the restore: {:?}\n{}",
+        c.digests(),
+        c.log(0)
+    );
+    assert!(
+        !root.join("data/1/log.seal").exists(),
+        "the seal outlived the start"
+    );
 }

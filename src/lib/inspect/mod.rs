@@ -448,13 +448,30 @@ fn verify(
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let rate = total as f64 / secs.max(1e-9) / 1e9;
+    // A replica that stopped cleanly sealed where its log ended.
+    let sealed = match crate::log::seal::data_dir_of(&args.path) {
+        Some(dir) => crate::log::seal::read(&dir)
+            .map_err(|e| LogError::io(format!("reading the seal in {}", dir.display()), e))?,
+        None => None,
+    };
+    let mut seal_error = None;
     let (ok, segments, torn, error) = match result {
-        Ok(o) => (
-            !(args.strict && o.torn.is_some()),
-            o.segments.len(),
-            o.torn,
-            None,
-        ),
+        Ok(o) => {
+            if let (Some(seal), Some(last)) = (&sealed, o.segments.last()) {
+                seal_error = crate::log::seal::mismatch(
+                    seal,
+                    (last.header.cluster_id, last.header.node_id),
+                    last.last_op,
+                    last.last_crc,
+                );
+            }
+            (
+                !(args.strict && o.torn.is_some()) && seal_error.is_none(),
+                o.segments.len(),
+                o.torn,
+                None,
+            )
+        }
         Err(LogError::Corrupt {
             file,
             offset,
@@ -473,6 +490,8 @@ fn verify(
                 "seconds": secs,
                 "gb_per_s": rate,
                 "torn_tail": torn,
+                "sealed": sealed.is_some(),
+                "seal_error": seal_error,
                 "error": error.as_ref().map(|(f, o, r)| json!({"file": f, "offset": o, "reason": r})),
             }),
         )?;
@@ -500,6 +519,15 @@ fn verify(
                 "torn tail: {} at byte offset {} ({} bytes) — cut off when the replica next starts",
                 t.file, t.offset, t.bytes
             )?;
+        }
+        match (&seal_error, &sealed) {
+            (Some(reason), _) => writeln!(out, "{} {reason}", ui.bad("SEAL"))?,
+            (None, Some(s)) => writeln!(
+                out,
+                "ends at op {} as sealed when replica {} stopped",
+                s.last_op, s.node_id
+            )?,
+            (None, None) => {}
         }
     }
     Ok(if ok { Status::Success } else { Status::Failure })

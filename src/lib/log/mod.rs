@@ -23,6 +23,7 @@ pub mod fixtures;
 pub mod format;
 pub mod group_commit;
 pub mod scan;
+pub mod seal;
 mod segment_log;
 pub mod storage;
 pub mod view;
@@ -114,6 +115,17 @@ pub enum LogError {
     /// Another process writes this log.
     #[error("{0}")]
     Locked(String),
+    /// The log does not end where the replica's seal says it ended when it
+    /// stopped (see [`seal`]).
+    #[error(
+        "{dir}: {reason}. `falcon log-inspect --verify {dir}` shows it; put the log back, or empty the data directory and the replica is rebuilt from the others"
+    )]
+    Sealed {
+        /// The replica's data directory.
+        dir: String,
+        /// What differs.
+        reason: String,
+    },
 }
 
 impl LogError {

@@ -28,7 +28,7 @@ use crate::config::ClusterConfig;
 use crate::consensus::{
     Command, Config, Envelope, Event, Input, NodeId, PersistentState, Reject, Replica, Role,
 };
-use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog};
+use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog, seal};
 use crate::output::Ui;
 use crate::snapshot;
 use crate::transport::shm::{ShmOptions, ShmTransport};
@@ -576,6 +576,22 @@ impl Node<'_> {
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records where the log ends, at a clean stop (see [`seal`]).
+    fn seal(&mut self) {
+        let s = seal::Seal {
+            cluster_id: self.cluster_id,
+            node_id: self.me,
+            last_op: self.log.last_op(),
+            last_crc: self.log.last_crc(),
+        };
+        if let Err(e) = seal::write(&self.data_dir, &s) {
+            self.ui.warn(&format!(
+                "could not seal the log in {} ({e}): the next start cannot check that it is unchanged",
+                self.data_dir.display()
+            ));
         }
     }
 
@@ -1765,6 +1781,21 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         },
     )?;
     let mut log = log;
+    // A clean stop sealed where the log ended: it must still end there.
+    let sealed = seal::read(&rc.data_dir).map_err(io_err("reading the log seal"))?;
+    if let Some(s) = sealed {
+        if let Some(reason) =
+            seal::mismatch(&s, (cfg.cluster_id, me), log.last_op(), log.last_crc())
+        {
+            return Err(LogError::Sealed {
+                dir: rc.data_dir.display().to_string(),
+                reason,
+            }
+            .into());
+        }
+    }
+    // From here on the log changes: no seal may outlive this start.
+    seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"))?;
     if let Some(t) = &recovery.torn {
         ui.warn(&format!(
             "cut a torn tail from the log: {} at byte offset {} ({} bytes)",
@@ -2143,6 +2174,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     loop {
         if stop.load(Ordering::Relaxed) {
             node.sync()?;
+            node.seal();
             if let Some(app) = &mut node.app {
                 app.stop(Duration::from_secs(5));
             }
@@ -2164,6 +2196,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.connect_vm();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
+                node.seal();
                 node.vm_report();
                 return Ok(NodeExit::ProgramExited(status));
             }
