@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what falcon needs to build and test on Debian 12 or newer, then
-# builds it. Safe to run again: it installs only what is missing.
+# builds it (release; `--no-build` skips that, for the test command, whose
+# builds are its own). Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +29,4 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
-cargo build --release --locked
+[ "${1:-}" = --no-build ] || cargo build --release --locked

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 
-bash scripts/setup.sh
+bash scripts/setup.sh --no-build
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -16,6 +16,10 @@ echo "== cargo test"
 cargo test --locked --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 # Doc tests (not part of --all-targets).
 cargo test --locked --doc 2>&1 | tee -a target/test-output.txt
+
+# A bounded run of every fuzz target (fuzz/: every decoder of outside input).
+echo "== fuzz: 5 s per target"
+bash scripts/fuzz.sh 5
 
 # The rdma transport (cargo feature, off by default): lints, the tests that
 # run on any host, then — as root, where the Soft-RoCE guest can be built —
