@@ -156,6 +156,40 @@ fn tap_attach_without_qemu_or_tap_says_what_is_missing() {
 }
 
 #[test]
+fn a_cluster_key_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let key = dir.path().join("k");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::write(
+        &cfg,
+        "cluster = \"t\"\nkey_file = \"k\"\n[[replica]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"\napp = \"127.0.0.1:3\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
+    let args = [
+        "replicate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--node",
+        "1",
+        "--app-timeout",
+        "1s",
+        "--",
+        "/nonexistent/program",
+    ];
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run(&args);
+    assert!(
+        r.stderr.contains("can be read by others (mode 644)") && r.stderr.contains("chmod 600"),
+        "{r:?}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(&args);
+    assert!(!r.stderr.contains("can be read by others"), "{r:?}");
+}
+
+#[test]
 fn usage_errors_exit_2() {
     assert_eq!(run(&["no-such-command"]).code, 2);
     assert_eq!(run(&["log-inspect"]).code, 2);

@@ -527,6 +527,20 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(key)
 }
 
+/// A warning when the key file can be read by others than its owner (the
+/// key is the cluster's one secret: `chmod 600` it).
+pub fn key_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{}: the cluster key can be read by others (mode {mode:o}); anyone who reads it can join the cluster: chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
 /// Writes a new random key of 32 bytes to `path` (mode 0600); refuses to overwrite.
 pub fn generate_key(path: &Path) -> Result<(), ConfigError> {
     use std::io::Write;

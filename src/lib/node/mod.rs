@@ -2689,6 +2689,9 @@ fn replica(
         ))
     })?;
     let key = config::read_key(&key_file)?;
+    if let Some(w) = config::key_exposure(&key_file) {
+        ui.warn(&w);
+    }
     let opts = NodeOptions {
         config: cfg,
         index,
