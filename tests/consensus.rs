@@ -472,9 +472,11 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
             },
         ),
     );
+    // The leader goes silent for an election timeout: then it joins.
+    let later = 200 * MS;
     let out = step(
         &mut next,
-        2,
+        later,
         recv(2, 1, Message::StartViewChange { view: 1 }),
     );
     assert_eq!(
@@ -501,8 +503,8 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
         op_start: 1,
         entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
     };
-    let out = step(&mut next, 3, recv(2, 1, dvc));
-    let log = [entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, 3)];
+    let out = step(&mut next, later + 1, recv(2, 1, dvc));
+    let log = [entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, later + 1)];
     assert_eq!(
         out,
         vec![
@@ -517,7 +519,7 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
                 leader: 1
             },
             Command::Deliver(vec![entry(0, 1, 1, "a")]),
-            Command::Append(vec![noop(1, 3, 3)]),
+            Command::Append(vec![noop(1, 3, later + 1)]),
             send(
                 0,
                 Message::StartView {
@@ -626,14 +628,15 @@ fn view_change_closes_every_open_connection() {
         vec![open(1, 5), open(2, 6), close(3, 5), open(4, 9)],
         vec![],
     );
+    // It has heard from no leader for an election timeout since its start.
     step(
         &mut next,
-        1,
+        200 * MS,
         recv(2, 1, Message::StartViewChange { view: 1 }),
     );
     let out = step(
         &mut next,
-        2,
+        200 * MS + 1,
         recv(
             2,
             1,
@@ -1226,4 +1229,47 @@ fn an_entry_at_op_0_is_refused_without_a_panic() {
     step(&mut r, 2, recv(2, 1, dvc));
     step(&mut r, 3, Input::Tick);
     assert_eq!(r.last_op(), 0, "nothing was taken from it");
+}
+
+/// A follower that hears from a working leader is not moved to another view
+/// by anyone else — a restarted replica, one cut off, or a hostile peer with
+/// the key: neither a StartViewChange from another replica nor a message of
+/// a newer view from a replica that does not lead it. The leader's own view
+/// change (a transfer) it joins, and once the leader is silent for an
+/// election timeout it joins anyone's.
+#[test]
+fn a_follower_with_a_working_leader_is_moved_by_nobody_else() {
+    let mut f = Replica::new(cfg(1, 3), 1, 0);
+    step(&mut f, 5 * MS, recv(0, 1, Message::Commit { view: 0, commit: 0 }));
+    for (at, msg) in [
+        (10 * MS, Message::StartViewChange { view: 1 }),
+        (11 * MS, Message::StartViewChange { view: 1_000_000 }),
+        (
+            12 * MS,
+            Message::DoViewChange {
+                view: 4,
+                log_view: 0,
+                last_op: 0,
+                commit: 0,
+                op_start: 1,
+                entries: vec![],
+            },
+        ),
+        (13 * MS, Message::Commit { view: 7, commit: 0 }),
+        (14 * MS, Message::NewerView { view: 9 }),
+    ] {
+        let out = step(&mut f, at, recv(2, 1, msg.clone()));
+        assert_eq!(f.view(), 0, "moved by {msg:?}: {out:?}");
+        assert_eq!(f.status(), Status::Normal);
+        assert!(out.is_empty(), "{msg:?} made it do {out:?}");
+    }
+    // The leader's own view change (a transfer to replica 2) is joined.
+    step(&mut f, 20 * MS, recv(0, 1, Message::StartViewChange { view: 2 }));
+    assert_eq!((f.view(), f.status()), (2, Status::ViewChange));
+
+    // Silent leader: after an election timeout, another replica's view change is joined.
+    let mut g = Replica::new(cfg(1, 3), 1, 0);
+    step(&mut g, 5 * MS, recv(0, 1, Message::Commit { view: 0, commit: 0 }));
+    step(&mut g, 200 * MS, recv(2, 1, Message::StartViewChange { view: 1 }));
+    assert_eq!((g.view(), g.status()), (1, Status::ViewChange));
 }

@@ -1356,16 +1356,27 @@ impl Replica {
             match &env.msg {
                 Message::StartViewChange { .. }
                 | Message::DoViewChange { .. }
-                | Message::RequestDoViewChange { .. } => self.start_view_change(v, out),
-                _ => {
-                    if self.cfg.leader_of(v) == self.cfg.id {
-                        // A view we lead started without us (we crashed while
-                        // leading it): move past it.
-                        self.start_view_change(v + 1, out);
+                | Message::RequestDoViewChange { .. } => {
+                    // A follower that hears from a working leader joins no
+                    // view change but the leader's own (a transfer): one
+                    // replica — restarted, cut off, or hostile with the key —
+                    // cannot move a working cluster to another view.
+                    if self.status == Status::Normal
+                        && !self.is_leader()
+                        && !self.leaderless()
+                        && from != self.leader()
+                    {
                         return;
                     }
-                    self.adopt_view(v, out);
+                    self.start_view_change(v, out)
                 }
+                _ if from != self.cfg.leader_of(v) => {
+                    // Only a view's leader speaks for it outside a view
+                    // change (it reaches every replica with its heartbeats);
+                    // a newer view claimed by anyone else moves nothing.
+                    return;
+                }
+                _ => self.adopt_view(v, out),
             }
         }
         match env.msg {
