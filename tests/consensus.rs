@@ -504,7 +504,11 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
         entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
     };
     let out = step(&mut next, later + 1, recv(2, 1, dvc));
-    let log = [entry(0, 1, 1, "a"), entry(0, 2, 1, "b"), noop(1, 3, later + 1)];
+    let log = [
+        entry(0, 1, 1, "a"),
+        entry(0, 2, 1, "b"),
+        noop(1, 3, later + 1),
+    ];
     assert_eq!(
         out,
         vec![
@@ -1240,7 +1244,11 @@ fn an_entry_at_op_0_is_refused_without_a_panic() {
 #[test]
 fn a_follower_with_a_working_leader_is_moved_by_nobody_else() {
     let mut f = Replica::new(cfg(1, 3), 1, 0);
-    step(&mut f, 5 * MS, recv(0, 1, Message::Commit { view: 0, commit: 0 }));
+    step(
+        &mut f,
+        5 * MS,
+        recv(0, 1, Message::Commit { view: 0, commit: 0 }),
+    );
     for (at, msg) in [
         (10 * MS, Message::StartViewChange { view: 1 }),
         (11 * MS, Message::StartViewChange { view: 1_000_000 }),
@@ -1264,12 +1272,24 @@ fn a_follower_with_a_working_leader_is_moved_by_nobody_else() {
         assert!(out.is_empty(), "{msg:?} made it do {out:?}");
     }
     // The leader's own view change (a transfer to replica 2) is joined.
-    step(&mut f, 20 * MS, recv(0, 1, Message::StartViewChange { view: 2 }));
+    step(
+        &mut f,
+        20 * MS,
+        recv(0, 1, Message::StartViewChange { view: 2 }),
+    );
     assert_eq!((f.view(), f.status()), (2, Status::ViewChange));
 
     // Silent leader: after an election timeout, another replica's view change is joined.
     let mut g = Replica::new(cfg(1, 3), 1, 0);
-    step(&mut g, 5 * MS, recv(0, 1, Message::Commit { view: 0, commit: 0 }));
-    step(&mut g, 200 * MS, recv(2, 1, Message::StartViewChange { view: 1 }));
+    step(
+        &mut g,
+        5 * MS,
+        recv(0, 1, Message::Commit { view: 0, commit: 0 }),
+    );
+    step(
+        &mut g,
+        200 * MS,
+        recv(2, 1, Message::StartViewChange { view: 1 }),
+    );
     assert_eq!((g.view(), g.status()), (1, Status::ViewChange));
 }

@@ -1179,3 +1179,240 @@ fn a_log_truncated_corrupted_or_swapped_while_stopped_keeps_the_replica_from_sta
         "the seal outlived the start"
     );
 }
+
+/// A peer that holds the cluster key but sends impossible messages — views
+/// far ahead, a view change nobody else wants, entries far past the log,
+/// a log from a replica that does not lead — moves nothing: the cluster
+/// keeps answering throughout, stays in its view, and ends identical.
+/// Beside it, a connection with an unknown replica id and one that never
+/// finishes its greeting (slow loris) are refused. What a key holder can
+/// still do (the engine trusts replicas that hold the key): ask the leader
+/// itself for a view change; the cluster moves and goes on within moments.
+#[test]
+fn an_insider_with_impossible_messages_moves_nothing_while_the_cluster_commits() {
+    use falcon::consensus::{Envelope, Message};
+    use falcon::log::{Entry, Kind};
+    use falcon::transport::Transport;
+    use falcon::transport::tcp::{TcpOptions, TcpTransport};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _one = serial();
+    // Five replicas in the file; the fourth and fifth never run: the insider
+    // poses as the fifth (the three that run are the quorum).
+    let mut c = Cluster::configure(5, redis_program(), "refuse", Vec::new(), "");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(30));
+    let key = std::fs::read(c.dir.path().join("cluster.key")).unwrap();
+    let cluster = falcon::config::cluster_id("e2e");
+    let peers: Vec<SocketAddr> = c.addrs.iter().map(|a| a.0).collect();
+    let mut o = TcpOptions::new(cluster, 4, peers.clone(), key);
+    o.reconnect_max = Duration::from_millis(100);
+    let mut insider = TcpTransport::bind(o).unwrap();
+
+    // A steady writer for the whole attack: it reconnects to whichever
+    // replica answers, and records the acknowledged writes and the longest
+    // time between two acknowledgements.
+    let clients: Vec<SocketAddr> = c.addrs[..3].iter().map(|a| a.1).collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let reconnects = std::sync::Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, reconnects) = (stop.clone(), reconnects.clone());
+        std::thread::spawn(move || {
+            let (mut acked, mut worst, mut last) = (0u64, Duration::ZERO, Instant::now());
+            let mut at = leader;
+            'connect: while !stop.load(Ordering::Relaxed) {
+                let Ok(s) = TcpStream::connect(clients[at]) else {
+                    at = (at + 1) % clients.len();
+                    continue;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w:{acked}");
+                    let req = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$1\r\nv\r\n", key.len());
+                    let mut line = String::new();
+                    if w.write_all(req.as_bytes()).is_err()
+                        || r.read_line(&mut line).is_err()
+                        || line.trim_end() != "+OK"
+                    {
+                        reconnects.fetch_add(1, Ordering::Relaxed);
+                        at = (at + 1) % clients.len();
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue 'connect;
+                    }
+                    worst = worst.max(last.elapsed());
+                    last = Instant::now();
+                    acked += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            (acked, worst)
+        })
+    };
+
+    // Beside it: an unknown replica id, and a greeting that never ends.
+    let mut unknown = TcpStream::connect(peers[leader]).unwrap();
+    let mut hello = b"FALCONP1".to_vec();
+    hello.extend_from_slice(&cluster.to_le_bytes());
+    hello.extend_from_slice(&9u32.to_le_bytes());
+    hello.extend_from_slice(&(leader as u32).to_le_bytes());
+    hello.extend_from_slice(&[0u8; 16]);
+    unknown.write_all(&hello).unwrap();
+    let mut loris = TcpStream::connect(peers[leader]).unwrap();
+    loris.write_all(b"FALC").unwrap();
+
+    let bogus = |op: u64| Entry {
+        view: 0,
+        op,
+        kind: Kind::Data,
+        conn: 1,
+        time_ns: 1,
+        payload: bytes::Bytes::from_static(b"*1\r\n$8\r\nFLUSHALL\r\n"),
+    };
+    // View changes nobody else wants, sent to the followers.
+    let to_followers = [
+        Message::StartViewChange { view: 1_000_000 },
+        Message::StartViewChange { view: 1 },
+        Message::DoViewChange {
+            view: 5,
+            log_view: 4,
+            last_op: 1,
+            commit: 1,
+            op_start: 1,
+            entries: vec![bogus(1)],
+        },
+    ];
+    // Newer views claimed outside a view change, entries far ahead, a log
+    // from a replica that does not lead: to everyone.
+    let to_all = [
+        Message::Commit {
+            view: 1_000_000_000,
+            commit: 1 << 40,
+        },
+        Message::NewerView { view: 77 },
+        Message::Prepare {
+            view: 0,
+            op_start: 1 << 40,
+            entries: vec![bogus(1 << 40)],
+            commit: 1 << 40,
+        },
+        Message::Prepare {
+            view: 0,
+            op_start: 2,
+            entries: vec![bogus(2)],
+            commit: 2,
+        },
+        Message::StartView {
+            view: 0,
+            op_start: 1,
+            entries: vec![bogus(1)],
+            commit: 1,
+        },
+        Message::Commit {
+            view: 0,
+            commit: 1 << 40,
+        },
+    ];
+    let send = |t: &mut TcpTransport, to: u32, msg: &Message| {
+        let env = Envelope {
+            cluster,
+            from: 4,
+            to,
+            msg: msg.clone(),
+        };
+        t.send(&env).is_ok()
+    };
+    let attack = Instant::now();
+    let mut sent = 0;
+    let mut inbox = Vec::new();
+    while attack.elapsed() < Duration::from_secs(4) {
+        for to in 0..3u32 {
+            let msgs = to_all
+                .iter()
+                .chain(to_followers.iter().filter(|_| to as usize != leader));
+            for msg in msgs {
+                sent += usize::from(send(&mut insider, to, msg));
+            }
+        }
+        insider.flush();
+        insider.recv(Duration::from_millis(20), &mut inbox).unwrap();
+        inbox.clear();
+    }
+    assert!(
+        (0..3).all(|i| insider.connected().contains(&i)),
+        "the insider's links did not come up: {:?}",
+        insider.connected()
+    );
+    assert_eq!(
+        reconnects.load(Ordering::Relaxed),
+        0,
+        "the writer lost its connection during the attack; leader:\n{}",
+        c.log(leader)
+    );
+    for i in 0..3 {
+        let log = c.log(i);
+        assert!(
+            !log.contains("view change") && !log.contains("view 1"),
+            "replica {} moved views:\n{log}",
+            i + 1
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let l = c.log(leader);
+            l.contains("impossible replica ids") && l.contains("handshake")
+        }),
+        "the unknown id and the slow loris were not refused:\n{}",
+        c.log(leader)
+    );
+
+    // What a key holder can still do: ask the leader for a view change.
+    // The cluster moves to it and goes on.
+    assert!(send(
+        &mut insider,
+        leader as u32,
+        &Message::StartViewChange { view: 1000 }
+    ));
+    let moved = Instant::now();
+    while moved.elapsed() < Duration::from_secs(3) {
+        insider.flush();
+        insider.recv(Duration::from_millis(20), &mut inbox).unwrap();
+        inbox.clear();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (writes, worst) = writer.join().unwrap();
+    eprintln!(
+        "{sent} impossible messages sent; {writes} writes acknowledged, longest gap {worst:?}, {} reconnects",
+        reconnects.load(Ordering::Relaxed)
+    );
+    assert!(writes > 100, "only {writes} writes during the attack");
+    assert!(
+        worst < Duration::from_secs(2),
+        "writes stopped for {worst:?}; leader:\n{}",
+        c.log(leader)
+    );
+    assert!(c.log(leader).contains("view 1000"), "{}", c.log(leader));
+    let agree = || {
+        let d: Vec<_> = (0..3).map(|i| c.digest(i)).collect();
+        d[0].is_some() && d.iter().all(|x| *x == d[0])
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), agree),
+        "digests differ: {:?}",
+        c.digests()
+    );
+    // Every acknowledged write is there.
+    let now_leader = c.leader(Duration::from_secs(10));
+    for k in [0, writes / 2, writes - 1] {
+        assert_eq!(
+            c.client_cmd(now_leader, &["EXISTS", &format!("w:{k}")])
+                .as_deref(),
+            Some(":1"),
+            "acknowledged write w:{k} is missing"
+        );
+    }
+    drop(loris);
+    drop(unknown);
+}
