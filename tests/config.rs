@@ -220,3 +220,58 @@ fn choosing_this_replica() {
         "only replica 1's peer address is local"
     );
 }
+
+#[test]
+fn limits_have_defaults_and_each_bad_one_is_named() {
+    use falcon::config::Limits;
+    assert_eq!(parse(GOOD).unwrap().limits, Limits::default());
+    let fixture = ClusterConfig::load(&util::root().join("fixtures/cluster.toml")).unwrap();
+    assert_eq!(
+        fixture.limits,
+        Limits::default(),
+        "the example shows the defaults"
+    );
+    let with = |table: &str| {
+        GOOD.replace(
+            "\n[[replica]]\nid = 1",
+            &format!("\n[limits]\n{table}\n\n[[replica]]\nid = 1"),
+        )
+    };
+    let l = parse(&with("client_connections = 8\nclient_buffer = \"1MiB\"\npending_entries = 100\nbatch_entries = 50\nbatch_bytes = \"64KiB\""))
+        .unwrap()
+        .limits;
+    assert_eq!(
+        (
+            l.client_connections,
+            l.client_buffer,
+            l.pending_entries,
+            l.batch_bytes,
+            l.batch_entries
+        ),
+        (8, 1 << 20, 100, 64 << 10, 50)
+    );
+    for (table, expect) in [
+        (
+            "client_connections = 0",
+            "test.toml:6: limits.client_connections: 0 is outside 1..=",
+        ),
+        (
+            "client_buffer = \"1KiB\"",
+            "test.toml:6: limits.client_buffer: \"1KiB\" is not a size from 65536",
+        ),
+        ("batch_bytes = \"1GiB\"", "limits.batch_bytes"),
+        (
+            "batch_entries = 100000",
+            "limits.batch_entries: 100000 is outside 1..=65536",
+        ),
+        (
+            "batch_entries = 500\npending_entries = 100",
+            "test.toml:7: limits.pending_entries: 100 is outside 500..=",
+        ),
+        ("program_backlog = 1", "limits.program_backlog"),
+        ("clients = 5", "unknown field `clients`"),
+    ] {
+        let e = err(&with(table));
+        assert!(e.contains(expect), "{table:?}: {e}");
+    }
+}

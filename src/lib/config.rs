@@ -120,6 +120,8 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// A log segment is closed at this size (snapshots drop whole segments).
     pub segment_bytes: u64,
+    /// Resource limits.
+    pub limits: Limits,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -145,8 +147,56 @@ struct RawConfig {
     election_timeout: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
     segment_size: Option<Spanned<String>>,
+    limits: Option<RawLimits>,
     #[serde(default)]
     replica: Vec<RawReplica>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    client_connections: Option<Spanned<u64>>,
+    client_buffer: Option<Spanned<String>>,
+    program_backlog: Option<Spanned<u64>>,
+    pending_entries: Option<Spanned<u64>>,
+    batch_entries: Option<Spanned<u64>>,
+    batch_bytes: Option<Spanned<String>>,
+}
+
+/// What one replica holds at most (`[limits]` in the cluster file). Past a
+/// limit a replica pushes back (stops reading a client, so TCP slows it) or
+/// refuses (a connection over the limit, a client that never reads its
+/// answers); memory stays bounded either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Client connections at once; more are closed at once (and logged).
+    pub client_connections: usize,
+    /// Bytes buffered per client connection each way: input for the program
+    /// that it does not read, answers that the client does not read (such a
+    /// client is disconnected; the program's output must be drained).
+    pub client_buffer: usize,
+    /// Committed entries waiting for the program; past it, clients are not read.
+    pub program_backlog: usize,
+    /// Entries proposed but not committed; past half of it clients are not
+    /// read, past it proposals are refused.
+    pub pending_entries: u64,
+    /// Entries per Prepare message.
+    pub batch_entries: usize,
+    /// Payload bytes per Prepare message.
+    pub batch_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            client_connections: 4096,
+            client_buffer: 16 << 20,
+            program_backlog: 65_536,
+            pending_entries: 65_536,
+            batch_entries: 1024,
+            batch_bytes: 1 << 20,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -177,6 +227,87 @@ fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// The `[limits]` table: each field within its range, or an error naming it.
+fn parse_limits(
+    l: &RawLimits,
+    field_err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let count = |v: &Option<Spanned<u64>>, name: &str, default: u64, min: u64, max: u64| match v {
+        None => Ok(default),
+        Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
+        Some(s) => Err(field_err(
+            s.span(),
+            &format!("limits.{name}"),
+            format!("{} is outside {min}..={max}", s.get_ref()),
+        )),
+    };
+    let size = |v: &Option<Spanned<String>>, name: &str, default: u64, min: u64, max: u64| match v {
+        None => Ok(default),
+        Some(s) => parse_size(s.get_ref())
+            .filter(|b| (min..=max).contains(b))
+            .ok_or_else(|| {
+                field_err(
+                    s.span(),
+                    &format!("limits.{name}"),
+                    format!(
+                        "{:?} is not a size from {} to {} bytes (examples: 64KiB, 16MiB)",
+                        s.get_ref(),
+                        min,
+                        max
+                    ),
+                )
+            }),
+    };
+    let batch_entries = count(
+        &l.batch_entries,
+        "batch_entries",
+        d.batch_entries as u64,
+        1,
+        crate::consensus::message::MESSAGE_ENTRIES_MAX as u64,
+    )?;
+    let pending_entries = count(
+        &l.pending_entries,
+        "pending_entries",
+        d.pending_entries,
+        batch_entries.max(2),
+        1 << 32,
+    )?;
+    Ok(Limits {
+        client_connections: count(
+            &l.client_connections,
+            "client_connections",
+            d.client_connections as u64,
+            1,
+            1 << 20,
+        )? as usize,
+        client_buffer: size(
+            &l.client_buffer,
+            "client_buffer",
+            d.client_buffer as u64,
+            64 << 10,
+            1 << 30,
+        )? as usize,
+        program_backlog: count(
+            &l.program_backlog,
+            "program_backlog",
+            d.program_backlog as u64,
+            2,
+            1 << 24,
+        )? as usize,
+        pending_entries,
+        batch_entries: batch_entries as usize,
+        // A Prepare must stay well under the largest message a peer accepts.
+        batch_bytes: size(
+            &l.batch_bytes,
+            "batch_bytes",
+            d.batch_bytes as u64,
+            4 << 10,
+            16 << 20,
+        )? as usize,
+    })
 }
 
 /// A stable 64-bit id for a cluster name (FNV-1a).
@@ -332,6 +463,10 @@ impl ClusterConfig {
                     )
                 })?,
         };
+        let limits = match &raw.limits {
+            None => Limits::default(),
+            Some(l) => parse_limits(l, &field_err)?,
+        };
         if !matches!(raw.replica.len(), 1 | 3 | 5 | 7 | 9) {
             return Err(ConfigError::Other(format!(
                 "{shown}: {} [[replica]] tables; a cluster has 1, 3, 5, 7 or 9 replicas",
@@ -403,6 +538,7 @@ impl ClusterConfig {
             election_timeout,
             heartbeat,
             segment_bytes,
+            limits,
             replicas,
         })
     }

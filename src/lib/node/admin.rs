@@ -37,6 +37,8 @@ pub(super) struct Observed {
     pub program_starts: u64,
     pub view_changes: u64,
     pub clients_accepted: u64,
+    /// Client connections closed at once: over `limits.client_connections`.
+    pub clients_refused: u64,
 }
 
 impl Observed {
@@ -61,6 +63,7 @@ impl Observed {
             program_starts: 0,
             view_changes: 0,
             clients_accepted: 0,
+            clients_refused: 0,
         }
     }
 
@@ -360,6 +363,13 @@ impl Node<'_> {
             "counter",
             "Client connections accepted.",
             &one(o.clients_accepted as f64),
+        );
+        metric(
+            &mut s,
+            "falcon_client_connections_refused_total",
+            "counter",
+            "Client connections closed at once: over limits.client_connections.",
+            &one(o.clients_refused as f64),
         );
         metric(
             &mut s,

@@ -50,11 +50,6 @@ const READ_CHUNK: usize = 64 << 10;
 /// it writes to another anyway (a request with no answer must not stall the
 /// replica; past this, the order between the two connections is not assured).
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
-/// Bytes buffered towards one client or one program connection, at most.
-const BUFFER_MAX: usize = 16 << 20;
-/// Committed entries waiting for the program, at most, before the leader
-/// stops reading its clients.
-const APPLY_BACKLOG_MAX: usize = 65_536;
 /// Bytes of log entries one catch-up message carries, at most.
 const CATCH_UP_BYTES: usize = 16 << 20;
 /// Client events held for the fsync under way, at most (then they are proposed at once).
@@ -521,6 +516,10 @@ struct Node<'a> {
     /// Delivered entries the engine keeps in memory (for retransmits);
     /// older ones are read back from the log.
     memory_entries: u64,
+    /// `[limits]` of the cluster file.
+    limits: crate::config::Limits,
+    /// When a client over `client_connections` was last logged (once a second).
+    refused_client_at: Option<Instant>,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -577,6 +576,14 @@ impl Node<'_> {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Client input is not read now: the program is behind, too much is
+    /// proposed and not committed, or the log's disk is full.
+    fn input_held(&self) -> bool {
+        self.apply_queue.len() >= self.limits.program_backlog
+            || self.engine.last_op() - self.engine.commit() >= self.limits.pending_entries / 2
+            || self.disk_full.is_some()
     }
 
     /// Records where the log ends, at a clean stop (see [`seal`]).
@@ -1281,7 +1288,7 @@ impl Node<'_> {
             }
             Kind::Data => {
                 if let Some(a) = self.apps.get_mut(&e.conn) {
-                    if a.out.len() + e.payload.len() > BUFFER_MAX {
+                    if a.out.len() + e.payload.len() > self.limits.client_buffer {
                         self.ui.warn(&format!(
                             "connection {} to the program is not draining; closing it",
                             e.conn
@@ -1506,6 +1513,23 @@ impl Node<'_> {
                         self.follower_client(stream);
                         continue;
                     }
+                    if self.clients.len() >= self.limits.client_connections {
+                        // Closed at once: the client sees the connection end.
+                        drop(stream);
+                        self.observed.clients_refused += 1;
+                        if self
+                            .refused_client_at
+                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                        {
+                            self.refused_client_at = Some(Instant::now());
+                            self.ui.warn(&format!(
+                                "refusing client connections: {} are open, the limit (limits.client_connections) ({} refused so far)",
+                                self.clients.len(),
+                                self.observed.clients_refused
+                            ));
+                        }
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     self.observed.clients_accepted += 1;
                     let token = Token(CLIENT_BASE + self.next_token);
@@ -1578,15 +1602,18 @@ impl Node<'_> {
         if !ready.readable {
             return Ok(());
         }
-        if self.apply_queue.len() >= APPLY_BACKLOG_MAX || self.disk_full.is_some() {
-            // The program is behind, or the log cannot grow: input waits in
-            // the client's socket (TCP pushes back on the client), not in
-            // our memory.
+        if self.input_held() {
+            // The program is behind, the cluster has too much uncommitted,
+            // or the log cannot grow: input waits in the client's socket
+            // (TCP pushes back on the client), not in our memory.
             if !self.paused.contains(&t) {
                 self.paused.push(t);
             }
             return Ok(());
         }
+        let Some(c) = self.clients.get_mut(&t) else {
+            return Ok(());
+        };
         let conn = c.conn;
         let events = &mut self.proposals;
         let mut chunks = 0;
@@ -1678,7 +1705,7 @@ impl Node<'_> {
         if !answer.is_empty() {
             if let Some(&ct) = self.client_of_conn.get(&conn) {
                 if let Some(c) = self.clients.get_mut(&ct) {
-                    if c.out.len() + answer.len() > BUFFER_MAX {
+                    if c.out.len() + answer.len() > self.limits.client_buffer {
                         self.drop_client(ct, true);
                     } else {
                         c.out.extend_from_slice(&answer);
@@ -1805,6 +1832,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let engine_cfg = Config {
         election_timeout_ns: cfg.election_timeout.as_nanos() as u64,
         heartbeat_ns: cfg.heartbeat.as_nanos() as u64,
+        uncommitted_max: cfg.limits.pending_entries,
+        batch_entries_max: cfg.limits.batch_entries,
+        batch_bytes_max: cfg.limits.batch_bytes,
         ..Config::new(cfg.cluster_id, me, cfg.replicas.len() as u32)
     };
     let seed = crate::log::now_ns() ^ u64::from(std::process::id());
@@ -2088,6 +2118,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         acked_clients: Vec::new(),
         framed: opts.null_program,
         memory_entries: opts.memory_entries.max(1),
+        limits: cfg.limits,
+        refused_client_at: None,
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,
         hooks_env: hooks,
@@ -2401,8 +2433,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         node.retry_unwritten()?;
         if !node.paused.is_empty()
-            && node.apply_queue.len() < APPLY_BACKLOG_MAX / 2
-            && node.disk_full.is_none()
+            && node.apply_queue.len() < node.limits.program_backlog / 2
+            && !node.input_held()
         {
             let resumed = std::mem::take(&mut node.paused);
             node.unread.extend(resumed);
@@ -2536,6 +2568,17 @@ names the line and the field):
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
   segment_size = \"64MiB\"      # optional; log segment size (snapshots drop whole segments)
+
+  [limits]                      # optional; each field optional (defaults shown)
+  client_connections = 4096     # more are closed at once (and logged once a second)
+  client_buffer = \"16MiB\"     # per client connection, each way; a client that does
+                                # not read its answers past it is disconnected
+  program_backlog = 65536       # committed entries waiting for the program; past it
+                                # clients are not read (TCP pushes back)
+  pending_entries = 65536       # proposed, not committed; past half, clients are not
+                                # read; past all, proposals are refused
+  batch_entries = 1024          # entries per Prepare message
+  batch_bytes = \"1MiB\"        # payload bytes per Prepare message
 
   [[replica]]                   # 1, 3, 5, 7 or 9 of them
   id = 1
