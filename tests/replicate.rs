@@ -4,7 +4,7 @@
 mod util;
 use util::wait_until;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 use falcon::bench::redis_bench::resp_command;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1415,4 +1415,263 @@ fn an_insider_with_impossible_messages_moves_nothing_while_the_cluster_commits()
     }
     drop(loris);
     drop(unknown);
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A client that pipelines `n` SETs of `size`-byte values as fast as the
+/// connection takes them, with a reader beside it: (bytes written so far,
+/// answers read so far, the two threads).
+struct Flood {
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    total: u64,
+}
+
+impl Flood {
+    fn start(addr: SocketAddr, prefix: &str, n: u64, size: usize) -> Flood {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let s = TcpStream::connect(addr).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let written = std::sync::Arc::new(AtomicU64::new(0));
+        let answered = std::sync::Arc::new(AtomicU64::new(0));
+        let value = "f".repeat(size);
+        let reqs: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let key = format!("{prefix}:{i}");
+                format!(
+                    "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                    key.len(),
+                    value.len()
+                )
+                .into_bytes()
+            })
+            .collect();
+        let total = reqs.iter().map(|r| r.len() as u64).sum();
+        let wr = written.clone();
+        let writer = std::thread::spawn(move || {
+            for r in reqs {
+                if w.write_all(&r).is_err() {
+                    return;
+                }
+                wr.fetch_add(r.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let an = answered.clone();
+        let reader = std::thread::spawn(move || {
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while an.load(Ordering::Relaxed) < n {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line.trim_end() == "+OK" => {
+                        an.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => return,
+                }
+            }
+        });
+        Flood {
+            written,
+            answered,
+            threads: vec![writer, reader],
+            total,
+        }
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn join(self) {
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// Each limit of `[limits]` driven past: connections over the limit are
+/// closed at once; a client that does not read its answers is cut off; a
+/// flood of input while the cluster cannot commit (followers stopped) and
+/// while the program does not read (its process stopped) is pushed back on
+/// the client — the leader's memory stays bounded — and all of it is served
+/// once they run again.
+#[test]
+fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let _one = serial();
+    let limits = "[limits]\nclient_connections = 8\nclient_buffer = \"256KiB\"\nprogram_backlog = 64\npending_entries = 256\nbatch_entries = 32\npeer_queue = \"8MiB\"\n";
+    let c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), limits);
+    let leader = c.leader(Duration::from_secs(30));
+    let pid = |c: &Cluster, i: usize| c.nodes[i].as_ref().unwrap().id();
+    let falcon_pid = pid(&c, leader);
+    let program_pid = |i: usize| -> u32 {
+        let out = util::sh(&format!("pgrep -P {}", pid(&c, i)));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("the program's pid")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+
+    // client_connections = 8: the first 8 are served, the rest closed at once.
+    let mut conns = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..20 {
+        let s = TcpStream::connect(c.addrs[leader].1).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        w.write_all(b"PING\r\n").unwrap();
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                assert_eq!(line.trim_end(), "+PONG");
+                served += 1;
+                conns.push(r);
+            }
+            _ => refused += 1,
+        }
+    }
+    assert_eq!((served, refused), (8, 12), "{}", c.log(leader));
+    assert!(c.log(leader).contains("refusing client connections"));
+    drop(conns);
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .client_cmd(leader, &["PING"])
+            .as_deref()
+            == Some("+PONG")),
+        "no client served after the others left"
+    );
+
+    // client_buffer = 256KiB: a client that asks for 20 MB and reads nothing is cut off.
+    assert_eq!(
+        c.client_cmd(leader, &["SET", "big", &"b".repeat(100 << 10)])
+            .as_deref(),
+        Some("+OK")
+    );
+    let before = rss(falcon_pid);
+    let mut greedy = TcpStream::connect(c.addrs[leader].1).unwrap();
+    for _ in 0..200 {
+        greedy
+            .write_all(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n")
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss(falcon_pid).saturating_sub(before);
+    greedy
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match greedy.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got < 200 * (100 << 10),
+        "the client that read nothing got everything ({got} bytes) instead of being cut off"
+    );
+    assert!(
+        grown < 64 << 20,
+        "the leader grew by {grown} bytes for one greedy client"
+    );
+    assert!(c.log(leader).contains("disconnect") || got < 200 * (100 << 10));
+
+    // pending_entries = 256: nothing commits while both followers are stopped;
+    // the flood is pushed back on the client, not kept in the leader.
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let before = rss(falcon_pid);
+    for &f in &followers {
+        signal(pid(&c, f), SIGSTOP);
+    }
+    let flood = Flood::start(c.addrs[leader].1, "p", 40_000, 2048);
+    std::thread::sleep(Duration::from_secs(3));
+    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
+    for &f in &followers {
+        signal(pid(&c, f), SIGCONT);
+    }
+    eprintln!(
+        "followers stopped: {written} of {} bytes taken, leader grew {grown} bytes",
+        flood.total
+    );
+    assert!(
+        written < flood.total / 2,
+        "the leader took {written} of {} bytes with nothing committing",
+        flood.total
+    );
+    assert!(grown < 64 << 20, "the leader grew by {grown} bytes");
+    assert!(
+        wait_until(Duration::from_secs(60), || flood.answered() == 40_000),
+        "after the followers ran again, {} of 40000 answered; logs:\n{}\nstatus:\n{}",
+        flood.answered(),
+        (0..3).map(|i| c.log(i)).collect::<Vec<_>>().join("\n---\n"),
+        util::run_in(
+            c.dir.path(),
+            &["failover", "status", "--config", "cluster.toml", "--json"]
+        )
+        .stdout
+    );
+    flood.join();
+
+    // program_backlog = 64: the leader's program stops reading; committed
+    // input waits (bounded), then the client is not read.
+    let prog = program_pid(leader);
+    let before = rss(falcon_pid);
+    signal(prog, SIGSTOP);
+    let flood = Flood::start(c.addrs[leader].1, "q", 40_000, 2048);
+    std::thread::sleep(Duration::from_secs(3));
+    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
+    signal(prog, SIGCONT);
+    eprintln!(
+        "program stopped: {written} of {} bytes taken, leader grew {grown} bytes",
+        flood.total
+    );
+    assert!(
+        written < flood.total / 2,
+        "the leader took {written} of {} bytes while its program read nothing",
+        flood.total
+    );
+    assert!(grown < 64 << 20, "the leader grew by {grown} bytes");
+    assert!(
+        wait_until(Duration::from_secs(60), || flood.answered() == 40_000),
+        "after the program ran again, {} of 40000 answered; leader:\n{}\nstatus:\n{}",
+        flood.answered(),
+        c.log(leader),
+        util::run_in(
+            c.dir.path(),
+            &["failover", "status", "--config", "cluster.toml", "--json"]
+        )
+        .stdout
+    );
+    flood.join();
+    assert!(
+        wait_until(Duration::from_secs(60), || c.digests_agree()),
+        "digests differ: {:?}",
+        c.digests()
+    );
 }

@@ -161,6 +161,7 @@ struct RawLimits {
     pending_entries: Option<Spanned<u64>>,
     batch_entries: Option<Spanned<u64>>,
     batch_bytes: Option<Spanned<String>>,
+    peer_queue: Option<Spanned<String>>,
 }
 
 /// What one replica holds at most (`[limits]` in the cluster file). Past a
@@ -184,6 +185,10 @@ pub struct Limits {
     pub batch_entries: usize,
     /// Payload bytes per Prepare message.
     pub batch_bytes: usize,
+    /// TCP: bytes queued for one peer that does not read (a stopped or slow
+    /// replica); past it, messages for it are dropped and the engine sends
+    /// them again. A catch-up message carries at most half of it.
+    pub peer_queue: usize,
 }
 
 impl Default for Limits {
@@ -195,6 +200,7 @@ impl Default for Limits {
             pending_entries: 65_536,
             batch_entries: 1024,
             batch_bytes: 1 << 20,
+            peer_queue: 64 << 20,
         }
     }
 }
@@ -306,6 +312,13 @@ fn parse_limits(
             d.batch_bytes as u64,
             4 << 10,
             16 << 20,
+        )? as usize,
+        peer_queue: size(
+            &l.peer_queue,
+            "peer_queue",
+            d.peer_queue as u64,
+            8 << 20,
+            1 << 32,
         )? as usize,
     })
 }

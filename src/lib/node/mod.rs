@@ -213,8 +213,11 @@ fn tcp_transport(
     poll: &Poll,
 ) -> Result<Box<dyn Transport>, NodeError> {
     let peers = cfg.replicas.iter().map(|r| r.peer).collect();
-    let t = TcpTransport::bind(TcpOptions::new(cfg.cluster_id, me, peers, key.to_vec()))
-        .map_err(io_err("starting the peer transport"))?;
+    let t = TcpTransport::bind(TcpOptions {
+        queue_bytes_max: cfg.limits.peer_queue,
+        ..TcpOptions::new(cfg.cluster_id, me, peers, key.to_vec())
+    })
+    .map_err(io_err("starting the peer transport"))?;
     let tfd = t.as_raw_fd();
     poll.registry()
         .register(&mut SourceFd(&tfd), PEERS, Interest::READABLE)
@@ -518,7 +521,8 @@ struct Node<'a> {
     memory_entries: u64,
     /// `[limits]` of the cluster file.
     limits: crate::config::Limits,
-    /// When a client over `client_connections` was last logged (once a second).
+    /// When a refused client (over `client_connections`, or input refused
+    /// as too much is pending) was last logged (once a second).
     refused_client_at: Option<Instant>,
     app_timeout: Duration,
     hooks_env: Hooks,
@@ -582,7 +586,8 @@ impl Node<'_> {
     /// proposed and not committed, or the log's disk is full.
     fn input_held(&self) -> bool {
         self.apply_queue.len() >= self.limits.program_backlog
-            || self.engine.last_op() - self.engine.commit() >= self.limits.pending_entries / 2
+            || self.engine.last_op() - self.engine.commit() + self.proposals.len() as u64
+                >= self.limits.pending_entries / 2
             || self.disk_full.is_some()
     }
 
@@ -763,6 +768,17 @@ impl Node<'_> {
                 }
             }
             Command::Rejected { events, reason } => {
+                if matches!(reason, Reject::Busy)
+                    && self
+                        .refused_client_at
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    self.refused_client_at = Some(Instant::now());
+                    self.ui.warn(&format!(
+                        "{} entries wait for a majority (limits.pending_entries); closing the clients whose input could not be taken",
+                        self.engine.last_op() - self.engine.commit()
+                    ));
+                }
                 // Input that cannot be ordered must not vanish silently: close its connection.
                 for ev in events {
                     if let Some(&t) = self.client_of_conn.get(&ev.conn) {
@@ -781,7 +797,9 @@ impl Node<'_> {
             } => {
                 use crate::consensus::Message;
                 let count = (upto + 1).saturating_sub(from) as usize;
-                let read = self.log.read(from, count, CATCH_UP_BYTES)?;
+                let read =
+                    self.log
+                        .read(from, count, CATCH_UP_BYTES.min(self.limits.peer_queue / 2))?;
                 let whole = read.len() == count;
                 if read.first().map(|e| e.op) != Some(from)
                     || (!whole && matches!(msg, Message::DoViewChange { .. }))
@@ -879,6 +897,17 @@ impl Node<'_> {
                 && self
                     .awaiting_answer
                     .is_some_and(|t| t.elapsed() < ANSWER_WAIT)
+            {
+                return;
+            }
+            // The program reads slower than input commits: wait for its
+            // connection to drain (the queue pushes back on clients) rather
+            // than buffer past the limit. Waiting keeps the order; closing
+            // the connection would depend on each replica's timing.
+            if e.kind == Kind::Data
+                && self.apps.get(&e.conn).is_some_and(|a| {
+                    !a.out.is_empty() && a.out.len() + e.payload.len() > self.limits.client_buffer
+                })
             {
                 return;
             }
@@ -2579,6 +2608,7 @@ names the line and the field):
                                 # read; past all, proposals are refused
   batch_entries = 1024          # entries per Prepare message
   batch_bytes = \"1MiB\"        # payload bytes per Prepare message
+  peer_queue = \"64MiB\"        # tcp: bytes queued for one peer that does not read
 
   [[replica]]                   # 1, 3, 5, 7 or 9 of them
   id = 1
