@@ -243,9 +243,15 @@ fn a_restarted_peer_is_dialled_again() {
     drop(b);
     // Messages sent while it is down may be lost; once it is back, new ones arrive.
     let mut b = mk(1);
+    let got = send_until_received(&mut a, &mut b, 2);
+    assert!(!got.is_empty(), "no message after the peer restarted");
+}
+
+/// `a` sends numbered messages to `b` from `op` on, one per 10 ms, until `b`
+/// has received something (or 10 s passed): what `b` received.
+fn send_until_received(a: &mut TcpTransport, b: &mut TcpTransport, mut op: u64) -> Vec<Envelope> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
-    let mut op = 2;
     while got.is_empty() && Instant::now() < deadline {
         let _ = a.send(&env(0, 1, op));
         op += 1;
@@ -253,7 +259,7 @@ fn a_restarted_peer_is_dialled_again() {
         a.recv(Duration::from_millis(10), &mut sink).unwrap();
         b.recv(Duration::from_millis(10), &mut got).unwrap();
     }
-    assert!(!got.is_empty(), "no message after the peer restarted");
+    got
 }
 
 /// A peer that died before its link first came up gets no backlog when it
@@ -278,16 +284,7 @@ fn a_peer_that_never_came_up_gets_no_backlog_when_it_starts() {
         a.recv(Duration::from_millis(2), &mut sink).unwrap();
     }
     let mut b = mk(1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut got = Vec::new();
-    let mut op = 1000;
-    while got.is_empty() && Instant::now() < deadline {
-        let _ = a.send(&env(0, 1, op));
-        op += 1;
-        let mut sink = Vec::new();
-        a.recv(Duration::from_millis(10), &mut sink).unwrap();
-        b.recv(Duration::from_millis(10), &mut got).unwrap();
-    }
+    let got = send_until_received(&mut a, &mut b, 1000);
     assert!(!got.is_empty(), "no message after the peer started");
     let stale: Vec<u64> = got.iter().map(number).filter(|&n| n < 1000).collect();
     assert!(
