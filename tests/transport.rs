@@ -132,8 +132,14 @@ fn hello(cluster: u64, from: u32, to: u32) -> Vec<u8> {
 
 /// Dials `addr` as replica `from` with `key` and completes the handshake.
 fn handshake(addr: SocketAddr, from: u32, to: u32, key: &[u8]) -> TcpStream {
+    handshake_recorded(addr, from, to, key).0
+}
+
+/// As [`handshake`], and every byte the dialer sent (a recording of it).
+fn handshake_recorded(addr: SocketAddr, from: u32, to: u32, key: &[u8]) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&hello(CLUSTER, from, to)).unwrap();
+    let mut sent = hello(CLUSTER, from, to);
+    s.write_all(&sent).unwrap();
     let mut ch = [0u8; 48];
     s.read_exact(&mut ch).unwrap();
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap();
@@ -143,8 +149,56 @@ fn handshake(addr: SocketAddr, from: u32, to: u32, key: &[u8]) -> TcpStream {
     m.update(&to.to_le_bytes());
     m.update(&[9u8; 16]);
     m.update(&ch[..16]);
-    s.write_all(&m.finalize().into_bytes()).unwrap();
-    s
+    let auth = m.finalize().into_bytes();
+    s.write_all(&auth).unwrap();
+    sent.extend_from_slice(&auth);
+    (s, sent)
+}
+
+/// A handshake recorded off the wire and replayed on a new connection is
+/// refused: the listener's challenge is new every time, so the recorded
+/// answer does not match it, and the message behind it never arrives.
+#[test]
+fn a_recorded_handshake_replayed_later_is_refused() {
+    let mut ts = tcp_cluster_part(1, 3);
+    let addr = ts[0].local_addr().unwrap();
+    let msg = message::to_bytes(&env(1, 0, 7));
+    let mut frame = (msg.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&msg);
+    // The genuine exchange; the recording is every byte the dialer sent.
+    let genuine = {
+        let frame = frame.clone();
+        std::thread::spawn(move || {
+            let (mut s, mut sent) = handshake_recorded(addr, 1, 0, KEY);
+            s.write_all(&frame).unwrap();
+            sent.extend_from_slice(&frame);
+            std::thread::sleep(Duration::from_millis(300));
+            (s, sent)
+        })
+    };
+    let (got, _) = pump(&mut ts, Duration::from_millis(400));
+    let (_open, recording) = genuine.join().unwrap();
+    assert_eq!(got[0].iter().map(number).collect::<Vec<_>>(), vec![7]);
+    // The replay: the recording, byte for byte, on a new connection.
+    let replay = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&recording).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s
+    });
+    let (got, evs) = pump(&mut ts, Duration::from_millis(400));
+    let _s = replay.join().unwrap();
+    assert!(
+        got[0].is_empty(),
+        "the replayed connection delivered {:?}",
+        got[0]
+    );
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, TransportEvent::Refused { reason, .. } if reason.contains("failed authentication"))
+        ),
+        "{evs:?}"
+    );
 }
 
 #[test]

@@ -671,7 +671,7 @@ impl TcpTransport {
                     if !ok {
                         return self.refuse(
                             token,
-                            format!("replica {from} failed authentication (wrong cluster key?)"),
+                            format!("replica {from} failed authentication (wrong cluster key, or a replayed handshake?)"),
                         );
                     }
                     c.rbuf.drain(..AUTH_LEN);
