@@ -3,10 +3,11 @@
 # (default 10). Builds with the stable toolchain and libFuzzer's coverage
 # instrumentation, without cargo-fuzz (the flags are the ones `cargo fuzz
 # build -s none` uses), so it needs nothing beyond cargo and a C++ compiler.
-# The corpus of each run starts from fuzz/corpus/TARGET (when present) and is
+# The corpus of each run starts from the seeds in fuzz/seeds/TARGET (when
+# present; fuzz/corpus is cargo-fuzz's own, not committed) and is
 # thrown away; crashes are kept in target/fuzz-artifacts/TARGET and fail the run.
 #
-#   bash scripts/fuzz.sh            # 10 s per target (the README's test command)
+#   bash scripts/fuzz.sh            # 10 s per target (the test command runs 3 s each)
 #   bash scripts/fuzz.sh 600        # a longer run
 #   bash scripts/fuzz.sh 60 peer_handshake
 set -euo pipefail
@@ -25,7 +26,7 @@ echo "== fuzz: building ${#targets[@]} targets (release, coverage instrumented)"
 status=0
 for t in "${targets[@]}"; do
     corpus=$(mktemp -d)
-    [ -d "fuzz/corpus/$t" ] && cp -r "fuzz/corpus/$t/." "$corpus/"
+    [ -d "fuzz/seeds/$t" ] && cp -r "fuzz/seeds/$t/." "$corpus/"
     artifacts="$PWD/target/fuzz-artifacts/$t"
     mkdir -p "$artifacts"
     log=$(mktemp)

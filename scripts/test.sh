@@ -18,8 +18,8 @@ cargo test --locked --all-targets --no-fail-fast 2>&1 | tee target/test-output.t
 cargo test --locked --doc 2>&1 | tee -a target/test-output.txt
 
 # A bounded run of every fuzz target (fuzz/: every decoder of outside input).
-echo "== fuzz: 5 s per target"
-bash scripts/fuzz.sh 5
+echo "== fuzz: 3 s per target"
+bash scripts/fuzz.sh 3
 
 # The rdma transport (cargo feature, off by default): lints, the tests that
 # run on any host, then — as root, where the Soft-RoCE guest can be built —

@@ -1669,9 +1669,35 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
         .stdout
     );
     flood.join();
+
+    // A follower's program stops reading: that follower takes no more
+    // entries than its backlog (it falls behind, bounded), the others go on,
+    // and it catches up once its program runs again.
+    let slow = followers[0];
+    let slow_pid = pid(&c, slow);
+    let prog = program_pid(slow);
+    let before = rss(slow_pid);
+    signal(prog, SIGSTOP);
+    let flood = Flood::start(c.addrs[leader].1, "r", 40_000, 2048);
+    let served = wait_until(Duration::from_secs(60), || flood.answered() == 40_000);
+    let grown = rss(slow_pid).saturating_sub(before);
+    signal(prog, SIGCONT);
+    eprintln!("a follower's program stopped: the follower grew {grown} bytes");
+    assert!(
+        served,
+        "with one follower's program stopped, {} of 40000 answered",
+        flood.answered()
+    );
+    assert!(grown < 64 << 20, "the follower grew by {grown} bytes");
+    assert!(
+        c.log(slow)
+            .contains("entries behind (limits.program_backlog)")
+    );
+    flood.join();
     assert!(
         wait_until(Duration::from_secs(60), || c.digests_agree()),
-        "digests differ: {:?}",
-        c.digests()
+        "digests differ: {:?}; the slow follower:\n{}",
+        c.digests(),
+        c.log(slow)
     );
 }

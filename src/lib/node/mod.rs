@@ -521,6 +521,8 @@ struct Node<'a> {
     memory_entries: u64,
     /// `[limits]` of the cluster file.
     limits: crate::config::Limits,
+    /// A follower's program is too far behind: no new entries are taken.
+    behind: bool,
     /// When a refused client (over `client_connections`, or input refused
     /// as too much is pending) was last logged (once a second).
     refused_client_at: Option<Instant>,
@@ -589,6 +591,22 @@ impl Node<'_> {
             || self.engine.last_op() - self.engine.commit() + self.proposals.len() as u64
                 >= self.limits.pending_entries / 2
             || self.disk_full.is_some()
+    }
+
+    /// A follower whose program is `program_backlog` entries behind takes no
+    /// new entries until it is back under half of that; said once per episode.
+    fn program_behind(&mut self) -> bool {
+        let queued = self.apply_queue.len();
+        if queued >= self.limits.program_backlog && !self.behind {
+            self.behind = true;
+            self.ui.warn(&format!(
+                "the program is {queued} entries behind (limits.program_backlog): taking no new entries from the leader until it catches up"
+            ));
+        } else if self.behind && queued < self.limits.program_backlog / 2 {
+            self.behind = false;
+            self.ui.note("the program caught up: taking entries again");
+        }
+        self.behind
     }
 
     /// Records where the log ends, at a clean stop (see [`seal`]).
@@ -2149,6 +2167,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         memory_entries: opts.memory_entries.max(1),
         limits: cfg.limits,
         refused_client_at: None,
+        behind: false,
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,
         hooks_env: hooks,
@@ -2374,6 +2393,15 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             if matches!(env.msg, Message::LinkSetup { .. }) {
                 // A peer that runs another transport; its own transport would have taken it.
+                continue;
+            }
+            if node.role == Role::Follower
+                && env.msg.entries().is_some_and(|e| !e.is_empty())
+                && node.program_behind()
+            {
+                // Its program is behind: take no new entries (they would
+                // only pile up in memory). It falls behind; the leader
+                // sends them again, from its log if need be.
                 continue;
             }
             node.step(Input::Receive(env))?;
