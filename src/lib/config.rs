@@ -281,6 +281,21 @@ fn parse_limits(
         batch_entries.max(2),
         1 << 32,
     )?;
+    let peer_queue = size(
+        &l.peer_queue,
+        "peer_queue",
+        d.peer_queue as u64,
+        8 << 20,
+        1 << 32,
+    )?;
+    // A Prepare must fit in a peer's queue twice over.
+    let batch_bytes = size(
+        &l.batch_bytes,
+        "batch_bytes",
+        d.batch_bytes as u64,
+        4 << 10,
+        (16 << 20).min(peer_queue / 2),
+    )?;
     Ok(Limits {
         client_connections: count(
             &l.client_connections,
@@ -305,21 +320,8 @@ fn parse_limits(
         )? as usize,
         pending_entries,
         batch_entries: batch_entries as usize,
-        // A Prepare must stay well under the largest message a peer accepts.
-        batch_bytes: size(
-            &l.batch_bytes,
-            "batch_bytes",
-            d.batch_bytes as u64,
-            4 << 10,
-            16 << 20,
-        )? as usize,
-        peer_queue: size(
-            &l.peer_queue,
-            "peer_queue",
-            d.peer_queue as u64,
-            8 << 20,
-            1 << 32,
-        )? as usize,
+        batch_bytes: batch_bytes as usize,
+        peer_queue: peer_queue as usize,
     })
 }
 

@@ -609,8 +609,13 @@ impl Node<'_> {
         self.behind
     }
 
-    /// Records where the log ends, at a clean stop (see [`seal`]).
+    /// Records where the log ends, at a clean stop (see [`seal`]). Not with
+    /// `sync = "never"`: the log's tail is not on disk then, and a power loss
+    /// would leave the seal ahead of the log.
     fn seal(&mut self) {
+        if self.log.options().sync == crate::log::SyncPolicy::Never {
+            return;
+        }
         let s = seal::Seal {
             cluster_id: self.cluster_id,
             node_id: self.me,
@@ -676,6 +681,24 @@ impl Node<'_> {
                 self.held.retain(|h| h.0 <= after);
             }
             Command::SaveState(st) => {
+                if !self.unwritten.is_empty() {
+                    // A new view's state must never be on disk ahead of the
+                    // entries it stands for (a restart would offer a short
+                    // log as the newest): write them now, or stop.
+                    let entries = std::mem::take(&mut self.unwritten);
+                    self.append(entries)?;
+                    if !self.unwritten.is_empty() {
+                        return Err(NodeError::Io {
+                            context: format!(
+                                "disk full while changing views: the log in {} cannot take ops from {}; stopping rather than record a view whose entries are not on disk (free space and restart the replica)",
+                                self.data_dir.display(),
+                                self.unwritten[0].op
+                            ),
+                            source: io::Error::from_raw_os_error(libc::ENOSPC),
+                        });
+                    }
+                    self.disk_full = None;
+                }
                 self.sync()?;
                 save_state(&self.data_dir, st).map_err(io_err(format!(
                     "saving the view state in {}",
@@ -2397,11 +2420,22 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             if node.role == Role::Follower
                 && env.msg.entries().is_some_and(|e| !e.is_empty())
-                && node.program_behind()
+                && (node.program_behind() || node.disk_full.is_some())
             {
-                // Its program is behind: take no new entries (they would
-                // only pile up in memory). It falls behind; the leader
-                // sends them again, from its log if need be.
+                // Its program is behind, or its log cannot grow: take no new
+                // entries (they would only pile up in memory). It falls
+                // behind; the leader sends them again, from its log if need
+                // be. What the message says of the commit point still counts
+                // as the leader's word (so it does not look leaderless).
+                use crate::consensus::Message;
+                if let Message::Prepare { view, commit, .. }
+                | Message::CatchUp { view, commit, .. } = env.msg
+                {
+                    node.step(Input::Receive(Envelope {
+                        msg: Message::Commit { view, commit },
+                        ..env
+                    }))?;
+                }
                 continue;
             }
             node.step(Input::Receive(env))?;
