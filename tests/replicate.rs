@@ -265,13 +265,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
-            if let Some(mut c) = self.nodes[i].take() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.id() as i32),
-                    nix::sys::signal::Signal::SIGINT,
-                );
-                let _ = c.wait();
-            }
+            self.stop(i);
         }
     }
 }

@@ -630,29 +630,47 @@ impl Node<'_> {
         }
     }
 
-    /// Tries the entries a full disk kept out of the log again.
+    /// Tries the entries a full disk kept out of the log again, every
+    /// [`DISK_RETRY`] (paused clients resume with the loop's others).
     fn retry_unwritten(&mut self) -> Result<(), NodeError> {
-        let Some((since, tried)) = self.disk_full else {
-            return Ok(());
-        };
-        if tried.elapsed() < DISK_RETRY {
-            return Ok(());
+        match self.disk_full {
+            Some((_, tried)) if tried.elapsed() >= DISK_RETRY => self.write_unwritten().map(|_| ()),
+            _ => Ok(()),
         }
+    }
+
+    /// Appends what a full disk kept out of the log; true when all of it is
+    /// written now (and the disk is no longer full).
+    fn write_unwritten(&mut self) -> Result<bool, NodeError> {
+        let Some((since, _)) = self.disk_full else {
+            return Ok(true);
+        };
         self.disk_full = Some((since, Instant::now()));
         let entries = std::mem::take(&mut self.unwritten);
         if !entries.is_empty() {
             self.append(entries)?;
         }
-        if self.unwritten.is_empty() {
-            self.disk_full = None;
-            self.ui.note(&format!(
-                "disk space is back: the log grows again after {:.1} s; taking input",
-                since.elapsed().as_secs_f64()
-            ));
-            let resumed = std::mem::take(&mut self.paused);
-            self.unread.extend(resumed);
+        if !self.unwritten.is_empty() {
+            return Ok(false);
         }
-        Ok(())
+        self.disk_full = None;
+        self.ui.note(&format!(
+            "disk space is back: the log grows again after {:.1} s; taking input",
+            since.elapsed().as_secs_f64()
+        ));
+        Ok(true)
+    }
+
+    /// Whether a refusal (of a client connection, or of input) may be
+    /// logged now: at most once a second.
+    fn refusal_loggable(&mut self) -> bool {
+        let due = self
+            .refused_client_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due {
+            self.refused_client_at = Some(Instant::now());
+        }
+        due
     }
 
     fn step(&mut self, input: Input) -> Result<(), NodeError> {
@@ -681,23 +699,18 @@ impl Node<'_> {
                 self.held.retain(|h| h.0 <= after);
             }
             Command::SaveState(st) => {
-                if !self.unwritten.is_empty() {
-                    // A new view's state must never be on disk ahead of the
-                    // entries it stands for (a restart would offer a short
-                    // log as the newest): write them now, or stop.
-                    let entries = std::mem::take(&mut self.unwritten);
-                    self.append(entries)?;
-                    if !self.unwritten.is_empty() {
-                        return Err(NodeError::Io {
-                            context: format!(
-                                "disk full while changing views: the log in {} cannot take ops from {}; stopping rather than record a view whose entries are not on disk (free space and restart the replica)",
-                                self.data_dir.display(),
-                                self.unwritten[0].op
-                            ),
-                            source: io::Error::from_raw_os_error(libc::ENOSPC),
-                        });
-                    }
-                    self.disk_full = None;
+                // A new view's state must never be on disk ahead of the
+                // entries it stands for (a restart would offer a short log
+                // as the newest): write them now, or stop.
+                if !self.write_unwritten()? {
+                    return Err(NodeError::Io {
+                        context: format!(
+                            "disk full while changing views: the log in {} cannot take ops from {}; stopping rather than record a view whose entries are not on disk (free space and restart the replica)",
+                            self.data_dir.display(),
+                            self.unwritten[0].op
+                        ),
+                        source: io::Error::from_raw_os_error(libc::ENOSPC),
+                    });
                 }
                 self.sync()?;
                 save_state(&self.data_dir, st).map_err(io_err(format!(
@@ -809,12 +822,7 @@ impl Node<'_> {
                 }
             }
             Command::Rejected { events, reason } => {
-                if matches!(reason, Reject::Busy)
-                    && self
-                        .refused_client_at
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-                {
-                    self.refused_client_at = Some(Instant::now());
+                if matches!(reason, Reject::Busy) && self.refusal_loggable() {
                     self.ui.warn(&format!(
                         "{} entries wait for a majority (limits.pending_entries); closing the clients whose input could not be taken",
                         self.engine.last_op() - self.engine.commit()
@@ -1587,11 +1595,7 @@ impl Node<'_> {
                         // Closed at once: the client sees the connection end.
                         drop(stream);
                         self.observed.clients_refused += 1;
-                        if self
-                            .refused_client_at
-                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-                        {
-                            self.refused_client_at = Some(Instant::now());
+                        if self.refusal_loggable() {
                             self.ui.warn(&format!(
                                 "refusing client connections: {} are open, the limit (limits.client_connections) ({} refused so far)",
                                 self.clients.len(),
