@@ -672,7 +672,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -734,6 +734,18 @@ _falcon() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --new-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -750,7 +762,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__tap__subcmd__attach)
-            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -817,6 +829,18 @@ _falcon() {
                     return 0
                     ;;
                 --metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

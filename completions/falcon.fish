@@ -57,6 +57,9 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l poll -d 'Wit
 adaptive\t'Spin for a bounded time, then sleep on the doorbell'
 sleep\t'Sleep on the doorbell at once'"
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l metrics -d 'Serve Prometheus metrics at http://ADDR/metrics (commit latency, commits, view and role, follower lag, log size, fsync latency, connections). Every replica also answers `falcon failover status` on admin.sock in its data directory' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l tls-cert -d 'Mutual TLS on the peer links: this replica\'s certificate (PEM, signed by --tls-ca, with the IP of its peer address in subjectAltName). Overrides the cluster file\'s tls_cert. scripts/tls-certs.sh makes a CA and one certificate per replica' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l tls-key -d 'Mutual TLS: this replica\'s private key (PEM). Overrides tls_key' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l tls-ca -d 'Mutual TLS: the cluster CA\'s certificate (PEM); peers must present a certificate it signed. Overrides tls_ca. Every replica must use TLS' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
@@ -86,6 +89,9 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l poll -d 'Wi
 adaptive\t'Spin for a bounded time, then sleep on the doorbell'
 sleep\t'Sleep on the doorbell at once'"
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l metrics -d 'Serve Prometheus metrics at http://ADDR/metrics (commit latency, commits, view and role, follower lag, log size, fsync latency, connections). Every replica also answers `falcon failover status` on admin.sock in its data directory' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l tls-cert -d 'Mutual TLS on the peer links: this replica\'s certificate (PEM, signed by --tls-ca, with the IP of its peer address in subjectAltName). Overrides the cluster file\'s tls_cert. scripts/tls-certs.sh makes a CA and one certificate per replica' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l tls-key -d 'Mutual TLS: this replica\'s private key (PEM). Overrides tls_key' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l tls-ca -d 'Mutual TLS: the cluster CA\'s certificate (PEM); peers must present a certificate it signed. Overrides tls_ca. Every replica must use TLS' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l new-key -d 'Write a new random cluster key to FILE (mode 0600) and exit' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'

@@ -271,3 +271,87 @@ fn committed_fixtures_are_what_make_fixtures_writes() {
         );
     }
 }
+
+/// Every broken TLS file stops the replica before it starts anything, with
+/// one line that names the file and what is wrong (exit 2).
+#[test]
+fn broken_tls_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("k"), [7u8; 32]).unwrap();
+    std::fs::write(
+        d.join("c.toml"),
+        "cluster = \"t\"\nkey_file = \"k\"\n[[replica]]\nid = 1\npeer = \"127.0.0.1:1\"\nclient = \"127.0.0.1:2\"\napp = \"127.0.0.1:3\"\ndata_dir = \"d\"\n",
+    )
+    .unwrap();
+    let script = util::root().join("scripts/tls-certs.sh");
+    for out in ["tls", "other"] {
+        let r = std::process::Command::new("bash")
+            .arg(&script)
+            .args(["--config", d.join("c.toml").to_str().unwrap(), "--out"])
+            .arg(d.join(out))
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{r:?}");
+    }
+    std::fs::write(d.join("garbage.pem"), "not a certificate\n").unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    let cases = [
+        // (cert, key, ca, expected words)
+        (
+            p("tls/none.pem"),
+            p("tls/replica-1.key"),
+            p("tls/ca.pem"),
+            "reading the certificate",
+        ),
+        (
+            p("garbage.pem"),
+            p("tls/replica-1.key"),
+            p("tls/ca.pem"),
+            "holds no PEM certificate",
+        ),
+        (
+            p("tls/replica-1.pem"),
+            p("garbage.pem"),
+            p("tls/ca.pem"),
+            "no PEM private key",
+        ),
+        (
+            p("tls/replica-1.pem"),
+            p("tls/replica-1.key"),
+            p("garbage.pem"),
+            "CA certificate",
+        ),
+        (
+            p("tls/replica-1.pem"),
+            p("other/replica-1.key"),
+            p("tls/ca.pem"),
+            "do not go together",
+        ),
+    ];
+    for (cert, key, ca, words) in cases {
+        let r = run(&[
+            "replicate",
+            "--config",
+            &p("c.toml"),
+            "--node",
+            "1",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+            "--",
+            "/nonexistent/program",
+        ]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(
+            r.stderr.contains("TLS:") && r.stderr.contains(words),
+            "expected {words:?}: {r:?}"
+        );
+    }
+    // The three flags go together.
+    let r = run(&["replicate", "--tls-cert", "x", "--", "true"]);
+    assert_eq!(r.code, 2, "{r:?}");
+}

@@ -275,3 +275,63 @@ fn limits_have_defaults_and_each_bad_one_is_named() {
         assert!(e.contains(expect), "{table:?}: {e}");
     }
 }
+
+/// GOOD with `top` added at the top and `each(id)` in every replica table.
+fn with_tls(top: &str, each: impl Fn(u32) -> String) -> String {
+    let mut out = String::new();
+    let mut id = 0;
+    for line in GOOD.lines() {
+        if line.starts_with("election_timeout") {
+            out += line;
+            out += "\n";
+            out += top;
+            continue;
+        }
+        out += line;
+        out += "\n";
+        if line.starts_with("data_dir") {
+            id += 1;
+            out += &each(id);
+        }
+    }
+    out
+}
+
+#[test]
+fn tls_fields_resolve_and_each_inconsistency_is_named() {
+    let both = |id: u32| format!("tls_cert = \"tls/r{id}.pem\"\ntls_key = \"tls/r{id}.key\"\n");
+    let c = parse(&with_tls("tls_ca = \"tls/ca.pem\"\n", both)).unwrap();
+    let files = c.tls_files(1).expect("TLS is set");
+    assert_eq!(files.ca, Path::new("/etc/falcon/tls/ca.pem"));
+    assert_eq!(files.cert, Path::new("/etc/falcon/tls/r2.pem"));
+    assert_eq!(files.key, Path::new("/etc/falcon/tls/r2.key"));
+    assert!(
+        parse(GOOD).unwrap().tls_files(0).is_none(),
+        "no TLS unless asked"
+    );
+
+    // A replica without its key.
+    let e = err(&with_tls("tls_ca = \"tls/ca.pem\"\n", |id| {
+        if id == 2 {
+            format!("tls_cert = \"tls/r{id}.pem\"\n")
+        } else {
+            both(id)
+        }
+    }));
+    assert!(
+        e.contains("replica[2].tls_key") && e.contains("every replica needs"),
+        "{e}"
+    );
+    // Certificates without a CA.
+    let e = err(&with_tls("", both));
+    assert!(
+        e.contains("replica[1].tls_cert") && e.contains("needs tls_ca"),
+        "{e}"
+    );
+    // TLS is for TCP.
+    let e = err(&with_tls(
+        "transport = \"shm\"\ntls_ca = \"tls/ca.pem\"\n",
+        both,
+    ));
+    assert!(e.contains("tls_ca") && e.contains("tcp"), "{e}");
+}

@@ -159,7 +159,11 @@ impl Cluster {
                 "--follower-clients",
                 self.follower_clients,
             ])
-            .args(&self.extra)
+            .args(
+                self.extra
+                    .iter()
+                    .map(|a| a.replace("{node}", &(i + 1).to_string())),
+            )
             .arg("--")
             .args(self.program.iter().map(|a| {
                 a.replace("{port}", &app_port)
@@ -1694,5 +1698,89 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
         "digests differ: {:?}; the slow follower:\n{}",
         c.digests(),
         c.log(slow)
+    );
+}
+
+/// Runs scripts/tls-certs.sh (the operator's tool) on the cluster file into `out`.
+fn tls_certs(c: &Cluster, out: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tls-certs.sh");
+    let r = std::process::Command::new("bash")
+        .current_dir(c.dir.path())
+        .args([script, "--config", "cluster.toml", "--out", out])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "tls-certs.sh: {r:?}");
+}
+
+fn tls_flags(dir: &str) -> Vec<String> {
+    [
+        "--tls-cert",
+        &format!("{dir}/replica-{{node}}.pem"),
+        "--tls-key",
+        &format!("{dir}/replica-{{node}}.key"),
+        "--tls-ca",
+        &format!("{dir}/ca.pem"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Mutual TLS on the peer links: a Redis cluster commits and agrees over
+/// it; a replica restarted with a certificate from another CA (it still has
+/// the cluster key) cannot join and receives nothing while the others go on
+/// committing; back with the right certificate, it catches up.
+#[test]
+fn tls_peer_links_carry_the_cluster_and_a_replica_with_another_cas_certificate_cannot_join() {
+    let _one = serial();
+    let mut c = Cluster::configure(3, redis_program(), "refuse", Vec::new(), "");
+    tls_certs(&c, "tls");
+    tls_certs(&c, "other-ca");
+    c.extra = tls_flags("tls");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(20));
+    assert!(c.log(leader).contains("mutual TLS"), "{}", c.log(leader));
+    assert_eq!(set_many(c.addrs[leader].1, "a", 300), 300);
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "digests differ over TLS: {:?}",
+        c.digests()
+    );
+    // A follower comes back with a certificate the cluster's CA did not sign.
+    let f = (leader + 1) % 3;
+    c.stop(f);
+    c.extra = tls_flags("other-ca");
+    c.start_node(f);
+    c.extra = tls_flags("tls");
+    assert_eq!(
+        set_many(c.addrs[leader].1, "b", 300),
+        300,
+        "the majority commits"
+    );
+    let refused = wait_until(Duration::from_secs(10), || {
+        c.log(leader).contains("certificate") && c.log(f).contains("certificate")
+    });
+    assert!(
+        refused,
+        "no certificate refusal logged;\nleader:\n{}\noutsider:\n{}",
+        c.log(leader),
+        c.log(f)
+    );
+    // Its program never received a write made after it came back.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        resp_command(c.addrs[f].2, &["EXISTS", "b:299"]).as_deref(),
+        Some(":0"),
+        "the outsider received a write"
+    );
+    // With the right certificate it joins and catches up.
+    c.stop(f);
+    c.start_node(f);
+    assert!(
+        wait_until(Duration::from_secs(20), || c.digests_agree()),
+        "the replica did not catch up over TLS: {:?}\n{}",
+        c.digests(),
+        c.log(f)
     );
 }

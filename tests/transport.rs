@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use falcon::consensus::{Envelope, Message, message};
 use falcon::transport::conformance::{CLUSTER, collect, env, number, prepare};
 use falcon::transport::tcp::{TcpOptions, TcpTransport};
+use falcon::transport::tls::{TlsContext, TlsFiles};
 use falcon::transport::{Transport, TransportEvent};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::sync::Arc;
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -59,6 +61,73 @@ mod mem {
 
 mod tcp {
     falcon::transport_conformance_tests!(super::tcp_cluster);
+}
+
+/// A CA and certificates for replicas 1..=3 on 127.0.0.1, made by
+/// scripts/tls-certs.sh (the operator's tool) in a fresh directory.
+fn make_certs() -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let mut toml = String::from("cluster = \"tls-test\"\n");
+    for id in 1..=3 {
+        toml += &format!(
+            "[[replica]]\nid = {id}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\ndata_dir = \"d{id}\"\n",
+            7100 + id
+        );
+    }
+    std::fs::write(dir.join("cluster.toml"), toml).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/tls-certs.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg("--config")
+        .arg(dir.join("cluster.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tls-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("tls")
+}
+
+/// Certificates shared by this test binary (one CA).
+fn certs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(make_certs)
+}
+
+fn tls_context(dir: &std::path::Path, replica: u32) -> Arc<TlsContext> {
+    Arc::new(
+        TlsContext::load(&TlsFiles {
+            cert: dir.join(format!("replica-{replica}.pem")),
+            key: dir.join(format!("replica-{replica}.key")),
+            ca: dir.join("ca.pem"),
+        })
+        .unwrap(),
+    )
+}
+
+/// A TLS cluster; `tls_of(id)` gives each endpoint's TLS (None: plain TCP).
+fn tls_cluster_with(n: u32, tls_of: impl Fn(u32) -> Option<Arc<TlsContext>>) -> Vec<TcpTransport> {
+    let addrs = free_addrs(n);
+    (0..n)
+        .map(|id| {
+            let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
+            o.queue_bytes_max = 16 << 20;
+            o.handshake_timeout = Duration::from_millis(300);
+            o.tls = tls_of(id);
+            TcpTransport::bind(o).unwrap()
+        })
+        .collect()
+}
+
+fn tls_cluster(n: u32) -> Vec<TcpTransport> {
+    tls_cluster_with(n, |id| Some(tls_context(certs(), id % 3 + 1)))
+}
+
+/// The whole suite again with mutual TLS on every link.
+mod tcp_tls {
+    falcon::transport_conformance_tests!(super::tls_cluster);
 }
 
 /// `n` shm endpoints in a fresh directory (each removes its files when dropped).
@@ -717,4 +786,137 @@ fn shm_refuses_a_ring_directory_others_could_write() {
         .expect("a world-writable ring directory was accepted");
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
     assert!(err.to_string().contains("mode 0700"), "{err}");
+}
+
+/// Refusal reasons among `evs`.
+fn refusals(evs: &[TransportEvent]) -> Vec<String> {
+    evs.iter()
+        .filter_map(|e| match e {
+            TransportEvent::Refused { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// With mutual TLS, a replica whose certificate another CA signed (it has
+/// the cluster key) cannot join: the others refuse it as dialer and as
+/// listener, and nothing it sends arrives.
+#[test]
+fn tls_a_replica_with_a_certificate_of_another_ca_cannot_join() {
+    let other_ca = make_certs();
+    let mut ts = tls_cluster_with(3, |id| {
+        Some(if id == 2 {
+            tls_context(&other_ca, 3)
+        } else {
+            tls_context(certs(), id + 1)
+        })
+    });
+    ts[2].send(&env(2, 0, 1)).unwrap();
+    ts[0].send(&env(0, 1, 2)).unwrap();
+    let _ = ts[0].send(&env(0, 2, 3));
+    let (got, evs) = pump(&mut ts, Duration::from_millis(800));
+    assert!(
+        got[0].is_empty(),
+        "the outsider's message arrived: {:?}",
+        got[0]
+    );
+    assert!(got[2].is_empty(), "the outsider received: {:?}", got[2]);
+    assert_eq!(
+        got[1].iter().map(number).collect::<Vec<_>>(),
+        vec![2],
+        "good peers still talk"
+    );
+    let r = refusals(&evs);
+    assert!(
+        r.iter().any(|r| r.contains("certificate")),
+        "no refusal names the certificate: {r:?}"
+    );
+}
+
+/// With mutual TLS, a replica that speaks plain TCP (with the right
+/// cluster key) is refused, and nothing it sends arrives.
+#[test]
+fn tls_a_replica_without_tls_cannot_join() {
+    let mut ts = tls_cluster_with(3, |id| (id != 2).then(|| tls_context(certs(), id + 1)));
+    ts[2].send(&env(2, 0, 1)).unwrap();
+    ts[0].send(&env(0, 1, 2)).unwrap();
+    let (got, evs) = pump(&mut ts, Duration::from_millis(800));
+    assert!(
+        got[0].is_empty(),
+        "the plain peer's message arrived: {:?}",
+        got[0]
+    );
+    assert_eq!(got[1].iter().map(number).collect::<Vec<_>>(), vec![2]);
+    let r = refusals(&evs);
+    assert!(r.iter().any(|r| r.contains("TLS")), "no TLS refusal: {r:?}");
+}
+
+/// A TCP relay from `listen` to `to` that records every byte the dialer sent.
+fn recording_relay(listen: TcpListener, to: SocketAddr) -> Arc<std::sync::Mutex<Vec<u8>>> {
+    let rec = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = rec.clone();
+    std::thread::spawn(move || {
+        let (mut a, _) = listen.accept().unwrap();
+        let mut b = TcpStream::connect(to).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    r.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rec
+}
+
+/// With mutual TLS, a whole recorded session (TLS handshake, cluster-key
+/// answer, messages) replayed later on a new connection is refused: the
+/// listener's handshake is fresh, so nothing recorded decrypts, and the
+/// message inside never arrives a second time.
+#[test]
+fn tls_a_recorded_session_replayed_later_is_refused() {
+    let addrs = free_addrs(2);
+    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let rec = recording_relay(relay, addrs[0]);
+    let mk = |id: u32, peers: Vec<SocketAddr>| {
+        let mut o = TcpOptions::new(CLUSTER, id, peers, KEY.to_vec());
+        o.handshake_timeout = Duration::from_millis(300);
+        o.tls = Some(tls_context(certs(), id + 1));
+        TcpTransport::bind(o).unwrap()
+    };
+    let mut ts = vec![mk(0, addrs.clone()), mk(1, vec![relay_addr, addrs[1]])];
+    ts[1].send(&env(1, 0, 7)).unwrap();
+    let (got, _) = pump(&mut ts, Duration::from_millis(500));
+    assert_eq!(got[0].iter().map(number).collect::<Vec<_>>(), vec![7]);
+    let recording = rec.lock().unwrap().clone();
+    assert!(recording.len() > 200, "recorded {} bytes", recording.len());
+    // Not a byte of the message is readable on the wire.
+    let msg = message::to_bytes(&env(1, 0, 7));
+    assert!(
+        !recording.windows(msg.len()).any(|w| w == msg.as_slice()),
+        "the message crossed the wire in the clear"
+    );
+    drop(ts.pop());
+    let replay = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addrs[0]).unwrap();
+        s.write_all(&recording).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        s
+    });
+    let mut one = vec![ts.pop().unwrap()];
+    let (got, evs) = pump(&mut one, Duration::from_millis(500));
+    let _s = replay.join().unwrap();
+    assert!(got[0].is_empty(), "the replay delivered {:?}", got[0]);
+    let r = refusals(&evs);
+    assert!(r.iter().any(|r| r.contains("TLS")), "no TLS refusal: {r:?}");
 }

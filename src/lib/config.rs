@@ -8,6 +8,8 @@
 //! # rdma_fallback = "tcp"          # rdma: use TCP when the host has no usable device
 //! sync = "batch"                   # always | batch | never
 //! election_timeout = "150ms"
+//! # tls_ca = "tls/ca.pem"          # mutual TLS on peer links: the cluster CA (then every
+//! #                                # replica needs tls_cert and tls_key)
 //!
 //! [[replica]]
 //! id = 1
@@ -15,6 +17,8 @@
 //! client = "127.0.0.1:7201"        # where clients connect
 //! app = "127.0.0.1:7001"           # where this replica's copy of the program listens
 //! data_dir = "data/1"              # log, admin socket, program output
+//! # tls_cert = "tls/replica-1.pem" # its certificate, signed by tls_ca, naming the peer IP
+//! # tls_key = "tls/replica-1.key"
 //! ```
 //!
 //! Relative paths are relative to the file. Every error names the file, the
@@ -90,6 +94,10 @@ pub struct ReplicaConfig {
     pub app: SocketAddr,
     /// Log, admin socket, program output (absolute).
     pub data_dir: PathBuf,
+    /// Its TLS certificate (PEM), when the cluster uses TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Its TLS private key (PEM), when the cluster uses TLS.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The whole cluster file, checked.
@@ -122,6 +130,8 @@ pub struct ClusterConfig {
     pub segment_bytes: u64,
     /// Resource limits.
     pub limits: Limits,
+    /// The CA of mutual TLS on peer links (None: plain TCP).
+    pub tls_ca: Option<PathBuf>,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -148,6 +158,7 @@ struct RawConfig {
     heartbeat: Option<Spanned<String>>,
     segment_size: Option<Spanned<String>>,
     limits: Option<RawLimits>,
+    tls_ca: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -213,6 +224,8 @@ struct RawReplica {
     client: Spanned<String>,
     app: Spanned<String>,
     data_dir: Spanned<String>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
 }
 
 /// Log segment size when the file gives none.
@@ -509,7 +522,36 @@ impl ClusterConfig {
                 client: addr(&r.client, "client")?,
                 app: addr(&r.app, "app")?,
                 data_dir: resolve(r.data_dir.get_ref()),
+                tls_cert: r.tls_cert.as_ref().map(|p| resolve(p.get_ref())),
+                tls_key: r.tls_key.as_ref().map(|p| resolve(p.get_ref())),
             };
+            match (&raw.tls_ca, &r.tls_cert, &r.tls_key) {
+                (Some(_), Some(_), Some(_)) | (None, None, None) => {}
+                (Some(_), c, _) => {
+                    let (f, span) = if c.is_none() {
+                        ("tls_cert", r.id.span())
+                    } else {
+                        ("tls_key", r.id.span())
+                    };
+                    return Err(field_err(
+                        span,
+                        &name(f),
+                        "missing: with tls_ca set, every replica needs tls_cert and tls_key".into(),
+                    ));
+                }
+                (None, c, k) => {
+                    let (f, span) = match (c, k) {
+                        (Some(c), _) => ("tls_cert", c.span()),
+                        (_, Some(k)) => ("tls_key", k.span()),
+                        _ => unreachable!("one is set"),
+                    };
+                    return Err(field_err(
+                        span,
+                        &name(f),
+                        "needs tls_ca (the cluster CA) at the top of the file".into(),
+                    ));
+                }
+            }
             if replicas.iter().any(|o| o.id == rc.id) {
                 return Err(field_err(
                     r.id.span(),
@@ -541,6 +583,16 @@ impl ClusterConfig {
             }
             replicas.push(rc);
         }
+        if let Some(ca) = &raw.tls_ca {
+            if transport != TransportKind::Tcp {
+                return Err(field_err(
+                    ca.span(),
+                    "tls_ca",
+                    "TLS is for transport = \"tcp\" (shm stays on one host; rdma links are not TLS)"
+                        .into(),
+                ));
+            }
+        }
         Ok(ClusterConfig {
             path: path.to_path_buf(),
             cluster_id: cluster_id(&cluster),
@@ -554,7 +606,18 @@ impl ClusterConfig {
             heartbeat,
             segment_bytes,
             limits,
+            tls_ca: raw.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
             replicas,
+        })
+    }
+
+    /// Replica `index`'s TLS files, when the cluster uses TLS.
+    pub fn tls_files(&self, index: usize) -> Option<crate::transport::tls::TlsFiles> {
+        let r = self.replicas.get(index)?;
+        Some(crate::transport::tls::TlsFiles {
+            cert: r.tls_cert.clone()?,
+            key: r.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
         })
     }
 

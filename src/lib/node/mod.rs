@@ -98,6 +98,8 @@ pub struct NodeOptions {
     pub tap: Option<TapOptions>,
     /// Serve Prometheus metrics over HTTP here.
     pub metrics: Option<SocketAddr>,
+    /// Mutual TLS on TCP peer links (None: plain TCP).
+    pub tls: Option<Arc<crate::transport::tls::TlsContext>>,
 }
 
 /// What `falcon tap-attach` adds to a replica.
@@ -210,11 +212,13 @@ fn tcp_transport(
     cfg: &crate::config::ClusterConfig,
     me: NodeId,
     key: &[u8],
+    tls: Option<Arc<crate::transport::tls::TlsContext>>,
     poll: &Poll,
 ) -> Result<Box<dyn Transport>, NodeError> {
     let peers = cfg.replicas.iter().map(|r| r.peer).collect();
     let t = TcpTransport::bind(TcpOptions {
         queue_bytes_max: cfg.limits.peer_queue,
+        tls,
         ..TcpOptions::new(cfg.cluster_id, me, peers, key.to_vec())
     })
     .map_err(io_err("starting the peer transport"))?;
@@ -2123,7 +2127,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                     "{why}; using TCP instead (rdma_fallback = \"tcp\" in {})",
                     cfg.path.display()
                 ));
-                tcp_transport(cfg, me, &opts.key, &poll)?
+                tcp_transport(cfg, me, &opts.key, opts.tls.clone(), &poll)?
             }
             Err(why) => {
                 return Err(NodeError::Setup(format!(
@@ -2132,7 +2136,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 )));
             }
         },
-        crate::config::TransportKind::Tcp => tcp_transport(cfg, me, &opts.key, &poll)?,
+        crate::config::TransportKind::Tcp => {
+            tcp_transport(cfg, me, &opts.key, opts.tls.clone(), &poll)?
+        }
     };
     let mut clients_listener = TcpListener::bind(rc.client)
         .map_err(io_err(format!("listening for clients on {}", rc.client)))?;
@@ -2626,6 +2632,22 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
+    /// Mutual TLS on the peer links: this replica's certificate (PEM, signed
+    /// by --tls-ca, with the IP of its peer address in subjectAltName).
+    /// Overrides the cluster file's tls_cert. scripts/tls-certs.sh makes a CA
+    /// and one certificate per replica.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Mutual TLS: this replica's private key (PEM). Overrides tls_key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: the cluster CA's certificate (PEM); peers must present a
+    /// certificate it signed. Overrides tls_ca. Every replica must use TLS.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
     /// Write a new random cluster key to FILE (mode 0600) and exit.
     #[arg(long, value_name = "FILE", exclusive = true)]
     pub new_key: Option<PathBuf>,
@@ -2663,6 +2685,9 @@ names the line and the field):
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
   segment_size = \"64MiB\"      # optional; log segment size (snapshots drop whole segments)
+  tls_ca = \"tls/ca.pem\"       # optional, tcp: mutual TLS on peer links, this CA; then
+                                # every replica needs tls_cert and tls_key
+                                # (scripts/tls-certs.sh --config FILE makes all three)
 
   [limits]                      # optional; each field optional (defaults shown)
   client_connections = 4096     # more are closed at once (and logged once a second)
@@ -2682,6 +2707,8 @@ names the line and the field):
   client = \"127.0.0.1:7201\"   # where clients connect
   app = \"127.0.0.1:7001\"      # where this replica's copy of the program listens
   data_dir = \"data/1\"         # log, view state, program output
+  tls_cert = \"tls/replica-1.pem\"  # with tls_ca: signed by it, naming the peer IP
+  tls_key = \"tls/replica-1.key\"   # with tls_ca: its private key (mode 600)
 
 Without --config: ./falcon.toml, then /etc/falcon/falcon.toml. Without
 --node: $FALCON_NODE, else the replica whose peer address is on this host.
@@ -2831,6 +2858,35 @@ fn replica(
     if let Some(w) = config::key_exposure(&key_file) {
         ui.warn(&w);
     }
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        if cfg.transport != config::TransportKind::Tcp {
+            return Err(ReplicateError::Usage(
+                "--tls-cert/--tls-key/--tls-ca are for transport = \"tcp\"".into(),
+            ));
+        }
+        cfg.tls_ca = Some(ca.clone());
+        cfg.replicas[index].tls_cert = Some(cert.clone());
+        cfg.replicas[index].tls_key = Some(key.clone());
+    }
+    let tls = match cfg.tls_files(index) {
+        None => None,
+        Some(files) => {
+            let ctx = crate::transport::tls::TlsContext::load(&files)
+                .map_err(|e| ReplicateError::Usage(format!("TLS: {e}")))?;
+            if config::key_exposure(&files.key).is_some() {
+                ui.warn(&format!(
+                    "{}: the TLS private key can be read by others; chmod 600 {}",
+                    files.key.display(),
+                    files.key.display()
+                ));
+            }
+            ui.note(&format!(
+                "peer links use mutual TLS (CA {})",
+                files.ca.display()
+            ));
+            Some(Arc::new(ctx))
+        }
+    };
     let opts = NodeOptions {
         config: cfg,
         index,
@@ -2849,6 +2905,7 @@ fn replica(
         poll: args.poll,
         tap,
         metrics: args.metrics,
+        tls,
     };
     match run(opts, ui, stop)? {
         NodeExit::Stopped => Ok(crate::output::Status::Success),

@@ -23,6 +23,7 @@ pub mod rdma;
 pub mod ring;
 pub mod shm;
 pub mod tcp;
+pub mod tls;
 
 use std::io;
 use std::time::Duration;

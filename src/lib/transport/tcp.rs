@@ -28,6 +28,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use sha2::Sha256;
 
+use super::tls::{PeerStream, TlsContext};
 use super::{SendError, Transport, TransportEvent};
 use crate::consensus::message::{self, MESSAGE_BYTES_MAX};
 use crate::consensus::{Envelope, NodeId};
@@ -64,6 +65,9 @@ pub struct TcpOptions {
     /// its first connection; after a dial fails past it, they are dropped
     /// until the peer connects (the engine retransmits what matters).
     pub connect_grace: Duration,
+    /// Mutual TLS on every peer link (None: plain TCP). The cluster-key
+    /// challenge runs inside it.
+    pub tls: Option<std::sync::Arc<TlsContext>>,
 }
 
 impl TcpOptions {
@@ -79,6 +83,7 @@ impl TcpOptions {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_secs(2),
             connect_grace: Duration::from_secs(1),
+            tls: None,
         }
     }
 }
@@ -88,18 +93,18 @@ enum OutState {
         retry_at: Instant,
     },
     Connecting {
-        stream: TcpStream,
+        stream: PeerStream,
         nonce_d: [u8; 16],
         since: Instant,
     },
     AwaitChallenge {
-        stream: TcpStream,
+        stream: PeerStream,
         nonce_d: [u8; 16],
         since: Instant,
         rbuf: Vec<u8>,
     },
     Ready {
-        stream: TcpStream,
+        stream: PeerStream,
     },
 }
 
@@ -131,7 +136,7 @@ enum InState {
 }
 
 struct Incoming {
-    stream: TcpStream,
+    stream: PeerStream,
     addr: SocketAddr,
     state: InState,
     rbuf: Vec<u8>,
@@ -266,12 +271,20 @@ impl TcpTransport {
             let addr = self.out[i].as_ref().expect("checked").addr;
             let nonce_d = self.nonce();
             match TcpStream::connect(addr) {
-                Ok(mut stream) => {
+                Ok(stream) => {
                     let token = Token(1 + i);
+                    let mut stream =
+                        match PeerStream::dialled(stream, addr, self.opts.tls.as_deref()) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                self.out_failed(i, now, Some(e.to_string()));
+                                continue;
+                            }
+                        };
                     if self
                         .poll
                         .registry()
-                        .register(&mut stream, token, Interest::WRITABLE | Interest::READABLE)
+                        .register(stream.tcp(), token, Interest::WRITABLE | Interest::READABLE)
                         .is_ok()
                     {
                         let o = self.out[i].as_mut().expect("checked");
@@ -307,12 +320,12 @@ impl TcpTransport {
         &mut self,
         i: usize,
         now: Instant,
-        stream: Option<TcpStream>,
+        stream: Option<PeerStream>,
         was_ready: bool,
         reason: Option<String>,
     ) {
         if let Some(mut stream) = stream {
-            let _ = self.poll.registry().deregister(&mut stream);
+            let _ = self.poll.registry().deregister(stream.tcp());
         }
         let o = self.out[i].as_mut().expect("a peer");
         o.state = OutState::Idle {
@@ -368,7 +381,7 @@ impl TcpTransport {
         state: OutState,
         readable: bool,
         writable: bool,
-    ) -> Result<OutState, (TcpStream, bool, Option<String>)> {
+    ) -> Result<OutState, (PeerStream, bool, Option<String>)> {
         let me = self.opts.id;
         let peer = i as NodeId;
         match state {
@@ -384,10 +397,11 @@ impl TcpTransport {
                         since,
                     });
                 }
-                if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
+                let tcp = stream.tcp();
+                if tcp.take_error().ok().flatten().is_some() || tcp.peer_addr().is_err() {
                     return Err((stream, false, None));
                 }
-                let _ = stream.set_nodelay(true);
+                let _ = tcp.set_nodelay(true);
                 let mut hello = Vec::with_capacity(HELLO_LEN);
                 hello.extend_from_slice(MAGIC);
                 hello.extend_from_slice(&self.opts.cluster_id.to_le_bytes());
@@ -410,13 +424,17 @@ impl TcpTransport {
                 since,
                 mut rbuf,
             } => {
-                if readable && !matches!(read_some(&mut stream, &mut rbuf, CHALLENGE_LEN), Ok(true))
-                {
-                    return Err((
-                        stream,
-                        false,
-                        Some("the peer closed the connection during the handshake".into()),
-                    ));
+                if readable {
+                    let why = match read_some(&mut stream, &mut rbuf, CHALLENGE_LEN) {
+                        Ok(true) => None,
+                        Ok(false) => {
+                            Some("the peer closed the connection during the handshake".into())
+                        }
+                        Err(e) => Some(format!("handshake: {e}")),
+                    };
+                    if why.is_some() {
+                        return Err((stream, false, why));
+                    }
                 }
                 if rbuf.len() < CHALLENGE_LEN {
                     return Ok(OutState::AwaitChallenge {
@@ -489,8 +507,17 @@ impl TcpTransport {
             return;
         };
         let OutState::Ready { stream } = &mut o.state else {
+            if let OutState::Connecting { stream, .. } | OutState::AwaitChallenge { stream, .. } =
+                &mut o.state
+            {
+                // TLS handshake records that did not fit the socket at once.
+                let _ = stream.flush_tls();
+            }
             return;
         };
+        if let Err(e) = stream.flush_tls() {
+            return self.out_failed(i, now, Some(e.to_string()));
+        }
         loop {
             if o.wpos >= o.wbuf.len() {
                 o.wbuf.clear();
@@ -519,7 +546,7 @@ impl TcpTransport {
     fn accept(&mut self, now: Instant) {
         loop {
             match self.listener.accept() {
-                Ok((mut stream, addr)) => {
+                Ok((stream, addr)) => {
                     if self.incoming.len() >= INCOMING_MAX {
                         self.notices.push(TransportEvent::Refused {
                             addr: addr.to_string(),
@@ -530,10 +557,20 @@ impl TcpTransport {
                     let token = Token(self.next_token);
                     self.next_token += 1;
                     let _ = stream.set_nodelay(true);
+                    let tls = self.opts.tls.as_deref();
+                    let interest = if tls.is_some() {
+                        // Handshake records may wait for a writable socket.
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        Interest::READABLE
+                    };
+                    let Ok(mut stream) = PeerStream::accepted(stream, tls) else {
+                        continue;
+                    };
                     if self
                         .poll
                         .registry()
-                        .register(&mut stream, token, Interest::READABLE)
+                        .register(stream.tcp(), token, interest)
                         .is_ok()
                     {
                         self.incoming.insert(
@@ -556,7 +593,7 @@ impl TcpTransport {
 
     fn refuse(&mut self, token: Token, reason: String) {
         if let Some(mut c) = self.incoming.remove(&token) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+            let _ = self.poll.registry().deregister(c.stream.tcp());
             match c.state {
                 InState::Ready { from } => self
                     .notices
@@ -576,6 +613,9 @@ impl TcpTransport {
         let Some(c) = self.incoming.get_mut(&token) else {
             return;
         };
+        if let Err(e) = c.stream.flush_tls() {
+            return self.refuse(token, e.to_string());
+        }
         let open = match read_some(&mut c.stream, &mut c.rbuf, MESSAGE_BYTES_MAX + 4) {
             Ok(open) => open,
             Err(e) => return self.refuse(token, e.to_string()),
@@ -688,7 +728,7 @@ impl TcpTransport {
                         .collect();
                     for t in old {
                         if let Some(mut o) = self.incoming.remove(&t) {
-                            let _ = self.poll.registry().deregister(&mut o.stream);
+                            let _ = self.poll.registry().deregister(o.stream.tcp());
                             self.notices.push(TransportEvent::Lost {
                                 peer: from,
                                 reason: "replaced by a newer connection".into(),
@@ -792,7 +832,7 @@ impl TcpTransport {
 }
 
 /// Reads what is there into `buf` (up to `cap` bytes held). Ok(false) at EOF.
-fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
+fn read_some(stream: &mut impl Read, buf: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
     thread_local! {
         // Zeroed once per thread, not on every read.
         static CHUNK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 << 10]);

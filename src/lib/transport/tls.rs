@@ -1,0 +1,307 @@
+//! Mutual TLS for the TCP transport's peer links (optional).
+//!
+//! Every replica holds a certificate signed by the cluster's CA and the
+//! CA's certificate. A dialer checks that the listener's certificate is
+//! signed by the CA *and* names the address it dialled (an IP address in
+//! `subjectAltName`, as etcd does); a listener accepts only dialers whose
+//! certificate is signed by the CA. TLS 1.3 only. The cluster-key
+//! challenge then runs inside the encrypted stream, so a replica needs both
+//! the right certificate and the cluster key to join.
+//!
+//! [`PeerStream`] is one non-blocking connection, plain or TLS, with the
+//! `Read`/`Write` the transport uses either way.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mio::net::TcpStream;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
+use rustls::{ServerConnection, crypto::CryptoProvider};
+
+/// The three files of a replica's TLS setup.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TlsFiles {
+    /// This replica's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The cluster CA's certificate(s) (PEM).
+    pub ca: PathBuf,
+}
+
+/// Ready-made TLS configurations for both ends of a peer link.
+pub struct TlsContext {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsContext")
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("reading the {what} {}: {}", path.display(), pem_error(&e)))?;
+    let certs: Vec<_> = iter
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("reading the {what} {}: {}", path.display(), pem_error(&e)))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "the {what} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => e.to_string(),
+        other => format!("not valid PEM ({other:?})"),
+    }
+}
+
+impl TlsContext {
+    /// Reads and checks the three files; every error names the file and what is wrong.
+    pub fn load(files: &TlsFiles) -> Result<TlsContext, String> {
+        let chain = certs(&files.cert, "certificate")?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+            format!(
+                "reading the private key {}: {}",
+                files.key.display(),
+                match e {
+                    rustls::pki_types::pem::Error::NoItemsFound =>
+                        "no PEM private key in it (-----BEGIN PRIVATE KEY-----)".to_string(),
+                    e => pem_error(&e),
+                }
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        for c in certs(&files.ca, "CA certificate")? {
+            roots.add(c).map_err(|e| {
+                format!(
+                    "the CA certificate {} cannot be used: {e}",
+                    files.ca.display()
+                )
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| format!("the CA certificate {}: {e}", files.ca.display()))?;
+        let mismatch = |e: rustls::Error| {
+            format!(
+                "the certificate {} and the key {} do not go together: {e}",
+                files.cert.display(),
+                files.key.display()
+            )
+        };
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(mismatch)?;
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(mismatch)?;
+        // A peer link is long-lived and redialled rarely: no session tickets
+        // or resumption (a full handshake, with certificates, every time).
+        server.send_tls13_tickets = 0;
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(TlsContext {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+
+    fn dial(&self, addr: SocketAddr) -> io::Result<Connection> {
+        let name = ServerName::IpAddress(addr.ip().into());
+        ClientConnection::new(self.client.clone(), name)
+            .map(Connection::from)
+            .map_err(io::Error::other)
+    }
+
+    fn accept(&self) -> io::Result<Connection> {
+        ServerConnection::new(self.server.clone())
+            .map(Connection::from)
+            .map_err(io::Error::other)
+    }
+}
+
+/// One peer connection: a plain TCP stream, or TLS over one.
+pub enum PeerStream {
+    /// No TLS.
+    Plain(TcpStream),
+    /// TLS (boxed: a TLS connection's state is large).
+    Tls(Box<(TcpStream, Connection)>),
+}
+
+impl PeerStream {
+    /// A dialled connection to `addr` (TLS when `tls` is given).
+    pub fn dialled(
+        stream: TcpStream,
+        addr: SocketAddr,
+        tls: Option<&TlsContext>,
+    ) -> io::Result<Self> {
+        Ok(match tls {
+            None => PeerStream::Plain(stream),
+            Some(t) => PeerStream::Tls(Box::new((stream, t.dial(addr)?))),
+        })
+    }
+
+    /// An accepted connection (TLS when `tls` is given).
+    pub fn accepted(stream: TcpStream, tls: Option<&TlsContext>) -> io::Result<Self> {
+        Ok(match tls {
+            None => PeerStream::Plain(stream),
+            Some(t) => PeerStream::Tls(Box::new((stream, t.accept()?))),
+        })
+    }
+
+    /// The TCP stream (to register with mio, to ask for errors).
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            PeerStream::Plain(s) => s,
+            PeerStream::Tls(b) => &mut b.0,
+        }
+    }
+
+    /// Writes what TLS has ready for the socket (handshake messages,
+    /// encrypted records) until done or the socket is full. Plain: nothing.
+    pub fn flush_tls(&mut self) -> io::Result<()> {
+        let PeerStream::Tls(b) = self else {
+            return Ok(());
+        };
+        let (sock, conn) = &mut **b;
+        write_pending(sock, conn)
+    }
+
+    /// Whether encrypted bytes wait for the socket.
+    pub fn tls_pending(&self) -> bool {
+        matches!(self, PeerStream::Tls(b) if b.1.wants_write())
+    }
+}
+
+/// A TLS failure, worded for the operator who reads the log line.
+fn tls_error(e: rustls::Error) -> io::Error {
+    let why = match &e {
+        rustls::Error::InvalidCertificate(c) => format!(
+            "TLS: the peer's certificate is not accepted ({c:?}): is it signed by this cluster's CA (tls_ca), unexpired, and does it name the peer address's IP?"
+        ),
+        rustls::Error::NoCertificatesPresented => {
+            "TLS: the peer presented no certificate (every replica needs tls_cert and tls_key)"
+                .into()
+        }
+        rustls::Error::AlertReceived(a) => format!(
+            "TLS: the peer refused the handshake (alert {a:?}): it does not accept this replica's certificate, or its own is not accepted here"
+        ),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            format!("TLS: the peer does not speak TLS ({e}); is TLS set up on every replica?")
+        }
+        _ => format!("TLS: {e}"),
+    };
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// Writes what `conn` has for the socket until done or the socket is full.
+fn write_pending(sock: &mut TcpStream, conn: &mut Connection) -> io::Result<()> {
+    while conn.wants_write() {
+        match conn.write_tls(sock) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Plaintext from a TLS connection: what is decrypted already, else what
+/// the socket has (WouldBlock once it is drained, so edge-triggered polling
+/// sees the next bytes). Ok(0) at the end of the stream.
+fn tls_read(sock: &mut TcpStream, conn: &mut Connection, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The peer closed TCP without close_notify: an end all the same.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        match conn.read_tls(sock) {
+            Ok(0) => {
+                // EOF: what was decrypted before it is still delivered.
+                conn.process_new_packets().map_err(tls_error)?;
+                return match conn.reader().read(buf) {
+                    Ok(n) => Ok(n),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        Ok(0)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            Ok(_) => {
+                let state = conn.process_new_packets();
+                // Handshake answers and alerts go out even when the packets failed.
+                let _ = write_pending(sock, conn);
+                state.map_err(tls_error)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Read for PeerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            PeerStream::Plain(s) => s.read(buf),
+            PeerStream::Tls(b) => {
+                let (sock, conn) = &mut **b;
+                tls_read(sock, conn, buf)
+            }
+        }
+    }
+}
+
+impl Write for PeerStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let b = match self {
+            PeerStream::Plain(s) => return s.write(buf),
+            PeerStream::Tls(b) => b,
+        };
+        let n = b.1.writer().write(buf)?;
+        self.flush_tls()?;
+        if n == 0 && !buf.is_empty() {
+            // rustls' buffer is full and the socket takes nothing: wait for writable.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            PeerStream::Plain(s) => s.flush(),
+            PeerStream::Tls(_) => self.flush_tls(),
+        }
+    }
+}
