@@ -101,6 +101,8 @@ pub struct TcpRow {
     pub size: usize,
     /// `sync` of the cluster.
     pub sync: String,
+    /// Peer links: "tcp", "tcp+tls" (--tls), "shm", "rdma".
+    pub links: String,
     /// Committed entries per second.
     pub commits_per_s: f64,
     /// Client-observed commit latency.
@@ -138,6 +140,32 @@ fn free_port(ip: [u8; 4]) -> std::io::Result<u16> {
 }
 
 /// Writes a cluster of `n` replicas on 127.0.0.1..n into `dir` and starts them.
+/// Makes the CA and every replica's certificate for the cluster file in
+/// `dir` with scripts/tls-certs.sh (from the source tree falcon was built in).
+fn make_certs(dir: &Path) -> Result<(), BenchError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tls-certs.sh");
+    if !script.is_file() {
+        return Err(BenchError::Usage(format!(
+            "--tls makes certificates with {}, which is not here (run the bench from falcon's source tree)",
+            script.display()
+        )));
+    }
+    let o = Command::new("bash")
+        .arg(&script)
+        .args(["--config", "cluster.toml", "--out", "tls"])
+        .current_dir(dir)
+        .output()?;
+    if !o.status.success() {
+        return Err(std::io::Error::other(format!(
+            "tls-certs.sh: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn start_cluster(
     dir: &Path,
     n: usize,
@@ -146,6 +174,7 @@ fn start_cluster(
     poll: crate::transport::shm::PollMode,
     ui: &Ui,
     net: Option<&Netns>,
+    tls: bool,
 ) -> Result<(Procs, Vec<SocketAddr>), BenchError> {
     let poll = format!("{poll:?}").to_lowercase();
     let exe = std::env::current_exe()?;
@@ -175,6 +204,9 @@ fn start_cluster(
     std::fs::write(dir.join("cluster.toml"), toml)?;
     crate::config::generate_key(&dir.join("cluster.key"))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if tls {
+        make_certs(dir)?;
+    }
     let mut procs = Procs(Vec::new());
     for i in 0..n {
         let log = std::fs::File::create(dir.join(format!("replica{}.log", i + 1)))?;
@@ -193,6 +225,18 @@ fn start_cluster(
                 .arg((i + 1).to_string())
                 .args(["--null-program", "--follower-clients", "refuse"])
                 .args(["--poll", &poll])
+                .args(if tls {
+                    vec![
+                        "--tls-cert".to_string(),
+                        format!("tls/replica-{}.pem", i + 1),
+                        "--tls-key".to_string(),
+                        format!("tls/replica-{}.key", i + 1),
+                        "--tls-ca".to_string(),
+                        "tls/ca.pem".to_string(),
+                    ]
+                } else {
+                    Vec::new()
+                })
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -465,107 +509,124 @@ pub fn run(
             "--netns starts its own cluster; it does not go with --cluster".into(),
         ));
     }
+    if args.tls && (args.transport != "tcp" || args.cluster.is_some()) {
+        return Err(BenchError::Usage(
+            "--tls compares plain and TLS peer links of a cluster it starts: it goes with --transport tcp, not with --cluster".into(),
+        ));
+    }
     // Declared first, dropped last: after the replicas in it have stopped.
     let net = if args.netns {
         Some(Netns::new(args.replicas)?)
     } else {
         None
     };
-    let (_procs, clients_addrs, scratch) = match &args.cluster {
-        Some(path) => (Procs(Vec::new()), cluster_clients(path)?, None),
-        None => {
-            std::fs::create_dir_all(&scratch_dir)?;
-            let scratch = super::Scratch(scratch_dir.clone());
-            let (procs, addrs) = start_cluster(
-                &scratch_dir,
-                args.replicas,
-                &sync,
-                &args.transport,
-                args.poll,
-                ui,
-                net.as_ref(),
-            )?;
-            (procs, addrs, Some(scratch))
-        }
-    };
-    let leader = find_leader(&clients_addrs, Duration::from_secs(20)).ok_or_else(|| {
-        let logs = scratch
-            .as_ref()
-            .map(|s| {
-                (1..=args.replicas)
-                    .map(|i| {
-                        std::fs::read_to_string(s.0.join(format!("replica{i}.log")))
-                            .unwrap_or_default()
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_default();
-        std::io::Error::other(format!(
-            "no replica committed a probe entry within 20 s (for --cluster: are its replicas running with --null-program?)\n{logs}"
-        ))
-    })?;
-    let client_counts = match args.clients {
-        Some(c) if c > 0 => vec![c],
-        Some(_) => return Err(BenchError::Usage("--clients must be at least 1".into())),
-        None => vec![1, 256],
-    };
     let warmup = Duration::from_millis(500).min(args.duration);
+    let modes: &[bool] = if args.tls { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
-    for &clients in &client_counts {
-        let connections = args.connections.unwrap_or(8).clamp(1, clients);
-        let pb = ui.progress_with(
-            (warmup + args.duration).as_millis() as u64,
-            "{msg} [{bar:40}] {elapsed}",
-            &format!("{clients} clients"),
-        );
-        let pids: Vec<u32> = _procs.0.iter().map(Child::id).collect();
-        let cpu_before: Option<f64> =
-            (!pids.is_empty()).then(|| pids.iter().filter_map(|&p| process_cpu_s(p)).sum());
-        // Replica CPU is read around the whole run; the warm-up is excluded by scaling.
-        let t0 = Instant::now();
-        let load = Load {
-            leader,
-            clients,
-            connections,
-            size: args.size,
-            warmup,
-            duration: args.duration,
+    let mut leader = None;
+    for &tls in modes {
+        let (_procs, clients_addrs, scratch) = match &args.cluster {
+            Some(path) => (Procs(Vec::new()), cluster_clients(path)?, None),
+            None => {
+                let scratch_dir = scratch_dir.join(if tls { "tls" } else { "tcp" });
+                std::fs::create_dir_all(&scratch_dir)?;
+                let scratch = super::Scratch(scratch_dir.clone());
+                let (procs, addrs) = start_cluster(
+                    &scratch_dir,
+                    args.replicas,
+                    &sync,
+                    &args.transport,
+                    args.poll,
+                    ui,
+                    net.as_ref(),
+                    tls,
+                )?;
+                (procs, addrs, Some(scratch))
+            }
         };
-        let Driven {
-            committed,
-            mut samples,
-            mut leader_samples,
-            client_cpu_s: client_cpu,
-        } = drive(&load, &pb, stop)?;
-        let total_secs = t0.elapsed().as_secs_f64();
-        pb.finish_and_clear();
-        let replica_cpu = cpu_before.map(|b| {
-            let after: f64 = pids.iter().filter_map(|&p| process_cpu_s(p)).sum();
-            (after - b) * (args.duration.as_secs_f64() / total_secs)
-        });
-        let per_1000 = |cpu: f64| cpu / committed.max(1) as f64 * 1000.0;
-        rows.push(TcpRow {
-            replicas: if args.cluster.is_some() {
-                clients_addrs.len()
-            } else {
-                args.replicas
-            },
-            clients,
-            connections,
-            size: args.size,
-            sync: if args.cluster.is_some() {
-                "(the cluster's)".into()
-            } else {
-                sync.clone()
-            },
-            commits_per_s: committed as f64 / args.duration.as_secs_f64(),
-            latency: summarize(&mut samples),
-            leader_latency: (!leader_samples.is_empty()).then(|| summarize(&mut leader_samples)),
-            replica_cpu_s_per_1000: replica_cpu.map(per_1000),
-            client_cpu_s_per_1000: per_1000(client_cpu),
-        });
+        let leader_now = find_leader(&clients_addrs, Duration::from_secs(20)).ok_or_else(|| {
+            let logs = scratch
+                .as_ref()
+                .map(|s| {
+                    (1..=args.replicas)
+                        .map(|i| {
+                            std::fs::read_to_string(s.0.join(format!("replica{i}.log")))
+                                .unwrap_or_default()
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default();
+            std::io::Error::other(format!(
+                "no replica committed a probe entry within 20 s (for --cluster: are its replicas running with --null-program?)\n{logs}"
+            ))
+        })?;
+        let client_counts = match args.clients {
+            Some(c) if c > 0 => vec![c],
+            Some(_) => return Err(BenchError::Usage("--clients must be at least 1".into())),
+            None => vec![1, 256],
+        };
+        for &clients in &client_counts {
+            let connections = args.connections.unwrap_or(8).clamp(1, clients);
+            let pb = ui.progress_with(
+                (warmup + args.duration).as_millis() as u64,
+                "{msg} [{bar:40}] {elapsed}",
+                &format!("{clients} clients"),
+            );
+            let pids: Vec<u32> = _procs.0.iter().map(Child::id).collect();
+            let cpu_before: Option<f64> =
+                (!pids.is_empty()).then(|| pids.iter().filter_map(|&p| process_cpu_s(p)).sum());
+            // Replica CPU is read around the whole run; the warm-up is excluded by scaling.
+            let t0 = Instant::now();
+            let load = Load {
+                leader: leader_now,
+                clients,
+                connections,
+                size: args.size,
+                warmup,
+                duration: args.duration,
+            };
+            let Driven {
+                committed,
+                mut samples,
+                mut leader_samples,
+                client_cpu_s: client_cpu,
+            } = drive(&load, &pb, stop)?;
+            let total_secs = t0.elapsed().as_secs_f64();
+            pb.finish_and_clear();
+            let replica_cpu = cpu_before.map(|b| {
+                let after: f64 = pids.iter().filter_map(|&p| process_cpu_s(p)).sum();
+                (after - b) * (args.duration.as_secs_f64() / total_secs)
+            });
+            let per_1000 = |cpu: f64| cpu / committed.max(1) as f64 * 1000.0;
+            rows.push(TcpRow {
+                replicas: if args.cluster.is_some() {
+                    clients_addrs.len()
+                } else {
+                    args.replicas
+                },
+                clients,
+                connections,
+                size: args.size,
+                sync: if args.cluster.is_some() {
+                    "(the cluster's)".into()
+                } else {
+                    sync.clone()
+                },
+                links: match args.transport.as_str() {
+                    "tcp" if tls => "tcp+tls".into(),
+                    t => t.into(),
+                },
+                commits_per_s: committed as f64 / args.duration.as_secs_f64(),
+                latency: summarize(&mut samples),
+                leader_latency: (!leader_samples.is_empty()).then(|| summarize(&mut leader_samples)),
+                replica_cpu_s_per_1000: replica_cpu.map(per_1000),
+                client_cpu_s_per_1000: per_1000(client_cpu),
+            });
+        }
+        leader = Some(leader_now);
     }
+    let leader = leader.expect("one mode at least");
     let rtt = if args.compare {
         Some(super::rtt::local(64, 1_000, 10_000)?)
     } else {
@@ -588,6 +649,7 @@ pub fn run(
                     match args.transport.as_str() {
                         "shm" => format!("shared-memory (shm rings in /dev/shm, poll {})", format!("{:?}", args.poll).to_lowercase()),
                         "rdma" => format!("RDMA (one-sided writes into rings, RC queue pairs set up over TCP, poll {})", format!("{:?}", args.poll).to_lowercase()),
+                        _ if args.tls => "TCP (plain, then mutual TLS 1.3 with ECDSA P-256 certificates; one cluster each, started in turn)".to_string(),
                         _ => "TCP".to_string(),
                     }
                 ),
@@ -634,6 +696,7 @@ pub fn run(
         "replicas",
         "clients",
         "sync",
+        "links",
         "commits/s",
         "p50 µs",
         "p99 µs",
@@ -649,6 +712,7 @@ pub fn run(
             r.replicas.to_string(),
             r.clients.to_string(),
             r.sync.clone(),
+            r.links.clone(),
             format!("{:.0}", r.commits_per_s),
             format!("{:.1}", r.latency.p50_us),
             format!("{:.1}", r.latency.p99_us),

@@ -103,6 +103,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub netns: bool,
 
+    /// --consensus: the same measurements twice in one run, on plain TCP
+    /// peer links and with mutual TLS on them (certificates made by
+    /// scripts/tls-certs.sh), side by side.
+    #[arg(long)]
+    pub tls: bool,
+
     /// --consensus: also measure the TCP round trip (--rtt --local) in the
     /// same run and print commit latency as a multiple of it.
     #[arg(long)]
@@ -152,6 +158,7 @@ Examples:
   falcon bench --consensus --clients 256 --sync never --duration 5s
   falcon bench --consensus --clients 1 --compare   commit latency vs the round trip
   falcon bench --consensus --transport mem   the engine alone, 3 replicas in process
+  falcon bench --consensus --tls             plain TCP peer links, then mutual TLS
   falcon bench --redis                       Redis via falcon beside Redis's own replication
 
 Every benchmark prints its setup and measures its baseline in the same run:

@@ -143,12 +143,35 @@ impl TlsContext {
     }
 }
 
+/// A TLS connection and its socket.
+pub struct TlsStream {
+    sock: TcpStream,
+    conn: Connection,
+    /// Bytes read from the socket that rustls has not taken yet: the socket
+    /// is read 64 KiB at a time (rustls alone reads 4 KiB per call).
+    inbuf: Vec<u8>,
+    inpos: usize,
+    inend: usize,
+}
+
+impl TlsStream {
+    fn new(sock: TcpStream, conn: Connection) -> Box<TlsStream> {
+        Box::new(TlsStream {
+            sock,
+            conn,
+            inbuf: Vec::new(),
+            inpos: 0,
+            inend: 0,
+        })
+    }
+}
+
 /// One peer connection: a plain TCP stream, or TLS over one.
 pub enum PeerStream {
     /// No TLS.
     Plain(TcpStream),
     /// TLS (boxed: a TLS connection's state is large).
-    Tls(Box<(TcpStream, Connection)>),
+    Tls(Box<TlsStream>),
 }
 
 impl PeerStream {
@@ -160,7 +183,7 @@ impl PeerStream {
     ) -> io::Result<Self> {
         Ok(match tls {
             None => PeerStream::Plain(stream),
-            Some(t) => PeerStream::Tls(Box::new((stream, t.dial(addr)?))),
+            Some(t) => PeerStream::Tls(TlsStream::new(stream, t.dial(addr)?)),
         })
     }
 
@@ -168,7 +191,7 @@ impl PeerStream {
     pub fn accepted(stream: TcpStream, tls: Option<&TlsContext>) -> io::Result<Self> {
         Ok(match tls {
             None => PeerStream::Plain(stream),
-            Some(t) => PeerStream::Tls(Box::new((stream, t.accept()?))),
+            Some(t) => PeerStream::Tls(TlsStream::new(stream, t.accept()?)),
         })
     }
 
@@ -176,7 +199,7 @@ impl PeerStream {
     pub fn tcp(&mut self) -> &mut TcpStream {
         match self {
             PeerStream::Plain(s) => s,
-            PeerStream::Tls(b) => &mut b.0,
+            PeerStream::Tls(b) => &mut b.sock,
         }
     }
 
@@ -186,13 +209,12 @@ impl PeerStream {
         let PeerStream::Tls(b) = self else {
             return Ok(());
         };
-        let (sock, conn) = &mut **b;
-        write_pending(sock, conn)
+        write_pending(&mut b.sock, &mut b.conn)
     }
 
     /// Whether encrypted bytes wait for the socket.
     pub fn tls_pending(&self) -> bool {
-        matches!(self, PeerStream::Tls(b) if b.1.wants_write())
+        matches!(self, PeerStream::Tls(b) if b.conn.wants_write())
     }
 }
 
@@ -234,20 +256,38 @@ fn write_pending(sock: &mut TcpStream, conn: &mut Connection) -> io::Result<()> 
 /// Plaintext from a TLS connection: what is decrypted already, else what
 /// the socket has (WouldBlock once it is drained, so edge-triggered polling
 /// sees the next bytes). Ok(0) at the end of the stream.
-fn tls_read(sock: &mut TcpStream, conn: &mut Connection, buf: &mut [u8]) -> io::Result<usize> {
+fn tls_read(t: &mut TlsStream, buf: &mut [u8]) -> io::Result<usize> {
+    const CHUNK: usize = 64 << 10;
     loop {
-        match conn.reader().read(buf) {
+        match t.conn.reader().read(buf) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // The peer closed TCP without close_notify: an end all the same.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
             Err(e) => return Err(e),
         }
-        match conn.read_tls(sock) {
+        if t.inpos < t.inend {
+            // Feed rustls what was read; it takes up to a record or so per call.
+            let n = t.conn.read_tls(&mut &t.inbuf[t.inpos..t.inend])?;
+            t.inpos += n;
+            let state = t.conn.process_new_packets();
+            // Handshake answers and alerts go out even when the packets failed.
+            let _ = write_pending(&mut t.sock, &mut t.conn);
+            state.map_err(tls_error)?;
+            continue;
+        }
+        if t.inbuf.is_empty() {
+            t.inbuf = vec![0; CHUNK];
+        }
+        let got = t.sock.read(&mut t.inbuf);
+        t.inpos = 0;
+        t.inend = *got.as_ref().unwrap_or(&0);
+        match got {
             Ok(0) => {
                 // EOF: what was decrypted before it is still delivered.
-                conn.process_new_packets().map_err(tls_error)?;
-                return match conn.reader().read(buf) {
+                let _ = t.conn.read_tls(&mut io::empty());
+                t.conn.process_new_packets().map_err(tls_error)?;
+                return match t.conn.reader().read(buf) {
                     Ok(n) => Ok(n),
                     Err(e)
                         if matches!(
@@ -260,12 +300,7 @@ fn tls_read(sock: &mut TcpStream, conn: &mut Connection, buf: &mut [u8]) -> io::
                     Err(e) => Err(e),
                 };
             }
-            Ok(_) => {
-                let state = conn.process_new_packets();
-                // Handshake answers and alerts go out even when the packets failed.
-                let _ = write_pending(sock, conn);
-                state.map_err(tls_error)?;
-            }
+            Ok(_) => {}
             Err(e) => return Err(e),
         }
     }
@@ -275,10 +310,7 @@ impl Read for PeerStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             PeerStream::Plain(s) => s.read(buf),
-            PeerStream::Tls(b) => {
-                let (sock, conn) = &mut **b;
-                tls_read(sock, conn, buf)
-            }
+            PeerStream::Tls(b) => tls_read(b, buf),
         }
     }
 }
@@ -289,7 +321,7 @@ impl Write for PeerStream {
             PeerStream::Plain(s) => return s.write(buf),
             PeerStream::Tls(b) => b,
         };
-        let n = b.1.writer().write(buf)?;
+        let n = b.conn.writer().write(buf)?;
         self.flush_tls()?;
         if n == 0 && !buf.is_empty() {
             // rustls' buffer is full and the socket takes nothing: wait for writable.
