@@ -122,7 +122,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__bench)
-            opts="-v -q -h -V --log --rtt --local --serve --peer --plain-echo --size --iters --warmup --poll --raw --consensus --replicas --clients --connections --sync --cluster --netns --compare --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --log --rtt --local --serve --peer --plain-echo --size --iters --warmup --poll --raw --consensus --replicas --clients --connections --sync --cluster --netns --tls --compare --redis --requests --rounds --transport --dir --duration --verify-mib --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -178,6 +178,34 @@ fn bench_consensus_over_tcp_drives_a_real_cluster_and_compares_with_the_round_tr
             .contains("shared-memory")
     );
     assert!(j["rows"][0]["commits_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    // Plain and TLS peer links side by side, one cluster each.
+    let r = run(&[
+        "bench",
+        "--consensus",
+        "--tls",
+        "--clients",
+        "4",
+        "--duration",
+        "200ms",
+        "--json",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = &r.json_lines()[0];
+    let links: Vec<&str> = j["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["links"].as_str().unwrap())
+        .collect();
+    assert_eq!(links, ["tcp", "tcp+tls"], "{j}");
+    for row in j["rows"].as_array().unwrap() {
+        assert!(row["commits_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let r = run(&["bench", "--consensus", "--tls", "--transport", "shm"]);
+    assert_eq!(r.code, 2, "{r:?}");
     // Out-of-range settings are usage errors.
     let r = run(&["bench", "--consensus", "--replicas", "4"]);
     assert_eq!(r.code, 2, "{r:?}");

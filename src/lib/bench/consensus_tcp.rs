@@ -521,6 +521,11 @@ pub fn run(
         None
     };
     let warmup = Duration::from_millis(500).min(args.duration);
+    // Removed last (each cluster's directory in it goes first).
+    let _scratch_parent = args
+        .cluster
+        .is_none()
+        .then(|| super::Scratch(scratch_dir.clone()));
     let modes: &[bool] = if args.tls { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
     let mut leader = None;
@@ -619,7 +624,8 @@ pub fn run(
                 },
                 commits_per_s: committed as f64 / args.duration.as_secs_f64(),
                 latency: summarize(&mut samples),
-                leader_latency: (!leader_samples.is_empty()).then(|| summarize(&mut leader_samples)),
+                leader_latency: (!leader_samples.is_empty())
+                    .then(|| summarize(&mut leader_samples)),
                 replica_cpu_s_per_1000: replica_cpu.map(per_1000),
                 client_cpu_s_per_1000: per_1000(client_cpu),
             });
