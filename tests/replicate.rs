@@ -1784,3 +1784,150 @@ fn tls_peer_links_carry_the_cluster_and_a_replica_with_another_cas_certificate_c
         c.log(f)
     );
 }
+
+/// Data directories on FUSE mounts whose fsync fails while a flag file
+/// exists (tests/util/failfs.py; Debian's python3-fusepy).
+struct FailingDisks {
+    mounts: Vec<PathBuf>,
+    flags: Vec<PathBuf>,
+    daemons: Vec<Child>,
+}
+
+impl FailingDisks {
+    fn mount(dirs: Vec<PathBuf>, scratch: &Path) -> FailingDisks {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/util/failfs.py");
+        let mut d = FailingDisks {
+            mounts: Vec::new(),
+            flags: Vec::new(),
+            daemons: Vec::new(),
+        };
+        for (i, m) in dirs.into_iter().enumerate() {
+            let backing = scratch.join(format!("backing{i}"));
+            std::fs::create_dir_all(&backing).unwrap();
+            std::fs::create_dir_all(&m).unwrap();
+            let flag = scratch.join(format!("fail-fsync-{i}"));
+            let child = std::process::Command::new("/usr/bin/python3")
+                .args([
+                    script.as_ref(),
+                    backing.as_os_str(),
+                    m.as_os_str(),
+                    flag.as_os_str(),
+                ])
+                .stderr(Stdio::from(
+                    std::fs::File::create(scratch.join(format!("failfs{i}.log"))).unwrap(),
+                ))
+                .spawn()
+                .unwrap();
+            d.daemons.push(child);
+            let shown = m.display().to_string();
+            assert!(
+                wait_until(Duration::from_secs(10), || {
+                    std::fs::read_to_string("/proc/mounts")
+                        .unwrap()
+                        .lines()
+                        .any(|l| l.split(' ').nth(1) == Some(shown.as_str()))
+                }),
+                "failfs did not mount {shown}: {}",
+                std::fs::read_to_string(scratch.join(format!("failfs{i}.log"))).unwrap_or_default()
+            );
+            d.mounts.push(m);
+            d.flags.push(flag);
+        }
+        d
+    }
+
+    fn fail(&self, i: usize) {
+        std::fs::write(&self.flags[i], b"").unwrap();
+    }
+
+    fn heal(&self, i: usize) {
+        let _ = std::fs::remove_file(&self.flags[i]);
+    }
+}
+
+impl Drop for FailingDisks {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = util::sh(&format!("umount -l {}", m.display()));
+        }
+        for c in &mut self.daemons {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A failed fsync is fatal: the leader whose disk loses a write stops at
+/// once, says which file failed and that it will not retry, acknowledges
+/// nothing it could not make durable; a new leader takes over with every
+/// acknowledged write; restarted on a healthy disk, the replica catches up.
+#[test]
+fn a_failed_fsync_stops_the_replica_and_the_cluster_goes_on_without_losing_a_write() {
+    let _one = serial();
+    util::need_root_and_redis();
+    assert!(
+        Path::new("/dev/fuse").exists()
+            && Path::new("/usr/lib/python3/dist-packages/fusepy.py").exists(),
+        "needs /dev/fuse and python3-fusepy (scripts/setup.sh installs it)"
+    );
+    let mut c = Cluster::configure(3, redis_program(), "refuse", Vec::new(), "");
+    let root = c.dir.path().to_path_buf();
+    let disks = FailingDisks::mount(
+        (0..3)
+            .map(|i| root.join(format!("data/{}", i + 1)))
+            .collect(),
+        &root,
+    );
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(30));
+    assert_eq!(set_many(c.addrs[leader].1, "a", 200), 200);
+    // The leader's disk starts failing fsync; writes go on through whoever leads.
+    disks.fail(leader);
+    let acked_before = set_many(c.addrs[leader].1, "b", 200);
+    let status = c
+        .exit_status(leader, Duration::from_secs(20))
+        .expect("the replica whose fsync failed kept running");
+    assert!(!status.success(), "it exited with success: {status:?}");
+    let log = c.log(leader);
+    assert!(
+        log.contains("fdatasync") && log.contains("Input/output error"),
+        "the log does not say which sync failed and why:\n{log}"
+    );
+    eprintln!(
+        "{acked_before} of 200 writes acknowledged before the failure; the replica said: {}",
+        log.lines()
+            .filter(|l| l.contains("fdatasync"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    // The others elect a leader that has every write acknowledged so far.
+    let next = c.leader_by(Duration::from_secs(30), |i| {
+        i != leader && c.client_cmd(i, &["PING"]).as_deref() == Some("+PONG")
+    });
+    let acked = (0..200)
+        .map(|k| format!("a:{k}"))
+        .chain((0..acked_before).map(|k| format!("b:{k}")));
+    for key in acked {
+        assert_eq!(
+            c.client_cmd(next, &["EXISTS", &key]).as_deref(),
+            Some(":1"),
+            "acknowledged write {key} is lost"
+        );
+    }
+    assert_eq!(
+        set_many(c.addrs[next].1, "c", 200),
+        200,
+        "the cluster goes on"
+    );
+    // Healed, the replica restarts and catches up.
+    disks.heal(leader);
+    c.start_node(leader);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "the restarted replica did not catch up: {:?}\n{}",
+        c.digests(),
+        c.log(leader)
+    );
+}

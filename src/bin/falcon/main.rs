@@ -38,7 +38,18 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            ui.error(&format!("{err:#}"));
+            // Each cause once: an error whose text already ends with its
+            // source's (`{context}: {source}`) does not repeat it.
+            let mut msg = String::new();
+            for cause in err.chain() {
+                let text = cause.to_string();
+                if msg.is_empty() {
+                    msg = text;
+                } else if !msg.ends_with(&text) {
+                    msg = format!("{msg}: {text}");
+                }
+            }
+            ui.error(&msg);
             if err.chain().any(|c| c.downcast_ref::<Usage>().is_some()) {
                 ExitCode::from(2)
             } else {

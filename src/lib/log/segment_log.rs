@@ -484,7 +484,7 @@ impl<S: Storage> SegmentLog<S> {
         if let Err(e) = file.sync_data() {
             self.poisoned = true;
             let describe = self.storage.describe(&self.active().meta.name);
-            return Err(LogError::io(format!("fdatasync of {describe}"), e));
+            return Err(fsync_failed(&describe, e));
         }
         Ok(())
     }
@@ -539,7 +539,8 @@ impl<S: Storage> SegmentLog<S> {
             }
             Err(e) => {
                 self.poisoned = true;
-                Err(LogError::io("fdatasync on the fsync thread", e))
+                let describe = self.storage.describe(&self.active().meta.name);
+                Err(fsync_failed(&describe, e))
             }
         }
     }
@@ -793,4 +794,14 @@ fn locate<F>(seg: &Segment<F>, op: u64) -> (u64, u64, u32) {
         );
     }
     seg.meta.index[i - 1]
+}
+
+/// A failed fdatasync, worded for the operator: fatal, never retried.
+fn fsync_failed(describe: &str, e: std::io::Error) -> LogError {
+    LogError::io(
+        format!(
+            "fdatasync of {describe} failed, so entries this replica wrote may not be on its disk; a failed fsync is never retried (the kernel may have dropped the data): this replica stops. Check the disk (dmesg), then restart it: it verifies its log and catches up from the others"
+        ),
+        e,
+    )
 }
