@@ -68,6 +68,9 @@ pub struct TcpOptions {
     /// Mutual TLS on every peer link (None: plain TCP). The cluster-key
     /// challenge runs inside it.
     pub tls: Option<std::sync::Arc<TlsContext>>,
+    /// The largest message a peer may send (at most [`MESSAGE_BYTES_MAX`]);
+    /// a larger frame closes its connection.
+    pub message_bytes_max: usize,
 }
 
 impl TcpOptions {
@@ -84,6 +87,7 @@ impl TcpOptions {
             reconnect_max: Duration::from_secs(2),
             connect_grace: Duration::from_secs(1),
             tls: None,
+            message_bytes_max: MESSAGE_BYTES_MAX,
         }
     }
 }
@@ -607,26 +611,45 @@ impl TcpTransport {
     }
 
     fn on_incoming(&mut self, token: Token, out: &mut Vec<Envelope>) {
+        // Until the peer has authenticated, a read takes no more than the
+        // handshake needs (garbage is refused before much is buffered); a
+        // read that stopped at its cap may have left bytes behind (in the
+        // socket, or decrypted in TLS), so it reads again.
+        while self.incoming_once(token, out) {}
+    }
+
+    /// One read and what it completes. True: read again.
+    fn incoming_once(&mut self, token: Token, out: &mut Vec<Envelope>) -> bool {
         let cluster = self.opts.cluster_id;
         let me = self.opts.id;
         let n = self.opts.peers.len() as NodeId;
+        let max = self.opts.message_bytes_max;
         let Some(c) = self.incoming.get_mut(&token) else {
-            return;
+            return false;
         };
         if let Err(e) = c.stream.flush_tls() {
-            return self.refuse(token, e.to_string());
+            self.refuse(token, e.to_string());
+            return false;
         }
-        let open = match read_some(&mut c.stream, &mut c.rbuf, MESSAGE_BYTES_MAX + 4) {
-            Ok(open) => open,
-            Err(e) => return self.refuse(token, e.to_string()),
+        let cap = match c.state {
+            InState::Ready { .. } => max + 4,
+            _ => HELLO_LEN + AUTH_LEN,
         };
+        let open = match read_some(&mut c.stream, &mut c.rbuf, cap) {
+            Ok(open) => open,
+            Err(e) => {
+                self.refuse(token, e.to_string());
+                return false;
+            }
+        };
+        let again = open && c.rbuf.len() >= cap;
         // Bytes of whole messages taken so far: removed from the buffer once,
         // at the end (a buffer of many messages drained one by one would be
         // moved once per message).
         let mut at = 0usize;
         loop {
             let Some(c) = self.incoming.get_mut(&token) else {
-                return;
+                return false;
             };
             match c.state {
                 InState::AwaitHello => {
@@ -634,25 +657,25 @@ impl TcpTransport {
                         if c.rbuf.len() >= 8 && &c.rbuf[..8] != MAGIC
                             || c.rbuf.len() < 8 && !MAGIC.starts_with(&c.rbuf)
                         {
-                            return self.refuse(token, "not a falcon peer (bad greeting)".into());
+                            return self.refused(token, "not a falcon peer (bad greeting)".into());
                         }
                         break;
                     }
                     let b = &c.rbuf;
                     if &b[..8] != MAGIC {
-                        return self.refuse(token, "not a falcon peer (bad greeting)".into());
+                        return self.refused(token, "not a falcon peer (bad greeting)".into());
                     }
                     let their_cluster = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
                     let from = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
                     let to = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
                     if their_cluster != cluster {
-                        return self.refuse(
+                        return self.refused(
                             token,
                             format!("a peer of another cluster ({their_cluster:#x})"),
                         );
                     }
                     if to != me || from >= n || from == me {
-                        return self.refuse(
+                        return self.refused(
                             token,
                             format!("impossible replica ids in the greeting (from {from} to {to})"),
                         );
@@ -681,7 +704,7 @@ impl TcpTransport {
                     challenge.extend_from_slice(&m);
                     if c.stream.write_all(&challenge).is_err() {
                         return self
-                            .refuse(token, "the peer went away during the handshake".into());
+                            .refused(token, "the peer went away during the handshake".into());
                     }
                     c.state = InState::AwaitAuth {
                         from,
@@ -709,7 +732,7 @@ impl TcpTransport {
                     .verify_slice(&c.rbuf[..AUTH_LEN])
                     .is_ok();
                     if !ok {
-                        return self.refuse(
+                        return self.refused(
                             token,
                             format!("replica {from} failed authentication (wrong cluster key, or a replayed handshake?)"),
                         );
@@ -759,8 +782,8 @@ impl TcpTransport {
                     }
                     let len = u32::from_le_bytes(c.rbuf[at..at + 4].try_into().expect("4 bytes"))
                         as usize;
-                    if len > MESSAGE_BYTES_MAX {
-                        return self.refuse(token, format!("replica {from} sent a frame of {len} bytes (limit {MESSAGE_BYTES_MAX})"));
+                    if len > max {
+                        return self.refused(token, format!("replica {from} sent a frame of {len} bytes (limit {max}: limits.message_bytes)"));
                     }
                     if avail < 4 + len {
                         break;
@@ -768,14 +791,14 @@ impl TcpTransport {
                     let env = match message::decode(&c.rbuf[at + 4..at + 4 + len]) {
                         Ok(env) => env,
                         Err(e) => {
-                            return self.refuse(
+                            return self.refused(
                                 token,
                                 format!("replica {from} sent a malformed message: {e}"),
                             );
                         }
                     };
                     if env.cluster != cluster || env.from != from || env.to != me {
-                        return self.refuse(
+                        return self.refused(
                             token,
                             format!(
                                 "replica {from} sent a message addressed as {} → {}",
@@ -794,6 +817,13 @@ impl TcpTransport {
         if !open {
             self.refuse(token, "connection closed".into());
         }
+        again
+    }
+
+    /// [`refuse`](Self::refuse), and read no more.
+    fn refused(&mut self, token: Token, reason: String) -> bool {
+        self.refuse(token, reason);
+        false
     }
 
     fn expire(&mut self, now: Instant) {
