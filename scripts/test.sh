@@ -5,31 +5,33 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
+# A stage's heading with the seconds since the start (to see where CI time goes).
+stage() { echo "== $* (at $(( $(date +%s) - started )) s)"; }
 
 bash scripts/setup.sh --no-build
 
-echo "== cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+stage "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
-echo "== cargo test"
+stage "cargo test"
 cargo test --locked --all-targets --no-fail-fast 2>&1 | tee target/test-output.txt
 # Doc tests (not part of --all-targets).
 cargo test --locked --doc 2>&1 | tee -a target/test-output.txt
 
 # A bounded run of every fuzz target (fuzz/: every decoder of outside input).
-echo "== fuzz: 3 s per target"
+stage "fuzz: 3 s per target"
 bash scripts/fuzz.sh 3
 
 # The rdma transport (cargo feature, off by default): lints, the tests that
 # run on any host, then — as root, where the Soft-RoCE guest can be built —
 # the tests that need a device, inside QEMU (scripts/test-rdma.sh).
-echo "== rdma feature: clippy, host tests"
+stage "rdma feature: clippy, host tests"
 cargo clippy --locked --all-targets --features rdma -- -D warnings
 cargo test --locked --features rdma --lib transport::rdma 2>&1 | tee -a target/test-output.txt
 cargo test --locked --features rdma --test rdma 2>&1 | tee -a target/test-output.txt
 if [ "$(id -u)" = 0 ]; then
-    echo "== rdma feature: the tests that need a device, in the Soft-RoCE guest"
+    stage "rdma feature: the tests that need a device, in the Soft-RoCE guest"
     bash scripts/test-rdma.sh 2>&1 | tee -a target/test-output.txt
 else
     echo "rdma guest tests skipped: building the Soft-RoCE guest needs root"
