@@ -66,12 +66,20 @@ mod tcp {
 /// A CA and certificates for replicas 1..=3 on 127.0.0.1, made by
 /// scripts/tls-certs.sh (the operator's tool) in a fresh directory.
 fn make_certs() -> std::path::PathBuf {
+    make_certs_for(&["127.0.0.1"; 3])
+}
+
+/// A CA and a certificate for replica `i + 1` naming `ips[i]`.
+fn make_certs_for(ips: &[&str]) -> std::path::PathBuf {
     let dir = tempfile::tempdir().unwrap().keep();
     let mut toml = String::from("cluster = \"tls-test\"\n");
-    for id in 1..=3 {
+    for (i, ip) in ips.iter().enumerate() {
+        let id = i + 1;
         toml += &format!(
-            "[[replica]]\nid = {id}\npeer = \"127.0.0.1:{}\"\nclient = \"127.0.0.1:1\"\napp = \"127.0.0.1:2\"\ndata_dir = \"d{id}\"\n",
-            7100 + id
+            "[[replica]]\nid = {id}\npeer = \"{ip}:{}\"\nclient = \"127.0.0.1:{}\"\napp = \"127.0.0.1:{}\"\ndata_dir = \"d{id}\"\n",
+            7100 + id,
+            7200 + id,
+            7000 + id
         );
     }
     std::fs::write(dir.join("cluster.toml"), toml).unwrap();
@@ -97,12 +105,19 @@ fn certs() -> &'static std::path::Path {
 }
 
 fn tls_context(dir: &std::path::Path, replica: u32) -> Arc<TlsContext> {
+    tls_context_at(dir, replica, [127, 0, 0, 1].into())
+}
+
+fn tls_context_at(dir: &std::path::Path, replica: u32, ip: std::net::IpAddr) -> Arc<TlsContext> {
     Arc::new(
-        TlsContext::load(&TlsFiles {
-            cert: dir.join(format!("replica-{replica}.pem")),
-            key: dir.join(format!("replica-{replica}.key")),
-            ca: dir.join("ca.pem"),
-        })
+        TlsContext::load(
+            &TlsFiles {
+                cert: dir.join(format!("replica-{replica}.pem")),
+                key: dir.join(format!("replica-{replica}.key")),
+                ca: dir.join("ca.pem"),
+            },
+            ip,
+        )
         .unwrap(),
     )
 }
@@ -919,4 +934,58 @@ fn tls_a_recorded_session_replayed_later_is_refused() {
     assert!(got[0].is_empty(), "the replay delivered {:?}", got[0]);
     let r = refusals(&evs);
     assert!(r.iter().any(|r| r.contains("TLS")), "no TLS refusal: {r:?}");
+}
+
+/// With mutual TLS, a replica's certificate names its peer address: a
+/// replica with a valid certificate of its own (and the cluster key) that
+/// claims to be another replica, on another address, is refused, and
+/// nothing it sends arrives.
+#[test]
+fn tls_a_replica_cannot_claim_another_replicas_id() {
+    let dir = make_certs_for(&["127.0.0.1", "127.0.0.2", "127.0.0.1"]);
+    let a0 = free_addrs(1)[0];
+    let a1: SocketAddr = {
+        let l = TcpListener::bind("127.0.0.2:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let a2 = free_addrs(1)[0];
+    let mk = |id: u32, peers: Vec<SocketAddr>, tls: Arc<TlsContext>| {
+        let mut o = TcpOptions::new(CLUSTER, id, peers, KEY.to_vec());
+        o.handshake_timeout = Duration::from_millis(300);
+        o.tls = Some(tls);
+        TcpTransport::bind(o).unwrap()
+    };
+    // The impostor: replica 3's certificate (127.0.0.1), posing as replica
+    // 2 (whose peer address is on 127.0.0.2), listening on 127.0.0.1.
+    let imp_addr = free_addrs(1)[0];
+    let mut ts = vec![
+        mk(0, vec![a0, a1, a2], tls_context(&dir, 1)),
+        mk(1, vec![a0, imp_addr, a2], tls_context(&dir, 3)),
+    ];
+    ts[1].send(&env(1, 0, 1)).unwrap();
+    let (got, evs) = pump(&mut ts, Duration::from_millis(800));
+    assert!(
+        got[0].is_empty(),
+        "the impostor's message arrived: {:?}",
+        got[0]
+    );
+    let r = refusals(&evs);
+    assert!(
+        r.iter().any(|r| r.contains("does not name 127.0.0.2")),
+        "no refusal names the address: {r:?}"
+    );
+    // A certificate that does not name the replica's own address is refused at start.
+    let wrong = TlsContext::load(
+        &TlsFiles {
+            cert: dir.join("replica-2.pem"),
+            key: dir.join("replica-2.key"),
+            ca: dir.join("ca.pem"),
+        },
+        [127, 0, 0, 1].into(),
+    )
+    .unwrap_err();
+    assert!(
+        wrong.contains("does not name this replica's peer address 127.0.0.1"),
+        "{wrong}"
+    );
 }

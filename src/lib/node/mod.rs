@@ -2871,8 +2871,9 @@ fn replica(
     let tls = match cfg.tls_files(index) {
         None => None,
         Some(files) => {
-            let ctx = crate::transport::tls::TlsContext::load(&files)
-                .map_err(|e| ReplicateError::Usage(format!("TLS: {e}")))?;
+            let ctx =
+                crate::transport::tls::TlsContext::load(&files, cfg.replicas[index].peer.ip())
+                    .map_err(|e| ReplicateError::Usage(format!("TLS: {e}")))?;
             if config::key_exposure(&files.key).is_some() {
                 ui.warn(&format!(
                     "{}: the TLS private key can be read by others; chmod 600 {}",

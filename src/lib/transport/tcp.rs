@@ -194,6 +194,8 @@ impl TcpTransport {
                 "the TCP transport needs a cluster key",
             ));
         }
+        let mut opts = opts;
+        opts.message_bytes_max = opts.message_bytes_max.clamp(4 << 10, MESSAGE_BYTES_MAX);
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("listening for peers on {addr}: {e}")))?;
@@ -615,7 +617,13 @@ impl TcpTransport {
         // handshake needs (garbage is refused before much is buffered); a
         // read that stopped at its cap may have left bytes behind (in the
         // socket, or decrypted in TLS), so it reads again.
-        while self.incoming_once(token, out) {}
+        // At most three reads per event (the handshake's, then messages):
+        // a peer that keeps its socket full cannot hold the loop.
+        for _ in 0..3 {
+            if !self.incoming_once(token, out) {
+                break;
+            }
+        }
     }
 
     /// One read and what it completes. True: read again.
@@ -680,6 +688,16 @@ impl TcpTransport {
                             format!("impossible replica ids in the greeting (from {from} to {to})"),
                         );
                     }
+                    // With TLS, the certificate must be the claimed replica's:
+                    // it names that replica's peer address.
+                    let ip = self.opts.peers[from as usize].ip();
+                    if !c.stream.peer_names(ip) {
+                        return self.refused(
+                            token,
+                            format!("a peer claiming to be replica {from} has a certificate that does not name {ip}, that replica's peer address"),
+                        );
+                    }
+                    let b = &c.rbuf;
                     let mut nonce_d = [0u8; 16];
                     nonce_d.copy_from_slice(&b[24..40]);
                     c.rbuf.drain(..HELLO_LEN);
@@ -783,7 +801,10 @@ impl TcpTransport {
                     let len = u32::from_le_bytes(c.rbuf[at..at + 4].try_into().expect("4 bytes"))
                         as usize;
                     if len > max {
-                        return self.refused(token, format!("replica {from} sent a frame of {len} bytes (limit {max}: limits.message_bytes)"));
+                        return self.refused(
+                            token,
+                            format!("replica {from} sent a frame of {len} bytes (limit {max})"),
+                        );
                     }
                     if avail < 4 + len {
                         break;

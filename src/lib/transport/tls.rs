@@ -4,7 +4,8 @@
 //! CA's certificate. A dialer checks that the listener's certificate is
 //! signed by the CA *and* names the address it dialled (an IP address in
 //! `subjectAltName`, as etcd does); a listener accepts only dialers whose
-//! certificate is signed by the CA. TLS 1.3 only. The cluster-key
+//! certificate is signed by the CA, and the transport then checks that it
+//! names the peer address of the replica the dialer claims to be. TLS 1.3 only. The cluster-key
 //! challenge then runs inside the encrypted stream, so a replica needs both
 //! the right certificate and the cluster key to join.
 //!
@@ -12,7 +13,7 @@
 //! `Read`/`Write` the transport uses either way.
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,10 +73,26 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// Whether `cert` (DER) names `ip` in its subjectAltName.
+fn names_ip(cert: &CertificateDer<'_>, ip: IpAddr) -> bool {
+    let name = ServerName::IpAddress(ip.into());
+    webpki::EndEntityCert::try_from(cert)
+        .and_then(|c| c.verify_is_valid_for_subject_name(&name))
+        .is_ok()
+}
+
 impl TlsContext {
-    /// Reads and checks the three files; every error names the file and what is wrong.
-    pub fn load(files: &TlsFiles) -> Result<TlsContext, String> {
+    /// Reads and checks the three files; every error names the file and
+    /// what is wrong. `own_ip`: this replica's peer address, which its
+    /// certificate must name (the others check it).
+    pub fn load(files: &TlsFiles, own_ip: IpAddr) -> Result<TlsContext, String> {
         let chain = certs(&files.cert, "certificate")?;
+        if !names_ip(&chain[0], own_ip) {
+            return Err(format!(
+                "the certificate {} does not name this replica's peer address {own_ip} (subjectAltName IP:{own_ip}); the other replicas would refuse it",
+                files.cert.display()
+            ));
+        }
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
             format!(
                 "reading the private key {}: {}",
@@ -210,6 +227,19 @@ impl PeerStream {
             return Ok(());
         };
         write_pending(&mut b.sock, &mut b.conn)
+    }
+
+    /// TLS: whether the peer's certificate (already checked against the CA)
+    /// names `ip`. Plain: true.
+    pub fn peer_names(&self, ip: IpAddr) -> bool {
+        match self {
+            PeerStream::Plain(_) => true,
+            PeerStream::Tls(b) => b
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .is_some_and(|c| names_ip(c, ip)),
+        }
     }
 
     /// Whether encrypted bytes wait for the socket.
