@@ -10,6 +10,16 @@ stage() { echo "== $* (at $(( $(date +%s) - started )) s)"; }
 
 bash scripts/setup.sh --no-build
 
+# Both lock files current (fuzz/ is its own workspace: a dependency added to
+# falcon must land in fuzz/Cargo.lock too, or the fuzz stage fails late).
+stage "lock files"
+for dir in . fuzz; do
+    (cd "$dir" && cargo metadata --locked --format-version 1 >/dev/null) || {
+        echo "error: $dir/Cargo.lock is out of date: run 'cargo metadata --format-version 1 >/dev/null' in $dir and commit it" >&2
+        exit 1
+    }
+done
+
 stage "cargo fmt --check"
 cargo fmt --all -- --check
 stage "cargo clippy"
