@@ -1931,3 +1931,301 @@ fn a_failed_fsync_stops_the_replica_and_the_cluster_goes_on_without_losing_a_wri
         c.log(leader)
     );
 }
+
+/// Every replica's status, as `falcon failover status --json` gives it (Null when down).
+fn statuses(c: &Cluster) -> Vec<serde_json::Value> {
+    let r = util::run_in(
+        c.dir.path(),
+        &["failover", "status", "--config", "cluster.toml", "--json"],
+    );
+    let v = r.json_lines().pop().expect("one JSON line");
+    v["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|s| s["status"].clone())
+        .collect()
+}
+
+#[test]
+fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resync() {
+    let _one = serial();
+    let c = Cluster::start_full(
+        3,
+        redis_program(),
+        "refuse",
+        vec![
+            "--on-divergence".into(),
+            "echo \"$FALCON_NODE $FALCON_CONN $FALCON_OFFSET $FALCON_CHUNK\" >> diverged-{node}.txt"
+                .into(),
+        ],
+    );
+    let leader = c.leader(Duration::from_secs(20));
+    // redis-benchmark through falcon: the copies agree, and nobody reports a divergence.
+    let client = c.addrs[leader].1;
+    let bench = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &client.port().to_string()])
+        .args(["-t", "set,get,incr,lpush", "-n", "2000", "-c", "50", "-q"])
+        .output()
+        .expect("redis-benchmark is installed by scripts/setup.sh (redis-tools)");
+    assert!(bench.status.success(), "{bench:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "digests differ: {:?}",
+        c.digests()
+    );
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    // Every follower compared the leader's output hashes (one per closed connection at least).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let st = statuses(&c);
+            followers
+                .iter()
+                .all(|&f| st[f]["output_chunks"]["compared"].as_u64() >= Some(50))
+        }),
+        "{:?}",
+        statuses(&c)
+    );
+    for (i, st) in statuses(&c).iter().enumerate() {
+        assert!(st["diverged"].is_null(), "replica {}: {st}", i + 1);
+        assert_eq!(
+            st["output_chunks"]["mismatches"],
+            0,
+            "replica {}: {st}",
+            i + 1
+        );
+    }
+
+    // Someone writes to one follower's Redis behind falcon's back: its copy
+    // now answers a read differently, and that is found at the read's answer.
+    let bad = followers[1];
+    let good = followers[0];
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["SET", "secret", "not-the-clusters"]).as_deref(),
+        Some("+OK")
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !statuses(&c)[bad]["diverged"]
+            .is_null()),
+        "replica {} did not notice; its log:\n{}",
+        bad + 1,
+        c.log(bad)
+    );
+    let st = statuses(&c);
+    let d = &st[bad]["diverged"];
+    assert_eq!(d["mismatch"]["offset"], 0, "{d}");
+    assert_eq!(d["mismatch"]["chunk"], 1, "{d}");
+    assert!(st[good]["diverged"].is_null(), "{}", st[good]);
+    assert!(st[leader]["diverged"].is_null(), "{}", st[leader]);
+    let conn = d["mismatch"]["conn"].as_u64().unwrap();
+    let log = c.log(bad);
+    let line = log
+        .lines()
+        .find(|l| l.contains("divergence:"))
+        .unwrap_or_else(|| panic!("no divergence line:\n{log}"));
+    for part in [
+        format!("replica {}", bad + 1),
+        format!("replica {})", leader + 1),
+        format!("connection {conn}, bytes 0.."),
+        "chunk 1".into(),
+        format!("failover resync --node {}", bad + 1),
+    ] {
+        assert!(line.contains(&part), "{part:?} not in: {line}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(
+            c.dir.path().join(format!("diverged-{}.txt", bad + 1))
+        )
+        .is_ok_and(|t| t.trim() == format!("{} {conn} 0 1", bad + 1))),
+        "the --on-divergence hook did not run with the right environment"
+    );
+    let metrics = util::run_in(
+        c.dir.path(),
+        &["failover", "status", "--config", "cluster.toml"],
+    );
+    assert!(
+        metrics.stdout.contains("diverged")
+            && metrics
+                .stdout
+                .contains(&format!("failover resync --node {}", bad + 1)),
+        "{metrics:?}"
+    );
+
+    // It is not made leader unless forced.
+    let t = util::run_in(
+        c.dir.path(),
+        &[
+            "failover",
+            "transfer",
+            "--config",
+            "cluster.toml",
+            "--to",
+            &(bad + 1).to_string(),
+        ],
+    );
+    assert_eq!(t.code, 1, "{t:?}");
+    assert!(t.stderr.contains("diverged"), "{t:?}");
+    assert_eq!(statuses(&c)[leader]["role"], "leader");
+    // The leader cannot be resynced: its copy is the truth.
+    let r = util::run_in(
+        c.dir.path(),
+        &[
+            "failover",
+            "resync",
+            "--config",
+            "cluster.toml",
+            "--node",
+            &(leader + 1).to_string(),
+        ],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("leads"), "{r:?}");
+
+    // resync: its Redis starts empty, the log is replayed into it, and the
+    // leader's hashes in the log show it now matches.
+    let r = util::run_in(
+        c.dir.path(),
+        &[
+            "failover",
+            "resync",
+            "--config",
+            "cluster.toml",
+            "--node",
+            &(bad + 1).to_string(),
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}\n{}", c.log(bad));
+    let report = r.json_lines().pop().unwrap();
+    assert_eq!(report["matches"], true, "{report}");
+    assert_eq!(report["from_op"], 0, "{report}");
+    assert!(report["compared"].as_u64() >= Some(50), "{report}");
+    assert!(statuses(&c)[bad]["diverged"].is_null());
+    assert!(
+        !c.dir
+            .path()
+            .join(format!("data/{}/diverged.json", bad + 1))
+            .exists()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "after the resync: {:?}",
+        c.digests()
+    );
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    // The cluster served throughout, and still does.
+    assert_eq!(
+        c.client_cmd(leader, &["SET", "after", "resync"]).as_deref(),
+        Some("+OK")
+    );
+    for l in c.log(bad).lines() {
+        if l.contains("diverge") || l.contains("resync") {
+            eprintln!("replica {}: {l}", bad + 1);
+        }
+    }
+    eprintln!("{}", r.stdout);
+}
+
+/// A tiny server: answers "go" with 5000 bytes; replica 3's copy changes
+/// byte 3000 of them.
+const SKEWED: &str = r#"
+import socket, sys
+port, node = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port)); s.listen(64)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\n" not in data:
+        more = c.recv(100)
+        if not more:
+            break
+        data += more
+    if data.startswith(b"go"):
+        out = bytearray(b"x" * 5000)
+        if node == "3":
+            out[3000] = ord("y")
+        c.sendall(bytes(out))
+        while c.recv(100):
+            pass
+    c.close()
+"#;
+
+#[test]
+fn a_program_that_answers_differently_on_one_replica_is_caught_at_the_first_differing_chunk() {
+    let _one = serial();
+    let c = Cluster::start_toml(
+        3,
+        ["/usr/bin/python3", "-c", SKEWED, "{port}", "{node}"]
+            .map(String::from)
+            .to_vec(),
+        "refuse",
+        Vec::new(),
+        "divergence_chunk = \"1KiB\"\n",
+    );
+    // The skewed copy (replica 3) must follow: hand the leadership on if it leads.
+    let lead = || statuses(&c).iter().position(|st| st["role"] == "leader");
+    assert!(wait_until(Duration::from_secs(20), || lead().is_some()));
+    if lead() == Some(2) {
+        let t = util::run_in(
+            c.dir.path(),
+            &[
+                "failover",
+                "transfer",
+                "--config",
+                "cluster.toml",
+                "--to",
+                "1",
+            ],
+        );
+        assert_eq!(t.code, 0, "{t:?}");
+    }
+    let leader = lead().unwrap();
+    assert_ne!(leader, 2);
+    let mut s = std::net::TcpStream::connect(c.addrs[leader].1).unwrap();
+    s.write_all(b"go\n").unwrap();
+    let mut got = vec![0u8; 5000];
+    s.read_exact(&mut got).unwrap();
+    assert!(got.iter().all(|&b| b == b'x'));
+    drop(s);
+    assert!(
+        wait_until(Duration::from_secs(10), || !statuses(&c)[2]["diverged"]
+            .is_null()),
+        "replica 3 did not notice:\n{}",
+        c.log(2)
+    );
+    let st = statuses(&c);
+    let m = &st[2]["diverged"]["mismatch"];
+    // Byte 3000 is in chunk 3 (bytes 2048..3072): the first two matched.
+    assert_eq!(
+        (m["offset"].as_u64(), m["end"].as_u64(), m["chunk"].as_u64()),
+        (Some(2048), Some(3072), Some(3)),
+        "{m}"
+    );
+    assert!(
+        st[2]["output_chunks"]["compared"].as_u64() >= Some(3),
+        "{}",
+        st[2]
+    );
+    for i in (0..2).filter(|&i| i != leader) {
+        assert!(st[i]["diverged"].is_null(), "replica {}: {}", i + 1, st[i]);
+        assert!(
+            st[i]["output_chunks"]["compared"].as_u64() >= Some(5),
+            "replica {}: {}",
+            i + 1,
+            st[i]
+        );
+    }
+    assert!(
+        c.log(2).contains("bytes 2048..3072 (chunk 3"),
+        "{}",
+        c.log(2)
+    );
+}

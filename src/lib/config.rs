@@ -10,6 +10,8 @@
 //! election_timeout = "150ms"
 //! # tls_ca = "tls/ca.pem"          # mutual TLS on peer links: the cluster CA (then every
 //! #                                # replica needs tls_cert and tls_key)
+//! # divergence_chunk = "16KiB"     # compare the programs' output every this many bytes
+//! #                                # of a connection (and at its close); "off": never
 //!
 //! [[replica]]
 //! id = 1
@@ -132,6 +134,9 @@ pub struct ClusterConfig {
     pub limits: Limits,
     /// The CA of mutual TLS on peer links (None: plain TCP).
     pub tls_ca: Option<PathBuf>,
+    /// Divergence detection: bytes of a connection's output per compared
+    /// chunk (0: off).
+    pub divergence_chunk: u64,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -159,6 +164,7 @@ struct RawConfig {
     segment_size: Option<Spanned<String>>,
     limits: Option<RawLimits>,
     tls_ca: Option<Spanned<String>>,
+    divergence_chunk: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -231,6 +237,9 @@ struct RawReplica {
 /// Log segment size when the file gives none.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// The range of `divergence_chunk`.
+const DIVERGENCE_CHUNK_MIN: u64 = 1 << 10;
+const DIVERGENCE_CHUNK_MAX: u64 = 16 << 20;
 
 /// "64MiB", "512KiB", "1GiB", "65536" (bytes) → bytes.
 fn parse_size(s: &str) -> Option<u64> {
@@ -491,6 +500,22 @@ impl ClusterConfig {
                     )
                 })?,
         };
+        let divergence_chunk = match &raw.divergence_chunk {
+            None => crate::node::divergence::CHUNK_DEFAULT,
+            Some(s) if s.get_ref().trim() == "off" => 0,
+            Some(s) => parse_size(s.get_ref())
+                .filter(|b| (DIVERGENCE_CHUNK_MIN..=DIVERGENCE_CHUNK_MAX).contains(b))
+                .ok_or_else(|| {
+                    field_err(
+                        s.span(),
+                        "divergence_chunk",
+                        format!(
+                            "{:?} is not \"off\" or a size from 1KiB to 16MiB (examples: 16KiB, 1MiB)",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+        };
         let limits = match &raw.limits {
             None => Limits::default(),
             Some(l) => parse_limits(l, &field_err)?,
@@ -607,6 +632,7 @@ impl ClusterConfig {
             segment_bytes,
             limits,
             tls_ca: raw.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
+            divergence_chunk,
             replicas,
         })
     }

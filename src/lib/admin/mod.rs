@@ -7,6 +7,7 @@
 //! {"cmd":"status"}            -> {"ok":true,"status":{…NodeStatus…}}
 //! {"cmd":"transfer","to":2}   -> {"ok":true} once the transfer has begun
 //! {"cmd":"metrics"}           -> {"ok":true,"text":"…Prometheus text…"}
+//! {"cmd":"resync"}            -> {"ok":true,"from":OP,"to":OP} once the rebuild has begun
 //! anything else               -> {"ok":false,"error":"…"}
 //! ```
 //!
@@ -52,6 +53,52 @@ pub enum Request {
     },
     /// The metrics in Prometheus text format.
     Metrics,
+    /// Rebuild this replica's copy of the program from its initial state
+    /// (or its snapshot) and the log; only a follower accepts.
+    Resync,
+}
+
+/// A replica's program wrote other bytes than the leader's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Diverged {
+    /// Where, first.
+    pub mismatch: crate::node::divergence::Mismatch,
+    /// The op this replica had applied when it found out.
+    pub op: u64,
+    /// The leader then (operator id).
+    pub leader: u32,
+    /// When (ns since the Unix epoch).
+    pub at_ns: u64,
+}
+
+/// A resync under way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Entries replayed into the program so far.
+    pub done: u64,
+    /// Entries to replay (it grows while the cluster commits).
+    pub total: u64,
+    /// When it began (ns since the Unix epoch).
+    pub started_ns: u64,
+}
+
+/// How a resync ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResyncReport {
+    /// When it began (ns since the Unix epoch): tells one resync from another.
+    pub started_ns: u64,
+    /// The op the program was rebuilt from (0: its initial state).
+    pub from_op: u64,
+    /// The last op replayed.
+    pub to_op: u64,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// The leader's output chunks compared with the rebuilt copy's on the way.
+    pub compared: u64,
+    /// Of them, how many differed.
+    pub mismatches: u64,
+    /// The first that differed.
+    pub first_mismatch: Option<crate::node::divergence::Mismatch>,
 }
 
 /// The program a replica supervises.
@@ -126,6 +173,21 @@ pub struct NodeStatus {
     /// takes no client input and acknowledges nothing new meanwhile).
     #[serde(default)]
     pub disk_full_s: Option<f64>,
+    /// Divergence detection: chunk size (0: off) and what was compared.
+    #[serde(default)]
+    pub divergence_chunk: u64,
+    /// See `divergence_chunk`.
+    #[serde(default)]
+    pub output_chunks: crate::node::divergence::Counts,
+    /// This replica's program diverged from the leader's (until a resync matches).
+    #[serde(default)]
+    pub diverged: Option<Diverged>,
+    /// A resync under way.
+    #[serde(default)]
+    pub resync: Option<ResyncProgress>,
+    /// How the last resync ended.
+    #[serde(default)]
+    pub last_resync: Option<ResyncReport>,
 }
 
 /// A request on its way to the event loop, with where the answer goes.

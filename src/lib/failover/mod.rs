@@ -1,7 +1,7 @@
 //! `falcon failover`: what an operator needs after the first day. `status`
 //! shows every replica (through its admin socket), `transfer` moves the
-//! leadership on purpose, `drill` rehearses failures under load and measures
-//! them.
+//! leadership on purpose, `resync` rebuilds a replica whose program diverged,
+//! `drill` rehearses failures under load and measures them.
 
 pub mod drill;
 
@@ -32,6 +32,9 @@ pub enum FailoverCommand {
     /// Hand the leadership to another replica (planned failover)
     #[command(after_help = TRANSFER_HELP)]
     Transfer(TransferArgs),
+    /// Rebuild a replica's program from its initial state and the log, and check it against the leader's
+    #[command(after_help = RESYNC_HELP)]
+    Resync(ResyncArgs),
     /// Kill replicas under load, round after round, and measure the failovers
     #[command(after_help = drill::DRILL_HELP)]
     Drill(drill::DrillArgs),
@@ -80,6 +83,10 @@ pub struct TransferArgs {
     /// Give up after this long.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+
+    /// Transfer even to a replica whose program diverged from the leader's.
+    #[arg(long)]
+    pub force: bool,
 }
 
 const TRANSFER_HELP: &str = "\
@@ -89,9 +96,47 @@ falcon prints how long the service could not commit: from the last commit
 under the old leader (or the moment it stopped taking input, if later) to
 the first commit under the new one.
 
+A replica whose program diverged from the leader's (falcon failover status
+says so) is refused unless --force: its copy of the program is not the
+cluster's. Rebuild it first with falcon failover resync.
+
 Examples:
   falcon failover transfer --to 2 --config cluster.toml
   falcon failover transfer --to 3 --json";
+
+/// `falcon failover resync`.
+#[derive(Debug, clap::Args)]
+pub struct ResyncArgs {
+    /// The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The replica (id) to rebuild: a follower.
+    #[arg(long, value_name = "ID")]
+    pub node: u32,
+
+    /// Give up waiting after this long (the rebuild goes on).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+const RESYNC_HELP: &str = "\
+The replica stops its copy of the program, brings it back to its initial
+state (--reset-cmd, or, when its log was compacted, its own snapshot taken
+before the divergence, through --restore-cmd), starts it again and replays
+the log into it, while the cluster goes on committing. The leader's hashes
+of its own program's output are in the log, so the rebuilt copy is compared
+with them on the way: the report says whether it now matches.
+
+The leader cannot be resynced (its copy is the one the others are compared
+with): transfer the leadership first.
+
+Exit status: 0 when the rebuilt copy matches the leader's, 1 when it still
+differs or the replica refused, 2 for a usage error.
+
+Examples:
+  falcon failover resync --node 3 --config cluster.toml
+  falcon failover resync --node 2 --json";
 
 /// How long one admin request may take.
 const ASK: Duration = Duration::from_secs(2);
@@ -212,6 +257,7 @@ pub fn run(
     match &args.command {
         FailoverCommand::Status(a) => status(a, ui, out, stop),
         FailoverCommand::Transfer(a) => transfer(a, ui, out),
+        FailoverCommand::Resync(a) => resync(a, ui, out, stop),
         FailoverCommand::Drill(a) => drill::run(a, ui, out, stop),
     }
 }
@@ -295,10 +341,27 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
                     st.peers_connected.len(),
                     cfg.replicas.len().saturating_sub(1)
                 );
-                let program = st
+                let mut program = st
                     .program
                     .as_ref()
                     .map_or_else(|| "-".to_string(), |p| format!("{} pid {}", p.name, p.pid));
+                if st.diverged.is_some() {
+                    program = format!("{program} {}", ui.bad("diverged"));
+                } else if st.resync.is_some() {
+                    program = format!("{program} (resync)");
+                }
+                if let Some(d) = &st.diverged {
+                    notes.push(format!(
+                        "replica {}: its program diverged from the leader's at op {} ({}); rebuild it with `falcon failover resync --node {}`",
+                        st.id, d.op, d.mismatch, st.id
+                    ));
+                }
+                if let Some(r) = &st.resync {
+                    notes.push(format!(
+                        "replica {}: rebuilding its program from the log: {}/{} entries",
+                        st.id, r.done, r.total
+                    ));
+                }
                 if let Some(secs) = st.disk_full_s {
                     notes.push(format!(
                         "replica {}: disk full for {secs:.0} s: its log cannot grow; it takes no input and acknowledges nothing new (free space in {})",
@@ -419,6 +482,22 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
                 s.error.as_deref().unwrap_or("down")
             )));
         }
+        Some(Seen {
+            status: Some(st), ..
+        }) if !args.force => {
+            if let Some(d) = &st.diverged {
+                return Err(FailoverError::Failed(format!(
+                    "replica {}'s program diverged from the leader's at op {} ({}): as leader its copy would become the truth. Rebuild it first (falcon failover resync --node {}), or give --force",
+                    args.to, d.op, d.mismatch, args.to
+                )));
+            }
+            if st.resync.is_some() {
+                return Err(FailoverError::Failed(format!(
+                    "replica {} is rebuilding its program (falcon failover status shows how far); wait for it, or give --force",
+                    args.to
+                )));
+            }
+        }
         _ => {}
     }
     let started = Instant::now();
@@ -505,4 +584,146 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
         )?;
     }
     Ok(Status::Success)
+}
+
+/// `falcon failover resync`: asks the replica to rebuild its program, shows
+/// the progress, and reports whether the rebuilt copy matches the leader's.
+fn resync(
+    args: &ResyncArgs,
+    ui: &Ui,
+    out: &mut dyn Write,
+    stop: &Arc<AtomicBool>,
+) -> Result<Status, FailoverError> {
+    let cfg = load(args.config.as_deref())?;
+    let Some(target) = cfg.replicas.iter().find(|r| r.id == args.node) else {
+        return Err(FailoverError::Usage(format!(
+            "--node {}: no such replica in {} (ids: {})",
+            args.node,
+            cfg.path.display(),
+            cfg.replicas
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let socket = admin::socket_path(&target.data_dir);
+    let answer = admin::call(&socket, &Request::Resync, Duration::from_secs(60))
+        .map_err(|e| FailoverError::Failed(format!("replica {}: {e}", args.node)))?;
+    let started_ns = answer
+        .get("started_ns")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let (from, to) = (
+        answer
+            .get("from")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        answer
+            .get("to")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+    );
+    ui.detail(&format!(
+        "replica {}: program restarted from {}; replaying ops {}..={to}",
+        args.node,
+        if from == 0 {
+            "its initial state".to_string()
+        } else {
+            format!("its snapshot at op {from}")
+        },
+        from + 1
+    ));
+    let pb = ui.progress_with(
+        to.saturating_sub(from),
+        "{msg} [{bar:40}] {pos}/{len} entries eta {eta}",
+        "resync",
+    );
+    let began = Instant::now();
+    let report = loop {
+        if stop.load(Ordering::Relaxed) {
+            pb.finish_and_clear();
+            ui.note("stopped waiting; the rebuild goes on (falcon failover status shows it)");
+            return Ok(Status::Failure);
+        }
+        match admin::status(&target.data_dir, ASK) {
+            Ok(st) => {
+                if let Some(p) = &st.resync {
+                    pb.set_length(p.total);
+                    pb.set_position(p.done);
+                } else if let Some(r) = st.last_resync.filter(|r| r.started_ns == started_ns) {
+                    break r;
+                }
+            }
+            Err(e) => {
+                pb.finish_and_clear();
+                return Err(FailoverError::Failed(format!(
+                    "replica {} stopped answering during the rebuild: {e}",
+                    args.node
+                )));
+            }
+        }
+        if began.elapsed() > args.timeout {
+            pb.finish_and_clear();
+            return Err(FailoverError::Failed(format!(
+                "the rebuild of replica {} did not end within {} (it goes on; falcon failover status shows how far)",
+                args.node,
+                humantime::format_duration(args.timeout)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    pb.finish_and_clear();
+    let matches = report.mismatches == 0;
+    if ui.json {
+        let mut v = serde_json::to_value(&report).expect("serializes");
+        v["node"] = args.node.into();
+        v["matches"] = matches.into();
+        output::json_line(out, &v)?;
+    } else {
+        let mut t = ui.table();
+        t.set_header([
+            "replica",
+            "rebuilt from",
+            "replayed",
+            "took",
+            "chunks compared",
+            "differing",
+            "result",
+        ]);
+        t.add_row([
+            args.node.to_string(),
+            if report.from_op == 0 {
+                "initial state".into()
+            } else {
+                format!("snapshot at op {}", report.from_op)
+            },
+            format!("ops {}..={}", report.from_op + 1, report.to_op),
+            format!("{:.1} s", report.seconds),
+            report.compared.to_string(),
+            report.mismatches.to_string(),
+            if matches {
+                ui.good("matches the leader")
+            } else {
+                ui.bad("still differs")
+            },
+        ]);
+        writeln!(out, "{t}")?;
+        if let Some(m) = &report.first_mismatch {
+            writeln!(
+                out,
+                "first difference: {m}\nthe program is not deterministic for this input: see the README on divergence"
+            )?;
+        } else if report.compared == 0 {
+            writeln!(
+                out,
+                "no chunk of the leader's output was compared on the way (no connection wrote a whole chunk, or detection is off): the rebuild is done, the match is unproven"
+            )?;
+        }
+    }
+    Ok(if matches {
+        Status::Success
+    } else {
+        Status::Failure
+    })
 }

@@ -71,11 +71,21 @@ pub enum Kind {
     Frame,
     /// No operation: the first entry of a leader's view.
     Noop,
+    /// The leader's hash of a chunk of what its copy of the program wrote on
+    /// connection `conn` (divergence detection; see `node::divergence`).
+    Digest,
 }
 
 impl Kind {
     /// All kinds, in encoding order.
-    pub const ALL: [Kind; 5] = [Kind::Open, Kind::Data, Kind::Close, Kind::Frame, Kind::Noop];
+    pub const ALL: [Kind; 6] = [
+        Kind::Open,
+        Kind::Data,
+        Kind::Close,
+        Kind::Frame,
+        Kind::Noop,
+        Kind::Digest,
+    ];
 
     /// The on-disk byte.
     pub fn to_byte(self) -> u8 {
@@ -85,6 +95,7 @@ impl Kind {
             Kind::Close => 3,
             Kind::Frame => 4,
             Kind::Noop => 5,
+            Kind::Digest => 6,
         }
     }
 
@@ -96,6 +107,7 @@ impl Kind {
             3 => Some(Kind::Close),
             4 => Some(Kind::Frame),
             5 => Some(Kind::Noop),
+            6 => Some(Kind::Digest),
             _ => None,
         }
     }
@@ -108,6 +120,7 @@ impl Kind {
             Kind::Close => "close",
             Kind::Frame => "frame",
             Kind::Noop => "noop",
+            Kind::Digest => "digest",
         }
     }
 

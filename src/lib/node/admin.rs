@@ -132,6 +132,7 @@ impl Node<'_> {
                 Request::Status => serde_json::json!({"ok": true, "status": self.status()}),
                 Request::Metrics => serde_json::json!({"ok": true, "text": self.metrics_text()}),
                 Request::Transfer { to } => self.transfer(to)?,
+                Request::Resync => self.start_resync()?,
             };
             let _ = call.reply.send(answer);
         }
@@ -229,6 +230,11 @@ impl Node<'_> {
             disk_full_s: self
                 .disk_full
                 .map(|(since, _)| since.elapsed().as_secs_f64()),
+            divergence_chunk: self.digests.chunk(),
+            output_chunks: self.digests.counts,
+            diverged: self.diverged.clone(),
+            resync: self.resync.as_ref().map(|r| r.progress(self.applied_op)),
+            last_resync: self.last_resync.clone(),
         }
     }
 
@@ -377,6 +383,37 @@ impl Node<'_> {
             "counter",
             "Times the program (or, with --qemu-socket, QEMU's socket) was started or connected.",
             &one(o.program_starts as f64),
+        );
+        if self.digests.on() {
+            let c = self.digests.counts;
+            metric(
+                &mut s,
+                "falcon_output_chunks_compared_total",
+                "counter",
+                "Divergence detection: chunks of the leader's program output compared with this replica's.",
+                &one(c.compared as f64),
+            );
+            metric(
+                &mut s,
+                "falcon_output_chunks_unchecked_total",
+                "counter",
+                "Divergence detection: chunks of the leader's output that could not be compared (connection reset or reopened after a snapshot, hash forgotten).",
+                &one(c.unchecked as f64),
+            );
+            metric(
+                &mut s,
+                "falcon_divergences_total",
+                "counter",
+                "Divergence detection: chunks of this replica's program output that differed from the leader's.",
+                &one(c.mismatches as f64),
+            );
+        }
+        metric(
+            &mut s,
+            "falcon_diverged",
+            "gauge",
+            "1 while this replica's program is known to differ from the leader's (until a resync matches).",
+            &one(f64::from(u8::from(self.diverged.is_some()))),
         );
         metric(
             &mut s,

@@ -8,6 +8,8 @@
 //! discard theirs so the program never blocks.
 
 mod admin;
+pub mod divergence;
+mod resync;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -79,6 +81,9 @@ pub struct NodeOptions {
     pub on_follower: Option<String>,
     /// Run (with `sh -c`) before the program starts, to bring it to its initial state.
     pub reset_cmd: Option<String>,
+    /// Run (with `sh -c`) when this replica finds that its program's output
+    /// differs from the leader's.
+    pub on_divergence: Option<String>,
     /// Run (with `sh -c`) to write the program's state into $FALCON_SNAPSHOT_DIR.
     pub snapshot_cmd: Option<String>,
     /// Run (with `sh -c`) before the program starts, to put the state in
@@ -557,6 +562,20 @@ struct Node<'a> {
     vm_socket: Option<PathBuf>,
     /// Requests from the admin socket and the metrics endpoint.
     admin_rx: Option<std::sync::mpsc::Receiver<crate::admin::Call>>,
+    /// Hashes of the program's output, compared with the leader's.
+    digests: divergence::Digests,
+    /// This replica's program diverged from the leader's (kept in
+    /// `diverged.json` in the data dir until a resync or replay matches).
+    diverged: Option<crate::admin::Diverged>,
+    on_divergence: Option<String>,
+    reset_cmd: Option<String>,
+    /// When a mismatch was last logged, and how many were not logged since.
+    mismatch_said: Option<(Instant, u64)>,
+    /// `falcon failover resync` under way, and how the last one ended.
+    resync: Option<resync::Resync>,
+    last_resync: Option<crate::admin::ResyncReport>,
+    /// Where the replay at start began (0: from the first op).
+    replay_base: u64,
     /// Counts and times for them.
     observed: admin::Observed,
 }
@@ -595,6 +614,7 @@ impl Node<'_> {
             || self.engine.last_op() - self.engine.commit() + self.proposals.len() as u64
                 >= self.limits.pending_entries / 2
             || self.disk_full.is_some()
+            || self.resync.is_some()
     }
 
     /// A follower whose program is `program_backlog` entries behind takes no
@@ -737,8 +757,15 @@ impl Node<'_> {
                 let clock = self.now();
                 self.observed
                     .committed(&entries, self.role == Role::Leader, clock);
-                self.apply_queue.extend(entries);
-                self.pump_apply();
+                match &mut self.resync {
+                    // The program is being rebuilt from the log: these
+                    // entries are in it, and are read from it in turn.
+                    Some(r) => r.delivered(&entries),
+                    None => {
+                        self.apply_queue.extend(entries);
+                        self.pump_apply();
+                    }
+                }
                 // Memory holds a window of delivered entries; older ones are
                 // read back from the log for a follower that needs them.
                 let commit = self.engine.commit();
@@ -834,6 +861,10 @@ impl Node<'_> {
                 }
                 // Input that cannot be ordered must not vanish silently: close its connection.
                 for ev in events {
+                    if ev.kind == Kind::Digest {
+                        // Only a check of the program's output: nothing to close.
+                        continue;
+                    }
                     if let Some(&t) = self.client_of_conn.get(&ev.conn) {
                         let propose_close =
                             matches!(reason, Reject::Busy) && ev.kind != Kind::Close;
@@ -985,10 +1016,14 @@ impl Node<'_> {
     fn drive_snapshot(&mut self) -> Result<(), NodeError> {
         match &mut self.snapshotting {
             Snapshotting::Idle => {
+                // A diverged program's state is not the cluster's: no
+                // snapshot of it (and no log compaction) until a resync.
                 if self.snapshot_cmd.is_some()
                     && self.applied_op >= self.next_snapshot_at
                     && self.fetch.is_none()
                     && self.install.is_none()
+                    && self.diverged.is_none()
+                    && self.resync.is_none()
                 {
                     self.snapshotting = Snapshotting::Draining;
                 }
@@ -1301,8 +1336,10 @@ impl Node<'_> {
         self.applied_op = meta.op;
         self.next_snapshot_at = meta.op + self.snapshot_every;
         self.open_conns = meta.open_conns.iter().copied().collect();
+        self.digests.reset();
         for &c in &meta.open_conns {
             self.open_app(c);
+            self.digests.unaligned(c);
         }
         self.ui.note(&format!(
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
@@ -1336,6 +1373,7 @@ impl Node<'_> {
                     started.elapsed().as_secs_f64()
                 ));
                 self.replay = None;
+                self.replayed();
             }
         }
         if e.kind == Kind::Frame {
@@ -1394,6 +1432,7 @@ impl Node<'_> {
                     self.drop_client(t, false);
                 }
             }
+            Kind::Digest => self.leader_digest(&e),
             Kind::Frame | Kind::Noop => {}
         }
     }
@@ -1413,6 +1452,7 @@ impl Node<'_> {
                 .is_ok()
             {
                 self.app_tokens.insert(token, conn);
+                self.digests.opened(conn);
                 self.apps.insert(
                     conn,
                     AppConn {
@@ -1444,6 +1484,9 @@ impl Node<'_> {
     }
 
     fn close_app(&mut self, conn: u64) {
+        // Closed before the program ended its output (abandoned, or the
+        // program restarts): nothing past here can be compared.
+        self.program_output(conn, &[], Some(false));
         if let Some(mut a) = self.apps.remove(&conn) {
             let _ = self.poll.registry().deregister(&mut a.stream);
             self.app_tokens.remove(&a.token);
@@ -1774,10 +1817,12 @@ impl Node<'_> {
             return;
         }
         let mut answer = Vec::new();
-        let eof = read_available(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
+        let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
             answer.extend_from_slice(bytes);
             true
         });
+        let eof = end != End::Open;
+        self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
         if !answer.is_empty() {
@@ -1822,6 +1867,39 @@ fn read_chunk(path: &Path, offset: u64) -> io::Result<(Vec<u8>, u64)> {
     Ok((buf, total))
 }
 
+/// How [`read_to_end`] left a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// More may come.
+    Open,
+    /// The other side closed it: everything it wrote was read.
+    Eof,
+    /// It failed (reset): what it wrote may not all have arrived.
+    Error,
+}
+
+/// [`read_available`], telling an end of stream from a failure.
+fn read_to_end(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    closed: bool,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> End {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return End::Eof,
+            Ok(n) => {
+                if !take(&buf[..n]) || (n < buf.len() && !closed) {
+                    return End::Open;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return End::Open,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return End::Error,
+        }
+    }
+}
+
 /// Reads what the socket has, chunk by chunk, into `take` until it would
 /// block or `take` returns false. True at end of stream (or on an error).
 ///
@@ -1833,21 +1911,9 @@ fn read_available(
     stream: &mut TcpStream,
     buf: &mut [u8],
     closed: bool,
-    mut take: impl FnMut(&[u8]) -> bool,
+    take: impl FnMut(&[u8]) -> bool,
 ) -> bool {
-    loop {
-        match stream.read(buf) {
-            Ok(0) => return true,
-            Ok(n) => {
-                if !take(&buf[..n]) || (n < buf.len() && !closed) {
-                    return false;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
-        }
-    }
+    read_to_end(stream, buf, closed, take) != End::Open
 }
 
 /// Writes as much of `out` as the socket takes now.
@@ -2221,7 +2287,25 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
+        digests: divergence::Digests::new(if opts.null_program || opts.tap.is_some() {
+            0
+        } else {
+            cfg.divergence_chunk
+        }),
+        diverged: resync::load_mark(&rc.data_dir, ui),
+        on_divergence: opts.on_divergence.clone(),
+        reset_cmd: opts.reset_cmd.clone(),
+        mismatch_said: None,
+        resync: None,
+        last_resync: None,
+        replay_base: base,
     };
+    if let Some(d) = &node.diverged {
+        ui.warn(&format!(
+            "this replica's program diverged from the leader's before it stopped ({}, at op {}); the replay checks it again, and `falcon failover resync --node {}` rebuilds it",
+            d.mismatch, d.op, rc.id
+        ));
+    }
     node.observed.program_starts = u64::from(node.app.is_some());
     node.ui.detail(&format!(
         "admin socket {} (falcon failover status)",
@@ -2243,6 +2327,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     // Connections open at the snapshot's op get their own program connection again.
     for &c in &open_at_base {
         node.open_app(c);
+        node.digests.unaligned(c);
     }
     // The starting role counts as a change (prints it, runs the hook).
     if node.engine.role() != Role::ViewChange {
@@ -2461,6 +2546,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.ask_chunk();
         }
         node.drive_snapshot()?;
+        node.feed_resync()?;
         for ev in node.transport.events() {
             match ev {
                 TransportEvent::Refused { addr, reason } => {
@@ -2581,9 +2667,19 @@ pub struct ReplicateArgs {
 
     /// Run CMD (with sh -c) before the program starts, to bring it to its
     /// initial state (for example, empty its data directory); the log is then
-    /// replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR.
+    /// replayed into it. Also before `falcon failover resync` rebuilds the
+    /// program. Environment: FALCON_NODE, FALCON_DATA_DIR.
     #[arg(long, value_name = "CMD")]
     pub reset_cmd: Option<String>,
+
+    /// Run CMD (with sh -c) when this replica finds that its program wrote
+    /// other bytes than the leader's (divergence detection; see
+    /// divergence_chunk in the cluster file), for example to page someone.
+    /// Environment: FALCON_NODE, FALCON_DATA_DIR, FALCON_CONN, FALCON_OFFSET
+    /// (the first byte of the first chunk that differs), FALCON_CHUNK,
+    /// FALCON_OP, FALCON_DIVERGENCE (the whole message).
+    #[arg(long, value_name = "CMD")]
+    pub on_divergence: Option<String>,
 
     /// Run CMD (with sh -c) to write the program's state into the directory
     /// $FALCON_SNAPSHOT_DIR, every --snapshot-every entries. Applying pauses
@@ -2897,6 +2993,7 @@ fn replica(
         follower_clients: args.follower_clients,
         on_leader: args.on_leader.clone(),
         on_follower: args.on_follower.clone(),
+        on_divergence: args.on_divergence.clone(),
         reset_cmd: args.reset_cmd.clone(),
         snapshot_cmd: args.snapshot_cmd.clone(),
         restore_cmd: args.restore_cmd.clone(),

@@ -1,0 +1,446 @@
+//! What a replica does with divergence detection (see [`super::divergence`]):
+//! hashes its program's output, proposes the hashes when it leads, compares
+//! the leader's when it follows, marks itself diverged — and rebuilds its
+//! program from the log on `falcon failover resync`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::divergence::{Chunk, Counts, Mismatch};
+use super::{ANSWER_WAIT, Node, NodeError, Snapshotting};
+use crate::admin::{Diverged, ResyncProgress, ResyncReport, refusal};
+use crate::app::App;
+use crate::consensus::{Event, Role};
+use crate::log::{Entry, Kind, now_ns};
+use crate::output::Ui;
+use crate::snapshot;
+
+/// The mark's file in the data dir.
+const MARK_FILE: &str = "diverged.json";
+/// Entries read from the log at a time while rebuilding.
+const RESYNC_BATCH: usize = 1024;
+/// Bytes of entries read at a time while rebuilding.
+const RESYNC_BATCH_BYTES: usize = 4 << 20;
+/// How long a rebuild waits, at its end, for the program to close
+/// connections it was told to close (their last chunks are compared then).
+const RESYNC_SETTLE: Duration = Duration::from_secs(2);
+/// Mismatches after the first are logged at most this often.
+const MISMATCH_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A rebuild of the program from the log, under way.
+pub(super) struct Resync {
+    /// The next op to read from the log.
+    next: u64,
+    /// The last op delivered (committed) so far: the rebuild ends there.
+    upto: u64,
+    /// The op the program was rebuilt from.
+    base: u64,
+    started: Instant,
+    started_ns: u64,
+    /// The counts when it began.
+    counts: Counts,
+    first: Option<Mismatch>,
+    /// When everything was handed to the program.
+    drained: Option<Instant>,
+    pb: indicatif::ProgressBar,
+}
+
+impl Resync {
+    /// Committed entries arrived: they are in the log, read in their turn.
+    pub(super) fn delivered(&mut self, entries: &[Entry]) {
+        if let Some(e) = entries.last() {
+            self.upto = self.upto.max(e.op);
+        }
+    }
+
+    pub(super) fn progress(&self, applied: u64) -> ResyncProgress {
+        ResyncProgress {
+            done: applied.saturating_sub(self.base),
+            total: self.upto.saturating_sub(self.base),
+            started_ns: self.started_ns,
+        }
+    }
+}
+
+/// Reads the divergence mark of an earlier run, if any.
+pub(super) fn load_mark(data_dir: &Path, ui: &Ui) -> Option<Diverged> {
+    let path = data_dir.join(MARK_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            ui.warn(&format!(
+                "{} is not a divergence mark ({e}); taken as one anyway: resync the replica to clear it",
+                path.display()
+            ));
+            Some(Diverged {
+                mismatch: Mismatch {
+                    conn: 0,
+                    offset: 0,
+                    end: 0,
+                    chunk: 0,
+                    what: format!("unreadable mark in {}", path.display()),
+                },
+                op: u64::MAX,
+                leader: 0,
+                at_ns: 0,
+            })
+        }
+    }
+}
+
+impl Node<'_> {
+    /// The program wrote `bytes` on `conn`, and then (`end`) closed it —
+    /// cleanly (`Some(true)`) or not. Hashes it; the leader proposes the
+    /// completed chunks, a follower compares them.
+    pub(super) fn program_output(&mut self, conn: u64, bytes: &[u8], end: Option<bool>) {
+        if !self.digests.on() {
+            return;
+        }
+        let leading = self.role == Role::Leader;
+        let (mut chunks, mut mismatches) = (Vec::new(), Vec::new());
+        if !bytes.is_empty() {
+            self.digests
+                .output(conn, bytes, !leading, &mut chunks, &mut mismatches);
+        }
+        if let Some(clean) = end {
+            self.digests
+                .end(conn, clean, !leading, &mut chunks, &mut mismatches);
+        }
+        // While the program is rebuilt, its output is history: nothing new to propose.
+        if leading && self.resync.is_none() {
+            for c in chunks {
+                self.proposals.push(Event {
+                    kind: Kind::Digest,
+                    conn: c.conn,
+                    payload: Bytes::from(c.encode()),
+                });
+            }
+        }
+        self.mismatched(mismatches);
+    }
+
+    /// A committed `Digest` entry: the leader's hash of its program's output.
+    pub(super) fn leader_digest(&mut self, e: &Entry) {
+        if self.role == Role::Leader && e.view == self.engine.view() {
+            // Our own, proposed in this view.
+            return;
+        }
+        let Some(theirs) = Chunk::decode(e.conn, &e.payload) else {
+            self.ui.warn(&format!(
+                "op {}: a digest entry of {} bytes that cannot be read; not compared",
+                e.op,
+                e.payload.len()
+            ));
+            return;
+        };
+        let told = self.digests.other_chunk_size.is_some();
+        let mut mismatches = Vec::new();
+        self.digests.leader(theirs, &mut mismatches);
+        if let (false, Some(size)) = (told, self.digests.other_chunk_size) {
+            self.ui.warn(&format!(
+                "the leader hashes its program's output in chunks of {size} bytes, this replica in chunks of {}: nothing can be compared (divergence_chunk must be the same in every replica's cluster file)",
+                self.digests.chunk()
+            ));
+        }
+        self.mismatched(mismatches);
+    }
+
+    /// This replica's output differs from the leader's: say so (once in
+    /// full, then counted), mark the replica, run the hook.
+    fn mismatched(&mut self, mismatches: Vec<Mismatch>) {
+        let Some(first) = mismatches.first().cloned() else {
+            return;
+        };
+        if let Some(r) = &mut self.resync {
+            r.first.get_or_insert_with(|| first.clone());
+        }
+        let me = self.ids[self.me as usize];
+        if self.diverged.is_some() {
+            let (said, unsaid) = self.mismatch_said.get_or_insert((Instant::now(), 0));
+            *unsaid += mismatches.len() as u64;
+            if said.elapsed() >= MISMATCH_LOG_EVERY {
+                self.ui.warn(&format!(
+                    "divergence: {} more chunks of replica {me}'s program output differed from the leader's (latest: {first})",
+                    *unsaid
+                ));
+                self.mismatch_said = Some((Instant::now(), 0));
+            }
+            return;
+        }
+        let leader = self.ids[self.engine.leader() as usize];
+        let mark = Diverged {
+            mismatch: first.clone(),
+            op: self.applied_op,
+            leader,
+            at_ns: now_ns(),
+        };
+        let text = format!(
+            "divergence: replica {me}'s copy of the program wrote other bytes than the leader's (replica {leader}) on {first}; found at op {}. The leader's copy is the truth: this replica keeps following, `falcon failover transfer` will not make it leader without --force, and `falcon failover resync --node {me}` rebuilds it",
+            self.applied_op
+        );
+        self.ui.error(&text);
+        let path = self.data_dir.join(MARK_FILE);
+        if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&mark).expect("serializes"))
+        {
+            self.ui.warn(&format!(
+                "could not write the divergence mark {} ({e}): a restart forgets it",
+                path.display()
+            ));
+        }
+        self.diverged = Some(mark);
+        self.mismatch_said = Some((Instant::now(), mismatches.len() as u64 - 1));
+        if let Some(cmd) = self.on_divergence.clone() {
+            let (conn, offset, chunk, op) = (
+                first.conn.to_string(),
+                first.offset.to_string(),
+                first.chunk.to_string(),
+                self.applied_op.to_string(),
+            );
+            let spawned = self
+                .hooks_env
+                .command(
+                    &cmd,
+                    &[
+                        ("FALCON_CONN", conn.as_ref()),
+                        ("FALCON_OFFSET", offset.as_ref()),
+                        ("FALCON_CHUNK", chunk.as_ref()),
+                        ("FALCON_OP", op.as_ref()),
+                        ("FALCON_DIVERGENCE", text.as_ref()),
+                    ],
+                )
+                .spawn();
+            match spawned {
+                Ok(child) => self.hook_children.push(child),
+                Err(e) => self
+                    .ui
+                    .error(&format!("running the --on-divergence hook {cmd:?}: {e}")),
+            }
+        }
+    }
+
+    /// Clears the mark: the program's copy is rebuilt and matched.
+    fn clear_mark(&mut self) {
+        self.diverged = None;
+        self.mismatch_said = None;
+        let _ = std::fs::remove_file(self.data_dir.join(MARK_FILE));
+    }
+
+    /// The replay at start is done: if this replica was marked diverged and
+    /// the replay rebuilt its program from before the divergence without a
+    /// difference, the mark goes.
+    pub(super) fn replayed(&mut self) {
+        let Some(d) = &self.diverged else {
+            return;
+        };
+        if self.digests.counts.mismatches == 0 && self.replay_base < d.op && self.digests.on() {
+            self.ui.note(&format!(
+                "the replay rebuilt the program from op {} and its output matched the leader's at {} chunks: the divergence mark is cleared",
+                self.replay_base, self.digests.counts.compared
+            ));
+            self.clear_mark();
+        }
+    }
+
+    /// `falcon failover resync`: starts rebuilding the program.
+    pub(super) fn start_resync(&mut self) -> Result<serde_json::Value, NodeError> {
+        let me = self.ids[self.me as usize];
+        if self.app.is_none() || self.framed || self.vm.is_some() {
+            return Ok(refusal(format!(
+                "replica {me} has no program of its own to rebuild (tap-attach or --null-program)"
+            )));
+        }
+        if self.role == Role::Leader {
+            return Ok(refusal(format!(
+                "replica {me} leads: its program's copy is the one the others are compared with; hand the leadership to another replica first (falcon failover transfer)"
+            )));
+        }
+        if self.resync.is_some() {
+            return Ok(refusal(format!(
+                "replica {me} is already rebuilding its program"
+            )));
+        }
+        if !matches!(self.snapshotting, Snapshotting::Idle)
+            || self.fetch.is_some()
+            || self.install.is_some()
+        {
+            return Ok(refusal(format!(
+                "replica {me} is taking or installing a snapshot; try again when it is done"
+            )));
+        }
+        // Where to rebuild from: the initial state when the log starts at op
+        // 1, else this replica's snapshot — if it was taken before the divergence.
+        let first = self.log.first_op();
+        let base = if first <= 1 && self.snapshot_op == 0 {
+            0
+        } else if self.restore_cmd.is_none() {
+            return Ok(refusal(format!(
+                "replica {me}'s log starts at op {first}; the ops before it are only in its snapshot, and it has no --restore-cmd"
+            )));
+        } else if self
+            .diverged
+            .as_ref()
+            .is_some_and(|d| d.op <= self.snapshot_op)
+        {
+            return Ok(refusal(format!(
+                "replica {me}'s snapshot (op {}) was taken after its program diverged (op {}), and its log starts at op {first}: stop the replica, empty its data dir and start it again (it then receives the leader's snapshot)",
+                self.snapshot_op,
+                self.diverged.as_ref().map_or(0, |d| d.op)
+            )));
+        } else {
+            self.snapshot_op
+        };
+        let upto = self
+            .apply_queue
+            .back()
+            .map_or(self.applied_op, |e| e.op)
+            .max(self.applied_op);
+        self.ui.note(&format!(
+            "replica {me}: rebuilding the program from {} and replaying ops {}..={upto} of the log",
+            if base == 0 {
+                "its initial state".to_string()
+            } else {
+                format!("the snapshot at op {base}")
+            },
+            base + 1
+        ));
+        if let Some(app) = &mut self.app {
+            app.stop(Duration::from_secs(5));
+        }
+        self.close_all_apps();
+        self.digests.reset();
+        let mut open_at_base = Vec::new();
+        if base == 0 {
+            if let Some(cmd) = self.reset_cmd.clone() {
+                self.hooks_env.run("--reset-cmd", &cmd, &[])?;
+            }
+        } else {
+            let cmd = self.restore_cmd.clone().expect("checked");
+            let meta: snapshot::SnapshotMeta =
+                self.hooks_env.restore(&cmd, &self.snapshot_path())?;
+            open_at_base = meta.open_conns;
+        }
+        let app = App::start(
+            &self.program,
+            self.app_addr,
+            self.app_timeout,
+            Some(&self.data_dir.join("program.log")),
+        )?;
+        self.ui.detail(&format!(
+            "started {} again (pid {})",
+            app.program,
+            app.pid()
+        ));
+        self.app = Some(app);
+        self.observed.program_starts += 1;
+        self.applied_op = base;
+        self.open_conns = open_at_base.iter().copied().collect();
+        for &c in &open_at_base {
+            self.open_app(c);
+            self.digests.unaligned(c);
+        }
+        let started_ns = now_ns();
+        let pb = self.ui.progress_with(
+            upto.saturating_sub(base),
+            "{msg} [{bar:40}] {pos}/{len} entries eta {eta}",
+            "resync: replaying the log",
+        );
+        self.resync = Some(Resync {
+            next: base + 1,
+            upto,
+            base,
+            started: Instant::now(),
+            started_ns,
+            counts: self.digests.counts,
+            first: None,
+            drained: None,
+            pb,
+        });
+        Ok(serde_json::json!({"ok": true, "from": base, "to": upto, "started_ns": started_ns}))
+    }
+
+    /// Hands the program the next entries of the log while a resync runs,
+    /// and ends it when the program has had them all.
+    pub(super) fn feed_resync(&mut self) -> Result<(), NodeError> {
+        let Some(r) = &mut self.resync else {
+            return Ok(());
+        };
+        let room = (self.limits.program_backlog / 2).max(1);
+        let last = r.upto.min(self.log.last_op());
+        while self.apply_queue.len() < room && r.next <= last {
+            let want = (last + 1 - r.next) as usize;
+            let batch = self
+                .log
+                .read(r.next, want.min(RESYNC_BATCH), RESYNC_BATCH_BYTES)?;
+            let Some(end) = batch.last().map(|e| e.op) else {
+                break;
+            };
+            r.next = end + 1;
+            self.apply_queue.extend(batch);
+        }
+        r.pb.set_length(r.upto.saturating_sub(r.base));
+        r.pb.set_position(self.applied_op.saturating_sub(r.base));
+        let all_read = r.next > r.upto;
+        self.pump_apply();
+        let Some(r) = &mut self.resync else {
+            return Ok(());
+        };
+        let idle = all_read
+            && self.apply_queue.is_empty()
+            && self
+                .awaiting_answer
+                .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
+            && self.apps.values().all(|a| a.out.is_empty());
+        if !idle {
+            r.drained = None;
+            return Ok(());
+        }
+        let since = *r.drained.get_or_insert_with(Instant::now);
+        // Connections told to close: their last chunks come when the program closes them.
+        if self.apps.values().any(|a| a.shut.is_some()) && since.elapsed() < RESYNC_SETTLE {
+            return Ok(());
+        }
+        let r = self.resync.take().expect("checked");
+        r.pb.finish_and_clear();
+        let now = self.digests.counts;
+        let report = ResyncReport {
+            started_ns: r.started_ns,
+            from_op: r.base,
+            to_op: self.applied_op,
+            seconds: r.started.elapsed().as_secs_f64(),
+            compared: now.compared - r.counts.compared,
+            mismatches: now.mismatches - r.counts.mismatches,
+            first_mismatch: r.first.clone(),
+        };
+        let me = self.ids[self.me as usize];
+        if report.mismatches == 0 {
+            self.ui.note(&format!(
+                "resync: replica {me} replayed ops {}..={} into a fresh program in {:.1} s; {} chunks of its output compared with the leader's, all equal{}",
+                report.from_op + 1,
+                report.to_op,
+                report.seconds,
+                report.compared,
+                if self.diverged.is_some() {
+                    ": the divergence mark is cleared"
+                } else {
+                    ""
+                }
+            ));
+            self.clear_mark();
+        } else {
+            self.ui.error(&format!(
+                "resync: replica {me}'s rebuilt program still writes other bytes than the leader's ({} of {} chunks; first: {}): the program is not deterministic for this input (see the README on divergence)",
+                report.mismatches,
+                report.compared,
+                report
+                    .first_mismatch
+                    .as_ref()
+                    .map_or_else(String::new, ToString::to_string)
+            ));
+        }
+        self.last_resync = Some(report);
+        Ok(())
+    }
+}
