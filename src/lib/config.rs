@@ -12,6 +12,7 @@
 //! #                                # replica needs tls_cert and tls_key)
 //! # divergence_chunk = "16KiB"     # compare the programs' output every this many bytes
 //! #                                # of a connection (and at its close); "off": never
+//! # divergence_protocol = "bytes"  # bytes | postgres (ignore pids and cancel keys)
 //!
 //! [[replica]]
 //! id = 1
@@ -137,6 +138,8 @@ pub struct ClusterConfig {
     /// Divergence detection: bytes of a connection's output per compared
     /// chunk (0: off).
     pub divergence_chunk: u64,
+    /// What divergence detection compares: the bytes, or a protocol's canonical form.
+    pub divergence_protocol: crate::node::normalize::Protocol,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -165,6 +168,7 @@ struct RawConfig {
     limits: Option<RawLimits>,
     tls_ca: Option<Spanned<String>>,
     divergence_chunk: Option<Spanned<String>>,
+    divergence_protocol: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -516,6 +520,18 @@ impl ClusterConfig {
                     )
                 })?,
         };
+        let divergence_protocol = match &raw.divergence_protocol {
+            None => crate::node::normalize::Protocol::Bytes,
+            Some(p) => crate::node::normalize::Protocol::from_name(p.get_ref().trim()).ok_or_else(
+                || {
+                    field_err(
+                        p.span(),
+                        "divergence_protocol",
+                        format!("{:?} is not bytes or postgres", p.get_ref()),
+                    )
+                },
+            )?,
+        };
         let limits = match &raw.limits {
             None => Limits::default(),
             Some(l) => parse_limits(l, &field_err)?,
@@ -633,6 +649,7 @@ impl ClusterConfig {
             limits,
             tls_ca: raw.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
             divergence_chunk,
+            divergence_protocol,
             replicas,
         })
     }

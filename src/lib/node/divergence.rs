@@ -20,6 +20,8 @@ use std::collections::{HashMap, VecDeque};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::normalize::{Normalizer, Protocol};
+
 /// Chunk size when the cluster file gives none.
 pub const CHUNK_DEFAULT: u64 = 16 << 10;
 /// Own chunk hashes kept per connection while the leader's are not in yet.
@@ -127,11 +129,14 @@ struct Conn {
     /// Its output here does not start where the leader's did (reopened
     /// after a snapshot was restored): nothing on it can be compared.
     unaligned: bool,
+    /// What is hashed of the output (see [`Protocol`]).
+    norm: Normalizer,
 }
 
 impl Conn {
-    fn new() -> Conn {
+    fn new(protocol: Protocol) -> Conn {
         Conn {
+            norm: protocol.start(),
             total: 0,
             hasher: Xxh3::new(),
             own: VecDeque::new(),
@@ -166,6 +171,9 @@ pub struct Counts {
 /// This replica's output hashes (see the module's documentation).
 pub struct Digests {
     chunk: u64,
+    protocol: Protocol,
+    /// The normalized output of one read.
+    scratch: Vec<u8>,
     conns: HashMap<u64, Conn>,
     ended: VecDeque<u64>,
     /// The counts so far.
@@ -176,9 +184,11 @@ pub struct Digests {
 
 impl Digests {
     /// `chunk`: bytes per chunk; 0 turns detection off (nothing is hashed).
-    pub fn new(chunk: u64) -> Digests {
+    pub fn new(chunk: u64, protocol: Protocol) -> Digests {
         Digests {
             chunk,
+            protocol,
+            scratch: Vec::new(),
             conns: HashMap::new(),
             ended: VecDeque::new(),
             counts: Counts::default(),
@@ -206,7 +216,7 @@ impl Digests {
     /// digests for connections it never opened cannot be compared).
     pub fn opened(&mut self, conn: u64) {
         if self.on() {
-            self.conns.insert(conn, Conn::new());
+            self.conns.insert(conn, Conn::new(self.protocol));
         }
     }
 
@@ -214,7 +224,10 @@ impl Digests {
     /// snapshot: its output here does not line up with the leader's.
     pub fn unaligned(&mut self, conn: u64) {
         if self.on() {
-            let c = self.conns.entry(conn).or_insert_with(Conn::new);
+            let c = self
+                .conns
+                .entry(conn)
+                .or_insert_with(|| Conn::new(self.protocol));
             c.unaligned = true;
         }
     }
@@ -225,7 +238,7 @@ impl Digests {
     pub fn output(
         &mut self,
         conn: u64,
-        mut bytes: &[u8],
+        bytes: &[u8],
         keep: bool,
         chunks: &mut Vec<Chunk>,
         mismatches: &mut Vec<Mismatch>,
@@ -234,10 +247,15 @@ impl Digests {
             return;
         }
         let size = self.chunk;
-        let c = self.conns.entry(conn).or_insert_with(Conn::new);
+        let protocol = self.protocol;
+        let c = self
+            .conns
+            .entry(conn)
+            .or_insert_with(|| Conn::new(protocol));
         if c.unaligned || c.ended.is_some() {
             return;
         }
+        let mut bytes = c.norm.feed(bytes, &mut self.scratch);
         while !bytes.is_empty() {
             let room = (size - c.total % size) as usize;
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
@@ -280,7 +298,10 @@ impl Digests {
             return;
         }
         let size = self.chunk;
-        let c = self.conns.entry(conn).or_insert_with(Conn::new);
+        let c = self
+            .conns
+            .entry(conn)
+            .or_insert_with(|| Conn::new(self.protocol));
         if c.ended.is_some() {
             return;
         }
@@ -453,7 +474,7 @@ mod tests {
 
     /// Feeds `out` to a fresh Digests in pieces of `step` bytes; returns its chunks.
     fn chunks_of(out: &[u8], step: usize, size: u64) -> Vec<Chunk> {
-        let mut d = Digests::new(size);
+        let mut d = Digests::new(size, Protocol::Bytes);
         let (mut chunks, mut m) = (Vec::new(), Vec::new());
         for piece in out.chunks(step) {
             d.output(7, piece, false, &mut chunks, &mut m);
@@ -506,7 +527,7 @@ mod tests {
     /// the leader's digests arriving before (`early`) or after its own output.
     fn compare(mine: &[u8], theirs: &[u8], early: bool) -> (Counts, Vec<Mismatch>) {
         let leader = chunks_of(theirs, 300, 1024);
-        let mut f = Digests::new(1024);
+        let mut f = Digests::new(1024, Protocol::Bytes);
         f.opened(7);
         let (mut chunks, mut m) = (Vec::new(), Vec::new());
         if early {
@@ -573,7 +594,7 @@ mod tests {
     #[test]
     fn an_abandoned_or_unaligned_connection_is_unchecked_not_diverged() {
         let leader = chunks_of(&[b'x'; 3000], 3000, 1024);
-        let mut f = Digests::new(1024);
+        let mut f = Digests::new(1024, Protocol::Bytes);
         f.opened(7);
         let (mut chunks, mut m) = (Vec::new(), Vec::new());
         f.output(7, &[b'x'; 1500], true, &mut chunks, &mut m);
@@ -585,7 +606,7 @@ mod tests {
         assert_eq!(f.counts.compared, 1);
         assert_eq!(f.counts.unchecked, 2);
 
-        let mut g = Digests::new(1024);
+        let mut g = Digests::new(1024, Protocol::Bytes);
         g.opened(7);
         g.unaligned(7);
         g.output(7, &[b'z'; 3000], true, &mut chunks, &mut m);
@@ -600,7 +621,7 @@ mod tests {
     #[test]
     fn another_chunk_size_is_unchecked_and_off_hashes_nothing() {
         let leader = chunks_of(&[b'x'; 3000], 3000, 1024);
-        let mut f = Digests::new(4096);
+        let mut f = Digests::new(4096, Protocol::Bytes);
         f.opened(7);
         let mut m = Vec::new();
         for c in &leader {
@@ -608,7 +629,7 @@ mod tests {
         }
         assert_eq!(f.other_chunk_size, Some(1024));
         assert_eq!(f.counts.unchecked, 3);
-        let mut off = Digests::new(0);
+        let mut off = Digests::new(0, Protocol::Bytes);
         let mut chunks = Vec::new();
         off.output(7, &[b'x'; 5000], true, &mut chunks, &mut m);
         off.end(7, true, true, &mut chunks, &mut m);
@@ -617,7 +638,7 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_when_the_leaders_hashes_never_come() {
-        let mut f = Digests::new(1024);
+        let mut f = Digests::new(1024, Protocol::Bytes);
         let (mut chunks, mut m) = (Vec::new(), Vec::new());
         for conn in 0..(ENDED_MAX as u64 + 100) {
             f.output(conn, &[b'x'; 4096], true, &mut chunks, &mut m);

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod divergence;
+pub mod normalize;
 mod resync;
 
 use std::collections::HashMap;
@@ -2287,11 +2288,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
-        digests: divergence::Digests::new(if opts.null_program || opts.tap.is_some() {
-            0
-        } else {
-            cfg.divergence_chunk
-        }),
+        digests: divergence::Digests::new(
+            if opts.null_program || opts.tap.is_some() {
+                0
+            } else {
+                cfg.divergence_chunk
+            },
+            cfg.divergence_protocol,
+        ),
         diverged: resync::load_mark(&rc.data_dir, ui),
         on_divergence: opts.on_divergence.clone(),
         reset_cmd: opts.reset_cmd.clone(),
