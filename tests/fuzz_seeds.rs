@@ -29,6 +29,19 @@ fn entries() -> Vec<Entry> {
         entry(7, Kind::Close, b""),
         entry(8, Kind::Frame, &[0xff; 60]),
         entry(9, Kind::Noop, b""),
+        entry(
+            10,
+            Kind::Digest,
+            &falcon::node::divergence::Chunk {
+                conn: 7,
+                end: 16384,
+                len: 16384,
+                hash: 0x0123_4567_89ab_cdef,
+                last: false,
+                chunk_size: 16384,
+            }
+            .encode(),
+        ),
     ]
 }
 

@@ -33,11 +33,11 @@ impl Protocol {
     }
 
     /// A fresh normalizer for one connection.
-    pub(crate) fn start(self) -> Normalizer {
-        match self {
-            Protocol::Bytes => Normalizer::Bytes,
-            Protocol::Postgres => Normalizer::Postgres(Pg::Start),
-        }
+    pub fn start(self) -> Normalizer {
+        Normalizer(match self {
+            Protocol::Bytes => Inner::Bytes,
+            Protocol::Postgres => Inner::Postgres(Pg::Start),
+        })
     }
 }
 
@@ -45,7 +45,9 @@ impl Protocol {
 const PG_NOTICE_MAX: usize = 64 << 10;
 
 /// One connection's normalizer.
-pub(crate) enum Normalizer {
+pub struct Normalizer(Inner);
+
+enum Inner {
     /// As written.
     Bytes,
     /// PostgreSQL.
@@ -53,7 +55,7 @@ pub(crate) enum Normalizer {
 }
 
 /// Where a PostgreSQL stream is.
-pub(crate) enum Pg {
+enum Pg {
     /// Before the first message: single-byte answers to SSLRequest or
     /// GSSENCRequest may come first.
     Start,
@@ -76,10 +78,10 @@ impl Normalizer {
     /// Turns `input`, the next bytes of the output, into the canonical
     /// stream, appended to `out`. Returns `input` itself when nothing
     /// changes (no copy).
-    pub(crate) fn feed<'a>(&mut self, input: &'a [u8], out: &'a mut Vec<u8>) -> &'a [u8] {
-        match self {
-            Normalizer::Bytes => input,
-            Normalizer::Postgres(pg) => {
+    pub fn feed<'a>(&mut self, input: &'a [u8], out: &'a mut Vec<u8>) -> &'a [u8] {
+        match &mut self.0 {
+            Inner::Bytes => input,
+            Inner::Postgres(pg) => {
                 out.clear();
                 pg.feed(input, out);
                 out
