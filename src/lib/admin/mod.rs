@@ -7,7 +7,9 @@
 //! {"cmd":"status"}            -> {"ok":true,"status":{…NodeStatus…}}
 //! {"cmd":"transfer","to":2}   -> {"ok":true} once the transfer has begun
 //! {"cmd":"metrics"}           -> {"ok":true,"text":"…Prometheus text…"}
-//! {"cmd":"resync"}            -> {"ok":true,"from":OP,"to":OP} once the rebuild has begun
+//! {"cmd":"resync"}            -> {"ok":true,…} once the rebuild has begun (from the log)
+//! {"cmd":"resync","leader_snapshot":OP} -> … (from the leader's snapshot covering OP)
+//! {"cmd":"snapshot"}          -> {"ok":true,"op":OP}: a snapshot covering OP is on its way
 //! anything else               -> {"ok":false,"error":"…"}
 //! ```
 //!
@@ -53,9 +55,15 @@ pub enum Request {
     },
     /// The metrics in Prometheus text format.
     Metrics,
-    /// Rebuild this replica's copy of the program from its initial state
-    /// (or its snapshot) and the log; only a follower accepts.
-    Resync,
+    /// Rebuild this replica's copy of the program; only a follower accepts.
+    Resync {
+        /// From the leader's snapshot covering this op (fetched), then the
+        /// log; None: from the initial state (or its own snapshot) and the log.
+        #[serde(default)]
+        leader_snapshot: Option<u64>,
+    },
+    /// Take a snapshot of the program now (needs --snapshot-cmd).
+    Snapshot,
 }
 
 /// A replica's program wrote other bytes than the leader's.
@@ -87,6 +95,9 @@ pub struct ResyncProgress {
 pub struct ResyncReport {
     /// When it began (ns since the Unix epoch): tells one resync from another.
     pub started_ns: u64,
+    /// What the program was rebuilt from: "initial state", "own snapshot"
+    /// or "leader's snapshot".
+    pub source: String,
     /// The op the program was rebuilt from (0: its initial state).
     pub from_op: u64,
     /// The last op replayed.
@@ -188,6 +199,15 @@ pub struct NodeStatus {
     /// How the last resync ended.
     #[serde(default)]
     pub last_resync: Option<ResyncReport>,
+    /// The op its latest snapshot covers (0: none).
+    #[serde(default)]
+    pub snapshot_op: u64,
+    /// It takes snapshots (--snapshot-cmd) and can install one (--restore-cmd).
+    #[serde(default)]
+    pub snapshots: bool,
+    /// See `snapshots`.
+    #[serde(default)]
+    pub restores: bool,
 }
 
 /// A request on its way to the event loop, with where the answer goes.

@@ -113,6 +113,9 @@ pub enum Input {
         /// Last durable op.
         op: u64,
     },
+    /// The node was busy for a while (restarting its program): silence from
+    /// the leader meanwhile is not a sign that it died.
+    Stalled,
     /// Hand leadership to replica `to` (planned failover).
     TransferLeadership {
         /// The replica to lead next.
@@ -526,6 +529,11 @@ impl Replica {
             }
             Input::SnapshotInstalled { op, open_conns } => {
                 self.on_snapshot_installed(op, open_conns, out)
+            }
+            Input::Stalled => {
+                if !self.is_leader() {
+                    self.reset_election_deadline();
+                }
             }
             Input::Compacted { below } => {
                 self.forget(below);

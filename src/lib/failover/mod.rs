@@ -115,18 +115,44 @@ pub struct ResyncArgs {
     #[arg(long, value_name = "ID")]
     pub node: u32,
 
+    /// What to rebuild from: leader takes a fresh snapshot on the leader
+    /// (--snapshot-cmd there, --restore-cmd on the replica) and installs it;
+    /// log restarts the program from its initial state (--reset-cmd) and
+    /// replays the whole log; auto is leader when both hooks are there.
+    #[arg(long, value_enum, value_name = "SOURCE", default_value = "auto")]
+    pub from: ResyncFrom,
+
     /// Give up waiting after this long (the rebuild goes on).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
 
+/// Where `falcon failover resync` rebuilds a program from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResyncFrom {
+    /// The leader's snapshot when the hooks allow it, else the log.
+    Auto,
+    /// A fresh snapshot of the leader's program, then the log after it.
+    Leader,
+    /// The initial state (or the replica's own snapshot from before it diverged), then the log.
+    Log,
+}
+
 const RESYNC_HELP: &str = "\
-The replica stops its copy of the program, brings it back to its initial
-state (--reset-cmd, or, when its log was compacted, its own snapshot taken
-before the divergence, through --restore-cmd), starts it again and replays
-the log into it, while the cluster goes on committing. The leader's hashes
-of its own program's output are in the log, so the rebuilt copy is compared
-with them on the way: the report says whether it now matches.
+With snapshot hooks (--snapshot-cmd on the leader, --restore-cmd on the
+replica), the leader takes a fresh snapshot of its program, the replica
+fetches it, restores its program from it and replays the few ops after it:
+the rebuilt copy is the leader's, whatever the program does.
+
+Without them (or with --from log), the replica stops its copy of the
+program, brings it back to its initial state (--reset-cmd, or its own
+snapshot if it was taken before the divergence), starts it again and
+replays the log into it. A program that is not deterministic for this
+input (timers, clocks, random numbers, threads racing) may diverge again.
+
+Either way the cluster goes on committing, and the leader's hashes of its
+program's output are in the log: the rebuilt copy is compared with them on
+the way, and the report says whether it now matches.
 
 The leader cannot be resynced (its copy is the one the others are compared
 with): transfer the leadership first.
@@ -608,34 +634,42 @@ fn resync(
         )));
     };
     let socket = admin::socket_path(&target.data_dir);
-    let answer = admin::call(&socket, &Request::Resync, Duration::from_secs(60))
-        .map_err(|e| FailoverError::Failed(format!("replica {}: {e}", args.node)))?;
+    let leader_snapshot = match args.from {
+        ResyncFrom::Log => None,
+        from => leader_snapshot(&cfg, args, from == ResyncFrom::Leader, ui)?,
+    };
+    let answer = admin::call(
+        &socket,
+        &Request::Resync { leader_snapshot },
+        Duration::from_secs(60),
+    )
+    .map_err(|e| FailoverError::Failed(format!("replica {}: {e}", args.node)))?;
     let started_ns = answer
         .get("started_ns")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
-    let (from, to) = (
-        answer
-            .get("from")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0),
-        answer
-            .get("to")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0),
-    );
-    ui.detail(&format!(
-        "replica {}: program restarted from {}; replaying ops {}..={to}",
-        args.node,
-        if from == 0 {
-            "its initial state".to_string()
-        } else {
-            format!("its snapshot at op {from}")
-        },
-        from + 1
-    ));
+    let from = answer
+        .get("from")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if let Some(op) = leader_snapshot {
+        ui.detail(&format!(
+            "replica {}: fetching the leader's snapshot (op {op} or later)",
+            args.node
+        ));
+    } else {
+        ui.detail(&format!(
+            "replica {}: restarting its program from {} and replaying the log after it",
+            args.node,
+            if from == 0 {
+                "its initial state".to_string()
+            } else {
+                format!("its snapshot at op {from}")
+            },
+        ));
+    }
     let pb = ui.progress_with(
-        to.saturating_sub(from),
+        0,
         "{msg} [{bar:40}] {pos}/{len} entries eta {eta}",
         "resync",
     );
@@ -694,9 +728,9 @@ fn resync(
         t.add_row([
             args.node.to_string(),
             if report.from_op == 0 {
-                "initial state".into()
+                report.source.clone()
             } else {
-                format!("snapshot at op {}", report.from_op)
+                format!("{} at op {}", report.source, report.from_op)
             },
             format!("ops {}..={}", report.from_op + 1, report.to_op),
             format!("{:.1} s", report.seconds),
@@ -726,4 +760,85 @@ fn resync(
     } else {
         Status::Failure
     })
+}
+
+/// `--from leader|auto`: asks the leader for a fresh snapshot and waits for
+/// it; the op it covers. None (auto) when the hooks are not there.
+fn leader_snapshot(
+    cfg: &ClusterConfig,
+    args: &ResyncArgs,
+    required: bool,
+    ui: &Ui,
+) -> Result<Option<u64>, FailoverError> {
+    let seen = survey(cfg);
+    let statuses: Vec<&NodeStatus> = seen.iter().filter_map(|s| s.status.as_ref()).collect();
+    let Some(leader) = leader_of(&statuses).cloned() else {
+        return Err(FailoverError::Failed(
+            "no replica leads now (see falcon failover status): there is no copy to rebuild from"
+                .into(),
+        ));
+    };
+    let target = statuses.iter().find(|s| s.id == args.node);
+    let why_not = if leader.id == args.node {
+        Some(format!(
+            "replica {} leads: its copy is the one the others are compared with; hand the leadership to another replica first (falcon failover transfer)",
+            args.node
+        ))
+    } else if !leader.snapshots {
+        Some(format!(
+            "the leader (replica {}) has no --snapshot-cmd",
+            leader.id
+        ))
+    } else if target.is_some_and(|t| !t.restores) {
+        Some(format!("replica {} has no --restore-cmd", args.node))
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        if required || leader.id == args.node {
+            return Err(FailoverError::Failed(why));
+        }
+        ui.detail(&format!("{why}: rebuilding from the log"));
+        return Ok(None);
+    }
+    let dir = cfg
+        .replicas
+        .iter()
+        .find(|r| r.id == leader.id)
+        .map(|r| r.data_dir.clone())
+        .ok_or_else(|| {
+            FailoverError::Failed(format!("no replica {} in the cluster file", leader.id))
+        })?;
+    let answer = admin::call(&admin::socket_path(&dir), &Request::Snapshot, ASK)
+        .map_err(|e| FailoverError::Failed(format!("the leader (replica {}): {e}", leader.id)))?;
+    let op = answer
+        .get("op")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    ui.detail(&format!(
+        "the leader (replica {}) takes a snapshot covering op {op}",
+        leader.id
+    ));
+    let began = Instant::now();
+    loop {
+        match admin::status(&dir, ASK) {
+            Ok(st) if st.snapshot_op >= op && st.snapshot_op > 0 => {
+                return Ok(Some(st.snapshot_op));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(FailoverError::Failed(format!(
+                    "the leader (replica {}) stopped answering while taking its snapshot: {e}",
+                    leader.id
+                )));
+            }
+        }
+        if began.elapsed() > args.timeout {
+            return Err(FailoverError::Failed(format!(
+                "the leader's snapshot was not done within {}",
+                humantime::format_duration(args.timeout)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -132,7 +132,8 @@ impl Node<'_> {
                 Request::Status => serde_json::json!({"ok": true, "status": self.status()}),
                 Request::Metrics => serde_json::json!({"ok": true, "text": self.metrics_text()}),
                 Request::Transfer { to } => self.transfer(to)?,
-                Request::Resync => self.start_resync()?,
+                Request::Resync { leader_snapshot } => self.start_resync(leader_snapshot)?,
+                Request::Snapshot => self.snapshot_now(),
             };
             let _ = call.reply.send(answer);
         }
@@ -235,6 +236,9 @@ impl Node<'_> {
             diverged: self.diverged.clone(),
             resync: self.resync.as_ref().map(|r| r.progress(self.applied_op)),
             last_resync: self.last_resync.clone(),
+            snapshot_op: self.snapshot_op,
+            snapshots: self.snapshot_cmd.is_some(),
+            restores: self.restore_cmd.is_some(),
         }
     }
 

@@ -761,9 +761,13 @@ impl Node<'_> {
                 match &mut self.resync {
                     // The program is being rebuilt from the log: these
                     // entries are in it, and are read from it in turn.
-                    Some(r) => r.delivered(&entries),
-                    None => {
-                        self.apply_queue.extend(entries);
+                    Some(r) if !r.fetching() => r.delivered(&entries),
+                    _ => {
+                        // Ops a rebuilt program already has (it was rebuilt
+                        // from a snapshot ahead of this replica) are skipped.
+                        let have = self.apply_queue.back().map_or(self.applied_op, |e| e.op);
+                        self.apply_queue
+                            .extend(entries.into_iter().filter(|e| e.op > have));
                         self.pump_apply();
                     }
                 }
@@ -2538,6 +2542,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 continue;
             }
             node.step(Input::Receive(env))?;
+        }
+        if let Some(path) = node
+            .install
+            .take_if(|_| node.resync.as_ref().is_some_and(|r| r.fetching()))
+        {
+            node.resync_from(path)?;
         }
         if let Some(path) = node.install.take() {
             node.install_snapshot(path)?;

@@ -31,6 +31,14 @@ const MISMATCH_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A rebuild of the program from the log, under way.
 pub(super) struct Resync {
+    /// The leader's snapshot is on its way: the program runs on meanwhile.
+    fetching: bool,
+    /// The rebuild is to begin on the loop's next turn (from this snapshot
+    /// file, or None: from the initial state), not while the admin socket
+    /// waits for an answer.
+    pending: Option<Option<std::path::PathBuf>>,
+    /// What the program is rebuilt from (for the report).
+    source: &'static str,
     /// The next op to read from the log.
     next: u64,
     /// The last op delivered (committed) so far: the rebuild ends there.
@@ -48,6 +56,10 @@ pub(super) struct Resync {
 }
 
 impl Resync {
+    pub(super) fn fetching(&self) -> bool {
+        self.fetching
+    }
+
     /// Committed entries arrived: they are in the log, read in their turn.
     pub(super) fn delivered(&mut self, entries: &[Entry]) {
         if let Some(e) = entries.last() {
@@ -244,18 +256,28 @@ impl Node<'_> {
         }
     }
 
-    /// `falcon failover resync`: starts rebuilding the program.
-    pub(super) fn start_resync(&mut self) -> Result<serde_json::Value, NodeError> {
+    /// `falcon failover resync`: starts rebuilding the program — from the
+    /// leader's snapshot covering `leader_snapshot` (fetched first), or from
+    /// the initial state (or this replica's own snapshot) — then replays the
+    /// log after it.
+    pub(super) fn start_resync(
+        &mut self,
+        leader_snapshot: Option<u64>,
+    ) -> Result<serde_json::Value, NodeError> {
         let me = self.ids[self.me as usize];
         if self.app.is_none() || self.framed || self.vm.is_some() {
             return Ok(refusal(format!(
                 "replica {me} has no program of its own to rebuild (tap-attach or --null-program)"
             )));
         }
-        if self.role == Role::Leader {
-            return Ok(refusal(format!(
-                "replica {me} leads: its program's copy is the one the others are compared with; hand the leadership to another replica first (falcon failover transfer)"
-            )));
+        if self.role != Role::Follower {
+            return Ok(refusal(if self.role == Role::Leader {
+                format!(
+                    "replica {me} leads: its program's copy is the one the others are compared with; hand the leadership to another replica first (falcon failover transfer)"
+                )
+            } else {
+                format!("replica {me} is changing views; try again in a moment")
+            }));
         }
         if self.resync.is_some() {
             return Ok(refusal(format!(
@@ -270,11 +292,36 @@ impl Node<'_> {
                 "replica {me} is taking or installing a snapshot; try again when it is done"
             )));
         }
+        let started_ns = now_ns();
+        if let Some(need) = leader_snapshot {
+            if self.restore_cmd.is_none() {
+                return Ok(refusal(format!(
+                    "replica {me} has no --restore-cmd: it cannot install the leader's snapshot (resync from the log instead)"
+                )));
+            }
+            let leader = self.engine.leader();
+            self.start_fetch(leader, need)?;
+            self.resync = Some(Resync {
+                fetching: true,
+                pending: None,
+                source: "leader's snapshot",
+                next: 0,
+                upto: 0,
+                base: 0,
+                started: Instant::now(),
+                started_ns,
+                counts: self.digests.counts,
+                first: None,
+                drained: None,
+                pb: indicatif::ProgressBar::hidden(),
+            });
+            return Ok(serde_json::json!({"ok": true, "fetching": need, "started_ns": started_ns}));
+        }
         // Where to rebuild from: the initial state when the log starts at op
         // 1, else this replica's snapshot — if it was taken before the divergence.
         let first = self.log.first_op();
-        let base = if first <= 1 && self.snapshot_op == 0 {
-            0
+        let (base, source) = if first <= 1 && self.snapshot_op == 0 {
+            (0, "initial state")
         } else if self.restore_cmd.is_none() {
             return Ok(refusal(format!(
                 "replica {me}'s log starts at op {first}; the ops before it are only in its snapshot, and it has no --restore-cmd"
@@ -285,42 +332,108 @@ impl Node<'_> {
             .is_some_and(|d| d.op <= self.snapshot_op)
         {
             return Ok(refusal(format!(
-                "replica {me}'s snapshot (op {}) was taken after its program diverged (op {}), and its log starts at op {first}: stop the replica, empty its data dir and start it again (it then receives the leader's snapshot)",
+                "replica {me}'s own snapshot (op {}) was taken after its program diverged (op {}), and its log starts at op {first}: rebuild it from the leader's snapshot instead (falcon failover resync --from leader)",
                 self.snapshot_op,
                 self.diverged.as_ref().map_or(0, |d| d.op)
             )));
         } else {
-            self.snapshot_op
+            (self.snapshot_op, "own snapshot")
         };
+        let snap = (base > 0).then(|| self.snapshot_path());
+        self.resync = Some(Resync {
+            fetching: false,
+            pending: Some(snap),
+            source,
+            next: 0,
+            upto: 0,
+            base,
+            started: Instant::now(),
+            started_ns,
+            counts: self.digests.counts,
+            first: None,
+            drained: None,
+            pb: indicatif::ProgressBar::hidden(),
+        });
+        Ok(serde_json::json!({"ok": true, "from": base, "started_ns": started_ns}))
+    }
+
+    /// The leader's snapshot arrived for a resync: rebuild from it.
+    pub(super) fn resync_from(&mut self, path: std::path::PathBuf) -> Result<(), NodeError> {
+        let result = snapshot::read_meta(&path)
+            .map_err(|e| NodeError::Snapshot(e.to_string()))
+            .and_then(|meta| {
+                if self.log.first_op() > meta.op + 1 {
+                    return Err(NodeError::Snapshot(format!(
+                        "the leader's snapshot covers ops up to {}, but this replica's log starts at op {}: the ops between are nowhere here",
+                        meta.op,
+                        self.log.first_op()
+                    )));
+                }
+                if let Some(r) = &mut self.resync {
+                    r.fetching = false;
+                    r.base = meta.op;
+                }
+                self.rebuild(Some(&path))
+            });
+        let _ = std::fs::remove_file(&path);
+        if let Err(e) = result {
+            // The replica goes on as it was; the operator sees why.
+            self.ui.error(&format!("resync: {e}"));
+            let r = self.resync.take().expect("resyncing");
+            self.last_resync = Some(ResyncReport {
+                started_ns: r.started_ns,
+                source: format!("failed: {e}"),
+                from_op: 0,
+                to_op: 0,
+                seconds: r.started.elapsed().as_secs_f64(),
+                compared: 0,
+                mismatches: 0,
+                first_mismatch: None,
+            });
+            // The program may be down now: if so, the loop sees it exit.
+        }
+        Ok(())
+    }
+
+    /// Stops the program, brings it to the resync's base (the reset hook,
+    /// or the restore hook on `snapshot`), starts it again and sets the
+    /// replay of the log after the base going.
+    fn rebuild(&mut self, snapshot_file: Option<&Path>) -> Result<(), NodeError> {
+        let me = self.ids[self.me as usize];
+        let base = self.resync.as_ref().map_or(0, |r| r.base);
         let upto = self
             .apply_queue
             .back()
             .map_or(self.applied_op, |e| e.op)
             .max(self.applied_op);
+        let source = self.resync.as_ref().map_or("", |r| r.source);
         self.ui.note(&format!(
-            "replica {me}: rebuilding the program from {} and replaying ops {}..={upto} of the log",
+            "resync: replica {me} rebuilds its program from {} and replays ops {}..={upto} of its log",
             if base == 0 {
                 "its initial state".to_string()
             } else {
-                format!("the snapshot at op {base}")
+                format!("the {source} at op {base}")
             },
             base + 1
         ));
+        // Our connections go first: a program may wait for its clients
+        // before it stops (PostgreSQL's smart shutdown).
+        self.close_all_apps();
         if let Some(app) = &mut self.app {
             app.stop(Duration::from_secs(5));
         }
-        self.close_all_apps();
         self.digests.reset();
         let mut open_at_base = Vec::new();
-        if base == 0 {
-            if let Some(cmd) = self.reset_cmd.clone() {
-                self.hooks_env.run("--reset-cmd", &cmd, &[])?;
+        match snapshot_file {
+            None => {
+                if let Some(cmd) = self.reset_cmd.clone() {
+                    self.hooks_env.run("--reset-cmd", &cmd, &[])?;
+                }
             }
-        } else {
-            let cmd = self.restore_cmd.clone().expect("checked");
-            let meta: snapshot::SnapshotMeta =
-                self.hooks_env.restore(&cmd, &self.snapshot_path())?;
-            open_at_base = meta.open_conns;
+            Some(file) => {
+                let cmd = self.restore_cmd.clone().expect("checked");
+                open_at_base = self.hooks_env.restore(&cmd, file)?.open_conns;
+            }
         }
         let app = App::start(
             &self.program,
@@ -341,30 +454,45 @@ impl Node<'_> {
             self.open_app(c);
             self.digests.unaligned(c);
         }
-        let started_ns = now_ns();
+        // The program's restart kept the loop from the leader's heartbeats.
+        self.step(crate::consensus::Input::Stalled)?;
         let pb = self.ui.progress_with(
             upto.saturating_sub(base),
             "{msg} [{bar:40}] {pos}/{len} entries eta {eta}",
             "resync: replaying the log",
         );
-        self.resync = Some(Resync {
-            next: base + 1,
-            upto,
-            base,
-            started: Instant::now(),
-            started_ns,
-            counts: self.digests.counts,
-            first: None,
-            drained: None,
-            pb,
-        });
-        Ok(serde_json::json!({"ok": true, "from": base, "to": upto, "started_ns": started_ns}))
+        if let Some(r) = &mut self.resync {
+            r.next = base + 1;
+            r.upto = upto;
+            r.pb = pb;
+        }
+        Ok(())
+    }
+
+    /// `falcon failover resync --from leader` asks the leader for a fresh snapshot.
+    pub(super) fn snapshot_now(&mut self) -> serde_json::Value {
+        let me = self.ids[self.me as usize];
+        if self.snapshot_cmd.is_none() {
+            return refusal(format!("replica {me} has no --snapshot-cmd"));
+        }
+        if self.diverged.is_some() {
+            return refusal(format!(
+                "replica {me}'s program diverged from the leader's: no snapshot of it"
+            ));
+        }
+        if matches!(self.snapshotting, Snapshotting::Idle) {
+            self.next_snapshot_at = self.applied_op;
+        }
+        serde_json::json!({"ok": true, "op": self.applied_op})
     }
 
     /// Hands the program the next entries of the log while a resync runs,
     /// and ends it when the program has had them all.
     pub(super) fn feed_resync(&mut self) -> Result<(), NodeError> {
-        let Some(r) = &mut self.resync else {
+        if let Some(snap) = self.resync.as_mut().and_then(|r| r.pending.take()) {
+            self.rebuild(snap.as_deref())?;
+        }
+        let Some(r) = self.resync.as_mut().filter(|r| !r.fetching) else {
             return Ok(());
         };
         let room = (self.limits.program_backlog / 2).max(1);
@@ -407,6 +535,7 @@ impl Node<'_> {
         let now = self.digests.counts;
         let report = ResyncReport {
             started_ns: r.started_ns,
+            source: r.source.into(),
             from_op: r.base,
             to_op: self.applied_op,
             seconds: r.started.elapsed().as_secs_f64(),
@@ -417,7 +546,8 @@ impl Node<'_> {
         let me = self.ids[self.me as usize];
         if report.mismatches == 0 {
             self.ui.note(&format!(
-                "resync: replica {me} replayed ops {}..={} into a fresh program in {:.1} s; {} chunks of its output compared with the leader's, all equal{}",
+                "resync: replica {me} rebuilt its program from the {} and replayed ops {}..={} in {:.1} s; {} chunks of its output compared with the leader's, all equal{}",
+                report.source,
                 report.from_op + 1,
                 report.to_op,
                 report.seconds,
