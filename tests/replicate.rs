@@ -2229,3 +2229,295 @@ fn a_program_that_answers_differently_on_one_replica_is_caught_at_the_first_diff
         c.log(2)
     );
 }
+
+/// The newest PostgreSQL server binaries (`postgresql` package, installed by scripts/setup.sh).
+fn postgres_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("postgres").exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL is not installed: scripts/setup.sh installs it (apt-get install postgresql)"
+        )
+    })
+}
+
+/// Runs `sql` on replica `i`'s own PostgreSQL (behind falcon's back, to read its state).
+fn psql(c: &Cluster, i: usize, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-p", &c.addrs[i].2.port().to_string(), "-c", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql on replica {}: {out:?}", i + 1);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What pgbench changed, in one line: equal lines mean equal databases for it.
+fn pgbench_state(c: &Cluster, i: usize) -> String {
+    psql(
+        c,
+        i,
+        "select (select sum(abalance) from pgbench_accounts) || ' ' || \
+         (select string_agg(tbalance::text, ',' order by tid) from pgbench_tellers) || ' ' || \
+         (select sum(bbalance) from pgbench_branches) || ' ' || (select count(*) from pgbench_history)",
+    )
+}
+
+fn pgbench(c: &Cluster, leader: usize, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-U", "postgres"])
+        .args(["-p", &c.addrs[leader].1.port().to_string()])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .expect("pgbench is installed with PostgreSQL (scripts/setup.sh)")
+}
+
+/// Two tellers updated in either order by concurrent transactions: they
+/// deadlock now and then. Which of the two PostgreSQL aborts is decided by
+/// its deadlock_timeout timer (1 s, as by default) racing falcon's wait for
+/// an answer (1 s), so the copies' histories can part.
+const CROSSED_UPDATES: &str = "\\set x random(1, 2)
+\\set y 3 - :x
+BEGIN;
+UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = :x;
+UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = :y;
+END;
+";
+
+#[test]
+fn postgres_under_pgbench_one_client_agrees_four_crossed_clients_diverge_and_resync_repairs() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = serial();
+    let bin = postgres_bin();
+    let run_as_postgres = [
+        "/usr/bin/setpriv",
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+    ];
+    let mut program: Vec<String> = run_as_postgres.map(String::from).to_vec();
+    program.push(bin.join("postgres").display().to_string());
+    program.extend(
+        [
+            "-D",
+            "pg{node}",
+            "-p",
+            "{port}",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "shared_buffers=16MB",
+            "-c",
+            "max_connections=40",
+            "-c",
+            "deadlock_timeout=1s",
+        ]
+        .map(String::from),
+    );
+    let mut c = Cluster::configure(
+        3,
+        program,
+        "refuse",
+        [
+            "--app-timeout", "60s",
+            "--reset-cmd", "rm -rf pg{node} && cp -a pg.init pg{node}",
+            // A consistent copy of the running server, and its restore.
+            "--snapshot-cmd",
+            "pg_basebackup -h $FALCON_APP_HOST -p $FALCON_APP_PORT -U postgres -D $FALCON_SNAPSHOT_DIR/data -X fetch -c fast --no-sync",
+            "--restore-cmd",
+            "rm -rf pg{node} && cp -a $FALCON_SNAPSHOT_DIR/data pg{node} && chown -R postgres:postgres pg{node} && chmod 700 pg{node}",
+        ]
+        .map(String::from)
+        .to_vec(),
+        "divergence_protocol = \"postgres\"\ndivergence_chunk = \"4KiB\"\n",
+    );
+    // One initial database, copied for each replica by --reset-cmd.
+    let dir = c.dir.path().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = std::process::Command::new("chown")
+        .arg("postgres")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(
+        own.success(),
+        "chown postgres (the postgresql package makes the user)"
+    );
+    let init = std::process::Command::new(run_as_postgres[0])
+        .args(&run_as_postgres[1..])
+        .arg(bin.join("initdb"))
+        .args([
+            "-D",
+            "pg.init",
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "initdb: {init:?}");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let lead = |c: &Cluster| statuses(c).iter().position(|st| st["role"] == "leader");
+    assert!(
+        wait_until(Duration::from_secs(60), || lead(&c).is_some()),
+        "no leader:\n{}",
+        (0..3).map(|i| c.log(i)).collect::<Vec<_>>().join("\n---\n")
+    );
+    let leader = lead(&c).unwrap();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+
+    // pgbench's tables, and one client: the copies agree and nothing diverges.
+    let r = pgbench(&c, leader, &["-i", "-s", "1", "-q"]);
+    assert!(r.status.success(), "pgbench -i: {r:?}");
+    let r = pgbench(&c, leader, &["-c", "1", "-t", "300", "-n"]);
+    assert!(r.status.success(), "pgbench -c 1: {r:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let s: Vec<String> = (0..3).map(|i| pgbench_state(&c, i)).collect();
+            s[0] == s[1] && s[1] == s[2]
+        }),
+        "one client, yet the copies differ: {:?}",
+        (0..3).map(|i| pgbench_state(&c, i)).collect::<Vec<_>>()
+    );
+    let st = statuses(&c);
+    for &f in &followers {
+        assert!(st[f]["diverged"].is_null(), "replica {}: {}", f + 1, st[f]);
+        // pgbench -i and 300 transactions wrote well over a few chunks.
+        assert!(
+            st[f]["output_chunks"]["compared"].as_u64() >= Some(10),
+            "{}",
+            st[f]
+        );
+    }
+
+    // Four clients crossing their updates: some copy's history parts from
+    // the leader's, and that is found within seconds.
+    let script = dir.join("crossed.sql");
+    std::fs::write(&script, CROSSED_UPDATES).unwrap();
+    let diverged = || statuses(&c).iter().position(|st| !st["diverged"].is_null());
+    let mut found = None;
+    for round in 1..=6 {
+        let began = Instant::now();
+        let r = pgbench(
+            &c,
+            leader,
+            &[
+                "-c",
+                "4",
+                "-T",
+                "5",
+                "-n",
+                "--max-tries",
+                "5",
+                "-f",
+                script.to_str().unwrap(),
+            ],
+        );
+        eprintln!(
+            "round {round}: {}",
+            String::from_utf8_lossy(&r.stdout)
+                .lines()
+                .filter(|l| l.contains("failed") || l.contains("processed"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if wait_until(Duration::from_secs(5), || diverged().is_some()) {
+            found = Some((diverged().unwrap(), began.elapsed()));
+            break;
+        }
+    }
+    let (bad, after) = found.unwrap_or_else(|| {
+        panic!(
+            "no divergence after 6 rounds of crossed updates; states: {:?}",
+            (0..3).map(|i| pgbench_state(&c, i)).collect::<Vec<_>>()
+        )
+    });
+    assert_ne!(bad, leader);
+    for i in 0..3 {
+        eprintln!(
+            "replica {} program log:\n{}",
+            i + 1,
+            std::fs::read_to_string(dir.join(format!("data/{}/program.log", i + 1)))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.contains("incomplete startup"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    eprintln!(
+        "replica {} diverged, found {:.1} s after its round began: {}",
+        bad + 1,
+        after.as_secs_f64(),
+        statuses(&c)[bad]["diverged"]
+    );
+
+    // resync: the leader takes a fresh snapshot (pg_basebackup), the
+    // diverged replica restores it and replays the ops after it.
+    let r = util::run_in(
+        &dir,
+        &[
+            "failover",
+            "resync",
+            "--config",
+            "cluster.toml",
+            "--node",
+            &(bad + 1).to_string(),
+            "--json",
+        ],
+    );
+    let program_log = |i: usize| {
+        std::fs::read_to_string(dir.join(format!("data/{}/program.log", i + 1))).unwrap_or_default()
+    };
+    assert_eq!(r.code, 0, "{r:?}\n{}\n{}", c.log(bad), program_log(bad));
+    let report = r.json_lines().pop().unwrap();
+    assert_eq!(report["matches"], true, "{report}");
+    assert_eq!(report["source"], "leader's snapshot", "{report}");
+    assert!(statuses(&c)[bad]["diverged"].is_null());
+    assert_eq!(pgbench_state(&c, bad), pgbench_state(&c, leader));
+    // And it keeps up: one more client run through the cluster, compared.
+    let r = pgbench(&c, leader, &["-c", "1", "-t", "50", "-n"]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        wait_until(Duration::from_secs(20), || pgbench_state(&c, bad)
+            == pgbench_state(&c, leader)),
+        "after the resync the copy fell out again: {} vs {}",
+        pgbench_state(&c, bad),
+        pgbench_state(&c, leader)
+    );
+    assert!(
+        statuses(&c)[bad]["diverged"].is_null(),
+        "{}",
+        statuses(&c)[bad]
+    );
+    eprintln!("{report}");
+}

@@ -83,11 +83,28 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-/// Every regular file under `dir`, as relative '/'-separated names, sorted.
+/// Every regular file under `dir`, as relative '/'-separated names, and
+/// every empty directory, as its name and a '/' (a program may need it to
+/// exist: PostgreSQL's pg_notify), sorted.
 fn list_files(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
+        if d != dir && std::fs::read_dir(&d)?.next().is_none() {
+            let rel = d
+                .strip_prefix(dir)
+                .map_err(io::Error::other)?
+                .to_str()
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: directory name is not UTF-8", d.display()),
+                    )
+                })?
+                .to_string();
+            out.push((format!("{rel}/"), d));
+            continue;
+        }
         for entry in std::fs::read_dir(&d)? {
             let entry = entry?;
             let path = entry.path();
@@ -144,6 +161,13 @@ pub fn pack(
                     io::ErrorKind::InvalidInput,
                     format!("{name}: file name longer than {NAME_MAX} bytes"),
                 ));
+            }
+            if name.ends_with('/') {
+                // An empty directory: its name, no bytes.
+                w.write_all(&(name.len() as u16).to_le_bytes())?;
+                w.write_all(name.as_bytes())?;
+                w.write_all(&0u64.to_le_bytes())?;
+                continue;
             }
             let mut f = File::open(path)?;
             let len = f.metadata()?.len();
@@ -312,6 +336,17 @@ fn walk(path: &Path, into: Option<&Path>) -> Result<SnapshotMeta, SnapshotError>
         if len > b.left {
             return Err(b.invalid(format!("{name}: {len} bytes listed, {} left", b.left)));
         }
+        if let Some(sub) = name.strip_suffix('/') {
+            if len != 0 || !safe_name(sub) {
+                return Err(b.invalid(format!("{name:?} is not an empty directory")));
+            }
+            if let Some(dir) = into {
+                let dest = dir.join(sub);
+                std::fs::create_dir_all(&dest)
+                    .map_err(io_ctx(format!("creating {}", dest.display())))?;
+            }
+            continue;
+        }
         match into {
             Some(dir) => {
                 let dest = dir.join(&name);
@@ -353,6 +388,7 @@ mod tests {
         std::fs::create_dir_all(src.join("sub")).unwrap();
         std::fs::write(src.join("dump.rdb"), b"REDIS0011 state").unwrap();
         std::fs::write(src.join("sub/extra"), vec![7u8; 300_000]).unwrap();
+        std::fs::create_dir_all(src.join("empty/deeper")).unwrap();
         let dest = dir.join(FILE_NAME);
         pack(&src, 42, &[5, 9], &dest).unwrap();
         dest
@@ -365,7 +401,7 @@ mod tests {
         let meta = read_meta(&snap).unwrap();
         assert_eq!(
             (meta.op, meta.open_conns.clone(), meta.files),
-            (42, vec![5, 9], 2)
+            (42, vec![5, 9], 3)
         );
         let out = d.path().join("out");
         assert_eq!(unpack(&snap, &out).unwrap(), meta);
@@ -377,6 +413,8 @@ mod tests {
             std::fs::read(out.join("sub/extra")).unwrap(),
             vec![7u8; 300_000]
         );
+        // An empty directory comes back too (PostgreSQL needs its pg_notify).
+        assert!(out.join("empty/deeper").is_dir());
     }
 
     #[test]

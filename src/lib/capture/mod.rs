@@ -78,7 +78,7 @@ impl TcpSynth {
         };
         match kind {
             Kind::Frame => push(payload.to_vec(), &mut out),
-            Kind::Noop | Kind::Digest => {}
+            Kind::Noop | Kind::Digest | Kind::Await => {}
             Kind::Open => {
                 let f = Flow {
                     client_seq: CLIENT_ISN,

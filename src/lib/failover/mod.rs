@@ -166,6 +166,9 @@ Examples:
 
 /// How long one admin request may take.
 const ASK: Duration = Duration::from_secs(2);
+/// How long a replica rebuilding its program may leave status requests
+/// unanswered (stopping and starting the program holds its loop).
+const SILENT_MAX: Duration = Duration::from_secs(60);
 
 /// One replica as the tools see it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -674,6 +677,7 @@ fn resync(
         "resync",
     );
     let began = Instant::now();
+    let mut answered = Instant::now();
     let report = loop {
         if stop.load(Ordering::Relaxed) {
             pb.finish_and_clear();
@@ -682,6 +686,7 @@ fn resync(
         }
         match admin::status(&target.data_dir, ASK) {
             Ok(st) => {
+                answered = Instant::now();
                 if let Some(p) = &st.resync {
                     pb.set_length(p.total);
                     pb.set_position(p.done);
@@ -689,11 +694,14 @@ fn resync(
                     break r;
                 }
             }
+            // Busy restarting its program: the loop answers again soon.
+            Err(_) if answered.elapsed() < SILENT_MAX => {}
             Err(e) => {
                 pb.finish_and_clear();
                 return Err(FailoverError::Failed(format!(
-                    "replica {} stopped answering during the rebuild: {e}",
-                    args.node
+                    "replica {} stopped answering during the rebuild ({} without an answer): {e}",
+                    args.node,
+                    humantime::format_duration(SILENT_MAX)
                 )));
             }
         }

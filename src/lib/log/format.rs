@@ -74,17 +74,22 @@ pub enum Kind {
     /// The leader's hash of a chunk of what its copy of the program wrote on
     /// connection `conn` (divergence detection; see `node::divergence`).
     Digest,
+    /// The client's next input followed this much of the program's output
+    /// on `conn` (u64 little-endian): a replica writes that input only once
+    /// its own copy has written as much, as the leader's had.
+    Await,
 }
 
 impl Kind {
     /// All kinds, in encoding order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Open,
         Kind::Data,
         Kind::Close,
         Kind::Frame,
         Kind::Noop,
         Kind::Digest,
+        Kind::Await,
     ];
 
     /// The on-disk byte.
@@ -96,6 +101,7 @@ impl Kind {
             Kind::Frame => 4,
             Kind::Noop => 5,
             Kind::Digest => 6,
+            Kind::Await => 7,
         }
     }
 
@@ -108,6 +114,7 @@ impl Kind {
             4 => Some(Kind::Frame),
             5 => Some(Kind::Noop),
             6 => Some(Kind::Digest),
+            7 => Some(Kind::Await),
             _ => None,
         }
     }
@@ -121,6 +128,7 @@ impl Kind {
             Kind::Frame => "frame",
             Kind::Noop => "noop",
             Kind::Digest => "digest",
+            Kind::Await => "await",
         }
     }
 

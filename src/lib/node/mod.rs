@@ -303,6 +303,10 @@ pub enum NodeExit {
 struct ClientConn {
     stream: TcpStream,
     conn: u64,
+    /// The program's output on this connection (bytes read from it) when
+    /// the client's last input was read: more since means the client may
+    /// have waited for it, and its next input is ordered after it (`Await`).
+    seen_out: u64,
     out: Vec<u8>,
     /// Bytes of a frame not complete yet (null-program mode).
     partial: Vec<u8>,
@@ -315,6 +319,8 @@ struct AppConn {
     stream: TcpStream,
     token: Token,
     out: Vec<u8>,
+    /// Bytes the program wrote on it so far.
+    read_total: u64,
     /// Closed in the log: close once everything written so far reached the program.
     closing: bool,
     /// Our side is shut (FIN sent): the program still reads what is left and
@@ -518,6 +524,8 @@ struct Node<'a> {
     /// The connection written to last, and whether its answer is still due.
     last_written: Option<u64>,
     awaiting_answer: Option<Instant>,
+    /// Since when an `Await` entry at the front waits for the program's output.
+    await_since: Option<Instant>,
     clients_listener: TcpListener,
     /// The program, how it was started, and the commands around it.
     app: Option<App>,
@@ -975,6 +983,19 @@ impl Node<'_> {
             // connection, and before that connection closes (a multi-threaded
             // program such as memcached would otherwise run the next
             // connection's request first).
+            // The leader's client waited for this much output before its
+            // next input: so does this replica's program (or ANSWER_WAIT passes).
+            if e.kind == Kind::Await {
+                let behind = self
+                    .apps
+                    .get(&e.conn)
+                    .is_some_and(|a| a.read_total < await_offset(e) && a.shut.is_none());
+                let since = *self.await_since.get_or_insert_with(Instant::now);
+                if behind && since.elapsed() < ANSWER_WAIT {
+                    return;
+                }
+                self.await_since = None;
+            }
             let must_wait = match e.kind {
                 Kind::Data => self
                     .last_written
@@ -1438,7 +1459,7 @@ impl Node<'_> {
                 }
             }
             Kind::Digest => self.leader_digest(&e),
-            Kind::Frame | Kind::Noop => {}
+            Kind::Frame | Kind::Noop | Kind::Await => {}
         }
     }
 
@@ -1464,6 +1485,7 @@ impl Node<'_> {
                         stream,
                         token,
                         out: Vec::new(),
+                        read_total: 0,
                         closing: false,
                         shut: None,
                     },
@@ -1675,6 +1697,7 @@ impl Node<'_> {
                         ClientConn {
                             stream,
                             conn,
+                            seen_out: 0,
                             out: Vec::new(),
                             partial: Vec::new(),
                         },
@@ -1744,11 +1767,24 @@ impl Node<'_> {
         let events = &mut self.proposals;
         let mut chunks = 0;
         let framed = self.framed;
+        // The program answered since this client's last input: its next
+        // input goes after that answer on every replica too.
+        let out_now = self.apps.get(&conn).map_or(0, |a| a.read_total);
+        let mut wait_for = (out_now > c.seen_out).then_some(out_now);
+        let seen_out = &mut c.seen_out;
         let partial = &mut c.partial;
         let mut bad_frame = false;
         let mut closed = read_available(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
             chunks += 1;
             if !framed {
+                if let Some(out) = wait_for.take() {
+                    *seen_out = out;
+                    events.push(Event {
+                        kind: Kind::Await,
+                        conn,
+                        payload: Bytes::copy_from_slice(&out.to_le_bytes()),
+                    });
+                }
                 events.push(Event {
                     kind: Kind::Data,
                     conn,
@@ -1827,6 +1863,11 @@ impl Node<'_> {
             true
         });
         let eof = end != End::Open;
+        a.read_total += answer.len() as u64;
+        // The next input waits for this output (see Kind::Await).
+        let awaited = self.apply_queue.front().is_some_and(|e| {
+            e.kind == Kind::Await && e.conn == conn && await_offset(e) <= a.read_total
+        });
         self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
@@ -1847,9 +1888,19 @@ impl Node<'_> {
         }
         if answered {
             self.awaiting_answer = None;
+        }
+        if answered || awaited {
             self.pump_apply();
         }
     }
+}
+
+/// An `Await` entry's output offset (0 if garbled: then nothing waits).
+fn await_offset(e: &Entry) -> u64 {
+    e.payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// What the event loop learned about one socket.
@@ -2264,6 +2315,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         apply_queue: std::collections::VecDeque::new(),
         last_written: None,
         awaiting_answer: None,
+        await_since: None,
         clients_listener,
         app,
         acked_clients: Vec::new(),
