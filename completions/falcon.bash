@@ -46,6 +46,9 @@ _falcon() {
             falcon__subcmd__failover,help)
                 cmd="falcon__subcmd__failover__subcmd__help"
                 ;;
+            falcon__subcmd__failover,resync)
+                cmd="falcon__subcmd__failover__subcmd__resync"
+                ;;
             falcon__subcmd__failover,status)
                 cmd="falcon__subcmd__failover__subcmd__status"
                 ;;
@@ -57,6 +60,9 @@ _falcon() {
                 ;;
             falcon__subcmd__failover__subcmd__help,help)
                 cmd="falcon__subcmd__failover__subcmd__help__subcmd__help"
+                ;;
+            falcon__subcmd__failover__subcmd__help,resync)
+                cmd="falcon__subcmd__failover__subcmd__help__subcmd__resync"
                 ;;
             falcon__subcmd__failover__subcmd__help,status)
                 cmd="falcon__subcmd__failover__subcmd__help__subcmd__status"
@@ -90,6 +96,9 @@ _falcon() {
                 ;;
             falcon__subcmd__help__subcmd__failover,drill)
                 cmd="falcon__subcmd__help__subcmd__failover__subcmd__drill"
+                ;;
+            falcon__subcmd__help__subcmd__failover,resync)
+                cmd="falcon__subcmd__help__subcmd__failover__subcmd__resync"
                 ;;
             falcon__subcmd__help__subcmd__failover,status)
                 cmd="falcon__subcmd__help__subcmd__failover__subcmd__status"
@@ -212,7 +221,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover)
-            opts="-v -q -h -V --json --verbose --quiet --color --help --version status transfer drill help"
+            opts="-v -q -h -V --json --verbose --quiet --color --help --version status transfer resync drill help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -280,7 +289,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover__subcmd__help)
-            opts="status transfer drill help"
+            opts="status transfer resync drill help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -308,6 +317,20 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__failover__subcmd__help__subcmd__resync)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -349,6 +372,40 @@ _falcon() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        falcon__subcmd__failover__subcmd__resync)
+            opts="-v -q -h -V --config --node --from --timeout --json --verbose --quiet --color --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --from)
+                    COMPREPLY=($(compgen -W "auto leader log" -- "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --color)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         falcon__subcmd__failover__subcmd__status)
             opts="-v -q -h -V --config --watch --interval --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -376,7 +433,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__failover__subcmd__transfer)
-            opts="-v -q -h -V --config --to --timeout --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --to --timeout --force --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -456,7 +513,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__help__subcmd__failover)
-            opts="status transfer drill"
+            opts="status transfer resync drill"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -470,6 +527,20 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__help__subcmd__failover__subcmd__drill)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        falcon__subcmd__help__subcmd__failover__subcmd__resync)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -672,7 +743,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -707,6 +778,10 @@ _falcon() {
                     return 0
                     ;;
                 --reset-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-divergence)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -762,7 +837,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__tap__subcmd__attach)
-            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -805,6 +880,10 @@ _falcon() {
                     return 0
                     ;;
                 --reset-cmd)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --on-divergence)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -48,7 +48,8 @@ complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l follower-cli
 refuse\t'Close it: the client tries another replica'"
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-leader -d 'Run CMD (with sh -c) when this replica becomes the leader, for example to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-follower -d 'Run CMD (with sh -c) when this replica becomes a follower (same environment)' -r
-complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Also before `falcon failover resync` rebuilds the program. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l on-divergence -d 'Run CMD (with sh -c) when this replica finds that its program wrote other bytes than the leader\'s (divergence detection; see divergence_chunk in the cluster file), for example to page someone. Environment: FALCON_NODE, FALCON_DATA_DIR, FALCON_CONN, FALCON_OFFSET (the first byte of the first chunk that differs), FALCON_CHUNK, FALCON_OP, FALCON_DIVERGENCE (the whole message)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l snapshot-cmd -d 'Run CMD (with sh -c) to write the program\'s state into the directory $FALCON_SNAPSHOT_DIR, every --snapshot-every entries. Applying pauses while it runs; falcon then packs the directory into DATA_DIR/snapshot and deletes log segments it covers. Environment: FALCON_SNAPSHOT_DIR, FALCON_OP, FALCON_NODE, FALCON_DATA_DIR, FALCON_APP, FALCON_APP_HOST, FALCON_APP_PORT. Needs --restore-cmd' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l restore-cmd -d 'Run CMD (with sh -c) before the program starts, to put the state in $FALCON_SNAPSHOT_DIR in place: at a restart with a snapshot in the data dir, and when a replica too far behind receives the leader\'s snapshot. Same environment as --snapshot-cmd' -r
 complete -c falcon -n "__fish_falcon_using_subcommand replicate" -l snapshot-every -d 'Entries applied between two snapshots' -r
@@ -80,7 +81,8 @@ complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l follower-cl
 refuse\t'Close it: the client tries another replica'"
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l on-leader -d 'Run CMD (with sh -c) when this replica becomes the leader, for example to move a virtual IP. Environment: FALCON_ROLE, FALCON_VIEW, FALCON_NODE, FALCON_LEADER' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l on-follower -d 'Run CMD (with sh -c) when this replica becomes a follower (same environment)' -r
-complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l reset-cmd -d 'Run CMD (with sh -c) before the program starts, to bring it to its initial state (for example, empty its data directory); the log is then replayed into it. Also before `falcon failover resync` rebuilds the program. Environment: FALCON_NODE, FALCON_DATA_DIR' -r
+complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l on-divergence -d 'Run CMD (with sh -c) when this replica finds that its program wrote other bytes than the leader\'s (divergence detection; see divergence_chunk in the cluster file), for example to page someone. Environment: FALCON_NODE, FALCON_DATA_DIR, FALCON_CONN, FALCON_OFFSET (the first byte of the first chunk that differs), FALCON_CHUNK, FALCON_OP, FALCON_DIVERGENCE (the whole message)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l snapshot-cmd -d 'Run CMD (with sh -c) to write the program\'s state into the directory $FALCON_SNAPSHOT_DIR, every --snapshot-every entries. Applying pauses while it runs; falcon then packs the directory into DATA_DIR/snapshot and deletes log segments it covers. Environment: FALCON_SNAPSHOT_DIR, FALCON_OP, FALCON_NODE, FALCON_DATA_DIR, FALCON_APP, FALCON_APP_HOST, FALCON_APP_PORT. Needs --restore-cmd' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l restore-cmd -d 'Run CMD (with sh -c) before the program starts, to put the state in $FALCON_SNAPSHOT_DIR in place: at a restart with a snapshot in the data dir, and when a replica too far behind receives the leader\'s snapshot. Same environment as --snapshot-cmd' -r
 complete -c falcon -n "__fish_falcon_using_subcommand tap-attach" -l snapshot-every -d 'Entries applied between two snapshots' -r
@@ -162,18 +164,19 @@ complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s v -l verbo
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand log-inspect" -s V -l version -d 'Print version'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s v -l verbose -d 'More detail on standard error (repeat for more)'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s q -l quiet -d 'Only errors on standard error'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -s V -l version -d 'Print version'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'
-complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer drill help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -f -a "resync" -d 'Rebuild a replica\'s program from its initial state and the log, and check it against the leader\'s'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and not __fish_seen_subcommand_from status transfer resync drill help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l interval -d 'Time between two refreshes with --watch' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from status" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
@@ -191,11 +194,26 @@ complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'
 never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l force -d 'Transfer even to a replica whose program diverged from the leader\'s'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s v -l verbose -d 'More detail on standard error (repeat for more)'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s q -l quiet -d 'Only errors on standard error'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from transfer" -s V -l version -d 'Print version'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l config -d 'The cluster file (default: ./falcon.toml, then /etc/falcon/falcon.toml)' -r -F
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l node -d 'The replica (id) to rebuild: a follower' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l from -d 'What to rebuild from: leader takes a fresh snapshot on the leader (--snapshot-cmd there, --restore-cmd on the replica) and installs it; log restarts the program from its initial state (--reset-cmd) and replays the whole log; auto is leader when both hooks are there' -r -f -a "auto\t'The leader\'s snapshot when the hooks allow it, else the log'
+leader\t'A fresh snapshot of the leader\'s program, then the log after it'
+log\t'The initial state (or the replica\'s own snapshot from before it diverged), then the log'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l timeout -d 'Give up waiting after this long (the rebuild goes on)' -r
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
+always\t'Always'
+never\t'Never'"
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l json -d 'Machine-readable output (JSON; JSON Lines for record streams)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -s v -l verbose -d 'More detail on standard error (repeat for more)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -s q -l quiet -d 'Only errors on standard error'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l config -d 'A cluster the operator started on this host (its replicas run redis-server); without it the drill starts its own 3-replica Redis cluster on 127.0.0.1 and removes it afterwards' -r -F
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -l kill -d 'Which replica each round kills' -r -f -a "leader\t'The leader: a real failover'
 follower\t'A follower: the service must not notice'
@@ -217,6 +235,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from drill" -s V -l version -d 'Print version'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "resync" -d 'Rebuild a replica\'s program from its initial state and the log, and check it against the leader\'s'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c falcon -n "__fish_falcon_using_subcommand generate" -l out -d 'Output directory' -r -F
@@ -247,4 +266,5 @@ complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_
 complete -c falcon -n "__fish_falcon_using_subcommand help; and not __fish_seen_subcommand_from replicate tap-attach bench log-inspect failover generate make-fixtures help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "status" -d 'A table of the replicas: role, view, ops, lag, links, program, log size, uptime'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "transfer" -d 'Hand the leadership to another replica (planned failover)'
+complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "resync" -d 'Rebuild a replica\'s program from its initial state and the log, and check it against the leader\'s'
 complete -c falcon -n "__fish_falcon_using_subcommand help; and __fish_seen_subcommand_from failover" -f -a "drill" -d 'Kill replicas under load, round after round, and measure the failovers'

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # The second line: building with --features rdma (ibverbs-sys runs cmake and bindgen);
 # the third: the tap-attach tests (a QEMU guest built by scripts/vm-guest.sh).
-packages=(libpcap-dev pkg-config openssl python3 python3-fusepy fuse3 tcpdump util-linux redis-server redis-tools memcached sockperf
+packages=(libpcap-dev pkg-config openssl python3 python3-fusepy fuse3 tcpdump util-linux redis-server redis-tools memcached postgresql sockperf
     cmake libnl-3-dev libnl-route-3-dev libclang-dev libibverbs-dev
     cpio qemu-system-x86 iproute2 iputils-ping netcat-openbsd)
 missing=()

@@ -335,3 +335,50 @@ fn tls_fields_resolve_and_each_inconsistency_is_named() {
     ));
     assert!(e.contains("tls_ca") && e.contains("tcp"), "{e}");
 }
+
+#[test]
+fn divergence_fields_have_defaults_and_bad_ones_are_named() {
+    use falcon::node::normalize::Protocol;
+    let d = parse(GOOD).unwrap();
+    assert_eq!(
+        (d.divergence_chunk, d.divergence_protocol),
+        (16 << 10, Protocol::Bytes)
+    );
+    let fixture = ClusterConfig::load(&util::root().join("fixtures/cluster.toml")).unwrap();
+    assert_eq!(
+        (fixture.divergence_chunk, fixture.divergence_protocol),
+        (d.divergence_chunk, d.divergence_protocol),
+        "the example shows the defaults"
+    );
+    let with = |lines: &str| {
+        GOOD.replace(
+            "election_timeout = \"200ms\"\n",
+            &format!("election_timeout = \"200ms\"\n{lines}\n"),
+        )
+    };
+    let c = parse(&with(
+        "divergence_chunk = \"64KiB\"\ndivergence_protocol = \"postgres\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.divergence_chunk, c.divergence_protocol),
+        (64 << 10, Protocol::Postgres)
+    );
+    assert_eq!(
+        parse(&with("divergence_chunk = \"off\""))
+            .unwrap()
+            .divergence_chunk,
+        0
+    );
+    for (line, field) in [
+        ("divergence_chunk = \"12\"", "divergence_chunk"),
+        ("divergence_chunk = \"1GiB\"", "divergence_chunk"),
+        ("divergence_protocol = \"mysql\"", "divergence_protocol"),
+    ] {
+        let e = err(&with(line));
+        assert!(
+            e.contains(field) && e.contains("test.toml:4:"),
+            "{line}: {e}"
+        );
+    }
+}

@@ -2850,6 +2850,10 @@ names the line and the field):
   tls_ca = \"tls/ca.pem\"       # optional, tcp: mutual TLS on peer links, this CA; then
                                 # every replica needs tls_cert and tls_key
                                 # (scripts/tls-certs.sh --config FILE makes all three)
+  divergence_chunk = \"16KiB\"  # optional; compare the program's output with the
+                                # leader's every this many bytes of a connection and
+                                # at its close (\"off\": never); the same everywhere
+  divergence_protocol = \"bytes\" # optional; bytes | postgres (ignore its pids, keys)
 
   [limits]                      # optional; each field optional (defaults shown)
   client_connections = 4096     # more are closed at once (and logged once a second)
