@@ -193,11 +193,20 @@ fn set_wait(port: u16, clients: usize, requests: usize) -> Result<(f64, Summary)
     Ok((all.len() as f64 / secs, summarize(&mut all)))
 }
 
-fn falcon_cluster(dir: &Path, ports: &[u16], sync: &str) -> Result<(Procs, u16), BenchError> {
+fn falcon_cluster(
+    dir: &Path,
+    ports: &[u16],
+    sync: &str,
+    more_toml: &str,
+) -> Result<(Procs, u16), BenchError> {
     let exe = std::env::current_exe()?;
     std::fs::create_dir_all(dir)?;
     let toml = crate::config::loopback_cluster(
-        &format!("cluster = \"bench-{sync}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n"),
+        &format!(
+            "cluster = \"bench-{}\"\nkey_file = \"cluster.key\"\nsync = \"{sync}\"\n{more_toml}",
+            dir.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ),
         &ports[..9],
     );
     std::fs::write(dir.join("cluster.toml"), toml)?;
@@ -252,7 +261,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::Scratch(dir.clone());
-    let ports = free_ports(22);
+    let ports = free_ports(31);
     let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
     let mut procs = Procs(vec![
         redis_server(bare, &[])?,
@@ -277,9 +286,17 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         )
         .into());
     }
-    let (mut falcon, leader) = falcon_cluster(&dir.join("batch"), &ports[4..13], "batch")?;
+    let (mut falcon, leader) = falcon_cluster(&dir.join("batch"), &ports[4..13], "batch", "")?;
     procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_nosync) = falcon_cluster(&dir.join("never"), &ports[13..22], "never")?;
+    let (mut falcon, leader_nosync) =
+        falcon_cluster(&dir.join("never"), &ports[13..22], "never", "")?;
+    procs.0.append(&mut falcon.0);
+    let (mut falcon, leader_unchecked) = falcon_cluster(
+        &dir.join("unchecked"),
+        &ports[22..31],
+        "batch",
+        "divergence_chunk = \"off\"\n",
+    )?;
     procs.0.append(&mut falcon.0);
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
@@ -291,6 +308,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         ("c: redis SET + WAIT 2 0", primary, true),
         ("d: falcon, 3 replicas, sync batch", leader, false),
         ("e: falcon, 3 replicas, sync never", leader_nosync, false),
+        ("f: as d, divergence detection off", leader_unchecked, false),
     ];
     for round in 0..args.rounds {
         for clients in [50usize, 1] {
@@ -334,7 +352,8 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let mut setup = super::setup_lines(None);
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating", requests / 10, args.rounds)));
     setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
-    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, two clusters idle while another setup runs".into()));
+    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs".into()));
+    setup.push(("divergence".into(), "d, e: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
     if ui.json {
         output::json_line(
             out,
@@ -372,5 +391,22 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         ]);
     }
     writeln!(out, "{t}")?;
+    for clients in [50usize, 1] {
+        let of = |p: &str| {
+            rows.iter()
+                .find(|r| r.clients == clients && r.setup.starts_with(p))
+        };
+        if let (Some(d), Some(f)) = (of("d:"), of("f:")) {
+            if f.ops_per_s > 0.0 {
+                writeln!(
+                    out,
+                    "divergence detection at {clients} client{}: {:+.1}% ops/s, p50 {:+.3} ms (d vs f)",
+                    if clients == 1 { "" } else { "s" },
+                    (d.ops_per_s / f.ops_per_s - 1.0) * 100.0,
+                    d.p50_ms - f.p50_ms
+                )?;
+            }
+        }
+    }
     Ok(Status::Success)
 }
