@@ -110,6 +110,25 @@ pub struct Run {
     pub p50_ms: f64,
     /// 99th percentile latency, ms.
     pub p99_ms: f64,
+    /// falcon setups: CPU time (user + system) of the three falcon
+    /// processes per request, µs (the programs' own time not counted).
+    pub falcon_cpu_us_per_op: Option<f64>,
+}
+
+/// CPU time (user + system) the processes used so far, ms (from /proc).
+fn cpu_ms(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|stat| {
+            // After the command name in parentheses: state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+            (ticks(11) + ticks(12)) * 1000.0 / hz
+        })
+        .sum()
 }
 
 /// redis-benchmark -t set against `port`; parses its CSV.
@@ -198,7 +217,7 @@ fn falcon_cluster(
     ports: &[u16],
     sync: &str,
     more_toml: &str,
-) -> Result<(Procs, u16), BenchError> {
+) -> Result<(Procs, u16, Vec<u32>), BenchError> {
     let exe = std::env::current_exe()?;
     std::fs::create_dir_all(dir)?;
     let toml = crate::config::loopback_cluster(
@@ -253,7 +272,8 @@ fn falcon_cluster(
     );
     let leader = leader
         .ok_or_else(|| std::io::Error::other("the falcon cluster elected no leader within 20 s"))?;
-    Ok((procs, leader))
+    let pids = procs.0.iter().map(std::process::Child::id).collect();
+    Ok((procs, leader, pids))
 }
 
 /// Runs the comparison.
@@ -286,12 +306,13 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         )
         .into());
     }
-    let (mut falcon, leader) = falcon_cluster(&dir.join("batch"), &ports[4..13], "batch", "")?;
+    let (mut falcon, leader, d_pids) =
+        falcon_cluster(&dir.join("batch"), &ports[4..13], "batch", "")?;
     procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_nosync) =
+    let (mut falcon, leader_nosync, e_pids) =
         falcon_cluster(&dir.join("never"), &ports[13..22], "never", "")?;
     procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_unchecked) = falcon_cluster(
+    let (mut falcon, leader_unchecked, f_pids) = falcon_cluster(
         &dir.join("unchecked"),
         &ports[22..31],
         "batch",
@@ -302,13 +323,34 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let mut runs: Vec<Run> = Vec::new();
     // Each setup: its name, the port its clients use, and whether every SET
     // is followed by WAIT 2 0 (our own client) instead of redis-benchmark.
-    let setups = [
-        ("a: redis-server alone", bare, false),
-        ("b: redis async replication, 2 replicas", primary, false),
-        ("c: redis SET + WAIT 2 0", primary, true),
-        ("d: falcon, 3 replicas, sync batch", leader, false),
-        ("e: falcon, 3 replicas, sync never", leader_nosync, false),
-        ("f: as d, divergence detection off", leader_unchecked, false),
+    let none: &[u32] = &[];
+    let mut setups = [
+        ("a: redis-server alone", bare, false, none),
+        (
+            "b: redis async replication, 2 replicas",
+            primary,
+            false,
+            none,
+        ),
+        ("c: redis SET + WAIT 2 0", primary, true, none),
+        (
+            "d: falcon, 3 replicas, sync batch",
+            leader,
+            false,
+            &d_pids[..],
+        ),
+        (
+            "e: falcon, 3 replicas, sync never",
+            leader_nosync,
+            false,
+            &e_pids[..],
+        ),
+        (
+            "f: as d, divergence detection off",
+            leader_unchecked,
+            false,
+            &f_pids[..],
+        ),
     ];
     for round in 0..args.rounds {
         for clients in [50usize, 1] {
@@ -317,7 +359,8 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             } else {
                 requests
             };
-            for (setup, port, wait) in setups {
+            for &(setup, port, wait, pids) in &setups {
+                let cpu_before = cpu_ms(pids);
                 let (ops_per_s, p50_ms, p99_ms) = if wait {
                     let (ops, lat) = set_wait(port, clients, n)?;
                     (ops, lat.p50_us / 1000.0, lat.p99_us / 1000.0)
@@ -330,16 +373,21 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
                     ops_per_s,
                     p50_ms,
                     p99_ms,
+                    falcon_cpu_us_per_op: (!pids.is_empty())
+                        .then(|| (cpu_ms(pids) - cpu_before) * 1000.0 / n as f64),
                 });
             }
         }
+        // The next round runs the setups in another order (no setup always last).
+        setups.rotate_left(1);
         ui.detail(&format!("round {} done", round + 1));
     }
+    setups.sort_by_key(|s| s.0);
     drop(procs);
     // Median of the rounds per setup and client count.
     let mut rows = Vec::new();
     for clients in [50usize, 1] {
-        for (setup, _, _) in setups {
+        for &(setup, ..) in &setups {
             let mut rs: Vec<&Run> = runs
                 .iter()
                 .filter(|r| r.setup == setup && r.clients == clients)
@@ -350,7 +398,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         }
     }
     let mut setup = super::setup_lines(None);
-    setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating", requests / 10, args.rounds)));
+    setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating (each round in another order)", requests / 10, args.rounds)));
     setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
     setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs".into()));
     setup.push(("divergence".into(), "d, e: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
@@ -370,6 +418,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "p50 ms",
         "p99 ms",
         "ops/s vs c",
+        "falcon CPU µs/op",
     ]);
     for r in &rows {
         let c = rows
@@ -388,6 +437,8 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             } else {
                 "-".into()
             },
+            r.falcon_cpu_us_per_op
+                .map_or_else(|| "-".into(), |us| format!("{us:.1}")),
         ]);
     }
     writeln!(out, "{t}")?;
@@ -400,10 +451,11 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             if f.ops_per_s > 0.0 {
                 writeln!(
                     out,
-                    "divergence detection at {clients} client{}: {:+.1}% ops/s, p50 {:+.3} ms (d vs f)",
+                    "divergence detection at {clients} client{}: {:+.1}% ops/s, p50 {:+.3} ms, falcon CPU {:+.1} µs/op (d vs f)",
                     if clients == 1 { "" } else { "s" },
                     (d.ops_per_s / f.ops_per_s - 1.0) * 100.0,
-                    d.p50_ms - f.p50_ms
+                    d.p50_ms - f.p50_ms,
+                    d.falcon_cpu_us_per_op.unwrap_or(0.0) - f.falcon_cpu_us_per_op.unwrap_or(0.0)
                 )?;
             }
         }
