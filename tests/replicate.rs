@@ -1950,7 +1950,7 @@ fn statuses(c: &Cluster) -> Vec<serde_json::Value> {
 #[test]
 fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resync() {
     let _one = serial();
-    let c = Cluster::start_full(
+    let mut c = Cluster::start_full(
         3,
         redis_program(),
         "refuse",
@@ -1998,8 +1998,9 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
 
     // Someone writes to one follower's Redis behind falcon's back: its copy
     // now answers a read differently, and that is found at the read's answer.
-    let bad = followers[1];
-    let good = followers[0];
+    // The replica that would lead the next view diverges.
+    let bad = (leader + 1) % 3;
+    let good = (leader + 2) % 3;
     assert_eq!(
         resp_command(c.addrs[bad].2, &["SET", "secret", "not-the-clusters"]).as_deref(),
         Some("+OK")
@@ -2084,6 +2085,25 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     );
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("leads"), "{r:?}");
+
+    // The leader dies: the diverged replica, next in line, is elected and
+    // hands the leadership on at once; the healthy one leads.
+    c.kill(leader);
+    assert!(
+        wait_until(Duration::from_secs(20), || statuses(&c)[good]["role"]
+            == "leader"),
+        "replica {} did not take over; logs:\n{}\n---\n{}",
+        good + 1,
+        c.log(bad),
+        c.log(good)
+    );
+    assert!(
+        c.log(bad).contains("handing the leadership to replica"),
+        "{}",
+        c.log(bad)
+    );
+    c.start_node(leader);
+    let leader = good;
 
     // resync: its Redis starts empty, the log is replayed into it, and the
     // leader's hashes in the log show it now matches.

@@ -87,22 +87,24 @@ impl<W: Write> Write for CrcWriter<W> {
 /// every empty directory, as its name and a '/' (a program may need it to
 /// exist: PostgreSQL's pg_notify), sorted.
 fn list_files(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    // `path` relative to `dir`, as UTF-8.
+    let relative = |path: &Path| -> io::Result<String> {
+        path.strip_prefix(dir)
+            .map_err(io::Error::other)?
+            .to_str()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: name is not UTF-8", path.display()),
+                )
+            })
+    };
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         if d != dir && std::fs::read_dir(&d)?.next().is_none() {
-            let rel = d
-                .strip_prefix(dir)
-                .map_err(io::Error::other)?
-                .to_str()
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: directory name is not UTF-8", d.display()),
-                    )
-                })?
-                .to_string();
-            out.push((format!("{rel}/"), d));
+            out.push((format!("{}/", relative(&d)?), d));
             continue;
         }
         for entry in std::fs::read_dir(&d)? {
@@ -112,18 +114,7 @@ fn list_files(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
             if ft.is_dir() {
                 stack.push(path);
             } else if ft.is_file() {
-                let rel = path
-                    .strip_prefix(dir)
-                    .map_err(io::Error::other)?
-                    .to_str()
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("{}: file name is not UTF-8", path.display()),
-                        )
-                    })?
-                    .to_string();
-                out.push((rel, path));
+                out.push((relative(&path)?, path));
             }
         }
     }

@@ -344,6 +344,25 @@ fn status(
     }
 }
 
+/// The replica `id` of the cluster file, or a usage error naming `flag`.
+fn replica_named<'a>(
+    cfg: &'a ClusterConfig,
+    flag: &str,
+    id: u32,
+) -> Result<&'a crate::config::ReplicaConfig, FailoverError> {
+    cfg.replicas.iter().find(|r| r.id == id).ok_or_else(|| {
+        FailoverError::Usage(format!(
+            "{flag} {id}: no such replica in {} (ids: {})",
+            cfg.path.display(),
+            cfg.replicas
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
 fn ms(d_ns: u64) -> String {
     format!("{:.1}", d_ns as f64 / 1e6)
 }
@@ -471,18 +490,7 @@ pub struct Transferred {
 
 fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, FailoverError> {
     let cfg = load(args.config.as_deref())?;
-    let Some(target) = cfg.replicas.iter().find(|r| r.id == args.to) else {
-        return Err(FailoverError::Usage(format!(
-            "--to {}: no such replica in {} (ids: {})",
-            args.to,
-            cfg.path.display(),
-            cfg.replicas
-                .iter()
-                .map(|r| r.id.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    };
+    let target = replica_named(&cfg, "--to", args.to)?;
     let seen = survey(&cfg);
     let statuses: Vec<&NodeStatus> = seen.iter().filter_map(|s| s.status.as_ref()).collect();
     let Some(old) = leader_of(&statuses).cloned() else {
@@ -624,18 +632,7 @@ fn resync(
     stop: &Arc<AtomicBool>,
 ) -> Result<Status, FailoverError> {
     let cfg = load(args.config.as_deref())?;
-    let Some(target) = cfg.replicas.iter().find(|r| r.id == args.node) else {
-        return Err(FailoverError::Usage(format!(
-            "--node {}: no such replica in {} (ids: {})",
-            args.node,
-            cfg.path.display(),
-            cfg.replicas
-                .iter()
-                .map(|r| r.id.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    };
+    let target = replica_named(&cfg, "--node", args.node)?;
     let socket = admin::socket_path(&target.data_dir);
     let leader_snapshot = match args.from {
         ResyncFrom::Log => None,

@@ -134,6 +134,35 @@ struct Conn {
 }
 
 impl Conn {
+    /// The chunk under way ends here (`len` bytes): to `chunks`, and kept
+    /// to compare when `keep`.
+    fn finish_chunk(
+        &mut self,
+        conn: u64,
+        len: u64,
+        chunk_size: u64,
+        last: bool,
+        keep: bool,
+        chunks: &mut Vec<Chunk>,
+    ) {
+        let done = Chunk {
+            conn,
+            end: self.total,
+            len,
+            hash: self.hasher.digest(),
+            last,
+            chunk_size,
+        };
+        self.hasher.reset();
+        chunks.push(done);
+        if keep {
+            self.own.push_back(done);
+            if self.own.len() > OWN_MAX {
+                self.own.pop_front();
+            }
+        }
+    }
+
     fn new(protocol: Protocol) -> Conn {
         Conn {
             norm: protocol.start(),
@@ -263,22 +292,7 @@ impl Digests {
             c.total += now.len() as u64;
             bytes = rest;
             if c.total % size == 0 {
-                let done = Chunk {
-                    conn,
-                    end: c.total,
-                    len: size,
-                    hash: c.hasher.digest(),
-                    last: false,
-                    chunk_size: size,
-                };
-                c.hasher.reset();
-                chunks.push(done);
-                if keep {
-                    c.own.push_back(done);
-                    if c.own.len() > OWN_MAX {
-                        c.own.pop_front();
-                    }
-                }
+                c.finish_chunk(conn, size, size, false, keep, chunks);
             }
         }
         self.settle(conn, mismatches);
@@ -307,21 +321,7 @@ impl Digests {
         }
         c.ended = Some(clean && !c.unaligned);
         if clean && !c.unaligned {
-            let last = Chunk {
-                conn,
-                end: c.total,
-                len: c.total % size,
-                hash: c.hasher.digest(),
-                last: true,
-                chunk_size: size,
-            };
-            chunks.push(last);
-            if keep {
-                c.own.push_back(last);
-                if c.own.len() > OWN_MAX {
-                    c.own.pop_front();
-                }
-            }
+            c.finish_chunk(conn, c.total % size, size, true, keep, chunks);
         }
         self.ended.push_back(conn);
         while self.ended.len() > ENDED_MAX {

@@ -624,6 +624,9 @@ impl Node<'_> {
                 >= self.limits.pending_entries / 2
             || self.disk_full.is_some()
             || self.resync.is_some()
+            // A diverged replica elected leader serves no client while it
+            // hands the leadership on.
+            || (self.diverged.is_some() && self.engine.transferring_to().is_some())
     }
 
     /// A follower whose program is `program_backlog` entries behind takes no
@@ -856,6 +859,9 @@ impl Node<'_> {
                                 .warn(&format!("announcing the VM on {}: {e}", vm.tap_name())),
                         }
                     }
+                }
+                if role == Role::Leader && was != Role::Leader && self.diverged.is_some() {
+                    self.hand_off_diverged(view)?;
                 }
                 if was == Role::Leader && role != Role::Leader {
                     // Clients of the old leader reconnect; the new view closes their connections everywhere.

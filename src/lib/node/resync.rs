@@ -56,6 +56,31 @@ pub(super) struct Resync {
 }
 
 impl Resync {
+    /// A resync from `source` at op `base`; `pending`: the rebuild to run
+    /// on the next turn (None: the leader's snapshot is fetched first).
+    fn new(
+        source: &'static str,
+        base: u64,
+        pending: Option<Option<std::path::PathBuf>>,
+        started_ns: u64,
+        counts: Counts,
+    ) -> Resync {
+        Resync {
+            fetching: pending.is_none(),
+            pending,
+            source,
+            next: 0,
+            upto: 0,
+            base,
+            started: Instant::now(),
+            started_ns,
+            counts,
+            first: None,
+            drained: None,
+            pb: indicatif::ProgressBar::hidden(),
+        }
+    }
+
     pub(super) fn fetching(&self) -> bool {
         self.fetching
     }
@@ -121,8 +146,9 @@ impl Node<'_> {
             self.digests
                 .end(conn, clean, !leading, &mut chunks, &mut mismatches);
         }
-        // While the program is rebuilt, its output is history: nothing new to propose.
-        if leading && self.resync.is_none() {
+        // While the program is rebuilt, its output is history; a diverged
+        // copy's output is not the truth: nothing to propose either way.
+        if leading && self.resync.is_none() && self.diverged.is_none() {
             for c in chunks {
                 self.proposals.push(Event {
                     kind: Kind::Digest,
@@ -233,6 +259,35 @@ impl Node<'_> {
         }
     }
 
+    /// This replica was elected leader although its program diverged: it
+    /// hands the leadership to the next replica it has a link to (its copy
+    /// must not become the one the others are compared with).
+    pub(super) fn hand_off_diverged(&mut self, view: u64) -> Result<(), NodeError> {
+        let me = self.ids[self.me as usize];
+        let n = self.ids.len();
+        let target = (1..n)
+            .map(|k| (self.me as usize + k) % n)
+            .find(|&i| self.observed.peers[i] > 0);
+        match target {
+            Some(i) => {
+                self.ui.warn(&format!(
+                    "replica {me} was elected to lead view {view}, but its program diverged from the cluster's: handing the leadership to replica {} (clients wait meanwhile)",
+                    self.ids[i]
+                ));
+                self.observed.transfer_started_ns = Some(now_ns());
+                self.step(crate::consensus::Input::TransferLeadership {
+                    to: i as crate::consensus::NodeId,
+                })
+            }
+            None => {
+                self.ui.error(&format!(
+                    "replica {me} leads view {view} although its program diverged, and no other replica is reachable to take over: it serves clients from its diverged copy until one is; resync it then"
+                ));
+                Ok(())
+            }
+        }
+    }
+
     /// Clears the mark: the program's copy is rebuilt and matched.
     fn clear_mark(&mut self) {
         self.diverged = None;
@@ -301,20 +356,13 @@ impl Node<'_> {
             }
             let leader = self.engine.leader();
             self.start_fetch(leader, need)?;
-            self.resync = Some(Resync {
-                fetching: true,
-                pending: None,
-                source: "leader's snapshot",
-                next: 0,
-                upto: 0,
-                base: 0,
-                started: Instant::now(),
+            self.resync = Some(Resync::new(
+                "leader's snapshot",
+                0,
+                None,
                 started_ns,
-                counts: self.digests.counts,
-                first: None,
-                drained: None,
-                pb: indicatif::ProgressBar::hidden(),
-            });
+                self.digests.counts,
+            ));
             return Ok(serde_json::json!({"ok": true, "fetching": need, "started_ns": started_ns}));
         }
         // Where to rebuild from: the initial state when the log starts at op
@@ -340,20 +388,13 @@ impl Node<'_> {
             (self.snapshot_op, "own snapshot")
         };
         let snap = (base > 0).then(|| self.snapshot_path());
-        self.resync = Some(Resync {
-            fetching: false,
-            pending: Some(snap),
+        self.resync = Some(Resync::new(
             source,
-            next: 0,
-            upto: 0,
             base,
-            started: Instant::now(),
+            Some(snap),
             started_ns,
-            counts: self.digests.counts,
-            first: None,
-            drained: None,
-            pb: indicatif::ProgressBar::hidden(),
-        });
+            self.digests.counts,
+        ));
         Ok(serde_json::json!({"ok": true, "from": base, "started_ns": started_ns}))
     }
 
