@@ -321,6 +321,9 @@ struct AppConn {
     out: Vec<u8>,
     /// Bytes the program wrote on it so far.
     read_total: u64,
+    /// Opened again on a program restored from a snapshot: its output
+    /// offsets do not line up with the leader's (no `Await` waits on it).
+    reopened: bool,
     /// Closed in the log: close once everything written so far reached the program.
     closing: bool,
     /// Our side is shut (FIN sent): the program still reads what is left and
@@ -992,10 +995,9 @@ impl Node<'_> {
             // The leader's client waited for this much output before its
             // next input: so does this replica's program (or ANSWER_WAIT passes).
             if e.kind == Kind::Await {
-                let behind = self
-                    .apps
-                    .get(&e.conn)
-                    .is_some_and(|a| a.read_total < await_offset(e) && a.shut.is_none());
+                let behind = self.apps.get(&e.conn).is_some_and(|a| {
+                    a.read_total < await_offset(e) && a.shut.is_none() && !a.reopened
+                });
                 let since = *self.await_since.get_or_insert_with(Instant::now);
                 if behind && since.elapsed() < ANSWER_WAIT {
                     return;
@@ -1370,8 +1372,7 @@ impl Node<'_> {
         self.open_conns = meta.open_conns.iter().copied().collect();
         self.digests.reset();
         for &c in &meta.open_conns {
-            self.open_app(c);
-            self.digests.unaligned(c);
+            self.reopen_app(c);
         }
         self.ui.note(&format!(
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
@@ -1492,6 +1493,7 @@ impl Node<'_> {
                         token,
                         out: Vec::new(),
                         read_total: 0,
+                        reopened: false,
                         closing: false,
                         shut: None,
                     },
@@ -1502,6 +1504,17 @@ impl Node<'_> {
                 "cannot connect to the program at {}",
                 self.app_addr
             ));
+        }
+    }
+
+    /// Opens `conn` again on a program restored from a snapshot: its output
+    /// here does not line up with the leader's, so nothing on it is
+    /// compared or waited for.
+    fn reopen_app(&mut self, conn: u64) {
+        self.open_app(conn);
+        self.digests.unaligned(conn);
+        if let Some(a) = self.apps.get_mut(&conn) {
+            a.reopened = true;
         }
     }
 
@@ -2392,8 +2405,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     // Connections open at the snapshot's op get their own program connection again.
     for &c in &open_at_base {
-        node.open_app(c);
-        node.digests.unaligned(c);
+        node.reopen_app(c);
     }
     // The starting role counts as a change (prints it, runs the hook).
     if node.engine.role() != Role::ViewChange {

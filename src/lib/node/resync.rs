@@ -492,8 +492,7 @@ impl Node<'_> {
         self.applied_op = base;
         self.open_conns = open_at_base.iter().copied().collect();
         for &c in &open_at_base {
-            self.open_app(c);
-            self.digests.unaligned(c);
+            self.reopen_app(c);
         }
         // The program's restart kept the loop from the leader's heartbeats.
         self.step(crate::consensus::Input::Stalled)?;
