@@ -204,7 +204,7 @@ complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l node -d 'The replica (id) to rebuild: a follower' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l from -d 'What to rebuild from: leader takes a fresh snapshot on the leader (--snapshot-cmd there, --restore-cmd on the replica) and installs it; log restarts the program from its initial state (--reset-cmd) and replays the whole log; auto is leader when both hooks are there' -r -f -a "auto\t'The leader\'s snapshot when the hooks allow it, else the log'
 leader\t'A fresh snapshot of the leader\'s program, then the log after it'
-log\t'The initial state (or the replica\'s own snapshot from before it diverged), then the log'"
+log\t'The initial state, then the whole log (the log must still start at op 1)'"
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l timeout -d 'Give up waiting after this long (the rebuild goes on)' -r
 complete -c falcon -n "__fish_falcon_using_subcommand failover; and __fish_seen_subcommand_from resync" -l color -d 'When to use colour' -r -f -a "auto\t'When standard output is a terminal and `NO_COLOR` is not set'
 always\t'Always'

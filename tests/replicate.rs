@@ -2105,6 +2105,38 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     c.start_node(leader);
     let leader = good;
 
+    // A restart keeps the mark until its replay from op 1 matches: its
+    // Redis starts empty, the log is replayed, the leader's hashes in it match.
+    c.stop(bad);
+    c.start_node(bad);
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .log(bad)
+            .contains("the divergence mark is cleared")),
+        "{}",
+        c.log(bad)
+    );
+    assert!(
+        c.log(bad)
+            .contains("diverged from the leader's before it stopped")
+    );
+    assert!(statuses(&c)[bad]["diverged"].is_null());
+    // Behind falcon's back again, for the resync below.
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["SET", "secret", "again"]).as_deref(),
+        Some("+OK")
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !statuses(&c)[bad]["diverged"]
+            .is_null()),
+        "{}",
+        c.log(bad)
+    );
+
     // resync: its Redis starts empty, the log is replayed into it, and the
     // leader's hashes in the log show it now matches.
     let r = util::run_in(

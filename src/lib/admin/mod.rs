@@ -58,7 +58,7 @@ pub enum Request {
     /// Rebuild this replica's copy of the program; only a follower accepts.
     Resync {
         /// From the leader's snapshot covering this op (fetched), then the
-        /// log; None: from the initial state (or its own snapshot) and the log.
+        /// log; None: from the initial state and the whole log.
         #[serde(default)]
         leader_snapshot: Option<u64>,
     },
@@ -95,8 +95,8 @@ pub struct ResyncProgress {
 pub struct ResyncReport {
     /// When it began (ns since the Unix epoch): tells one resync from another.
     pub started_ns: u64,
-    /// What the program was rebuilt from: "initial state", "own snapshot"
-    /// or "leader's snapshot".
+    /// What the program was rebuilt from: "initial state" or "leader's
+    /// snapshot" (or "failed: …").
     pub source: String,
     /// The op the program was rebuilt from (0: its initial state).
     pub from_op: u64,

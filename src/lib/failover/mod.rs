@@ -134,7 +134,7 @@ pub enum ResyncFrom {
     Auto,
     /// A fresh snapshot of the leader's program, then the log after it.
     Leader,
-    /// The initial state (or the replica's own snapshot from before it diverged), then the log.
+    /// The initial state, then the whole log (the log must still start at op 1).
     Log,
 }
 
@@ -145,10 +145,11 @@ fetches it, restores its program from it and replays the few ops after it:
 the rebuilt copy is the leader's, whatever the program does.
 
 Without them (or with --from log), the replica stops its copy of the
-program, brings it back to its initial state (--reset-cmd, or its own
-snapshot if it was taken before the divergence), starts it again and
-replays the log into it. A program that is not deterministic for this
-input (timers, clocks, random numbers, threads racing) may diverge again.
+program, brings it back to its initial state (--reset-cmd), starts it
+again and replays the whole log into it (refused once snapshots compacted
+the log: the replica's own snapshot may hold the divergence). A program
+that is not deterministic for this input (timers, clocks, random numbers,
+threads racing) may diverge again.
 
 Either way the cluster goes on committing, and the leader's hashes of its
 program's output are in the log: the rebuilt copy is compared with them on

@@ -235,6 +235,14 @@ impl Digests {
         self.chunk
     }
 
+    /// The (normalized) output of `conn` so far, when it is followed here.
+    pub fn total(&self, conn: u64) -> Option<u64> {
+        self.conns
+            .get(&conn)
+            .filter(|c| !c.unaligned)
+            .map(|c| c.total)
+    }
+
     /// Forgets every connection (the program restarted); counts stay.
     pub fn reset(&mut self) {
         self.conns.clear();

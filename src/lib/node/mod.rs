@@ -321,6 +321,9 @@ struct AppConn {
     out: Vec<u8>,
     /// Bytes the program wrote on it so far.
     read_total: u64,
+    /// Output this copy is short of the leader's on this connection, learnt
+    /// when an `Await` timed out (see [`Node::pump_apply`]).
+    await_gap: u64,
     /// Opened again on a program restored from a snapshot: its output
     /// offsets do not line up with the leader's (no `Await` waits on it).
     reopened: bool,
@@ -588,6 +591,14 @@ struct Node<'a> {
     last_resync: Option<crate::admin::ResyncReport>,
     /// Where the replay at start began (0: from the first op).
     replay_base: u64,
+    /// The replay at start handed its last entry to the program: check
+    /// the divergence mark once the program's output is in.
+    replay_done: Option<Instant>,
+    /// When this replica last handed the leadership on because its program
+    /// diverged (once per [`resync::HAND_OFF_EVERY`] at most).
+    handed_off: Option<Instant>,
+    /// The engine asked for a snapshot while a resync fetched the leader's: asked after it.
+    deferred_fetch: Option<(NodeId, u64)>,
     /// Counts and times for them.
     observed: admin::Observed,
 }
@@ -629,7 +640,8 @@ impl Node<'_> {
             || self.resync.is_some()
             // A diverged replica elected leader serves no client while it
             // hands the leadership on.
-            || (self.diverged.is_some() && self.engine.transferring_to().is_some())
+            || ((self.diverged.is_some() || self.resync.is_some())
+                && self.engine.transferring_to().is_some())
     }
 
     /// A follower whose program is `program_backlog` entries behind takes no
@@ -863,7 +875,10 @@ impl Node<'_> {
                         }
                     }
                 }
-                if role == Role::Leader && was != Role::Leader && self.diverged.is_some() {
+                if role == Role::Leader
+                    && was != Role::Leader
+                    && (self.diverged.is_some() || self.resync.is_some())
+                {
                     self.hand_off_diverged(view)?;
                 }
                 if was == Role::Leader && role != Role::Leader {
@@ -987,23 +1002,37 @@ impl Node<'_> {
             // The program's state must stay at the snapshot's op until it is written.
             return;
         }
-        while let Some(e) = self.apply_queue.front() {
-            // Wait for the last connection's answer before bytes go to another
-            // connection, and before that connection closes (a multi-threaded
-            // program such as memcached would otherwise run the next
-            // connection's request first).
+        while let Some(front) = self.apply_queue.front() {
             // The leader's client waited for this much output before its
             // next input: so does this replica's program (or ANSWER_WAIT passes).
-            if e.kind == Kind::Await {
-                let behind = self.apps.get(&e.conn).is_some_and(|a| {
-                    a.read_total < await_offset(e) && a.shut.is_none() && !a.reopened
-                });
+            if front.kind == Kind::Await {
+                let (conn, want) = (front.conn, await_offset(front));
+                let have = self.out_count(conn);
+                let behind = self
+                    .apps
+                    .get(&conn)
+                    .is_some_and(|a| have + a.await_gap < want && a.shut.is_none() && !a.reopened);
                 let since = *self.await_since.get_or_insert_with(Instant::now);
                 if behind && since.elapsed() < ANSWER_WAIT {
                     return;
                 }
+                if behind {
+                    // This copy wrote less than the leader's (its answer
+                    // differs, or is late): later waits on the connection
+                    // allow for the difference rather than time out each.
+                    if let Some(a) = self.apps.get_mut(&conn) {
+                        a.await_gap = want - have;
+                    }
+                }
                 self.await_since = None;
             }
+            let Some(e) = self.apply_queue.front() else {
+                return;
+            };
+            // Wait for the last connection's answer before bytes go to another
+            // connection, and before that connection closes (a multi-threaded
+            // program such as memcached would otherwise run the next
+            // connection's request first).
             let must_wait = match e.kind {
                 Kind::Data => self
                     .last_written
@@ -1168,6 +1197,10 @@ impl Node<'_> {
     /// The engine needs a snapshot up to `op`: fetch it from `from`.
     fn start_fetch(&mut self, from: NodeId, op: u64) -> Result<(), NodeError> {
         if self.fetch.is_some() || self.install.is_some() {
+            if self.resync.as_ref().is_some_and(|r| r.fetching()) {
+                // Our own fetch for a resync: the engine's comes after it.
+                self.deferred_fetch = Some((from, op));
+            }
             return Ok(());
         }
         if self.restore_cmd.is_none() {
@@ -1378,6 +1411,8 @@ impl Node<'_> {
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
             meta.op,
         ));
+        // The program's state is the leader's now.
+        self.superseded_by_snapshot(meta.op);
         self.step(Input::SnapshotInstalled {
             op: meta.op,
             open_conns: meta.open_conns,
@@ -1406,7 +1441,7 @@ impl Node<'_> {
                     started.elapsed().as_secs_f64()
                 ));
                 self.replay = None;
-                self.replayed();
+                self.replay_done = Some(Instant::now());
             }
         }
         if e.kind == Kind::Frame {
@@ -1493,6 +1528,7 @@ impl Node<'_> {
                         token,
                         out: Vec::new(),
                         read_total: 0,
+                        await_gap: 0,
                         reopened: false,
                         closing: false,
                         shut: None,
@@ -1527,6 +1563,17 @@ impl Node<'_> {
         self.apply_queue.clear();
         self.last_written = None;
         self.awaiting_answer = None;
+        self.await_since = None;
+    }
+
+    /// What the program wrote on `conn`, as `Await` entries count it: the
+    /// normalized output when divergence detection follows the connection
+    /// (PostgreSQL's pids make raw lengths differ between copies), else
+    /// the bytes.
+    fn out_count(&self, conn: u64) -> u64 {
+        self.digests
+            .total(conn)
+            .unwrap_or_else(|| self.apps.get(&conn).map_or(0, |a| a.read_total))
     }
 
     fn close_app(&mut self, conn: u64) {
@@ -1779,16 +1826,18 @@ impl Node<'_> {
             }
             return Ok(());
         }
+        let Some(conn) = self.clients.get(&t).map(|c| c.conn) else {
+            return Ok(());
+        };
+        // The program answered since this client's last input: its next
+        // input goes after that answer on every replica too.
+        let out_now = self.out_count(conn);
         let Some(c) = self.clients.get_mut(&t) else {
             return Ok(());
         };
-        let conn = c.conn;
         let events = &mut self.proposals;
         let mut chunks = 0;
         let framed = self.framed;
-        // The program answered since this client's last input: its next
-        // input goes after that answer on every replica too.
-        let out_now = self.apps.get(&conn).map_or(0, |a| a.read_total);
         let mut wait_for = (out_now > c.seen_out).then_some(out_now);
         let seen_out = &mut c.seen_out;
         let partial = &mut c.partial;
@@ -1883,11 +1932,12 @@ impl Node<'_> {
         });
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
+        let gap = a.await_gap;
+        self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
         // The next input waits for this output (see Kind::Await).
         let awaited = self.apply_queue.front().is_some_and(|e| {
-            e.kind == Kind::Await && e.conn == conn && await_offset(e) <= a.read_total
+            e.kind == Kind::Await && e.conn == conn && await_offset(e) <= self.out_count(conn) + gap
         });
-        self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
         if !answer.is_empty() {
@@ -2378,6 +2428,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         resync: None,
         last_resync: None,
         replay_base: base,
+        replay_done: None,
+        handed_off: None,
+        deferred_fetch: None,
     };
     if let Some(d) = &node.diverged {
         ui.warn(&format!(

@@ -26,6 +26,10 @@ const RESYNC_BATCH_BYTES: usize = 4 << 20;
 /// How long a rebuild waits, at its end, for the program to close
 /// connections it was told to close (their last chunks are compared then).
 const RESYNC_SETTLE: Duration = Duration::from_secs(2);
+/// How long a resync waits for the leader's snapshot.
+const RESYNC_FETCH_MAX: Duration = Duration::from_secs(300);
+/// A replica hands the leadership on (diverged, or rebuilding) at most this often.
+pub(super) const HAND_OFF_EVERY: Duration = Duration::from_secs(30);
 /// Mismatches after the first are logged at most this often.
 const MISMATCH_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -264,6 +268,22 @@ impl Node<'_> {
     /// must not become the one the others are compared with).
     pub(super) fn hand_off_diverged(&mut self, view: u64) -> Result<(), NodeError> {
         let me = self.ids[self.me as usize];
+        let why = if self.diverged.is_some() {
+            "its program diverged from the cluster's"
+        } else {
+            "it is rebuilding its program"
+        };
+        if self
+            .handed_off
+            .is_some_and(|t| t.elapsed() < HAND_OFF_EVERY)
+        {
+            // Two replicas that both refuse would pass it back and forth.
+            self.ui.error(&format!(
+                "replica {me} leads view {view} although {why}; it handed the leadership on less than {} s ago and keeps it now",
+                HAND_OFF_EVERY.as_secs()
+            ));
+            return Ok(());
+        }
         let n = self.ids.len();
         let target = (1..n)
             .map(|k| (self.me as usize + k) % n)
@@ -271,9 +291,10 @@ impl Node<'_> {
         match target {
             Some(i) => {
                 self.ui.warn(&format!(
-                    "replica {me} was elected to lead view {view}, but its program diverged from the cluster's: handing the leadership to replica {} (clients wait meanwhile)",
+                    "replica {me} was elected to lead view {view}, but {why}: handing the leadership to replica {} (clients wait meanwhile)",
                     self.ids[i]
                 ));
+                self.handed_off = Some(Instant::now());
                 self.observed.transfer_started_ns = Some(now_ns());
                 self.step(crate::consensus::Input::TransferLeadership {
                     to: i as crate::consensus::NodeId,
@@ -281,7 +302,7 @@ impl Node<'_> {
             }
             None => {
                 self.ui.error(&format!(
-                    "replica {me} leads view {view} although its program diverged, and no other replica is reachable to take over: it serves clients from its diverged copy until one is; resync it then"
+                    "replica {me} leads view {view} although {why}, and no other replica is reachable to take over: it keeps the leadership"
                 ));
                 Ok(())
             }
@@ -295,25 +316,100 @@ impl Node<'_> {
         let _ = std::fs::remove_file(self.data_dir.join(MARK_FILE));
     }
 
-    /// The replay at start is done: if this replica was marked diverged and
-    /// the replay rebuilt its program from before the divergence without a
-    /// difference, the mark goes.
-    pub(super) fn replayed(&mut self) {
-        let Some(d) = &self.diverged else {
+    /// Everything handed to the program was answered (or closed), or
+    /// `since` is long enough ago: its output has been compared.
+    fn settled(&self, since: Instant) -> bool {
+        let drained = self.apply_queue.is_empty()
+            && self
+                .awaiting_answer
+                .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
+            && self.apps.values().all(|a| a.out.is_empty());
+        drained
+            && (self.apps.values().all(|a| a.shut.is_none()) || since.elapsed() >= RESYNC_SETTLE)
+    }
+
+    /// The replay at start handed the program its last entry: once the
+    /// program's output is in, if this replica was marked diverged and the
+    /// replay rebuilt its program from the initial state without a
+    /// difference, the mark goes. (Not from a snapshot: one taken while the
+    /// divergence was not visible yet may hold it.)
+    fn check_replayed(&mut self) {
+        let Some(since) = self.replay_done else {
             return;
         };
-        if self.digests.counts.mismatches == 0 && self.replay_base < d.op && self.digests.on() {
+        if !self.settled(since) {
+            return;
+        }
+        self.replay_done = None;
+        if self.diverged.is_some()
+            && self.digests.on()
+            && self.digests.counts.mismatches == 0
+            && self.replay_base == 0
+        {
             self.ui.note(&format!(
-                "the replay rebuilt the program from op {} and its output matched the leader's at {} chunks: the divergence mark is cleared",
-                self.replay_base, self.digests.counts.compared
+                "the replay rebuilt the program from its initial state and its output matched the leader's at {} chunks: the divergence mark is cleared",
+                self.digests.counts.compared
             ));
             self.clear_mark();
         }
     }
 
+    /// The engine installed the leader's snapshot (this replica was too far
+    /// behind): the program's state is the leader's now. A resync under way
+    /// is done by that, and the divergence mark goes.
+    pub(super) fn superseded_by_snapshot(&mut self, op: u64) {
+        if let Some(r) = self.resync.take() {
+            r.pb.finish_and_clear();
+            self.last_resync = Some(ResyncReport {
+                started_ns: r.started_ns,
+                source: "leader's snapshot (installed to catch up)".into(),
+                from_op: op,
+                to_op: op,
+                seconds: r.started.elapsed().as_secs_f64(),
+                compared: 0,
+                mismatches: 0,
+                first_mismatch: None,
+            });
+        }
+        if self.diverged.is_some() {
+            self.ui.note(&format!(
+                "the program was restored from the leader's snapshot at op {op}: the divergence mark is cleared"
+            ));
+            self.clear_mark();
+        }
+    }
+
+    /// Ends the resync under way as failed, saying why; an engine fetch
+    /// held back for it goes now.
+    fn fail_resync(&mut self, why: &str) -> Result<(), NodeError> {
+        self.ui.error(&format!("resync: {why}"));
+        if let Some(r) = self.resync.take() {
+            r.pb.finish_and_clear();
+            self.last_resync = Some(ResyncReport {
+                started_ns: r.started_ns,
+                source: format!("failed: {why}"),
+                from_op: 0,
+                to_op: 0,
+                seconds: r.started.elapsed().as_secs_f64(),
+                compared: 0,
+                mismatches: 0,
+                first_mismatch: None,
+            });
+        }
+        self.after_resync_fetch()
+    }
+
+    /// The resync's own fetch is over: the engine's, if it asked meanwhile.
+    fn after_resync_fetch(&mut self) -> Result<(), NodeError> {
+        if let Some((from, op)) = self.deferred_fetch.take() {
+            self.start_fetch(from, op)?;
+        }
+        Ok(())
+    }
+
     /// `falcon failover resync`: starts rebuilding the program — from the
     /// leader's snapshot covering `leader_snapshot` (fetched first), or from
-    /// the initial state (or this replica's own snapshot) — then replays the
+    /// the initial state — then replays the
     /// log after it.
     pub(super) fn start_resync(
         &mut self,
@@ -367,35 +463,22 @@ impl Node<'_> {
         }
         // Where to rebuild from: the initial state when the log starts at op
         // 1, else this replica's snapshot — if it was taken before the divergence.
+        // From the log: only the whole of it. This replica's own snapshot
+        // may have been taken while the divergence was not visible yet.
         let first = self.log.first_op();
-        let (base, source) = if first <= 1 && self.snapshot_op == 0 {
-            (0, "initial state")
-        } else if self.restore_cmd.is_none() {
+        if first > 1 {
             return Ok(refusal(format!(
-                "replica {me}'s log starts at op {first}; the ops before it are only in its snapshot, and it has no --restore-cmd"
+                "replica {me}'s log starts at op {first} (the ops before are only in its own snapshot, which may hold the divergence): rebuild it from the leader's snapshot (falcon failover resync --from leader: --snapshot-cmd on the leader, --restore-cmd here)"
             )));
-        } else if self
-            .diverged
-            .as_ref()
-            .is_some_and(|d| d.op <= self.snapshot_op)
-        {
-            return Ok(refusal(format!(
-                "replica {me}'s own snapshot (op {}) was taken after its program diverged (op {}), and its log starts at op {first}: rebuild it from the leader's snapshot instead (falcon failover resync --from leader)",
-                self.snapshot_op,
-                self.diverged.as_ref().map_or(0, |d| d.op)
-            )));
-        } else {
-            (self.snapshot_op, "own snapshot")
-        };
-        let snap = (base > 0).then(|| self.snapshot_path());
+        }
         self.resync = Some(Resync::new(
-            source,
-            base,
-            Some(snap),
+            "initial state",
+            0,
+            Some(None),
             started_ns,
             self.digests.counts,
         ));
-        Ok(serde_json::json!({"ok": true, "from": base, "started_ns": started_ns}))
+        Ok(serde_json::json!({"ok": true, "from": 0, "started_ns": started_ns}))
     }
 
     /// The leader's snapshot arrived for a resync: rebuild from it.
@@ -417,23 +500,12 @@ impl Node<'_> {
                 self.rebuild(Some(&path))
             });
         let _ = std::fs::remove_file(&path);
-        if let Err(e) = result {
-            // The replica goes on as it was; the operator sees why.
-            self.ui.error(&format!("resync: {e}"));
-            let r = self.resync.take().expect("resyncing");
-            self.last_resync = Some(ResyncReport {
-                started_ns: r.started_ns,
-                source: format!("failed: {e}"),
-                from_op: 0,
-                to_op: 0,
-                seconds: r.started.elapsed().as_secs_f64(),
-                compared: 0,
-                mismatches: 0,
-                first_mismatch: None,
-            });
-            // The program may be down now: if so, the loop sees it exit.
+        match result {
+            // The replica goes on as it was (or, if its program is down now,
+            // the loop sees it exit); the operator sees why.
+            Err(e) => self.fail_resync(&e.to_string()),
+            Ok(()) => self.after_resync_fetch(),
         }
-        Ok(())
     }
 
     /// Stops the program, brings it to the resync's base (the reset hook,
@@ -503,7 +575,8 @@ impl Node<'_> {
         );
         if let Some(r) = &mut self.resync {
             r.next = base + 1;
-            r.upto = upto;
+            // Deliveries since the resync began raised it already.
+            r.upto = r.upto.max(upto);
             r.pb = pb;
         }
         Ok(())
@@ -529,8 +602,32 @@ impl Node<'_> {
     /// Hands the program the next entries of the log while a resync runs,
     /// and ends it when the program has had them all.
     pub(super) fn feed_resync(&mut self) -> Result<(), NodeError> {
+        self.check_replayed();
         if let Some(snap) = self.resync.as_mut().and_then(|r| r.pending.take()) {
-            self.rebuild(snap.as_deref())?;
+            if let Err(e) = self.rebuild(snap.as_deref()) {
+                return self.fail_resync(&e.to_string());
+            }
+        }
+        if let Some(r) = self.resync.as_ref().filter(|r| r.fetching) {
+            let leader = self.engine.leader();
+            let why = if r.started.elapsed() >= RESYNC_FETCH_MAX {
+                Some(format!(
+                    "the leader's snapshot did not arrive within {} s",
+                    RESYNC_FETCH_MAX.as_secs()
+                ))
+            } else if self.fetch.is_none() && self.install.is_none() {
+                Some("the snapshot received from the leader was not usable".to_string())
+            } else if self.fetch.as_ref().is_some_and(|f| f.from != leader) {
+                Some("the leadership changed while the leader's snapshot was on its way; run the resync again".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                if self.fetch.take().is_some() {
+                    let _ = std::fs::remove_file(self.data_dir.join("snapshot.incoming"));
+                }
+                return self.fail_resync(&why);
+            }
         }
         let Some(r) = self.resync.as_mut().filter(|r| !r.fetching) else {
             return Ok(());
@@ -555,19 +652,13 @@ impl Node<'_> {
         let Some(r) = &mut self.resync else {
             return Ok(());
         };
-        let idle = all_read
-            && self.apply_queue.is_empty()
-            && self
-                .awaiting_answer
-                .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
-            && self.apps.values().all(|a| a.out.is_empty());
-        if !idle {
+        if !all_read {
             r.drained = None;
             return Ok(());
         }
         let since = *r.drained.get_or_insert_with(Instant::now);
         // Connections told to close: their last chunks come when the program closes them.
-        if self.apps.values().any(|a| a.shut.is_some()) && since.elapsed() < RESYNC_SETTLE {
+        if !self.settled(since) {
             return Ok(());
         }
         let r = self.resync.take().expect("checked");
