@@ -1932,13 +1932,20 @@ fn a_failed_fsync_stops_the_replica_and_the_cluster_goes_on_without_losing_a_wri
     );
 }
 
+/// `falcon failover ARGS --config cluster.toml` in the cluster's directory.
+fn failover(c: &Cluster, args: &[&str]) -> util::Run {
+    let mut all = vec!["failover"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", "cluster.toml"]);
+    util::run_in(c.dir.path(), &all)
+}
+
 /// Every replica's status, as `falcon failover status --json` gives it (Null when down).
 fn statuses(c: &Cluster) -> Vec<serde_json::Value> {
-    let r = util::run_in(
-        c.dir.path(),
-        &["failover", "status", "--config", "cluster.toml", "--json"],
-    );
-    let v = r.json_lines().pop().expect("one JSON line");
+    let v = failover(c, &["status", "--json"])
+        .json_lines()
+        .pop()
+        .expect("one JSON line");
     v["replicas"]
         .as_array()
         .expect("replicas")
@@ -2044,10 +2051,7 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
         .is_ok_and(|t| t.trim() == format!("{} {conn} 0 1", bad + 1))),
         "the --on-divergence hook did not run with the right environment"
     );
-    let metrics = util::run_in(
-        c.dir.path(),
-        &["failover", "status", "--config", "cluster.toml"],
-    );
+    let metrics = failover(&c, &["status"]);
     assert!(
         metrics.stdout.contains("diverged")
             && metrics
@@ -2057,32 +2061,12 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     );
 
     // It is not made leader unless forced.
-    let t = util::run_in(
-        c.dir.path(),
-        &[
-            "failover",
-            "transfer",
-            "--config",
-            "cluster.toml",
-            "--to",
-            &(bad + 1).to_string(),
-        ],
-    );
+    let t = failover(&c, &["transfer", "--to", &(bad + 1).to_string()]);
     assert_eq!(t.code, 1, "{t:?}");
     assert!(t.stderr.contains("diverged"), "{t:?}");
     assert_eq!(statuses(&c)[leader]["role"], "leader");
     // The leader cannot be resynced: its copy is the truth.
-    let r = util::run_in(
-        c.dir.path(),
-        &[
-            "failover",
-            "resync",
-            "--config",
-            "cluster.toml",
-            "--node",
-            &(leader + 1).to_string(),
-        ],
-    );
+    let r = failover(&c, &["resync", "--node", &(leader + 1).to_string()]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("leads"), "{r:?}");
 
@@ -2139,18 +2123,7 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
 
     // resync: its Redis starts empty, the log is replayed into it, and the
     // leader's hashes in the log show it now matches.
-    let r = util::run_in(
-        c.dir.path(),
-        &[
-            "failover",
-            "resync",
-            "--config",
-            "cluster.toml",
-            "--node",
-            &(bad + 1).to_string(),
-            "--json",
-        ],
-    );
+    let r = failover(&c, &["resync", "--node", &(bad + 1).to_string(), "--json"]);
     assert_eq!(r.code, 0, "{r:?}\n{}", c.log(bad));
     let report = r.json_lines().pop().unwrap();
     assert_eq!(report["matches"], true, "{report}");
@@ -2226,17 +2199,7 @@ fn a_program_that_answers_differently_on_one_replica_is_caught_at_the_first_diff
     let lead = || statuses(&c).iter().position(|st| st["role"] == "leader");
     assert!(wait_until(Duration::from_secs(20), || lead().is_some()));
     if lead() == Some(2) {
-        let t = util::run_in(
-            c.dir.path(),
-            &[
-                "failover",
-                "transfer",
-                "--config",
-                "cluster.toml",
-                "--to",
-                "1",
-            ],
-        );
+        let t = failover(&c, &["transfer", "--to", "1"]);
         assert_eq!(t.code, 0, "{t:?}");
     }
     let leader = lead().unwrap();
@@ -2535,18 +2498,7 @@ fn postgres_under_pgbench_one_client_agrees_four_crossed_clients_diverge_and_res
 
     // resync: the leader takes a fresh snapshot (pg_basebackup), the
     // diverged replica restores it and replays the ops after it.
-    let r = util::run_in(
-        &dir,
-        &[
-            "failover",
-            "resync",
-            "--config",
-            "cluster.toml",
-            "--node",
-            &(bad + 1).to_string(),
-            "--json",
-        ],
-    );
+    let r = failover(&c, &["resync", "--node", &(bad + 1).to_string(), "--json"]);
     let program_log = |i: usize| {
         std::fs::read_to_string(dir.join(format!("data/{}/program.log", i + 1))).unwrap_or_default()
     };
