@@ -640,8 +640,7 @@ impl Node<'_> {
             || self.resync.is_some()
             // A diverged replica elected leader serves no client while it
             // hands the leadership on.
-            || ((self.diverged.is_some() || self.resync.is_some())
-                && self.engine.transferring_to().is_some())
+            || (self.diverged.is_some() && self.engine.transferring_to().is_some())
     }
 
     /// A follower whose program is `program_backlog` entries behind takes no
@@ -1007,16 +1006,13 @@ impl Node<'_> {
             // next input: so does this replica's program (or ANSWER_WAIT passes).
             if front.kind == Kind::Await {
                 let (conn, want) = (front.conn, await_offset(front));
-                let have = self.out_count(conn);
-                let behind = self
-                    .apps
-                    .get(&conn)
-                    .is_some_and(|a| have + a.await_gap < want && a.shut.is_none() && !a.reopened);
+                let behind = self.awaits_output(front);
                 let since = *self.await_since.get_or_insert_with(Instant::now);
                 if behind && since.elapsed() < ANSWER_WAIT {
                     return;
                 }
                 if behind {
+                    let have = self.out_count(conn);
                     // This copy wrote less than the leader's (its answer
                     // differs, or is late): later waits on the connection
                     // allow for the difference rather than time out each.
@@ -1376,10 +1372,7 @@ impl Node<'_> {
             .restore_cmd
             .clone()
             .expect("fetching needs --restore-cmd");
-        if let Some(app) = &mut self.app {
-            app.stop(Duration::from_secs(5));
-        }
-        self.close_all_apps();
+        self.stop_program();
         // Acknowledgements of the old log must not go out for the new one.
         self.held.clear();
         let path = self.snapshot_path();
@@ -1392,21 +1385,8 @@ impl Node<'_> {
         self.unwritten.clear();
         self.log.reset(meta.op + 1, 0)?;
         self.hooks_env.restore(&cmd, &path)?;
-        let app = App::start(
-            &self.program,
-            self.app_addr,
-            self.app_timeout,
-            Some(&self.data_dir.join("program.log")),
-        )?;
-        let pid = app.pid();
-        self.app = Some(app);
-        self.applied_op = meta.op;
+        let pid = self.start_program_at(meta.op, &meta.open_conns)?;
         self.next_snapshot_at = meta.op + self.snapshot_every;
-        self.open_conns = meta.open_conns.iter().copied().collect();
-        self.digests.reset();
-        for &c in &meta.open_conns {
-            self.reopen_app(c);
-        }
         self.ui.note(&format!(
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
             meta.op,
@@ -1543,6 +1523,38 @@ impl Node<'_> {
         }
     }
 
+    /// Stops the program before it restarts from another state. Our
+    /// connections go first (a program may wait for its clients before it
+    /// stops: PostgreSQL's smart shutdown); nothing hashed of its output so
+    /// far lines up with what comes.
+    fn stop_program(&mut self) {
+        self.close_all_apps();
+        if let Some(app) = &mut self.app {
+            app.stop(Duration::from_secs(5));
+        }
+        self.digests.reset();
+    }
+
+    /// Starts the program again as of op `op`, with `open_conns` (the
+    /// connections open then) opened again; its pid.
+    fn start_program_at(&mut self, op: u64, open_conns: &[u64]) -> Result<u32, NodeError> {
+        let app = App::start(
+            &self.program,
+            self.app_addr,
+            self.app_timeout,
+            Some(&self.data_dir.join("program.log")),
+        )?;
+        let pid = app.pid();
+        self.app = Some(app);
+        self.observed.program_starts += 1;
+        self.applied_op = op;
+        self.open_conns = open_conns.iter().copied().collect();
+        for &c in open_conns {
+            self.reopen_app(c);
+        }
+        Ok(pid)
+    }
+
     /// Opens `conn` again on a program restored from a snapshot: its output
     /// here does not line up with the leader's, so nothing on it is
     /// compared or waited for.
@@ -1574,6 +1586,15 @@ impl Node<'_> {
         self.digests
             .total(conn)
             .unwrap_or_else(|| self.apps.get(&conn).map_or(0, |a| a.read_total))
+    }
+
+    /// The `Await` entry `e` still waits for this copy's program to write
+    /// more on its connection (allowing for the shortfall learnt there).
+    fn awaits_output(&self, e: &Entry) -> bool {
+        let have = self.out_count(e.conn);
+        self.apps.get(&e.conn).is_some_and(|a| {
+            have + a.await_gap < await_offset(e) && a.shut.is_none() && !a.reopened
+        })
     }
 
     fn close_app(&mut self, conn: u64) {
@@ -1932,12 +1953,12 @@ impl Node<'_> {
         });
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
-        let gap = a.await_gap;
         self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
-        // The next input waits for this output (see Kind::Await).
-        let awaited = self.apply_queue.front().is_some_and(|e| {
-            e.kind == Kind::Await && e.conn == conn && await_offset(e) <= self.out_count(conn) + gap
-        });
+        // The next input waited for this output (see Kind::Await).
+        let awaited = self
+            .apply_queue
+            .front()
+            .is_some_and(|e| e.kind == Kind::Await && e.conn == conn && !self.awaits_output(e));
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
         if !answer.is_empty() {

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use super::divergence::{Chunk, Counts, Mismatch};
 use super::{ANSWER_WAIT, Node, NodeError, Snapshotting};
 use crate::admin::{Diverged, ResyncProgress, ResyncReport, refusal};
-use crate::app::App;
 use crate::consensus::{Event, Role};
 use crate::log::{Entry, Kind, now_ns};
 use crate::output::Ui;
@@ -82,6 +81,27 @@ impl Resync {
             first: None,
             drained: None,
             pb: indicatif::ProgressBar::hidden(),
+        }
+    }
+
+    /// Ends it: the report, with what was compared since it began.
+    fn finish(
+        self,
+        source: String,
+        ops: (u64, u64),
+        now: Counts,
+        first_mismatch: Option<Mismatch>,
+    ) -> ResyncReport {
+        self.pb.finish_and_clear();
+        ResyncReport {
+            started_ns: self.started_ns,
+            source,
+            from_op: ops.0,
+            to_op: ops.1,
+            seconds: self.started.elapsed().as_secs_f64(),
+            compared: now.compared - self.counts.compared,
+            mismatches: now.mismatches - self.counts.mismatches,
+            first_mismatch,
         }
     }
 
@@ -359,17 +379,12 @@ impl Node<'_> {
     /// is done by that, and the divergence mark goes.
     pub(super) fn superseded_by_snapshot(&mut self, op: u64) {
         if let Some(r) = self.resync.take() {
-            r.pb.finish_and_clear();
-            self.last_resync = Some(ResyncReport {
-                started_ns: r.started_ns,
-                source: "leader's snapshot (installed to catch up)".into(),
-                from_op: op,
-                to_op: op,
-                seconds: r.started.elapsed().as_secs_f64(),
-                compared: 0,
-                mismatches: 0,
-                first_mismatch: None,
-            });
+            self.last_resync = Some(r.finish(
+                "leader's snapshot (installed to catch up)".into(),
+                (op, op),
+                self.digests.counts,
+                None,
+            ));
         }
         if self.diverged.is_some() {
             self.ui.note(&format!(
@@ -384,17 +399,8 @@ impl Node<'_> {
     fn fail_resync(&mut self, why: &str) -> Result<(), NodeError> {
         self.ui.error(&format!("resync: {why}"));
         if let Some(r) = self.resync.take() {
-            r.pb.finish_and_clear();
-            self.last_resync = Some(ResyncReport {
-                started_ns: r.started_ns,
-                source: format!("failed: {why}"),
-                from_op: 0,
-                to_op: 0,
-                seconds: r.started.elapsed().as_secs_f64(),
-                compared: 0,
-                mismatches: 0,
-                first_mismatch: None,
-            });
+            self.last_resync =
+                Some(r.finish(format!("failed: {why}"), (0, 0), self.digests.counts, None));
         }
         self.after_resync_fetch()
     }
@@ -409,8 +415,7 @@ impl Node<'_> {
 
     /// `falcon failover resync`: starts rebuilding the program — from the
     /// leader's snapshot covering `leader_snapshot` (fetched first), or from
-    /// the initial state — then replays the
-    /// log after it.
+    /// the initial state — then replays the log after it.
     pub(super) fn start_resync(
         &mut self,
         leader_snapshot: Option<u64>,
@@ -461,8 +466,6 @@ impl Node<'_> {
             ));
             return Ok(serde_json::json!({"ok": true, "fetching": need, "started_ns": started_ns}));
         }
-        // Where to rebuild from: the initial state when the log starts at op
-        // 1, else this replica's snapshot — if it was taken before the divergence.
         // From the log: only the whole of it. This replica's own snapshot
         // may have been taken while the divergence was not visible yet.
         let first = self.log.first_op();
@@ -529,13 +532,7 @@ impl Node<'_> {
             },
             base + 1
         ));
-        // Our connections go first: a program may wait for its clients
-        // before it stops (PostgreSQL's smart shutdown).
-        self.close_all_apps();
-        if let Some(app) = &mut self.app {
-            app.stop(Duration::from_secs(5));
-        }
-        self.digests.reset();
+        self.stop_program();
         let mut open_at_base = Vec::new();
         match snapshot_file {
             None => {
@@ -548,24 +545,9 @@ impl Node<'_> {
                 open_at_base = self.hooks_env.restore(&cmd, file)?.open_conns;
             }
         }
-        let app = App::start(
-            &self.program,
-            self.app_addr,
-            self.app_timeout,
-            Some(&self.data_dir.join("program.log")),
-        )?;
-        self.ui.detail(&format!(
-            "started {} again (pid {})",
-            app.program,
-            app.pid()
-        ));
-        self.app = Some(app);
-        self.observed.program_starts += 1;
-        self.applied_op = base;
-        self.open_conns = open_at_base.iter().copied().collect();
-        for &c in &open_at_base {
-            self.reopen_app(c);
-        }
+        let pid = self.start_program_at(base, &open_at_base)?;
+        self.ui
+            .detail(&format!("started the program again (pid {pid})"));
         // The program's restart kept the loop from the leader's heartbeats.
         self.step(crate::consensus::Input::Stalled)?;
         let pb = self.ui.progress_with(
@@ -662,18 +644,8 @@ impl Node<'_> {
             return Ok(());
         }
         let r = self.resync.take().expect("checked");
-        r.pb.finish_and_clear();
-        let now = self.digests.counts;
-        let report = ResyncReport {
-            started_ns: r.started_ns,
-            source: r.source.into(),
-            from_op: r.base,
-            to_op: self.applied_op,
-            seconds: r.started.elapsed().as_secs_f64(),
-            compared: now.compared - r.counts.compared,
-            mismatches: now.mismatches - r.counts.mismatches,
-            first_mismatch: r.first.clone(),
-        };
+        let (source, ops, first) = (r.source.into(), (r.base, self.applied_op), r.first.clone());
+        let report = r.finish(source, ops, self.digests.counts, first);
         let me = self.ids[self.me as usize];
         if report.mismatches == 0 {
             self.ui.note(&format!(
