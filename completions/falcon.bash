@@ -837,7 +837,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__tap__subcmd__attach)
-            opts="-v -q -h -V --create --capture --qemu-socket --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --create --capture --qemu-socket --deliver --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -849,6 +849,10 @@ _falcon() {
                     ;;
                 --qemu-socket)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --deliver)
+                    COMPREPLY=($(compgen -W "early committed" -- "${cur}"))
                     return 0
                     ;;
                 --config)

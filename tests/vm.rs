@@ -344,7 +344,7 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
         let c = counters(i);
         let dropped: u64 = c
             .split(", ")
-            .find(|p| p.ends_with("from the VM dropped as a backup"))
+            .find(|p| p.contains("from the VM dropped as a backup"))
             .and_then(|p| p.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
@@ -567,5 +567,186 @@ fn a_qemu_started_separately_is_served_and_found_again_after_a_restart() {
         2,
         "{}",
         log(d, 1)
+    );
+}
+
+/// The lines of guest `i`'s console that say it served `request`.
+fn served_request(d: &Path, i: usize, request: &str) -> bool {
+    std::fs::read_to_string(d.join(format!("console{i}.log")))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("falcon guest: request ") && l.ends_with(&format!(": {request}")))
+}
+
+#[test]
+fn the_leaders_vm_works_ahead_but_answers_only_what_a_majority_has_and_a_deposed_leader_with_lost_input_stops()
+ {
+    let mut setup = start(false);
+    let d = setup.d().to_path_buf();
+    let lead = leader(&d).unwrap();
+    let backups: Vec<usize> = (1..=3).filter(|&i| i != lead).collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || setup
+            .net
+            .run(lead, "ping -c 1 -W 2 10.0.0.2")
+            .status
+            .success()),
+        "no ping answer through the leader; its log:\n{}",
+        log(&d, lead)
+    );
+    // A client on the leader's host, one connection, three requests; each
+    // waits for a file the test makes, and what came back is printed.
+    let client = d.join("client.sh");
+    std::fs::write(
+        &client,
+        format!(
+            "cd {d}\nexec 3<>/dev/tcp/10.0.0.2/80 || exit 9\n\
+             echo 'set before 1' >&3; read -t 30 l <&3; echo \"first $l\"; touch opened\n\
+             while [ ! -e go ]; do sleep 0.05; done\n\
+             echo 'set held 1' >&3; read -t 60 l <&3 && echo \"second $l\"; touch answered\n\
+             while [ ! -e go2 ]; do sleep 0.05; done\n\
+             echo 'set lost 1' >&3; if read -t 20 l <&3; then echo \"third $l\"; else echo 'third none'; fi\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let ns = setup.net.ns(lead);
+    let conversation =
+        std::thread::spawn(move || sh(&format!("ip netns exec {ns} bash {}", client.display())));
+    assert!(
+        wait_until(Duration::from_secs(60), || d.join("opened").exists()),
+        "the first request got no answer; leader log:\n{}",
+        log(&d, lead)
+    );
+    // 1. No majority: both backups' falcons stopped. The leader's guest gets
+    // the request at once and serves it, but its answer waits.
+    let pid = |i: usize| setup.replicas[i - 1].as_ref().unwrap().0.id();
+    for &b in &backups {
+        must(&format!("kill -STOP {}", pid(b)));
+    }
+    std::fs::write(d.join("go"), "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || served_request(
+            &d,
+            lead,
+            "set held 1"
+        )),
+        "the leader's guest did not get the request before it committed (--deliver early); log:\n{}",
+        log(&d, lead)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !d.join("answered").exists(),
+        "the client got an answer to input no majority had"
+    );
+    // A majority again: the input commits and the held answer goes out.
+    for &b in &backups {
+        must(&format!("kill -CONT {}", pid(b)));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || d.join("answered").exists()),
+        "no answer once the backups were back; leader log:\n{}",
+        log(&d, lead)
+    );
+    for &b in &backups {
+        assert!(
+            wait_until(Duration::from_secs(30), || served_request(
+                &d,
+                b,
+                "set held 1"
+            )),
+            "backup {b}'s guest never got the committed request"
+        );
+    }
+    // 2. The leader cut off from the other replicas: its guest serves the
+    // next request at once, the answer waits for a commit that never comes,
+    // the others elect a leader whose log does not hold that request.
+    setup.net.link(lead, false);
+    std::fs::write(d.join("go2"), "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || served_request(
+            &d,
+            lead,
+            "set lost 1"
+        )),
+        "the cut-off leader's guest did not get the request early; log:\n{}",
+        log(&d, lead)
+    );
+    let new_lead = {
+        let mut found = None;
+        wait_until(Duration::from_secs(30), || {
+            found = backups
+                .iter()
+                .copied()
+                .find(|&i| log(&d, i).contains(&format!("role: replica {i} leads view")));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "the other two elected no leader; logs:\n{}\n{}",
+                log(&d, backups[0]),
+                log(&d, backups[1])
+            )
+        })
+    };
+    // The new leader's VM serves its own host's network.
+    assert!(
+        wait_until(Duration::from_secs(60), || setup
+            .net
+            .run(new_lead, "ping -c 1 -W 2 10.0.0.2")
+            .status
+            .success()),
+        "the new leader's VM does not answer; its log:\n{}",
+        log(&d, new_lead)
+    );
+    // Healed: the old leader learns the new view, finds that its VM
+    // processed input the log does not hold, and stops rather than serve
+    // as a copy that differs.
+    setup.net.link(lead, true);
+    let mut old = setup.replicas[lead - 1].take().unwrap();
+    let status = {
+        let mut st = None;
+        wait_until(Duration::from_secs(60), || {
+            st = old.0.try_wait().ok().flatten();
+            st.is_some()
+        });
+        st
+    };
+    let old_log = log(&d, lead);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the deposed leader did not stop ({status:?}); its log:\n{old_log}"
+    );
+    assert!(
+        old_log.contains("restart this replica (its VM starts over and replays the log)"),
+        "{old_log}"
+    );
+    let _ = old.0.wait();
+    std::mem::forget(old);
+    let o = conversation.join().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains("first ok") && text.contains("second ok") && text.contains("third none"),
+        "the client saw an answer to input the cluster lost, or missed one it was owed:\n{text}"
+    );
+    assert!(
+        !served_request(&d, new_lead, "set lost 1"),
+        "the new leader's guest got the lost request"
+    );
+    // The cluster goes on without it.
+    let o = setup.net.run(new_lead, "ping -c 3 -i 0.2 -W 2 10.0.0.2");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("3 received"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let counters = old_log
+        .lines()
+        .find(|l| l.contains("frames proposed"))
+        .unwrap_or_else(|| panic!("no counters from the deposed leader:\n{old_log}"));
+    println!("deposed leader: {counters}");
+    assert!(
+        counters.contains("after waiting for a commit"),
+        "{counters}"
     );
 }

@@ -12,7 +12,7 @@ pub mod divergence;
 pub mod normalize;
 mod resync;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -31,6 +31,8 @@ use crate::config::ClusterConfig;
 use crate::consensus::{
     Command, Config, Envelope, Event, Input, NodeId, PersistentState, Reject, Replica, Role,
 };
+use xxhash_rust::xxh3::xxh3_64;
+
 use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog, seal};
 use crate::output::Ui;
 use crate::snapshot;
@@ -121,6 +123,19 @@ pub struct TapOptions {
     /// (`-netdev stream,server=on,addr.type=unix,addr.path=…`) instead of
     /// starting QEMU: connect, and connect again when it restarts.
     pub socket: Option<PathBuf>,
+    /// When the leader's VM gets a frame.
+    pub deliver: Deliver,
+}
+
+/// When the leader's VM receives an inbound frame (`tap-attach --deliver`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Deliver {
+    /// As the leader proposes it; what the VM sends waits until that input
+    /// is committed (output commit): the VM works while the replicas agree.
+    #[default]
+    Early,
+    /// Once it is committed, like every backup's VM.
+    Committed,
 }
 
 /// The netdev id falcon gives QEMU's stream backend (`-device …,netdev=falcon`).
@@ -194,6 +209,9 @@ pub enum NodeError {
     /// The node cannot start as configured (no RDMA device, …).
     #[error("{0}")]
     Setup(String),
+    /// This replica's VM processed input the log does not hold.
+    #[error("{0}")]
+    VmDiverged(String),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -573,6 +591,18 @@ struct Node<'a> {
     tap_more: bool,
     /// The VM's stream failed (said once).
     vm_broken: bool,
+    /// tap-attach: the leader gives its VM each frame as it proposes it.
+    vm_early: bool,
+    /// Reading from the VM stopped while its output waited for a commit: read again.
+    vm_more: bool,
+    /// Every entry up to this op is handed to the VM (frames written to it,
+    /// the rest passed over), committed or, on the leader, given early.
+    vm_given_op: u64,
+    /// Frames given to the VM before they committed: their op and xxh3.
+    vm_early_ops: VecDeque<(u64, u64)>,
+    /// The VM received input the log does not hold (a deposed leader's
+    /// early frames that the new view dropped): why, to stop with.
+    vm_lost: Option<String>,
     /// tap-attach --qemu-socket: where QEMU listens.
     vm_socket: Option<PathBuf>,
     /// Requests from the admin socket and the metrics endpoint.
@@ -736,6 +766,9 @@ impl Node<'_> {
     fn execute(&mut self, cmd: Command) -> Result<(), NodeError> {
         match cmd {
             Command::Append(entries) => {
+                if self.vm_early {
+                    self.give_early(&entries);
+                }
                 if self.unwritten.is_empty() {
                     self.append(entries)?;
                 } else {
@@ -780,6 +813,15 @@ impl Node<'_> {
                 }
             }
             Command::Deliver(entries) => {
+                if let Some(vm) = &mut self.vm {
+                    // What the leader's VM said after early input goes out now.
+                    let resume = vm
+                        .commit_to(self.engine.commit())
+                        .map_err(io_err("writing to the TAP device"))?;
+                    if resume {
+                        self.vm_more = true;
+                    }
+                }
                 let clock = self.now();
                 self.observed
                     .committed(&entries, self.role == Role::Leader, clock);
@@ -881,6 +923,12 @@ impl Node<'_> {
                     self.hand_off_diverged(view)?;
                 }
                 if was == Role::Leader && role != Role::Leader {
+                    if let Some(vm) = &mut self.vm {
+                        // Its VM's answers to input not yet committed never go out.
+                        if vm.drop_held() {
+                            self.vm_more = true;
+                        }
+                    }
                     // Clients of the old leader reconnect; the new view closes their connections everywhere.
                     let tokens: Vec<Token> = self.clients.keys().copied().collect();
                     for t in tokens {
@@ -1424,11 +1472,8 @@ impl Node<'_> {
                 self.replay_done = Some(Instant::now());
             }
         }
-        if e.kind == Kind::Frame {
-            let leader = self.role == Role::Leader;
-            if let Some(vm) = &mut self.vm {
-                vm.to_vm(&e.payload, crate::log::now_ns(), leader);
-            }
+        if self.vm.is_some() {
+            self.apply_vm(&e);
             return;
         }
         match e.kind {
@@ -1482,6 +1527,74 @@ impl Node<'_> {
             }
             Kind::Digest => self.leader_digest(&e),
             Kind::Frame | Kind::Noop | Kind::Await => {}
+        }
+    }
+
+    /// tap-attach, early delivery: the leader writes frames to its VM as it
+    /// proposes them, in log order — only while every entry before them is
+    /// handed already (a new leader's entries from the old view go at
+    /// commit, and it gives early again once it has caught up).
+    fn give_early(&mut self, entries: &[Entry]) {
+        if self.engine.role() != Role::Leader {
+            return;
+        }
+        let Some(vm) = &mut self.vm else {
+            return;
+        };
+        for e in entries {
+            if e.op != self.vm_given_op + 1 {
+                return;
+            }
+            self.vm_given_op = e.op;
+            if e.kind == Kind::Frame {
+                self.vm_early_ops.push_back((e.op, xxh3_64(&e.payload)));
+                vm.give(e.op, &e.payload, crate::log::now_ns());
+            }
+        }
+    }
+
+    /// tap-attach: a committed entry. A frame goes to the VM unless the
+    /// leader gave it early; then it must be the very frame given (a
+    /// deposed leader's early frames may have been dropped by the new view:
+    /// its VM has input no other VM has, and this replica stops).
+    fn apply_vm(&mut self, e: &Entry) {
+        if let Some((op, _)) = self.vm_early_ops.front().copied().filter(|f| f.0 < e.op) {
+            // Skipped: the log went on past a frame given early.
+            self.vm_early_ops.clear();
+            self.vm_lost_input(op, "never committed there");
+        }
+        if e.op <= self.vm_given_op {
+            // Handed already (given early): it must be what was given.
+            let given = self.vm_early_ops.front().filter(|f| f.0 == e.op).copied();
+            if given.is_some() {
+                self.vm_early_ops.pop_front();
+            }
+            let same = match given {
+                Some((_, hash)) => e.kind == Kind::Frame && xxh3_64(&e.payload) == hash,
+                None => e.kind != Kind::Frame,
+            };
+            if !same {
+                self.vm_lost_input(e.op, "committed as other input");
+            }
+            return;
+        }
+        self.vm_given_op = e.op;
+        if e.kind == Kind::Frame {
+            let leader = self.role == Role::Leader;
+            if let Some(vm) = &mut self.vm {
+                vm.to_vm(&e.payload, crate::log::now_ns(), leader);
+            }
+        }
+    }
+
+    /// This replica's VM processed input, given early while it led, that the
+    /// log does not hold at that op (the next view dropped it): its state is
+    /// not the other VMs'. The replica stops (said once).
+    fn vm_lost_input(&mut self, op: u64, what: &str) {
+        if self.vm_lost.is_none() {
+            self.vm_lost = Some(format!(
+                "op {op}, given to this replica's VM before it committed while this replica led, {what}: the view that followed dropped input the VM had already processed, so its state is no longer the other replicas'; restart this replica (its VM starts over and replays the log)"
+            ));
         }
     }
 
@@ -1664,15 +1777,18 @@ impl Node<'_> {
             tr.dropped
         ));
         self.ui.note(&format!(
-            "tap {}: {} frames proposed from the TAP device ({} ignored as a backup), {} committed frames to the VM ({} dropped: VM too slow), {} from the VM out through the TAP device ({} dropped by it), {} from the VM dropped as a backup",
+            "tap {}: {} frames proposed from the TAP device ({} ignored as a backup), {} frames to the VM ({} of them before they committed; {} dropped: VM too slow), {} from the VM out through the TAP device ({} of them after waiting for a commit; {} dropped by it), {} from the VM dropped as a backup ({} while waiting for a commit)",
             vm.tap_name(),
             st.tap_in,
             st.tap_in_ignored,
             st.to_vm,
+            st.given_early,
             st.to_vm_dropped,
             st.from_vm,
+            st.held_for_commit,
             st.tap_out_dropped,
-            st.from_vm_dropped
+            st.from_vm_dropped,
+            st.held_dropped
         ));
         match vm.finish() {
             Some(Ok(n)) => self.ui.note(&format!("capture: {n} frames written")),
@@ -2431,6 +2547,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm,
         tap_more: false,
         vm_broken: false,
+        vm_early: opts
+            .tap
+            .as_ref()
+            .is_some_and(|t| t.deliver == Deliver::Early),
+        vm_more: false,
+        vm_given_op: 0,
+        vm_early_ops: VecDeque::new(),
+        vm_lost: None,
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
@@ -2565,7 +2689,13 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Over shm, right after peer traffic the loop spins on the rings
         // for a moment instead of sleeping: the next message is likely close.
         let spinning = last_peer_msg.elapsed() < spin_window;
-        let mut wait = if node.unread.is_empty() && !spinning && !node.tap_more {
+        if let Some(why) = node.vm_lost.take() {
+            node.sync()?;
+            node.seal();
+            node.vm_report();
+            return Err(NodeError::VmDiverged(why));
+        }
+        let mut wait = if node.unread.is_empty() && !spinning && !node.tap_more && !node.vm_more {
             tick
         } else {
             Duration::ZERO
@@ -2619,6 +2749,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if node.tap_more {
             node.on_tap()?;
+        }
+        if std::mem::take(&mut node.vm_more) {
+            let more = Ready {
+                readable: true,
+                writable: false,
+                closed: false,
+            };
+            node.on_vm(more)?;
         }
         for t in std::mem::take(&mut node.unread) {
             let more = Ready {
@@ -3027,6 +3165,15 @@ pub struct TapAttachArgs {
     #[arg(long, value_name = "PATH")]
     pub qemu_socket: Option<PathBuf>,
 
+    /// When the leader's VM gets an inbound frame: `early`, as the leader
+    /// proposes it, while what the VM sends waits until that input is
+    /// committed (the VM works while the replicas agree; a leader deposed
+    /// before its early input committed, whose input the next view drops,
+    /// stops and must be restarted); `committed`, only once a majority has
+    /// it, like every backup's VM.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Deliver::Early)]
+    pub deliver: Deliver,
+
     /// Everything `falcon replicate` takes: the cluster file, --node, hooks;
     /// after `--`, the QEMU command line.
     #[command(flatten)]
@@ -3038,8 +3185,11 @@ falcon opens the TAP device, starts QEMU with one end of a socket pair as
 its network backend (it appends -netdev stream,id=falcon,server=off,
 addr.type=fd,addr.str=N to the command), and orders every frame that
 arrives on the TAP device through the replicas: each VM receives the same
-frames in the same order, and only once a majority has them. The leader's
-VM's frames go out through its TAP device; a backup's are dropped.
+frames in the same order. A backup's VM receives a frame once a majority
+has it; the leader's, as it proposes it (--deliver early, the default),
+but nothing the leader's VM sends leaves the host before every frame it
+had received is on a majority. The leader's VM's frames go out through
+its TAP device; a backup's are dropped.
 
 Examples (give the VM its NIC on that backend, with the same MAC on every
 replica):
@@ -3077,6 +3227,7 @@ pub fn tap_attach(
         create: args.create,
         capture: args.capture.clone(),
         socket,
+        deliver: args.deliver,
     };
     replica(&args.replica, Some(tap), ui, stop)
 }

@@ -2,11 +2,17 @@
 //! its QEMU, with bounded queues both ways.
 //!
 //! * Inbound (TAP → VM): on the leader, frames read from the TAP device are
-//!   proposed to the engine; every replica writes a frame to its VM only
-//!   once it is committed ([`VmFront::to_vm`]).
+//!   proposed to the engine; every replica writes a frame to its VM once it
+//!   is committed ([`VmFront::to_vm`]). With early delivery the leader
+//!   writes it as it proposes it ([`VmFront::give`]) and holds back what
+//!   its VM sends until that input is committed ([`VmFront::commit_to`]):
+//!   the VM works while the replicas agree, and nothing it says leaves the
+//!   host before the input it may depend on is on a majority.
 //! * Outbound (VM → TAP): the leader's VM's frames go out through the TAP
-//!   device at once; a backup's are counted and dropped.
+//!   device at once (or once committed, see above); a backup's are counted
+//!   and dropped.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
@@ -54,6 +60,14 @@ pub struct VmStats {
     pub from_vm_dropped: u64,
     /// Frames the TAP device would not take (queue full or no carrier).
     pub tap_out_dropped: u64,
+    /// Leader, early delivery: frames written to the VM before they committed.
+    pub given_early: u64,
+    /// Leader, early delivery: frames from the VM that waited for a commit
+    /// before going out.
+    pub held_for_commit: u64,
+    /// Frames from the VM dropped while they waited: this replica stopped
+    /// leading before the input they may depend on committed.
+    pub held_dropped: u64,
 }
 
 /// The TAP device and the VM's stream.
@@ -70,6 +84,15 @@ pub struct VmFront {
     /// The guest's MAC and IPv4 address (from its frames).
     mac: Option<[u8; 6]>,
     ip: Option<[u8; 4]>,
+    /// The op of the last frame given to the VM before it committed.
+    given: u64,
+    /// The replicas' commit point, as last told.
+    committed: u64,
+    /// Frames from the VM waiting for `committed` to reach their op.
+    held: VecDeque<(u64, Vec<u8>)>,
+    held_bytes: usize,
+    /// Reading from the VM stopped: `held` is full.
+    read_paused: bool,
     /// Counters.
     pub stats: VmStats,
 }
@@ -87,6 +110,11 @@ impl VmFront {
             translator: Translator::new(),
             mac: None,
             ip: None,
+            given: 0,
+            committed: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            read_paused: false,
             stats: VmStats::default(),
         }
     }
@@ -170,6 +198,47 @@ impl VmFront {
         let _ = self.flush_vm();
     }
 
+    /// Early delivery (leader): writes the frame proposed at `op` to the
+    /// VM now, before it commits. Until the commit point reaches `op`, what
+    /// the VM sends waits ([`VmFront::commit_to`]).
+    pub fn give(&mut self, op: u64, frame: &[u8], time_ns: u64) {
+        self.given = self.given.max(op);
+        self.stats.given_early += 1;
+        self.to_vm(frame, time_ns, true);
+    }
+
+    /// The replicas committed up to `op`: frames from the VM that waited for
+    /// it go out. True if reading from the VM stopped for want of room and
+    /// may go on now.
+    pub fn commit_to(&mut self, op: u64) -> io::Result<bool> {
+        self.committed = self.committed.max(op);
+        while self.held.front().is_some_and(|h| h.0 <= self.committed) {
+            let (_, frame) = self.held.pop_front().expect("checked");
+            self.held_bytes -= frame.len();
+            self.send_out(&frame)?;
+        }
+        Ok(std::mem::take(&mut self.read_paused) && self.held_bytes < VM_QUEUE_MAX)
+    }
+
+    /// This replica stopped leading: what its VM said after input that has
+    /// not committed never leaves the host.
+    pub fn drop_held(&mut self) -> bool {
+        self.stats.held_dropped += self.held.len() as u64;
+        self.held.clear();
+        self.held_bytes = 0;
+        std::mem::take(&mut self.read_paused)
+    }
+
+    /// A frame from the leader's VM, out through the TAP device.
+    fn send_out(&mut self, frame: &[u8]) -> io::Result<()> {
+        if self.tap.write_frame(frame)? {
+            self.stats.from_vm += 1;
+        } else {
+            self.stats.tap_out_dropped += 1;
+        }
+        Ok(())
+    }
+
     fn queue(&mut self, frame: &[u8]) {
         if self.out.len() + 4 + frame.len() > VM_QUEUE_MAX {
             self.stats.to_vm_dropped += 1;
@@ -233,6 +302,11 @@ impl VmFront {
     /// carried a frame it cannot hold (then the VM is not trusted further).
     pub fn from_vm(&mut self, leader: bool) -> io::Result<()> {
         loop {
+            if self.held_bytes >= VM_QUEUE_MAX {
+                // The VM waits (its socket fills) until the input commits.
+                self.read_paused = true;
+                break;
+            }
             let Some(vm) = self.vm.as_mut() else {
                 return Ok(());
             };
@@ -271,10 +345,13 @@ impl VmFront {
             if leader {
                 let mut out = frame.to_vec();
                 self.translator.rewrite_out(&mut out);
-                if self.tap.write_frame(&out)? {
-                    self.stats.from_vm += 1;
+                if self.given > self.committed || !self.held.is_empty() {
+                    // It may answer input that is not on a majority yet.
+                    self.stats.held_for_commit += 1;
+                    self.held_bytes += out.len();
+                    self.held.push_back((self.given, out));
                 } else {
-                    self.stats.tap_out_dropped += 1;
+                    self.send_out(&out)?;
                 }
             } else {
                 self.stats.from_vm_dropped += 1;
