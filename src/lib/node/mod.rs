@@ -595,6 +595,10 @@ struct Node<'a> {
     vm_early: bool,
     /// Reading from the VM stopped while its output waited for a commit: read again.
     vm_more: bool,
+    /// The VM's stream is watched for room to write: frames wait for it.
+    /// (Only then: a UNIX socket reports room each time its reader takes
+    /// something, which would wake the loop once per frame for nothing.)
+    vm_wait_writable: bool,
     /// Every entry up to this op is handed to the VM (frames written to it,
     /// the rest passed over), committed or, on the leader, given early.
     vm_given_op: u64,
@@ -1752,10 +1756,11 @@ impl Node<'_> {
         if self
             .poll
             .registry()
-            .register(&mut stream, VM, Interest::READABLE | Interest::WRITABLE)
+            .register(&mut stream, VM, Interest::READABLE)
             .is_ok()
         {
             vm.attach(stream);
+            self.vm_wait_writable = false;
             self.observed.program_starts += 1;
             self.ui
                 .note(&format!("connected to QEMU at {}", path.display()));
@@ -1794,6 +1799,32 @@ impl Node<'_> {
             Some(Ok(n)) => self.ui.note(&format!("capture: {n} frames written")),
             Some(Err(e)) => self.ui.error(&format!("capture: {e}")),
             None => {}
+        }
+    }
+
+    /// Watches the VM's stream for room to write while frames wait for it, and only then.
+    fn vm_interest(&mut self) {
+        let Some(vm) = &mut self.vm else {
+            return;
+        };
+        let want = vm.wants_write();
+        if want == self.vm_wait_writable {
+            return;
+        }
+        if let Some(stream) = vm.vm_stream() {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(stream, VM, interest)
+                .is_ok()
+            {
+                self.vm_wait_writable = want;
+            }
         }
     }
 
@@ -2552,6 +2583,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .as_ref()
             .is_some_and(|t| t.deliver == Deliver::Early),
         vm_more: false,
+        vm_wait_writable: false,
         vm_given_op: 0,
         vm_early_ops: VecDeque::new(),
         vm_lost: None,
@@ -2597,7 +2629,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         if let Some(stream) = vm.vm_stream() {
             node.poll
                 .registry()
-                .register(stream, VM, Interest::READABLE | Interest::WRITABLE)
+                .register(stream, VM, Interest::READABLE)
                 .map_err(io_err("registering the VM's stream"))?;
         }
     }
@@ -2915,6 +2947,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
         }
         node.retry_unwritten()?;
+        node.vm_interest();
         if !node.paused.is_empty()
             && node.apply_queue.len() < node.limits.program_backlog / 2
             && !node.input_held()

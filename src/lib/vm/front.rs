@@ -147,6 +147,11 @@ impl VmFront {
         self.reader = FrameReader::new();
     }
 
+    /// Frames wait for room in the VM's stream.
+    pub fn wants_write(&self) -> bool {
+        self.vm.is_some() && !self.out.is_empty()
+    }
+
     /// The stream to QEMU went away: gives it back (to deregister).
     pub fn detach(&mut self) -> Option<mio::net::UnixStream> {
         self.out.clear();
