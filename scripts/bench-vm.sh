@@ -76,6 +76,26 @@ print(v.get("falcon_commit_latency_seconds_sum", 0), v.get("falcon_commit_latenc
 PY
 }
 
+cpu_of() { # $1..: namespaces; prints the CPU time (ns) their falcon and QEMU processes used so far
+    local pids=""
+    for ns in "$@"; do pids+=" $(ip netns pids "$ns" | tr '\n' ' ')"; done
+    python3 - $pids <<'PY'
+import os, sys
+f = q = 0
+for pid in sys.argv[1:]:
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        ns = sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0]) for t in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        continue
+    if comm == "falcon":
+        f += ns
+    elif comm.startswith("qemu"):
+        q += ns
+print(f, q)
+PY
+}
+
 start_plain() {
     local ns=$tag-p
     ip netns add "$ns"
@@ -165,18 +185,27 @@ results=$work/results
 : > "$results"
 for r in $(seq 1 "$rounds"); do
     echo "   round $r/$rounds" >&2
-    echo "plain $r $(measure "$tag-p") - -" >> "$results"
-    [ -n "${lead[1]:-}" ] && echo "one $r $(measure "$tag-c1-${lead[1]}") - -" >> "$results"
+    c0=$(cpu_of "$tag-p")
+    rtt=$(measure "$tag-p")
+    echo "plain $r $rtt - - - - $c0 - - $(cpu_of "$tag-p") - -" >> "$results"
+    if [ -n "${lead[1]:-}" ]; then
+        c0=$(cpu_of "$tag-c1-${lead[1]}")
+        rtt=$(measure "$tag-c1-${lead[1]}")
+        echo "one $r $rtt - - - - $c0 - - $(cpu_of "$tag-c1-${lead[1]}") - -" >> "$results"
+    fi
     for c in $clusters; do
         [ "$c" = 1 ] && continue
         l=${lead[$c]}
         name=$([ "$c" = 2 ] && echo committed || echo early)
         for prio in other idle; do
             backups_priority "$c" "$l" "$prio"
+            others=$(for i in 1 2 3; do [ "$i" != "$l" ] && echo "$tag-c$c-$i"; done)
             before=$(commit_stats "$tag-c$c-$l" 127.0.0.1:9100)
+            c0="$(cpu_of "$tag-c$c-$l") $(cpu_of $others)"
             rtt=$(measure "$tag-c$c-$l")
+            c1="$(cpu_of "$tag-c$c-$l") $(cpu_of $others)"
             after=$(commit_stats "$tag-c$c-$l" 127.0.0.1:9100)
-            echo "$name-$prio $r $rtt $before $after" >> "$results"
+            echo "$name-$prio $r $rtt $before $after $c0 $c1" >> "$results"
         done
         backups_priority "$c" "$l" other
     done
@@ -192,19 +221,23 @@ for c in $clusters; do
     l=${lead[$c]}
     grep -h "tap tap0: [0-9]" "$work/c$c/replica$l.log" | sed "s/^.*tap tap0:/   cluster $c's leader:/" || true
 done
-python3 - "$results" <<'PY'
+python3 - "$results" "$((per + ${FALCON_BENCH_WARMUP:-100}))" <<'PY'
 import sys, statistics as st
 rows = {}
 for line in open(sys.argv[1]):
     f = line.split()
     name, p50, p99 = f[0], float(f[2]), float(f[3])
     commit = None
-    if len(f) >= 8:
+    if f[4] != "-":
         s0, c0, s1, c1 = map(float, f[4:8])
         if c1 > c0:
             commit = (s1 - s0) / (c1 - c0) * 1e6
-    rows.setdefault(name, []).append((int(f[1]), p50, p99, commit))
-plain = {r: p50 for r, p50, _, _ in rows["plain"]}
+    # CPU (ns) before and after: leader's falcon, leader's QEMU, backups' falcons, backups' QEMUs.
+    b = [float(x) if x != "-" else 0.0 for x in f[8:12]]
+    a = [float(x) if x != "-" else 0.0 for x in f[12:16]]
+    cpu = [y - x for x, y in zip(b, a)]
+    rows.setdefault(name, []).append((int(f[1]), p50, p99, commit, cpu))
+plain = {x[0]: x[1] for x in rows["plain"]}
 labels = [
     ("plain", "plain TAP"),
     ("one", "falcon, 1 replica (its own path, no peers)"),
@@ -213,8 +246,9 @@ labels = [
     ("committed-idle", "falcon, 3 replicas, committed, backups' guests idle-priority"),
     ("early-idle", "falcon, 3 replicas, early, backups' guests idle-priority"),
 ]
-print("| setup | p50 µs | p99 µs | p50 vs plain | commit µs (mean) |")
-print("|---|---|---|---|---|")
+rtts = int(sys.argv[2])
+print("| setup | p50 µs | p99 µs | p50 vs plain | rounds' range | commit µs (mean) | CPU µs per round trip: falcon / QEMU (leader) | backups' falcons / QEMUs |")
+print("|---|---|---|---|---|---|---|---|")
 for key, label in labels:
     rs = rows.get(key, [])
     if not rs:
@@ -222,9 +256,17 @@ for key, label in labels:
     p50 = st.median(x[1] for x in rs)
     p99 = st.median(x[2] for x in rs)
     # Each round's p50 against the plain guest's in the same round.
-    ratio = st.median(x[1] / plain[x[0]] for x in rs)
+    ratios = [x[1] / plain[x[0]] for x in rs]
+    ratio = st.median(ratios)
+    spread = "%+.0f%% .. %+.0f%%" % (100 * (min(ratios) - 1), 100 * (max(ratios) - 1))
     commits = [x[3] for x in rs if x[3] is not None]
     commit = "%.1f" % st.median(commits) if commits else "-"
-    print(f"| {label} | {p50:.1f} | {p99:.1f} | {'%+.0f%%' % (100 * (ratio - 1)) if key != 'plain' else '-'} | {commit} |")
+    if key == "plain":
+        spread = "%.0f .. %.0f µs" % (min(x[1] for x in rs), max(x[1] for x in rs))
+    # CPU per round trip, over every round (warm-up included: it is the same work).
+    cpu = [sum(x[4][k] for x in rs) / (len(rs) * rtts) / 1e3 for k in range(4)]
+    lead_cpu = f"{cpu[0]:.0f} / {cpu[1]:.0f}" if key != "plain" else f"- / {cpu[1]:.0f}"
+    back_cpu = f"{cpu[2]:.0f} / {cpu[3]:.0f}" if key.startswith(("committed", "early")) else "-"
+    print(f"| {label} | {p50:.1f} | {p99:.1f} | {'%+.0f%%' % (100 * (ratio - 1)) if key != 'plain' else '-'} | {spread} | {commit} | {lead_cpu} | {back_cpu} |")
 print("(medians over the rounds; 'p50 vs plain' is the median of each round's p50 over the plain guest's p50 in that round)")
 PY

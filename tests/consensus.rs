@@ -164,14 +164,7 @@ fn normal_4_1_commit_at_a_majority_counting_the_leader() {
         7,
         recv(1, 0, Message::PrepareOk { view: 0, op: 1 }),
     );
-    assert_eq!(
-        out,
-        vec![
-            Command::Deliver(vec![entry(0, 1, 5, "x")]),
-            send(1, Message::Commit { view: 0, commit: 1 }),
-            send(2, Message::Commit { view: 0, commit: 1 }),
-        ]
-    );
+    assert_eq!(out, vec![Command::Deliver(vec![entry(0, 1, 5, "x")])]);
     assert_eq!(leader.commit(), 1);
     // A late acknowledgement changes nothing.
     assert_eq!(
@@ -181,6 +174,86 @@ fn normal_4_1_commit_at_a_majority_counting_the_leader() {
             recv(2, 0, Message::PrepareOk { view: 0, op: 1 })
         ),
         vec![]
+    );
+    // The backups learn the commit point in a Commit of its own once
+    // commit_notify_ns (1 ms) has passed without a Prepare to carry it …
+    assert_eq!(step(&mut leader, 9, Input::Tick), vec![], "too early");
+    assert_eq!(
+        step(&mut leader, 7 + MS, Input::Tick),
+        vec![
+            send(1, Message::Commit { view: 0, commit: 1 }),
+            send(2, Message::Commit { view: 0, commit: 1 }),
+        ]
+    );
+}
+
+/// 4.1: … and with the next Prepare when one goes first: one message per
+/// entry and backup instead of two.
+#[test]
+fn normal_4_1_the_next_prepare_carries_the_commit_point() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    step(&mut leader, 5, Input::Propose(vec![ev("x")]));
+    step(&mut leader, 6, Input::Durable { op: 1 });
+    step(
+        &mut leader,
+        7,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    assert_eq!(leader.commit(), 1);
+    let out = step(&mut leader, 8, Input::Propose(vec![ev("y")]));
+    assert_eq!(
+        out,
+        vec![
+            Command::Append(vec![entry(0, 2, 8, "y")]),
+            send(
+                1,
+                Message::Prepare {
+                    view: 0,
+                    op_start: 2,
+                    entries: vec![entry(0, 2, 8, "y")],
+                    commit: 1
+                }
+            ),
+            send(
+                2,
+                Message::Prepare {
+                    view: 0,
+                    op_start: 2,
+                    entries: vec![entry(0, 2, 8, "y")],
+                    commit: 1
+                }
+            ),
+        ]
+    );
+    // Told already: no Commit follows.
+    assert_eq!(step(&mut leader, 8 + 2 * MS, Input::Tick), vec![]);
+}
+
+/// 4.1: with `commit_notify_ns = 0`, a Commit goes at once.
+#[test]
+fn normal_4_1_commit_notify_zero_tells_at_once() {
+    let mut leader = Replica::new(
+        Config {
+            commit_notify_ns: 0,
+            ..cfg(0, 3)
+        },
+        1,
+        0,
+    );
+    step(&mut leader, 5, Input::Propose(vec![ev("x")]));
+    step(&mut leader, 6, Input::Durable { op: 1 });
+    let out = step(
+        &mut leader,
+        7,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 1 }),
+    );
+    assert_eq!(
+        out,
+        vec![
+            Command::Deliver(vec![entry(0, 1, 5, "x")]),
+            send(1, Message::Commit { view: 0, commit: 1 }),
+            send(2, Message::Commit { view: 0, commit: 1 }),
+        ]
     );
 }
 

@@ -43,6 +43,11 @@ pub struct Config {
     pub uncommitted_max: u64,
     /// A leadership transfer gives up after this long.
     pub transfer_timeout_ns: u64,
+    /// A follower that has every entry learns a new commit point with the
+    /// next Prepare, or after this long in a Commit of its own (0: a Commit
+    /// at once). Under load the Prepares carry it; one request at a time,
+    /// every follower would otherwise wake twice per entry.
+    pub commit_notify_ns: u64,
     /// A follower more entries behind than this gets committed entries in
     /// chunks of this size (CatchUp) before the StartView with the rest.
     pub catch_up_entries: u64,
@@ -64,6 +69,7 @@ impl Config {
             pipeline_ops_max: 16_384,
             uncommitted_max: 65_536,
             transfer_timeout_ns: 2_000_000_000,
+            commit_notify_ns: 1_000_000,
             catch_up_entries: 8192,
             bugs: Bugs::default(),
         }
@@ -290,6 +296,10 @@ pub struct Replica {
     acked: Vec<u64>,
     next: Vec<u64>,
     last_sent: Vec<u64>,
+    /// The commit point each follower was last sent.
+    told: Vec<u64>,
+    /// Since when a commit point is not told to every follower.
+    untold_since: Option<u64>,
     transfer: Option<(NodeId, u64)>,
     // View change state (at the new leader).
     dvcs: BTreeMap<NodeId, Dvc>,
@@ -381,6 +391,8 @@ impl Replica {
             acked: vec![0; n],
             next: vec![1; n],
             last_sent: vec![now; n],
+            told: vec![0; n],
+            untold_since: None,
             transfer: None,
             dvcs: BTreeMap::new(),
             snapshot_wait: None,
@@ -675,6 +687,7 @@ impl Replica {
                     commit: self.commit,
                 },
             );
+            self.told[fi] = self.commit;
             self.last_sent[fi] = self.now;
         }
     }
@@ -695,22 +708,34 @@ impl Replica {
         if candidate > self.commit {
             self.commit = candidate;
             self.deliver(out);
-            // Followers that have everything learn the new commit point now,
-            // not with the next request.
-            for f in self.others() {
-                if self.next[f as usize] > self.last_op() {
-                    self.send(
-                        out,
-                        f,
-                        Message::Commit {
-                            view: self.view,
-                            commit: self.commit,
-                        },
-                    );
-                    self.last_sent[f as usize] = self.now;
-                }
+            // Followers that have everything learn the new commit point with
+            // the next Prepare, or in a Commit after commit_notify_ns.
+            self.untold_since.get_or_insert(self.now);
+            if self.cfg.commit_notify_ns == 0 {
+                self.tell_commit(out);
             }
             self.check_transfer(out);
+        }
+    }
+
+    /// Sends the commit point to every follower that has every entry and
+    /// was not told it yet.
+    fn tell_commit(&mut self, out: &mut Vec<Command>) {
+        self.untold_since = None;
+        for f in self.others() {
+            let fi = f as usize;
+            if self.next[fi] > self.last_op() && self.told[fi] < self.commit {
+                self.send(
+                    out,
+                    f,
+                    Message::Commit {
+                        view: self.view,
+                        commit: self.commit,
+                    },
+                );
+                self.told[fi] = self.commit;
+                self.last_sent[fi] = self.now;
+            }
         }
     }
 
@@ -765,6 +790,12 @@ impl Replica {
         let hb = self.cfg.heartbeat_ns;
         match self.status {
             Status::Normal if self.is_leader() => {
+                if self
+                    .untold_since
+                    .is_some_and(|t| self.now.saturating_sub(t) >= self.cfg.commit_notify_ns)
+                {
+                    self.tell_commit(out);
+                }
                 for f in self.others() {
                     let fi = f as usize;
                     if self.now.saturating_sub(self.last_sent[fi]) < hb {
@@ -783,6 +814,7 @@ impl Replica {
                                 commit: self.commit,
                             },
                         );
+                        self.told[fi] = self.commit;
                         self.last_sent[fi] = self.now;
                     }
                 }
@@ -1105,6 +1137,8 @@ impl Replica {
         self.acked = vec![0; n];
         self.next = vec![self.commit + 1; n];
         self.last_sent = vec![0; n];
+        self.told = vec![0; n];
+        self.untold_since = None;
         self.catch_up_sent = vec![(0, 0); n];
         self.transfer = None;
     }
