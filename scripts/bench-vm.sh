@@ -219,7 +219,7 @@ sleep 3
 for c in $clusters; do
     [ "$c" = 1 ] && continue
     l=${lead[$c]}
-    grep -h "tap tap0: [0-9]" "$work/c$c/replica$l.log" | sed "s/^.*tap tap0:/   cluster $c's leader:/" || true
+    grep -h "tap tap0: [0-9T]" "$work/c$c/replica$l.log" | sed "s/^.*tap tap0:/   cluster $c's leader:/" || true
 done
 python3 - "$results" "$((per + ${FALCON_BENCH_WARMUP:-100}))" <<'PY'
 import sys, statistics as st

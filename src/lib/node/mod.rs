@@ -1775,11 +1775,12 @@ impl Node<'_> {
         let st = vm.stats;
         let tr = vm.translate_stats();
         self.ui.note(&format!(
-            "tap {}: TCP translation as a backup: {} frames rewritten, {} held, {} dropped",
+            "tap {}: TCP translation: {} frames rewritten (flows with an offset: a backup's, and those opened under another leader), {} held, {} dropped; {:.2} µs per frame",
             vm.tap_name(),
             tr.rewritten,
             tr.held,
-            tr.dropped
+            tr.dropped,
+            st.translate_ns as f64 / 1e3 / st.translated.max(1) as f64
         ));
         self.ui.note(&format!(
             "tap {}: {} frames proposed from the TAP device ({} ignored as a backup), {} frames to the VM ({} of them before they committed; {} dropped: VM too slow), {} from the VM out through the TAP device ({} of them after waiting for a commit; {} dropped by it), {} from the VM dropped as a backup ({} while waiting for a commit)",

@@ -68,6 +68,10 @@ pub struct VmStats {
     /// Frames from the VM dropped while they waited: this replica stopped
     /// leading before the input they may depend on committed.
     pub held_dropped: u64,
+    /// Time spent translating TCP flows (ns), both ways.
+    pub translate_ns: u64,
+    /// Frames looked at by the translation, both ways.
+    pub translated: u64,
 }
 
 /// The TAP device and the VM's stream.
@@ -197,7 +201,11 @@ impl VmFront {
         // The leader translates too: its offsets are 0 for flows opened under
         // it, and flows it joined as a backup keep their offsets.
         let _ = leader;
-        for f in self.translator.inbound(frame.to_vec()) {
+        let t = std::time::Instant::now();
+        let frames = self.translator.inbound(frame.to_vec());
+        self.stats.translate_ns += t.elapsed().as_nanos() as u64;
+        self.stats.translated += 1;
+        for f in frames {
             self.queue(&f);
         }
         let _ = self.flush_vm();
@@ -342,14 +350,19 @@ impl VmFront {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("from the VM: {e}")))?
         {
             // Learn how far our guest is (and release frames waiting for it).
+            let t = std::time::Instant::now();
             let released = self.translator.outbound(frame);
+            self.stats.translate_ns += t.elapsed().as_nanos() as u64;
+            self.stats.translated += 1;
             if let Some((mac, ip)) = identity(frame).filter(|(_, ip)| *ip != [0; 4]) {
                 self.mac = Some(mac);
                 self.ip = Some(ip);
             }
             if leader {
                 let mut out = frame.to_vec();
+                let t = std::time::Instant::now();
                 self.translator.rewrite_out(&mut out);
+                self.stats.translate_ns += t.elapsed().as_nanos() as u64;
                 if self.given > self.committed || !self.held.is_empty() {
                     // It may answer input that is not on a majority yet.
                     self.stats.held_for_commit += 1;
