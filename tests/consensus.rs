@@ -201,28 +201,18 @@ fn normal_4_1_the_next_prepare_carries_the_commit_point() {
     );
     assert_eq!(leader.commit(), 1);
     let out = step(&mut leader, 8, Input::Propose(vec![ev("y")]));
+    let prepare = Message::Prepare {
+        view: 0,
+        op_start: 2,
+        entries: vec![entry(0, 2, 8, "y")],
+        commit: 1,
+    };
     assert_eq!(
         out,
         vec![
             Command::Append(vec![entry(0, 2, 8, "y")]),
-            send(
-                1,
-                Message::Prepare {
-                    view: 0,
-                    op_start: 2,
-                    entries: vec![entry(0, 2, 8, "y")],
-                    commit: 1
-                }
-            ),
-            send(
-                2,
-                Message::Prepare {
-                    view: 0,
-                    op_start: 2,
-                    entries: vec![entry(0, 2, 8, "y")],
-                    commit: 1
-                }
-            ),
+            send(1, prepare.clone()),
+            send(2, prepare),
         ]
     );
     // Told already: no Commit follows.

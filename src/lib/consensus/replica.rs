@@ -725,18 +725,23 @@ impl Replica {
         for f in self.others() {
             let fi = f as usize;
             if self.next[fi] > self.last_op() && self.told[fi] < self.commit {
-                self.send(
-                    out,
-                    f,
-                    Message::Commit {
-                        view: self.view,
-                        commit: self.commit,
-                    },
-                );
-                self.told[fi] = self.commit;
-                self.last_sent[fi] = self.now;
+                self.send_commit(f, out);
             }
         }
+    }
+
+    /// A Commit (the commit point, or a heartbeat) to follower `f`.
+    fn send_commit(&mut self, f: NodeId, out: &mut Vec<Command>) {
+        self.send(
+            out,
+            f,
+            Message::Commit {
+                view: self.view,
+                commit: self.commit,
+            },
+        );
+        self.told[f as usize] = self.commit;
+        self.last_sent[f as usize] = self.now;
     }
 
     fn deliver(&mut self, out: &mut Vec<Command>) {
@@ -806,16 +811,7 @@ impl Replica {
                         self.next[fi] = self.acked[fi] + 1;
                         self.pump(f, out);
                     } else {
-                        self.send(
-                            out,
-                            f,
-                            Message::Commit {
-                                view: self.view,
-                                commit: self.commit,
-                            },
-                        );
-                        self.told[fi] = self.commit;
-                        self.last_sent[fi] = self.now;
+                        self.send_commit(f, out);
                     }
                 }
                 self.check_transfer(out);
