@@ -604,6 +604,8 @@ struct Node<'a> {
     vm_given_op: u64,
     /// Frames given to the VM before they committed: their op and xxh3.
     vm_early_ops: VecDeque<(u64, u64)>,
+    /// The view in which frames were last given early.
+    vm_early_view: u64,
     /// The VM received input the log does not hold (a deposed leader's
     /// early frames that the new view dropped): why, to stop with.
     vm_lost: Option<String>,
@@ -817,15 +819,6 @@ impl Node<'_> {
                 }
             }
             Command::Deliver(entries) => {
-                if let Some(vm) = &mut self.vm {
-                    // What the leader's VM said after early input goes out now.
-                    let resume = vm
-                        .commit_to(self.engine.commit())
-                        .map_err(io_err("writing to the TAP device"))?;
-                    if resume {
-                        self.vm_more = true;
-                    }
-                }
                 let clock = self.now();
                 self.observed
                     .committed(&entries, self.role == Role::Leader, clock);
@@ -842,6 +835,7 @@ impl Node<'_> {
                         self.pump_apply();
                     }
                 }
+                self.release_vm_output();
                 // Memory holds a window of delivered entries; older ones are
                 // read back from the log for a follower that needs them.
                 let commit = self.engine.commit();
@@ -1535,13 +1529,19 @@ impl Node<'_> {
     }
 
     /// tap-attach, early delivery: the leader writes frames to its VM as it
-    /// proposes them, in log order — only while every entry before them is
-    /// handed already (a new leader's entries from the old view go at
-    /// commit, and it gives early again once it has caught up).
+    /// appends them, in log order — only while every entry before them is
+    /// handed already (otherwise they go at commit, and it gives early again
+    /// once it has caught up), and in a view other than the one it last gave
+    /// early in, only once what it gave then is applied and checked.
     fn give_early(&mut self, entries: &[Entry]) {
-        if self.engine.role() != Role::Leader {
+        // A leader of a new view gives early only once what it gave early
+        // before (perhaps dropped by the views between) is applied and checked.
+        if self.engine.role() != Role::Leader
+            || (self.vm_early_view != self.engine.view() && self.vm_given_op > self.applied_op)
+        {
             return;
         }
+        self.vm_early_view = self.engine.view();
         let Some(vm) = &mut self.vm else {
             return;
         };
@@ -1587,6 +1587,32 @@ impl Node<'_> {
             let leader = self.role == Role::Leader;
             if let Some(vm) = &mut self.vm {
                 vm.to_vm(&e.payload, crate::log::now_ns(), leader);
+            }
+        }
+    }
+
+    /// What the leader's VM sent after early input goes out once that input
+    /// is committed and applied — applied, so that a frame given early was
+    /// checked against what committed at its op before anything that may
+    /// depend on it leaves the host (a replica whose VM lost input releases
+    /// nothing more).
+    fn release_vm_output(&mut self) {
+        if self.vm_lost.is_some() {
+            return;
+        }
+        let upto = self.engine.commit().min(self.applied_op);
+        let Some(vm) = &mut self.vm else {
+            return;
+        };
+        let (resume, err) = vm.commit_to(upto);
+        if resume {
+            self.vm_more = true;
+        }
+        if let Some(e) = err {
+            if self.refusal_loggable() {
+                self.ui.warn(&format!(
+                    "writing the VM's frames to the TAP device: {e} (dropped)"
+                ));
             }
         }
     }
@@ -1665,6 +1691,9 @@ impl Node<'_> {
         self.app = Some(app);
         self.observed.program_starts += 1;
         self.applied_op = op;
+        // Everything up to `op` is in the program's state now.
+        self.vm_given_op = op;
+        self.vm_early_ops.clear();
         self.open_conns = open_conns.iter().copied().collect();
         for &c in open_conns {
             self.reopen_app(c);
@@ -2587,6 +2616,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_wait_writable: false,
         vm_given_op: 0,
         vm_early_ops: VecDeque::new(),
+        vm_early_view: 0,
         vm_lost: None,
         vm_socket,
         admin_rx: Some(admin_rx),
@@ -2912,6 +2942,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.step(Input::Tick)?;
         node.propose()?;
         node.pump_apply();
+        node.release_vm_output();
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
             node.sync_inflight = false;

@@ -220,17 +220,26 @@ impl VmFront {
         self.to_vm(frame, time_ns, true);
     }
 
-    /// The replicas committed up to `op`: frames from the VM that waited for
-    /// it go out. True if reading from the VM stopped for want of room and
-    /// may go on now.
-    pub fn commit_to(&mut self, op: u64) -> io::Result<bool> {
+    /// The replicas committed (and this replica checked) up to `op`: frames
+    /// from the VM that waited for it go out. Says whether reading from the
+    /// VM stopped for want of room and may go on now, and the first error
+    /// the TAP device gave (those frames are counted as dropped).
+    pub fn commit_to(&mut self, op: u64) -> (bool, Option<io::Error>) {
         self.committed = self.committed.max(op);
+        let mut error = None;
         while self.held.front().is_some_and(|h| h.0 <= self.committed) {
             let (_, frame) = self.held.pop_front().expect("checked");
             self.held_bytes -= frame.len();
-            self.send_out(&frame)?;
+            if let Err(e) = self.send_out(&frame) {
+                self.stats.tap_out_dropped += 1;
+                error.get_or_insert(e);
+            }
         }
-        Ok(std::mem::take(&mut self.read_paused) && self.held_bytes < VM_QUEUE_MAX)
+        let resume = self.read_paused && self.held_bytes < VM_QUEUE_MAX;
+        if resume {
+            self.read_paused = false;
+        }
+        (resume, error)
     }
 
     /// This replica stopped leading: what its VM said after input that has
@@ -392,5 +401,164 @@ impl VmFront {
     /// Flushes the capture file, if any; how many frames it holds.
     pub fn finish(self) -> Option<Result<u64, crate::capture::PcapError>> {
         self.capture.map(PcapWriter::finish)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// A VmFront whose TAP device is one end of a SEQPACKET pair and whose
+    /// QEMU is one end of a stream pair; the other ends, to play the
+    /// network and the VM.
+    fn front() -> (VmFront, std::fs::File, UnixStream) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills two descriptors that we own from here on.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: fresh descriptors, each owned by one File.
+        let (tap, net) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let (ours, qemu) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        qemu.set_nonblocking(true).unwrap();
+        let vm = VmFront::new(
+            Tap::from_file(tap, "test0"),
+            Some(mio::net::UnixStream::from_std(ours)),
+            None,
+        );
+        (vm, net, qemu)
+    }
+
+    /// An Ethernet frame that is not IPv4 (nothing to translate), tagged.
+    fn frame(tag: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![tag; len.max(60)];
+        f[12..14].copy_from_slice(&[0x88, 0xb5]);
+        f
+    }
+
+    /// Frames waiting on the network side, in order.
+    fn out_on_net(net: &mut std::fs::File) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0; FRAME_MAX];
+        while let Ok(n) = net.read(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    /// What QEMU sends: frames in the stream's framing, as far as the socket takes them.
+    fn qemu_sends(qemu: &mut UnixStream, frames: &[Vec<u8>]) -> usize {
+        let mut bytes = Vec::new();
+        for f in frames {
+            encode(f, &mut bytes);
+        }
+        qemu.write(&bytes).unwrap_or(0)
+    }
+
+    #[test]
+    fn the_leaders_vm_answer_waits_for_the_commit_of_what_it_was_given_early() {
+        let (mut vm, mut net, mut qemu) = front();
+        vm.give(7, &frame(1, 60), 0);
+        // The VM has the frame before it committed …
+        let mut got = vec![0; 64];
+        qemu.read_exact(&mut got).unwrap();
+        assert_eq!(&got[4..], &frame(1, 60)[..]);
+        // … and its answer waits for op 7.
+        qemu_sends(&mut qemu, &[frame(2, 60)]);
+        vm.from_vm(true).unwrap();
+        assert!(
+            out_on_net(&mut net).is_empty(),
+            "an answer left before its input committed"
+        );
+        let (resume, err) = vm.commit_to(6);
+        assert!(!resume && err.is_none());
+        assert!(
+            out_on_net(&mut net).is_empty(),
+            "released at op 6 for input at op 7"
+        );
+        vm.commit_to(7);
+        assert_eq!(out_on_net(&mut net), vec![frame(2, 60)]);
+        // Nothing outstanding: the next answer goes at once.
+        qemu_sends(&mut qemu, &[frame(3, 60)]);
+        vm.from_vm(true).unwrap();
+        assert_eq!(out_on_net(&mut net), vec![frame(3, 60)]);
+        assert_eq!((vm.stats.given_early, vm.stats.held_for_commit), (1, 1));
+    }
+
+    #[test]
+    fn a_deposed_leaders_held_answers_never_leave() {
+        let (mut vm, mut net, mut qemu) = front();
+        vm.give(3, &frame(1, 60), 0);
+        qemu_sends(&mut qemu, &[frame(2, 60), frame(4, 60)]);
+        vm.from_vm(true).unwrap();
+        vm.drop_held();
+        vm.commit_to(3);
+        assert!(out_on_net(&mut net).is_empty());
+        assert_eq!(vm.stats.held_dropped, 2);
+    }
+
+    #[test]
+    fn reading_from_the_vm_stops_when_held_answers_fill_the_queue_and_goes_on_once_released() {
+        let (mut vm, mut net, qemu) = front();
+        vm.give(5, &frame(1, 60), 0);
+        // QEMU sends more than the queue holds, in 32 KiB frames.
+        let frames: Vec<Vec<u8>> = (0..(VM_QUEUE_MAX / 32768 + 8))
+            .map(|i| frame(i as u8, 32768))
+            .collect();
+        let writer = {
+            let frames = frames.clone();
+            let mut qemu = qemu.try_clone().unwrap();
+            qemu.set_nonblocking(false).unwrap();
+            std::thread::spawn(move || {
+                for f in &frames {
+                    let mut b = Vec::new();
+                    encode(f, &mut b);
+                    qemu.write_all(&b).unwrap();
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !vm.read_paused {
+            vm.from_vm(true).unwrap();
+            assert!(std::time::Instant::now() < deadline, "reading never paused");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(vm.held_bytes >= VM_QUEUE_MAX);
+        assert!(out_on_net(&mut net).is_empty());
+        // A commit below the held answers' op releases nothing, and reading stays paused …
+        assert!(!vm.commit_to(4).0);
+        assert!(
+            vm.read_paused,
+            "the pause was forgotten while the queue is still full"
+        );
+        // … until they go: then the caller is told to read again.
+        let mut released = 0;
+        let (resume, _) = vm.commit_to(5);
+        assert!(resume);
+        released += out_on_net(&mut net).len();
+        // Read the rest (the network side drains as it goes).
+        while released + (vm.stats.tap_out_dropped as usize) < frames.len() {
+            vm.from_vm(true).unwrap();
+            released += out_on_net(&mut net).len();
+            assert!(std::time::Instant::now() < deadline, "the rest never came");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        writer.join().unwrap();
+        assert!(released > 0);
+        assert_eq!(released + vm.stats.tap_out_dropped as usize, frames.len());
     }
 }

@@ -89,6 +89,16 @@ impl Tap {
         })
     }
 
+    /// A stand-in for a TAP device in tests: any descriptor that reads and
+    /// writes one frame per call (a SOCK_SEQPACKET socket).
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
