@@ -1832,6 +1832,28 @@ impl Node<'_> {
         }
     }
 
+    /// The applier waits for the program's answer on one connection: look
+    /// for it now rather than at the next poll (the loop's turn may be long
+    /// with peer traffic, and every request waits for the one before).
+    fn look_for_answer(&mut self) {
+        if self.awaiting_answer.is_none() {
+            return;
+        }
+        let Some(token) = self
+            .last_written
+            .and_then(|c| self.apps.get(&c))
+            .map(|a| a.token)
+        else {
+            return;
+        };
+        let more = Ready {
+            readable: true,
+            writable: false,
+            closed: false,
+        };
+        self.on_app(token, more);
+    }
+
     /// Watches the VM's stream for room to write while frames wait for it, and only then.
     fn vm_interest(&mut self) {
         let Some(vm) = &mut self.vm else {
@@ -2830,6 +2852,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.on_client(t, more)?;
         }
         node.propose()?;
+        node.look_for_answer();
         node.serve_admin()?;
         // The transport works when its sockets are ready, and every few
         // milliseconds for its own timers (reconnects, handshake deadlines).
@@ -2904,6 +2927,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         {
             node.ask_chunk();
         }
+        node.look_for_answer();
         node.drive_snapshot()?;
         node.feed_resync()?;
         for ev in node.transport.events() {
@@ -2939,6 +2963,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
             }
         }
+        node.look_for_answer();
         node.step(Input::Tick)?;
         node.propose()?;
         node.pump_apply();
@@ -2958,6 +2983,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 node.step(Input::Durable { op: d })?;
             }
         }
+        node.look_for_answer();
         // Input held during the fsync that just ended goes now, into the next one.
         node.propose()?;
         // Something appended is not durable yet, and no fsync is under way.
