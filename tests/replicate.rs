@@ -1954,6 +1954,27 @@ fn statuses(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Sets `secret` in replica `bad`'s Redis behind falcon's back, then reads
+/// it through the leader: `bad`'s copy answers differently and marks itself
+/// diverged.
+fn diverge_behind_falcons_back(c: &Cluster, leader: usize, bad: usize, value: &str) {
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["SET", "secret", value]).as_deref(),
+        Some("+OK")
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !statuses(c)[bad]["diverged"]
+            .is_null()),
+        "replica {} did not notice; its log:\n{}",
+        bad + 1,
+        c.log(bad)
+    );
+}
+
 #[test]
 fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resync() {
     let _one = serial();
@@ -2008,21 +2029,7 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     // The replica that would lead the next view diverges.
     let bad = (leader + 1) % 3;
     let good = (leader + 2) % 3;
-    assert_eq!(
-        resp_command(c.addrs[bad].2, &["SET", "secret", "not-the-clusters"]).as_deref(),
-        Some("+OK")
-    );
-    assert_eq!(
-        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
-        Some("(nil)")
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || !statuses(&c)[bad]["diverged"]
-            .is_null()),
-        "replica {} did not notice; its log:\n{}",
-        bad + 1,
-        c.log(bad)
-    );
+    diverge_behind_falcons_back(&c, leader, bad, "not-the-clusters");
     let st = statuses(&c);
     let d = &st[bad]["diverged"];
     assert_eq!(d["mismatch"]["offset"], 0, "{d}");
@@ -2106,20 +2113,7 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     );
     assert!(statuses(&c)[bad]["diverged"].is_null());
     // Behind falcon's back again, for the resync below.
-    assert_eq!(
-        resp_command(c.addrs[bad].2, &["SET", "secret", "again"]).as_deref(),
-        Some("+OK")
-    );
-    assert_eq!(
-        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
-        Some("(nil)")
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || !statuses(&c)[bad]["diverged"]
-            .is_null()),
-        "{}",
-        c.log(bad)
-    );
+    diverge_behind_falcons_back(&c, leader, bad, "again");
 
     // resync: its Redis starts empty, the log is replayed into it, and the
     // leader's hashes in the log show it now matches.

@@ -25,14 +25,13 @@ use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::app::{App, AppError};
 use crate::config::ClusterConfig;
 use crate::consensus::{
     Command, Config, Envelope, Event, Input, NodeId, PersistentState, Reject, Replica, Role,
 };
-use xxhash_rust::xxh3::xxh3_64;
-
 use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog, seal};
 use crate::output::Ui;
 use crate::snapshot;
@@ -1534,8 +1533,6 @@ impl Node<'_> {
     /// once it has caught up), and in a view other than the one it last gave
     /// early in, only once what it gave then is applied and checked.
     fn give_early(&mut self, entries: &[Entry]) {
-        // A leader of a new view gives early only once what it gave early
-        // before (perhaps dropped by the views between) is applied and checked.
         if self.engine.role() != Role::Leader
             || (self.vm_early_view != self.engine.view() && self.vm_given_op > self.applied_op)
         {
@@ -1846,12 +1843,7 @@ impl Node<'_> {
         else {
             return;
         };
-        let more = Ready {
-            readable: true,
-            writable: false,
-            closed: false,
-        };
-        self.on_app(token, more);
+        self.on_app(token, Ready::READ);
     }
 
     /// Watches the VM's stream for room to write while frames wait for it, and only then.
@@ -2199,6 +2191,15 @@ struct Ready {
     writable: bool,
     /// The other side closed or failed: read to the end.
     closed: bool,
+}
+
+impl Ready {
+    /// Read what is there (the loop looks again without an event).
+    const READ: Ready = Ready {
+        readable: true,
+        writable: false,
+        closed: false,
+    };
 }
 
 /// Bytes `offset ..` (at most [`SNAPSHOT_CHUNK`]) of the file, and its length.
@@ -2836,20 +2837,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.on_tap()?;
         }
         if std::mem::take(&mut node.vm_more) {
-            let more = Ready {
-                readable: true,
-                writable: false,
-                closed: false,
-            };
-            node.on_vm(more)?;
+            node.on_vm(Ready::READ)?;
         }
         for t in std::mem::take(&mut node.unread) {
-            let more = Ready {
-                readable: true,
-                writable: false,
-                closed: false,
-            };
-            node.on_client(t, more)?;
+            node.on_client(t, Ready::READ)?;
         }
         node.propose()?;
         node.look_for_answer();

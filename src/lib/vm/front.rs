@@ -358,21 +358,26 @@ impl VmFront {
             .next_frame()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("from the VM: {e}")))?
         {
-            // Learn how far our guest is (and release frames waiting for it).
+            // Learn how far our guest is (and release frames waiting for it);
+            // the leader's frame goes out in the numbering its clients know.
             let t = std::time::Instant::now();
             let released = self.translator.outbound(frame);
+            let out = leader.then(|| {
+                let mut out = frame.to_vec();
+                self.translator.rewrite_out(&mut out);
+                out
+            });
             self.stats.translate_ns += t.elapsed().as_nanos() as u64;
             self.stats.translated += 1;
             if let Some((mac, ip)) = identity(frame).filter(|(_, ip)| *ip != [0; 4]) {
                 self.mac = Some(mac);
                 self.ip = Some(ip);
             }
-            if leader {
-                let mut out = frame.to_vec();
-                let t = std::time::Instant::now();
-                self.translator.rewrite_out(&mut out);
-                self.stats.translate_ns += t.elapsed().as_nanos() as u64;
-                if self.given > self.committed || !self.held.is_empty() {
+            if let Some(out) = out {
+                // (Held frames are tagged with `given`, which only grows, and
+                // go as soon as `committed` reaches it: none is held here
+                // unless `given` is ahead.)
+                if self.given > self.committed {
                     // It may answer input that is not on a majority yet.
                     self.stats.held_for_commit += 1;
                     self.held_bytes += out.len();
@@ -460,13 +465,13 @@ mod tests {
         got
     }
 
-    /// What QEMU sends: frames in the stream's framing, as far as the socket takes them.
-    fn qemu_sends(qemu: &mut UnixStream, frames: &[Vec<u8>]) -> usize {
+    /// What QEMU sends: frames in the stream's framing.
+    fn qemu_sends(qemu: &mut UnixStream, frames: &[Vec<u8>]) {
         let mut bytes = Vec::new();
         for f in frames {
             encode(f, &mut bytes);
         }
-        qemu.write(&bytes).unwrap_or(0)
+        qemu.write_all(&bytes).unwrap();
     }
 
     #[test]
