@@ -48,6 +48,7 @@ fn the_documented_example_parses() {
     assert_eq!(c.election_timeout, Duration::from_millis(150));
     assert_eq!(c.heartbeat, Duration::from_millis(15));
     assert_eq!(c.segment_bytes, 64 << 20);
+    assert_eq!(c.log_preallocate, 4 << 20);
     assert_eq!(c.replicas.len(), 3);
     assert_eq!(
         c.key_file.as_deref(),
@@ -155,6 +156,13 @@ fn every_mistake_names_the_line_and_the_field() {
                 "election_timeout = \"200ms\"\nsegment_size = \"1KiB\"",
             ),
             "test.toml:4: segment_size: \"1KiB\" is not a size of at least 64KiB",
+        ),
+        (
+            GOOD.replace(
+                "election_timeout = \"200ms\"",
+                "election_timeout = \"200ms\"\nlog_preallocate = \"lots\"",
+            ),
+            "test.toml:4: log_preallocate: \"lots\" is not a size of at least 64KiB, or \"off\"",
         ),
         (
             "cluster = \"x\"\n[[replica]]\nid = 1\n".to_string(),

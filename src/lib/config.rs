@@ -131,6 +131,9 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// A log segment is closed at this size (snapshots drop whole segments).
     pub segment_bytes: u64,
+    /// Space preallocated ahead of the log's writes, this many bytes at a
+    /// time (0: off).
+    pub log_preallocate: u64,
     /// Resource limits.
     pub limits: Limits,
     /// The CA of mutual TLS on peer links (None: plain TCP).
@@ -165,6 +168,7 @@ struct RawConfig {
     election_timeout: Option<Spanned<String>>,
     heartbeat: Option<Spanned<String>>,
     segment_size: Option<Spanned<String>>,
+    log_preallocate: Option<Spanned<String>>,
     limits: Option<RawLimits>,
     tls_ca: Option<Spanned<String>>,
     divergence_chunk: Option<Spanned<String>>,
@@ -504,6 +508,22 @@ impl ClusterConfig {
                     )
                 })?,
         };
+        let log_preallocate = match &raw.log_preallocate {
+            None => crate::log::PREALLOCATE_BYTES,
+            Some(s) if matches!(s.get_ref().trim(), "off" | "0") => 0,
+            Some(s) => parse_size(s.get_ref())
+                .filter(|&b| b >= 64 << 10)
+                .ok_or_else(|| {
+                    field_err(
+                        s.span(),
+                        "log_preallocate",
+                        format!(
+                            "{:?} is not a size of at least 64KiB, or \"off\" (examples: 4MiB, 64MiB)",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+        };
         let divergence_chunk = match &raw.divergence_chunk {
             None => crate::node::divergence::CHUNK_DEFAULT,
             Some(s) if s.get_ref().trim() == "off" => 0,
@@ -646,6 +666,7 @@ impl ClusterConfig {
             election_timeout,
             heartbeat,
             segment_bytes,
+            log_preallocate,
             limits,
             tls_ca: raw.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
             divergence_chunk,

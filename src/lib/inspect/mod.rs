@@ -310,8 +310,14 @@ fn summary(
         |n| pb.inc(n),
     );
     pb.finish_and_clear();
+    // Bytes of records (and headers), as against the files' length, which
+    // includes space the replica preallocated ahead of its writes.
+    let mut data_bytes = total_bytes;
     let (segments, torn, problem) = match result {
-        Ok(o) => (o.segments.len(), o.torn, None),
+        Ok(o) => {
+            data_bytes = o.segments.iter().map(|s| s.len).sum();
+            (o.segments.len(), o.torn, None)
+        }
         Err(e @ LogError::Corrupt { .. }) => (
             crate::log::scan::list_segments(view.storage())?.len(),
             None,
@@ -351,7 +357,8 @@ fn summary(
                 "first_view": stats.first.map(|v| v.0),
                 "last_view": stats.last.map(|v| v.0),
                 "views": stats.views.len(),
-                "bytes": total_bytes,
+                "bytes": data_bytes,
+                "file_bytes": total_bytes,
                 "payload_bytes": stats.payload_bytes,
                 "kinds": kinds,
                 "connections": stats.conns.len(),
@@ -384,11 +391,20 @@ fn summary(
             ("views", stats.views.len().to_string()),
             (
                 "bytes",
-                format!(
-                    "{} ({} payload)",
-                    output::human_bytes(total_bytes),
-                    output::human_bytes(stats.payload_bytes)
-                ),
+                if total_bytes > data_bytes {
+                    format!(
+                        "{} ({} payload; {} on disk with the space reserved ahead)",
+                        output::human_bytes(data_bytes),
+                        output::human_bytes(stats.payload_bytes),
+                        output::human_bytes(total_bytes)
+                    )
+                } else {
+                    format!(
+                        "{} ({} payload)",
+                        output::human_bytes(data_bytes),
+                        output::human_bytes(stats.payload_bytes)
+                    )
+                },
             ),
             ("kinds", kinds),
             ("connections seen", stats.conns.len().to_string()),

@@ -296,6 +296,99 @@ pub fn sync_through_a_second_handle<S: Storage + Clone>(fresh: impl Fn() -> S) {
     ));
 }
 
+/// Segments are preallocated ahead of the writes: the zeros past the last
+/// record are the log's clean end (not a torn tail), a full segment is cut to
+/// its records, and zeros left behind a sealed segment by a crash before
+/// that cut are its end too. Zeros followed by other bytes are still a torn
+/// tail in the last segment and damage in a sealed one.
+pub fn preallocated_segments<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    use super::storage::StorageFile;
+    let o = LogOptions {
+        preallocate_bytes: 4096,
+        ..opts(6000)
+    };
+    let file_len = |s: &S, name: &str| s.open_ro(name).unwrap().len().unwrap();
+    let s = fresh();
+    let mut log = open(&s, o.clone());
+    log.append(&entries(1, 1..=3)).unwrap();
+    log.sync().unwrap();
+    let seg = &log.segments()[0];
+    assert!(seg.bytes < 4096, "three entries take {} bytes", seg.bytes);
+    assert_eq!(
+        file_len(&s, &seg.name),
+        4096,
+        "reserved ahead of the records"
+    );
+    drop(log);
+    let (mut log, rec) = SegmentLog::open(s.clone(), o.clone()).unwrap();
+    assert!(
+        rec.torn.is_none(),
+        "zeros read as a torn tail: {:?}",
+        rec.torn
+    );
+    assert_eq!((rec.last_op, log.last_op()), (3, 3));
+    assert_eq!(read_all(&log), entries(1, 1..=3));
+    // Past the first step, the reservation grows; at the size limit, the
+    // full segment is cut to its records.
+    let want = entries(1, 1..=300);
+    log.append(&want[3..]).unwrap();
+    log.sync().unwrap();
+    let segs = log.segments();
+    assert!(segs.len() >= 3, "only {} segments", segs.len());
+    for seg in &segs[..segs.len() - 1] {
+        assert_eq!(
+            file_len(&s, &seg.name),
+            seg.bytes,
+            "{} keeps zeros",
+            seg.name
+        );
+    }
+    let last = segs.last().unwrap().clone();
+    assert!(file_len(&s, &last.name) > last.bytes);
+    drop(log);
+    // A crash before the cut of a full segment leaves zeros behind it.
+    let sealed = segs[0].clone();
+    s.open_rw(&sealed.name)
+        .unwrap()
+        .set_len(sealed.bytes + 3000)
+        .unwrap();
+    let (log, rec) = SegmentLog::open(s.clone(), o.clone()).unwrap();
+    assert!(rec.torn.is_none());
+    assert_eq!(read_all(&log), want);
+    drop(log);
+    // Zeros, then other bytes, where the next record would start: a torn
+    // write in the last segment, cut off...
+    let mut f = s.open_rw(&last.name).unwrap();
+    f.write_all_at(b"not zero", last.bytes + 512).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    let (mut log, rec) = SegmentLog::open(s.clone(), o.clone()).unwrap();
+    let torn = rec.torn.expect("a torn tail");
+    assert_eq!(torn.offset, last.bytes);
+    assert!(torn.reason.contains("zeros"), "{}", torn.reason);
+    assert_eq!(read_all(&log), want);
+    log.append(&entries(2, 301..=305)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let log = open(&s, o.clone());
+    assert_eq!(log.last_op(), 305);
+    drop(log);
+    // ...and damage in a sealed segment: refused, nothing changed.
+    let mut f = s.open_rw(&sealed.name).unwrap();
+    f.write_all_at(b"not zero", sealed.bytes + 1000).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    match SegmentLog::open(s.clone(), o.clone()) {
+        Err(LogError::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset, sealed.bytes);
+            assert!(reason.contains("zeros"), "{reason}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a sealed segment with bytes after zeros was accepted"),
+    }
+    assert_eq!(file_len(&s, &sealed.name), sealed.bytes + 3000);
+}
+
 /// Expands to one `#[test]` per conformance check, for a storage made by `$fresh`.
 #[macro_export]
 macro_rules! log_conformance_tests {
@@ -304,7 +397,7 @@ macro_rules! log_conformance_tests {
             new_log_is_empty, append_then_read, rejects_out_of_order_and_oversized,
             rollover_across_segments, truncate_suffix, compaction_removes_old_segments,
             reset_starts_over, refuses_other_owner_and_second_writer, sync_policies,
-            sync_through_a_second_handle);
+            sync_through_a_second_handle, preallocated_segments);
     };
     (@each $fresh:expr; $($name:ident),*) => {
         $(

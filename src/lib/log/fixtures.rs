@@ -154,6 +154,8 @@ fn write_log(dir: &Path, entries: &[Entry]) -> Result<(), LogError> {
     let opts = LogOptions {
         segment_bytes_max: 2048,
         clock: Clock::fixed(T0),
+        // The committed fixtures stay byte-exact and small: no zero tails.
+        preallocate_bytes: 0,
         ..LogOptions::new(CLUSTER, 1)
     };
     let (mut log, _) = SegmentLog::open(storage, opts)?;

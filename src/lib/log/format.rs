@@ -254,6 +254,10 @@ pub enum DecodeError {
     /// The segment header's own checksum does not match.
     #[error("segment header checksum mismatch")]
     BadHeaderChecksum,
+    /// A record starts with zeros but more than zeros follow: a write whose
+    /// first bytes never reached the disk.
+    #[error("zeros where a record starts, followed by other bytes")]
+    Zeroed,
 }
 
 /// Rounds a record length up to [`RECORD_ALIGN`].

@@ -31,7 +31,9 @@ pub mod view;
 pub use format::{Entry, Kind};
 pub use group_commit::{GroupCommit, GroupCommitOptions};
 pub use scan::TornTail;
-pub use segment_log::{Clock, LogOptions, Recovery, SegmentInfo, SegmentLog, SyncPolicy};
+pub use segment_log::{
+    Clock, LogOptions, PREALLOCATE_BYTES, Recovery, SegmentInfo, SegmentLog, SyncPolicy,
+};
 pub use storage::{FsStorage, MemStorage, Storage, StorageFile};
 pub use view::{Follow, FollowEvent, LogView};
 

@@ -183,8 +183,10 @@ impl std::fmt::Display for Bad {
 
 /// The next record of a segment at `offset`, checked against the expected op and chain value.
 ///
-/// `Ok(None)` at the exact end of the file. On success the record bytes are
-/// `window.get(file, offset, len)`.
+/// `Ok(None)` at the exact end of the file, and where a record header would
+/// be all zeros: the end of what was written into a preallocated file (see
+/// [`zeros_to_end`] for telling that from damage). On success the record
+/// bytes are `window.get(file, offset, len)`.
 pub fn next_record<F: StorageFile>(
     file: &F,
     window: &mut Window,
@@ -197,6 +199,11 @@ pub fn next_record<F: StorageFile>(
         return Ok(Ok(None));
     }
     let head = window.get(file, offset, RECORD_HEADER_LEN, file_len)?;
+    // (Fewer bytes than a header are left only at the end of the file.)
+    let n = head.len().min(RECORD_HEADER_LEN);
+    if n > 0 && head[..n].iter().all(|&b| b == 0) {
+        return Ok(Ok(None));
+    }
     let need = if head.len() >= 4 {
         let l = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if (RECORD_HEADER_LEN..=RECORD_HEADER_LEN + format::PAYLOAD_MAX).contains(&l) {
@@ -227,6 +234,26 @@ pub fn next_record<F: StorageFile>(
         ))));
     }
     Ok(Ok(Some(h)))
+}
+
+/// Whether every byte of `file` from `offset` to `file_len` is zero: the
+/// unwritten rest of a preallocated segment, as against a record cut short
+/// or damaged.
+pub fn zeros_to_end<F: StorageFile>(file: &F, offset: u64, file_len: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < file_len {
+        let want = buf.len().min((file_len - at) as usize);
+        let n = file.read_full_at(&mut buf[..want], at)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Whether any CRC-valid record starts at an aligned offset in `(after, file_len)`.
@@ -415,6 +442,22 @@ pub fn scan_log<S: Storage>(
                 seg.last_crc,
             )
             .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
+            // Zeros where the next record would start: the clean end of a
+            // preallocated segment when nothing but zeros follows; else a
+            // record whose first bytes never reached the disk.
+            let step = match step {
+                Ok(None) if offset < file_len => {
+                    if zeros_to_end(&file, offset, file_len)
+                        .map_err(|e| LogError::io(format!("reading {describe}"), e))?
+                    {
+                        on_bytes(file_len - offset);
+                        Ok(None)
+                    } else {
+                        Err(Bad::Decode(DecodeError::Zeroed))
+                    }
+                }
+                other => other,
+            };
             match step {
                 Ok(None) => break,
                 Ok(Some(h)) => {

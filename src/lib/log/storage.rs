@@ -51,6 +51,12 @@ pub trait StorageFile: Send + 'static {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
     /// Makes the file's data durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Reserves space so that the file is at least `len` bytes long, reading
+    /// as zeros past what was written (`fallocate`). Writes inside it then
+    /// change neither the file's size nor its block map, so each
+    /// `fdatasync` has less to commit. May fail (no space, a file system
+    /// without it); the log then appends without it.
+    fn preallocate(&mut self, len: u64) -> io::Result<()>;
     /// Another handle to the same open file (for an fsync thread).
     fn try_clone(&self) -> io::Result<Self>
     where
@@ -120,6 +126,22 @@ impl StorageFile for FsFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn preallocate(&mut self, len: u64) -> io::Result<()> {
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length out of range"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+        loop {
+            // Mode 0: allocate [0, len) and extend the size; blocks not yet
+            // written read as zeros.
+            if unsafe { libc::fallocate(fd, 0, 0, len) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
     fn try_clone(&self) -> io::Result<FsFile> {
         self.0.try_clone().map(FsFile)
@@ -280,11 +302,18 @@ impl MemStorage {
             let mut f = lock(f);
             let durable = f.durable.clone();
             let mut kept = durable.clone();
-            // The unsynced part: bytes of `data` past a common prefix with `durable`.
-            if f.data.len() > durable.len() && f.data.starts_with(&durable) {
-                let extra = &f.data[durable.len()..];
+            // The unsynced part: bytes of `data` from where it first differs
+            // from `durable` (appended, or written over preallocated zeros).
+            let p = f
+                .data
+                .iter()
+                .zip(durable.iter())
+                .take_while(|(a, b)| a == b)
+                .count();
+            if f.data.len() > p {
+                let extra = &f.data[p..];
                 let keep = (rng.next_u64() % (extra.len() as u64 + 1)) as usize;
-                kept.extend_from_slice(&extra[..keep]);
+                kept = f.data[..p + keep].to_vec();
                 match rng.next_u64() % 4 {
                     // A torn sector: the tail of what was kept is garbage or zeros.
                     0 if keep > 0 => {
@@ -299,6 +328,10 @@ impl MemStorage {
                         kept.extend(std::iter::repeat_n(0u8, n));
                     }
                     _ => {}
+                }
+                // Past what survived, the file holds what was durable there.
+                if durable.len() > kept.len() {
+                    kept.extend_from_slice(&durable[kept.len()..]);
                 }
             }
             f.data = kept.clone();
@@ -477,6 +510,24 @@ impl StorageFile for MemFile {
     fn sync_data(&mut self) -> io::Result<()> {
         let mut f = lock(&self.data);
         f.durable = f.data.clone();
+        Ok(())
+    }
+    fn preallocate(&mut self, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only"));
+        }
+        let limit = lock(&self.storage).space_bytes;
+        let mut f = lock(&self.data);
+        if f.data.len() as u64 >= len {
+            return Ok(());
+        }
+        if limit.is_some_and(|limit| len > limit) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device",
+            ));
+        }
+        f.data.resize(len as usize, 0);
         Ok(())
     }
     fn try_clone(&self) -> io::Result<MemFile> {

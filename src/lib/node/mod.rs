@@ -529,7 +529,11 @@ struct Node<'a> {
     paused: Vec<Token>,
     /// Reused for every socket read (no allocation per event).
     read_buf: Vec<u8>,
+    /// The clock: `wall_base` (ns since the Unix epoch, read once) plus the
+    /// monotonic time since `start`. Entries carry it, so `log-inspect` and
+    /// pcap exports show real times, and it never steps back.
     start: Instant,
+    wall_base: u64,
     role: Role,
     /// Operator ids of the replicas, by index (for messages and hooks).
     ids: Vec<u32>,
@@ -640,7 +644,7 @@ struct Node<'a> {
 
 impl Node<'_> {
     fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        self.wall_base + self.start.elapsed().as_nanos() as u64
     }
 
     /// Appends to the log. A full disk is not fatal: what did not fit waits
@@ -2294,6 +2298,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         LogOptions {
             sync: cfg.sync,
             segment_bytes_max: cfg.segment_bytes,
+            preallocate_bytes: cfg.log_preallocate,
             ..LogOptions::new(cfg.cluster_id, me)
         },
     )?;
@@ -2385,14 +2390,20 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         .as_ref()
         .map_or_else(Vec::new, |m| m.open_conns.clone());
     let entries = log.read(base.max(log.first_op() - 1) + 1, usize::MAX, usize::MAX)?;
+    let (start, wall_base) = (
+        Instant::now(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
     let engine = match state {
         _ if log.last_op() == 0 && base == 0 && state.is_none() => {
-            Replica::new(engine_cfg, seed, 0)
+            Replica::new(engine_cfg, seed, wall_base)
         }
         st => Replica::restart(
             engine_cfg,
             seed,
-            0,
+            wall_base,
             st.unwrap_or_default(),
             base.max(log.first_op() - 1) + 1,
             entries,
@@ -2586,7 +2597,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         disk_full: None,
         sync_inflight: false,
         read_buf: vec![0u8; READ_CHUNK],
-        start: Instant::now(),
+        start,
+        wall_base,
         role: Role::ViewChange,
         ids: cfg.replicas.iter().map(|r| r.id).collect(),
         hooks: (opts.on_leader.clone(), opts.on_follower.clone()),
@@ -3159,6 +3171,7 @@ names the line and the field):
   election_timeout = \"150ms\"
   heartbeat = \"15ms\"          # optional, default election_timeout / 10
   segment_size = \"64MiB\"      # optional; log segment size (snapshots drop whole segments)
+  log_preallocate = \"4MiB\"    # optional; space reserved ahead of the log's writes (\"off\")
   tls_ca = \"tls/ca.pem\"       # optional, tcp: mutual TLS on peer links, this CA; then
                                 # every replica needs tls_cert and tls_key
                                 # (scripts/tls-certs.sh --config FILE makes all three)
