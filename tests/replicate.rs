@@ -926,7 +926,15 @@ fn set_big(
 fn a_full_disk_stops_input_harms_no_log_and_service_resumes_when_space_returns() {
     let _one = serial();
     util::need_root_and_redis();
-    let mut c = Cluster::configure(3, redis_program(), "refuse", Vec::new(), "");
+    // A small reserve: the log writes into space it preallocated until that
+    // is used up, and only then meets the full disk.
+    let mut c = Cluster::configure(
+        3,
+        redis_program(),
+        "refuse",
+        Vec::new(),
+        "log_preallocate = \"64KiB\"\n",
+    );
     let root = c.dir.path().to_path_buf();
     let data = |i: usize| root.join(format!("data/{}", i + 1));
     let disks = SmallDisks::mount((0..3).map(data).collect(), "24m");
@@ -939,6 +947,21 @@ fn a_full_disk_stops_input_harms_no_log_and_service_resumes_when_space_returns()
 
     // A follower's disk fills: it falls behind, the others go on.
     disks.fill(follower);
+    for k in 0..8 {
+        // More than the follower's reserve.
+        let (answer, _) = set_big(
+            c.addrs[leader].1,
+            &format!("r:{k}"),
+            16 << 10,
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            answer.as_deref(),
+            Some("+OK"),
+            "the cluster stopped with one follower's disk full; leader:\n{}",
+            c.log(leader)
+        );
+    }
     assert_eq!(
         set_many(c.addrs[leader].1, "b", 300),
         300,

@@ -463,7 +463,12 @@ fn verify(
     );
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    // (Read: every byte of the files, the zeros reserved ahead included.)
     let rate = total as f64 / secs.max(1e-9) / 1e9;
+    let verified: u64 = match &result {
+        Ok(o) => o.segments.iter().map(|s| s.len).sum(),
+        Err(_) => total,
+    };
     // A replica that stopped cleanly sealed where its log ended.
     let sealed = match crate::log::seal::data_dir_of(&args.path) {
         Some(dir) => crate::log::seal::read(&dir)
@@ -502,7 +507,8 @@ fn verify(
                 "ok": ok,
                 "segments": segments,
                 "records": records,
-                "bytes": total,
+                "bytes": verified,
+                "file_bytes": total,
                 "seconds": secs,
                 "gb_per_s": rate,
                 "torn_tail": torn,
@@ -526,7 +532,7 @@ fn verify(
             out,
             "{} {records} records in {segments} segments, {} verified in {:.3}s ({rate:.2} GB/s); checksums and hash chain intact",
             if ok { ui.good("ok") } else { ui.bad("FAILED") },
-            output::human_bytes(total),
+            output::human_bytes(verified),
             secs
         )?;
         if let Some(t) = &torn {

@@ -256,11 +256,32 @@ pub fn zeros_to_end<F: StorageFile>(file: &F, offset: u64, file_len: u64) -> io:
     Ok(true)
 }
 
-/// Whether any CRC-valid record starts at an aligned offset in `(after, file_len)`.
+/// Whether a whole 512-byte sector of zeros (at a multiple of 512) lies in
+/// `[from, to)`: what a sector that never reached the disk reads as in
+/// preallocated space.
+pub fn zero_sector_in<F: StorageFile>(file: &F, from: u64, to: u64) -> io::Result<bool> {
+    const SECTOR: u64 = 512;
+    let mut at = from.div_ceil(SECTOR) * SECTOR;
+    let mut buf = [0u8; SECTOR as usize];
+    while at + SECTOR <= to {
+        if file.read_full_at(&mut buf, at)? == buf.len() && buf.iter().all(|&b| b == 0) {
+            return Ok(true);
+        }
+        at += SECTOR;
+    }
+    Ok(false)
+}
+
+/// Where the first CRC-valid record at an aligned offset in `(after, file_len)` starts.
 ///
 /// A bad record with nothing valid after it is a torn tail (a write cut short
-/// by a crash); a bad record followed by valid ones is corruption.
-pub fn valid_record_after<F: StorageFile>(file: &F, after: u64, file_len: u64) -> io::Result<bool> {
+/// by a crash); a bad record followed by valid ones is corruption, unless a
+/// power loss explains the gap (see [`zero_sector_in`]).
+pub fn next_valid_record<F: StorageFile>(
+    file: &F,
+    after: u64,
+    file_len: u64,
+) -> io::Result<Option<u64>> {
     let mut window = Window::default();
     let mut at = after + RECORD_ALIGN as u64;
     while at + RECORD_HEADER_LEN as u64 <= file_len {
@@ -272,12 +293,12 @@ pub fn valid_record_after<F: StorageFile>(file: &F, after: u64, file_len: u64) -
         {
             let b = window.get(file, at, format::padded_len(l), file_len)?;
             if format::decode_record(b).is_ok() {
-                return Ok(true);
+                return Ok(Some(at));
             }
         }
         at += RECORD_ALIGN as u64;
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// What is learnt about one segment while scanning it.
@@ -369,7 +390,7 @@ pub fn scan_log<S: Storage>(
         let file = storage
             .open_ro(name)
             .map_err(|e| LogError::io(format!("opening {describe}"), e))?;
-        let (state, file_len) = read_header(&file, &describe, *name_op)?;
+        let (state, mut file_len) = read_header(&file, &describe, *name_op)?;
         let header = match state {
             HeaderState::Valid(h) => h,
             HeaderState::Torn { reason } => {
@@ -442,14 +463,34 @@ pub fn scan_log<S: Storage>(
                 seg.last_crc,
             )
             .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
+            let io_err = |e| LogError::io(format!("reading {describe}"), e);
+            // A reader without the writer's lock may hold bytes the writer
+            // has written over since (zeros it read ahead): before judging
+            // the last segment's end, look again.
+            let step = match step {
+                Ok(Some(h)) => Ok(Some(h)),
+                Ok(None) if offset >= file_len => Ok(None),
+                _ if is_last => {
+                    window.invalidate();
+                    file_len = file.len().map_err(io_err)?;
+                    next_record(
+                        &file,
+                        &mut window,
+                        offset,
+                        file_len,
+                        seg.last_op + 1,
+                        seg.last_crc,
+                    )
+                    .map_err(io_err)?
+                }
+                other => other,
+            };
             // Zeros where the next record would start: the clean end of a
             // preallocated segment when nothing but zeros follows; else a
             // record whose first bytes never reached the disk.
             let step = match step {
                 Ok(None) if offset < file_len => {
-                    if zeros_to_end(&file, offset, file_len)
-                        .map_err(|e| LogError::io(format!("reading {describe}"), e))?
-                    {
+                    if zeros_to_end(&file, offset, file_len).map_err(io_err)? {
                         on_bytes(file_len - offset);
                         Ok(None)
                     } else {
@@ -490,10 +531,21 @@ pub fn scan_log<S: Storage>(
                     }
                 }
                 Err(bad) => {
+                    // In the last segment, damage is a torn tail when nothing
+                    // valid follows it, or when a power loss explains it:
+                    // written over preallocated space, unsynced sectors reach
+                    // the disk in any order and the missing ones read as
+                    // zeros — a record starting with zeros, or a whole zero
+                    // sector before the next valid record. Synced records
+                    // are never after such a gap, so cutting loses nothing
+                    // that was acknowledged.
                     let torn = is_last
                         && matches!(bad, Bad::Decode(_))
-                        && !valid_record_after(&file, offset, file_len)
-                            .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
+                        && match next_valid_record(&file, offset, file_len).map_err(io_err)? {
+                            None => true,
+                            Some(_) if matches!(bad, Bad::Decode(DecodeError::Zeroed)) => true,
+                            Some(next) => zero_sector_in(&file, offset, next).map_err(io_err)?,
+                        };
                     if !torn {
                         return Err(LogError::Corrupt {
                             file: describe,

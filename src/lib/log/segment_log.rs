@@ -245,8 +245,8 @@ impl<S: Storage> SegmentLog<S> {
             log.next_op = last.last_op + 1;
             log.last_crc = last.last_crc;
             log.durable_op = last.last_op;
-            let end = last.len;
-            log.reserve(end + 1);
+            // (Space is reserved again at the first append, not here: a log
+            // the node refuses after opening it stays as it was.)
             // What survived a process restart may still sit in the page cache
             // only: make it durable before anyone relies on it.
             if log.opts.sync != SyncPolicy::Never {

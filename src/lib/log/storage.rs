@@ -282,7 +282,8 @@ impl MemStorage {
 
     /// Simulates a power loss: every file keeps its durable bytes; of the bytes
     /// written since the last sync, a random prefix survives and the rest is
-    /// lost or, for the last few bytes, replaced by zeros or garbage. Files
+    /// lost or, for the last few bytes, replaced by zeros or garbage — or, one
+    /// time in four, a random set of their 512-byte sectors survives. Files
     /// created or removed since the last directory sync may come back or vanish.
     /// `seed` makes the outcome reproducible. The writer lock is released.
     pub fn crash(&self, seed: u64) {
@@ -310,7 +311,21 @@ impl MemStorage {
                 .zip(durable.iter())
                 .take_while(|(a, b)| a == b)
                 .count();
-            if f.data.len() > p {
+            if f.data.len() > p && rng.next_u64() % 4 == 0 {
+                // Sectors reach the disk in any order: each unsynced 512-byte
+                // sector is there or not (then it holds what was durable,
+                // zeros past it), as when writing over preallocated space.
+                kept = durable.clone();
+                kept.resize(f.data.len(), 0);
+                let mut at = p - p % 512;
+                while at < f.data.len() {
+                    let end = (at + 512).min(f.data.len());
+                    if rng.next_u64() % 2 == 0 {
+                        kept[at..end].copy_from_slice(&f.data[at..end]);
+                    }
+                    at = end;
+                }
+            } else if f.data.len() > p {
                 let extra = &f.data[p..];
                 let keep = (rng.next_u64() % (extra.len() as u64 + 1)) as usize;
                 kept = f.data[..p + keep].to_vec();
