@@ -634,7 +634,8 @@ struct Node<'a> {
     /// the divergence mark once the program's output is in.
     replay_done: Option<Instant>,
     /// When this replica last handed the leadership on because its program
-    /// diverged (once per [`resync::HAND_OFF_EVERY`] at most).
+    /// diverged or its disk is full, or last found no one to hand it to
+    /// (once per [`resync::HAND_OFF_EVERY`] at most).
     handed_off: Option<Instant>,
     /// The engine asked for a snapshot while a resync fetched the leader's: asked after it.
     deferred_fetch: Option<(NodeId, u64)>,
@@ -720,8 +721,21 @@ impl Node<'_> {
     }
 
     /// Tries the entries a full disk kept out of the log again, every
-    /// [`DISK_RETRY`] (paused clients resume with the loop's others).
+    /// [`DISK_RETRY`] (paused clients resume with the loop's others). A
+    /// leader whose disk is full takes no input: it hands the leadership to
+    /// a replica that can write, so the cluster goes on without it (at the
+    /// view change it stops, since it cannot record the new view behind
+    /// entries it could not write).
     fn retry_unwritten(&mut self) -> Result<(), NodeError> {
+        if self.disk_full.is_some()
+            && self.role == Role::Leader
+            && self.engine.transferring_to().is_none()
+            && self
+                .handed_off
+                .is_none_or(|t| t.elapsed() >= resync::HAND_OFF_EVERY)
+        {
+            self.hand_off(self.engine.view(), "its log's disk is full")?;
+        }
         match self.disk_full {
             Some((_, tried)) if tried.elapsed() >= DISK_RETRY => self.write_unwritten().map(|_| ()),
             _ => Ok(()),

@@ -287,12 +287,19 @@ impl Node<'_> {
     /// hands the leadership to the next replica it has a link to (its copy
     /// must not become the one the others are compared with).
     pub(super) fn hand_off_diverged(&mut self, view: u64) -> Result<(), NodeError> {
-        let me = self.ids[self.me as usize];
         let why = if self.diverged.is_some() {
             "its program diverged from the cluster's"
         } else {
             "it is rebuilding its program"
         };
+        self.hand_off(view, why)
+    }
+
+    /// This replica leads view `view` but should not (`why`): it hands the
+    /// leadership to the next replica it has a link to, at most once per
+    /// [`HAND_OFF_EVERY`].
+    pub(super) fn hand_off(&mut self, view: u64, why: &str) -> Result<(), NodeError> {
+        let me = self.ids[self.me as usize];
         if self
             .handed_off
             .is_some_and(|t| t.elapsed() < HAND_OFF_EVERY)
@@ -311,7 +318,7 @@ impl Node<'_> {
         match target {
             Some(i) => {
                 self.ui.warn(&format!(
-                    "replica {me} was elected to lead view {view}, but {why}: handing the leadership to replica {} (clients wait meanwhile)",
+                    "replica {me} leads view {view}, but {why}: handing the leadership to replica {} (clients wait meanwhile)",
                     self.ids[i]
                 ));
                 self.handed_off = Some(Instant::now());
@@ -321,6 +328,8 @@ impl Node<'_> {
                 })
             }
             None => {
+                // Said again at the next try, not at every turn of the loop.
+                self.handed_off = Some(Instant::now());
                 self.ui.error(&format!(
                     "replica {me} leads view {view} although {why}, and no other replica is reachable to take over: it keeps the leadership"
                 ));
