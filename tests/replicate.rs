@@ -1044,8 +1044,19 @@ fn a_full_disk_stops_input_harms_no_log_and_a_leader_with_one_hands_the_cluster_
             "the leader did not say {said:?}:\n{log}"
         );
     }
+    let target: usize = log
+        .split("handing the leadership to replica ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .expect("the replica the leadership was handed to");
     let next = c.leader(Duration::from_secs(30));
-    assert_ne!(next, leader);
+    assert_eq!(
+        next + 1,
+        target,
+        "the replica handed the leadership does not lead:\n{}",
+        c.log(next)
+    );
     for j in 0..acked {
         assert_eq!(
             resp_command(c.addrs[next].2, &["STRLEN", &format!("c:{j}")]).as_deref(),

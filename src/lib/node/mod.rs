@@ -634,9 +634,10 @@ struct Node<'a> {
     /// the divergence mark once the program's output is in.
     replay_done: Option<Instant>,
     /// When this replica last handed the leadership on because its program
-    /// diverged or its disk is full, or last found no one to hand it to
-    /// (once per [`resync::HAND_OFF_EVERY`] at most).
+    /// diverged (once per [`resync::HAND_OFF_EVERY`] at most).
     handed_off: Option<Instant>,
+    /// A leader with a full disk tries to hand the leadership on again at this time.
+    disk_hand_off: Option<Instant>,
     /// The engine asked for a snapshot while a resync fetched the leader's: asked after it.
     deferred_fetch: Option<(NodeId, u64)>,
     /// Counts and times for them.
@@ -729,12 +730,21 @@ impl Node<'_> {
     fn retry_unwritten(&mut self) -> Result<(), NodeError> {
         if self.disk_full.is_some()
             && self.role == Role::Leader
+            && self.ids.len() > 1
             && self.engine.transferring_to().is_none()
-            && self
-                .handed_off
-                .is_none_or(|t| t.elapsed() >= resync::HAND_OFF_EVERY)
+            && self.disk_hand_off.is_none_or(|t| Instant::now() >= t)
         {
-            self.hand_off(self.engine.view(), "its log's disk is full")?;
+            // Again once a transfer could have timed out, or (no replica
+            // reachable) after a longer while.
+            let handed = self.hand_off(self.engine.view(), "its log's disk is full")?;
+            self.disk_hand_off = Some(
+                Instant::now()
+                    + if handed {
+                        DISK_RETRY * 3
+                    } else {
+                        resync::HAND_OFF_EVERY
+                    },
+            );
         }
         match self.disk_full {
             Some((_, tried)) if tried.elapsed() >= DISK_RETRY => self.write_unwritten().map(|_| ()),
@@ -809,6 +819,20 @@ impl Node<'_> {
                 // entries it stands for (a restart would offer a short log
                 // as the newest): write them now, or stop.
                 if !self.write_unwritten()? {
+                    // It stops here. So that the others need not wait out an
+                    // election timeout to notice, it tells them the view it
+                    // was moving to (as a leader handing the leadership on):
+                    // that vote needs nothing on disk, since this replica
+                    // never acts in that view.
+                    for to in 0..self.ids.len() as NodeId {
+                        if to != self.me {
+                            self.send(
+                                to,
+                                crate::consensus::Message::StartViewChange { view: st.view },
+                            );
+                        }
+                    }
+                    self.transport.flush();
                     return Err(NodeError::Io {
                         context: format!(
                             "disk full while changing views: the log in {} cannot take ops from {}; stopping rather than record a view whose entries are not on disk (free space and restart the replica)",
@@ -2687,6 +2711,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         replay_base: base,
         replay_done: None,
         handed_off: None,
+        disk_hand_off: None,
         deferred_fetch: None,
     };
     if let Some(d) = &node.diverged {

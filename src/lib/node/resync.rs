@@ -287,19 +287,12 @@ impl Node<'_> {
     /// hands the leadership to the next replica it has a link to (its copy
     /// must not become the one the others are compared with).
     pub(super) fn hand_off_diverged(&mut self, view: u64) -> Result<(), NodeError> {
+        let me = self.ids[self.me as usize];
         let why = if self.diverged.is_some() {
             "its program diverged from the cluster's"
         } else {
             "it is rebuilding its program"
         };
-        self.hand_off(view, why)
-    }
-
-    /// This replica leads view `view` but should not (`why`): it hands the
-    /// leadership to the next replica it has a link to, at most once per
-    /// [`HAND_OFF_EVERY`].
-    pub(super) fn hand_off(&mut self, view: u64, why: &str) -> Result<(), NodeError> {
-        let me = self.ids[self.me as usize];
         if self
             .handed_off
             .is_some_and(|t| t.elapsed() < HAND_OFF_EVERY)
@@ -311,29 +304,41 @@ impl Node<'_> {
             ));
             return Ok(());
         }
+        if self.hand_off(view, why)? {
+            self.handed_off = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// This replica leads view `view` but should not (`why`): it hands the
+    /// leadership to the replica it has a link to that holds the most of
+    /// the log (the nearest after it among equals). False, said as an
+    /// error, when it has a link to none.
+    pub(super) fn hand_off(&mut self, view: u64, why: &str) -> Result<bool, NodeError> {
+        let me = self.ids[self.me as usize];
         let n = self.ids.len();
         let target = (1..n)
             .map(|k| (self.me as usize + k) % n)
-            .find(|&i| self.observed.peers[i] > 0);
+            .filter(|&i| self.observed.peers[i] > 0)
+            .rev()
+            .max_by_key(|&i| self.engine.acked(i as crate::consensus::NodeId));
         match target {
             Some(i) => {
                 self.ui.warn(&format!(
                     "replica {me} leads view {view}, but {why}: handing the leadership to replica {} (clients wait meanwhile)",
                     self.ids[i]
                 ));
-                self.handed_off = Some(Instant::now());
                 self.observed.transfer_started_ns = Some(now_ns());
                 self.step(crate::consensus::Input::TransferLeadership {
                     to: i as crate::consensus::NodeId,
-                })
+                })?;
+                Ok(true)
             }
             None => {
-                // Said again at the next try, not at every turn of the loop.
-                self.handed_off = Some(Instant::now());
                 self.ui.error(&format!(
                     "replica {me} leads view {view} although {why}, and no other replica is reachable to take over: it keeps the leadership"
                 ));
-                Ok(())
+                Ok(false)
             }
         }
     }
