@@ -453,37 +453,30 @@ pub fn scan_log<S: Storage>(
         let mut offset = SEGMENT_HEADER_LEN as u64;
         let mut last_indexed: Option<u64> = None;
         let mut stop = false;
+        let io_err = |e| LogError::io(format!("reading {describe}"), e);
         loop {
-            let step = next_record(
-                &file,
-                &mut window,
-                offset,
-                file_len,
-                seg.last_op + 1,
-                seg.last_crc,
-            )
-            .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
-            let io_err = |e| LogError::io(format!("reading {describe}"), e);
             // A reader without the writer's lock may hold bytes the writer
             // has written over since (zeros it read ahead): before judging
-            // the last segment's end, look again.
-            let step = match step {
-                Ok(Some(h)) => Ok(Some(h)),
-                Ok(None) if offset >= file_len => Ok(None),
-                _ if is_last => {
-                    window.invalidate();
-                    file_len = file.len().map_err(io_err)?;
-                    next_record(
-                        &file,
-                        &mut window,
-                        offset,
-                        file_len,
-                        seg.last_op + 1,
-                        seg.last_crc,
-                    )
-                    .map_err(io_err)?
+            // the last segment's end, it looks again once.
+            let mut looked_again = false;
+            let step = loop {
+                let step = next_record(
+                    &file,
+                    &mut window,
+                    offset,
+                    file_len,
+                    seg.last_op + 1,
+                    seg.last_crc,
+                )
+                .map_err(io_err)?;
+                let settled =
+                    matches!(step, Ok(Some(_))) || matches!(step, Ok(None) if offset >= file_len);
+                if settled || !is_last || looked_again {
+                    break step;
                 }
-                other => other,
+                looked_again = true;
+                window.invalidate();
+                file_len = file.len().map_err(io_err)?;
             };
             // Zeros where the next record would start: the clean end of a
             // preallocated segment when nothing but zeros follows; else a
