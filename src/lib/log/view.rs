@@ -137,6 +137,7 @@ impl<S: Storage> LogView<S> {
             skip_below: from.unwrap_or(0),
             history: VecDeque::new(),
             window: Window::default(),
+            last: None,
         };
         if from.is_none() {
             let outcome = self.scan(u64::MAX, |_| Ok(true), |_| {})?;
@@ -183,6 +184,10 @@ pub struct Follow<'a, S: Storage> {
     skip_below: u64,
     history: VecDeque<(u64, u32)>,
     window: Window,
+    /// The last record read in the current segment: (offset, length, op,
+    /// chain value before it, its own), to notice a cut that the file's
+    /// length does not show.
+    last: Option<(u64, u64, u64, u32, u32)>,
 }
 
 impl<S: Storage> Follow<'_, S> {
@@ -222,6 +227,7 @@ impl<S: Storage> Follow<'_, S> {
         };
         self.seg_name = Some(name);
         self.file = Some(file);
+        self.last = None;
         self.offset = SEGMENT_HEADER_LEN as u64;
         self.expect_op = h.first_op;
         self.prev = h.prev_crc;
@@ -266,6 +272,7 @@ impl<S: Storage> Follow<'_, S> {
                         Err(e) => return Err(self.io(e)),
                     };
                     let offset = self.offset;
+                    self.last = Some((offset, len as u64, h.op, self.prev, h.crc));
                     self.offset += len as u64;
                     self.expect_op = h.op + 1;
                     self.prev = h.crc;
@@ -307,6 +314,13 @@ impl<S: Storage> Follow<'_, S> {
                         self.file = None;
                         continue;
                     }
+                    // The writer may have cut the log back and written past
+                    // where we read before we looked again, so the file never
+                    // got shorter than our offset: is the last record we
+                    // read still there?
+                    if self.last_moved()? {
+                        return self.resync();
+                    }
                     return Ok(None);
                 }
                 Err(scan::Bad::Chain(_)) => match self.resync()? {
@@ -315,6 +329,17 @@ impl<S: Storage> Follow<'_, S> {
                 },
             }
         }
+    }
+
+    /// Whether the last record read is no longer where it was.
+    fn last_moved(&self) -> Result<bool, LogError> {
+        let (Some((at, len, op, prev, crc)), Some(file)) = (self.last, self.file.as_ref()) else {
+            return Ok(false);
+        };
+        let mut window = Window::default();
+        let step =
+            scan::next_record(file, &mut window, at, at + len, op, prev).map_err(|e| self.io(e))?;
+        Ok(!matches!(step, Ok(Some(h)) if h.crc == crc))
     }
 
     /// The log changed under us (truncated, maybe rewritten): find the first
@@ -380,6 +405,7 @@ impl<S: Storage> Follow<'_, S> {
                 .map_err(|e| LogError::io(format!("opening {describe}"), e))?,
         );
         self.seg_name = Some(name);
+        self.last = None;
         self.offset = offset;
         self.prev = prev;
         self.skip_below = self.skip_below.min(op);
@@ -388,5 +414,57 @@ impl<S: Storage> Follow<'_, S> {
         let truncated = op < self.expect_op;
         self.expect_op = op;
         Ok(truncated.then_some(FollowEvent::Truncated { after_op: op - 1 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::conformance::{CLUSTER, entry};
+    use crate::log::{LogOptions, MemStorage, SegmentLog};
+
+    /// The writer cuts the log back and appends past where the follower
+    /// read before it looks again: the file never got shorter than the
+    /// follower's offset, and it still sees the cut and the new records.
+    #[test]
+    fn a_follower_sees_a_cut_the_files_length_does_not_show() {
+        let s = MemStorage::new();
+        let o = LogOptions::new(CLUSTER, 1);
+        let (mut log, _) = SegmentLog::open(s.clone(), o).unwrap();
+        log.append(&(1..=10).map(|op| entry(1, op)).collect::<Vec<_>>())
+            .unwrap();
+        let view = LogView::new(s.clone()).unwrap();
+        let mut f = view.follow(Some(1)).unwrap();
+        let mut seen = Vec::new();
+        while let Some(ev) = f.poll().unwrap() {
+            match ev {
+                FollowEvent::Record { header, .. } => seen.push(header.op),
+                FollowEvent::Truncated { .. } => panic!("no cut yet"),
+            }
+        }
+        assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+        log.truncate_after(4).unwrap();
+        // New records, with longer payloads than the old ones, run past
+        // the follower's offset without landing on it at a record boundary.
+        let long = |op| crate::log::Entry {
+            payload: vec![b'x'; 301].into(),
+            ..entry(2, op)
+        };
+        log.append(&(5..=40).map(long).collect::<Vec<_>>()).unwrap();
+        let mut events = Vec::new();
+        for _ in 0..200 {
+            match f.poll().unwrap() {
+                Some(FollowEvent::Truncated { after_op }) => events.push(format!("cut {after_op}")),
+                Some(FollowEvent::Record { header, .. }) => {
+                    assert_eq!(header.view, 2, "op {} from before the cut", header.op);
+                    events.push(header.op.to_string());
+                }
+                None => break,
+            }
+        }
+        let want: Vec<String> = std::iter::once("cut 4".to_string())
+            .chain((5..=40).map(|op| op.to_string()))
+            .collect();
+        assert_eq!(events, want);
     }
 }
