@@ -86,10 +86,7 @@ fn disk_rate(
             .read(true)
             .open(p)?;
         // Space reserved ahead, as the log reserves it (best effort, as there).
-        // SAFETY: fallocate on an fd we own; no memory is passed.
-        unsafe {
-            libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 64 << 20);
-        }
+        let _ = crate::log::storage::preallocate(&f, 64 << 20);
         Ok(f)
     };
     settle();
@@ -266,12 +263,7 @@ fn verify_speed(dir: &Path, payload: usize, mib: u64) -> Result<(f64, u64), Benc
     drop(log);
     let view = LogView::new(FsStorage::new(dir.join(&name), false)?)?;
     // The records' bytes (not the space reserved past them).
-    let bytes: u64 = view
-        .scan(0, |_| Ok(true), |_| {})?
-        .segments
-        .iter()
-        .map(|s| s.len)
-        .sum();
+    let bytes = view.scan(0, |_| Ok(true), |_| {})?.data_bytes();
     let mut best = 0f64;
     for _ in 0..3 {
         let t = Instant::now();

@@ -315,7 +315,7 @@ fn summary(
     let mut data_bytes = total_bytes;
     let (segments, torn, problem) = match result {
         Ok(o) => {
-            data_bytes = o.segments.iter().map(|s| s.len).sum();
+            data_bytes = o.data_bytes();
             (o.segments.len(), o.torn, None)
         }
         Err(e @ LogError::Corrupt { .. }) => (
@@ -391,20 +391,19 @@ fn summary(
             ("views", stats.views.len().to_string()),
             (
                 "bytes",
-                if total_bytes > data_bytes {
-                    format!(
-                        "{} ({} payload; {} on disk with the space reserved ahead)",
-                        output::human_bytes(data_bytes),
-                        output::human_bytes(stats.payload_bytes),
-                        output::human_bytes(total_bytes)
-                    )
-                } else {
-                    format!(
-                        "{} ({} payload)",
-                        output::human_bytes(data_bytes),
-                        output::human_bytes(stats.payload_bytes)
-                    )
-                },
+                format!(
+                    "{} ({} payload{})",
+                    output::human_bytes(data_bytes),
+                    output::human_bytes(stats.payload_bytes),
+                    if total_bytes > data_bytes {
+                        format!(
+                            "; {} on disk with the space reserved ahead",
+                            output::human_bytes(total_bytes)
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
             ),
             ("kinds", kinds),
             ("connections seen", stats.conns.len().to_string()),
@@ -466,7 +465,7 @@ fn verify(
     // (Read: every byte of the files, the zeros reserved ahead included.)
     let rate = total as f64 / secs.max(1e-9) / 1e9;
     let verified: u64 = match &result {
-        Ok(o) => o.segments.iter().map(|s| s.len).sum(),
+        Ok(o) => o.data_bytes(),
         Err(_) => total,
     };
     // A replica that stopped cleanly sealed where its log ended.

@@ -348,6 +348,14 @@ pub struct ScanOutcome {
     pub torn: Option<TornTail>,
 }
 
+impl ScanOutcome {
+    /// Bytes of the valid segments (headers and records), without space
+    /// reserved past them or a torn tail.
+    pub fn data_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
 /// One record seen by a scan.
 pub struct Seen<'a> {
     /// File name of its segment.

@@ -128,23 +128,29 @@ impl StorageFile for FsFile {
         self.0.sync_data()
     }
     fn preallocate(&mut self, len: u64) -> io::Result<()> {
-        let len = libc::off_t::try_from(len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length out of range"))?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
-        loop {
-            // Mode 0: allocate [0, len) and extend the size; blocks not yet
-            // written read as zeros.
-            if unsafe { libc::fallocate(fd, 0, 0, len) } == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        preallocate(&self.0, len)
     }
     fn try_clone(&self) -> io::Result<FsFile> {
         self.0.try_clone().map(FsFile)
+    }
+}
+
+/// Reserves space so that `file` is at least `len` bytes long: `fallocate`
+/// mode 0, which allocates `[0, len)` and extends the size; blocks not yet
+/// written read as zeros.
+pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length out of range"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    loop {
+        // SAFETY: fallocate on a descriptor `file` keeps open; no memory is passed.
+        if unsafe { libc::fallocate(fd, 0, 0, len) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -504,14 +510,7 @@ impl StorageFile for MemFile {
         let end = offset + buf.len();
         let limit = lock(&self.storage).space_bytes;
         let mut f = lock(&self.data);
-        if let Some(limit) = limit {
-            if end as u64 > limit && end > f.data.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    "no space left on device",
-                ));
-            }
-        }
+        room(limit, end, f.data.len())?;
         if f.data.len() < end {
             f.data.resize(end, 0);
         }
@@ -533,16 +532,11 @@ impl StorageFile for MemFile {
         }
         let limit = lock(&self.storage).space_bytes;
         let mut f = lock(&self.data);
-        if f.data.len() as u64 >= len {
-            return Ok(());
+        let len = len as usize;
+        room(limit, len, f.data.len())?;
+        if f.data.len() < len {
+            f.data.resize(len, 0);
         }
-        if limit.is_some_and(|limit| len > limit) {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "no space left on device",
-            ));
-        }
-        f.data.resize(len as usize, 0);
         Ok(())
     }
     fn try_clone(&self) -> io::Result<MemFile> {
@@ -552,6 +546,17 @@ impl StorageFile for MemFile {
             writable: self.writable,
         })
     }
+}
+
+/// Whether a file of `have` bytes may grow to `end` under the space limit.
+fn room(limit: Option<u64>, end: usize, have: usize) -> io::Result<()> {
+    if limit.is_some_and(|limit| end as u64 > limit) && end > have {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            "no space left on device",
+        ));
+    }
+    Ok(())
 }
 
 /// A small deterministic generator (SplitMix64) so simulations need no crate.

@@ -721,31 +721,32 @@ impl Node<'_> {
         }
     }
 
-    /// Tries the entries a full disk kept out of the log again, every
-    /// [`DISK_RETRY`] (paused clients resume with the loop's others). A
-    /// leader whose disk is full takes no input: it hands the leadership to
+    /// A leader whose disk is full takes no input: it hands the leadership to
     /// a replica that can write, so the cluster goes on without it (at the
     /// view change it stops, since it cannot record the new view behind
-    /// entries it could not write).
-    fn retry_unwritten(&mut self) -> Result<(), NodeError> {
-        if self.disk_full.is_some()
-            && self.role == Role::Leader
-            && self.ids.len() > 1
-            && self.engine.transferring_to().is_none()
-            && self.disk_hand_off.is_none_or(|t| Instant::now() >= t)
+    /// entries it could not write). Tried again once a transfer could have
+    /// timed out, or, with no replica reachable, after a longer while.
+    fn hand_off_full_disk(&mut self) -> Result<(), NodeError> {
+        if self.disk_full.is_none()
+            || self.role != Role::Leader
+            || self.ids.len() < 2
+            || self.engine.transferring_to().is_some()
+            || self.disk_hand_off.is_some_and(|t| Instant::now() < t)
         {
-            // Again once a transfer could have timed out, or (no replica
-            // reachable) after a longer while.
-            let handed = self.hand_off(self.engine.view(), "its log's disk is full")?;
-            self.disk_hand_off = Some(
-                Instant::now()
-                    + if handed {
-                        DISK_RETRY * 3
-                    } else {
-                        resync::HAND_OFF_EVERY
-                    },
-            );
+            return Ok(());
         }
+        let again = if self.hand_off(self.engine.view(), "its log's disk is full")? {
+            Duration::from_nanos(self.engine.config().transfer_timeout_ns) + DISK_RETRY
+        } else {
+            resync::HAND_OFF_EVERY
+        };
+        self.disk_hand_off = Some(Instant::now() + again);
+        Ok(())
+    }
+
+    /// Tries the entries a full disk kept out of the log again, every
+    /// [`DISK_RETRY`] (paused clients resume with the loop's others).
+    fn retry_unwritten(&mut self) -> Result<(), NodeError> {
         match self.disk_full {
             Some((_, tried)) if tried.elapsed() >= DISK_RETRY => self.write_unwritten().map(|_| ()),
             _ => Ok(()),
@@ -3046,6 +3047,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
             }
         }
+        node.hand_off_full_disk()?;
         node.retry_unwritten()?;
         node.vm_interest();
         if !node.paused.is_empty()
