@@ -256,20 +256,25 @@ pub fn zeros_to_end<F: StorageFile>(file: &F, offset: u64, file_len: u64) -> io:
     Ok(true)
 }
 
-/// Whether a whole 512-byte sector of zeros (at a multiple of 512) lies in
-/// `[from, to)`: what a sector that never reached the disk reads as in
-/// preallocated space.
+/// Whether the bytes in `[from, to)` up to some multiple of 512 are all
+/// zeros over a whole sector, or over the rest of the sector `from` lies in:
+/// what a sector that never reached the disk reads as in preallocated space
+/// (a record never starts with zeros, so neither can be a record's bytes).
 pub fn zero_sector_in<F: StorageFile>(file: &F, from: u64, to: u64) -> io::Result<bool> {
     const SECTOR: u64 = 512;
-    let mut at = from.div_ceil(SECTOR) * SECTOR;
     let mut buf = [0u8; SECTOR as usize];
-    while at + SECTOR <= to {
-        if file.read_full_at(&mut buf, at)? == buf.len() && buf.iter().all(|&b| b == 0) {
+    let mut at = from;
+    loop {
+        let end = (at / SECTOR + 1) * SECTOR;
+        if end > to {
+            return Ok(false);
+        }
+        let n = (end - at) as usize;
+        if file.read_full_at(&mut buf[..n], at)? == n && buf[..n].iter().all(|&b| b == 0) {
             return Ok(true);
         }
-        at += SECTOR;
+        at = end;
     }
-    Ok(false)
 }
 
 /// Where the first CRC-valid record at an aligned offset in `(after, file_len)` starts.
