@@ -347,7 +347,8 @@ fn normal_4_1_a_gap_asks_for_the_missing_entries() {
                 view: 0,
                 op_start: 1,
                 entries: vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "b")],
-                commit: 0
+                commit: 0,
+                last_op: 2,
             }
         )]
     );
@@ -593,7 +594,8 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
                     view: 1,
                     op_start: 2,
                     entries: log[1..].to_vec(),
-                    commit: 1
+                    commit: 1,
+                    last_op: 3,
                 }
             ),
             send(
@@ -602,7 +604,8 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
                     view: 1,
                     op_start: 2,
                     entries: log[1..].to_vec(),
-                    commit: 1
+                    commit: 1,
+                    last_op: 3,
                 }
             ),
         ]
@@ -758,6 +761,7 @@ fn view_change_4_2_backup_installs_start_view() {
                 op_start: 1,
                 entries: vec![entry(0, 1, 1, "a"), noop(1, 2, 4)],
                 commit: 1,
+                last_op: 2,
             },
         ),
     );
@@ -1355,4 +1359,139 @@ fn a_follower_with_a_working_leader_is_moved_by_nobody_else() {
         recv(2, 1, Message::StartViewChange { view: 1 }),
     );
     assert_eq!((g.view(), g.status()), (1, Status::ViewChange));
+}
+
+/// falcon: a whole cluster restarted (every replica's commit point is 0
+/// again, so every log suffix is the whole log) with logs larger than one
+/// message. The network here refuses any message over 4 KiB, as a peer
+/// refuses one over its limit. The new leader gets the best log in
+/// DoViewChange chunks, the followers get the StartView in parts, the view
+/// starts, and no entry of the old logs is cut.
+#[test]
+fn a_restarted_cluster_moves_logs_larger_than_a_message_in_chunks() {
+    const LIMIT: usize = 4096;
+    let payload = "x".repeat(100);
+    let old: Vec<Entry> = (1..=200).map(|op| entry(0, op, op, &payload)).collect();
+    // Replica 1 leads view 1 and has the shortest log: it must fetch the
+    // best one (200 entries, about 30 KB) from another.
+    let lens = [200usize, 150, 200];
+    let mut logs: Vec<Vec<Entry>> = lens.iter().map(|&n| old[..n].to_vec()).collect();
+    let mut rs: Vec<Replica> = (0..3)
+        .map(|id| {
+            let mut c = cfg(id, 3);
+            c.chunk_bytes_max = 1000;
+            Replica::restart(
+                c,
+                u64::from(id) + 7,
+                0,
+                PersistentState {
+                    view: 0,
+                    log_view: 0,
+                },
+                1,
+                logs[id as usize].clone(),
+                Vec::new(),
+            )
+        })
+        .collect();
+    let mut queue: std::collections::VecDeque<(u32, Envelope)> = Default::default();
+    let (mut refused, mut largest, mut dvc_chunks, mut start_view_parts) = (0, 0, 0, 0);
+    let mut now = 0;
+    let mut lowest_cut = u64::MAX;
+    let started = |rs: &[Replica]| {
+        rs.iter()
+            .all(|r| r.status() == Status::Normal && r.view() == rs[1].view())
+            && rs[1].role() == Role::Leader
+    };
+    while now < 2_000 * MS && !(started(&rs) && rs[1].commit() > 200) {
+        now += MS / 4;
+        let mut inputs: Vec<(usize, Input)> = (0..3).map(|i| (i, Input::Tick)).collect();
+        while let Some((to, env)) = queue.pop_front() {
+            inputs.push((to as usize, Input::Receive(env)));
+        }
+        while let Some((i, input)) = inputs.pop() {
+            let mut out = Vec::new();
+            rs[i].step(now, input, &mut out);
+            for c in out {
+                match c {
+                    Command::Append(es) => {
+                        let last = es.last().map_or(0, |e| e.op);
+                        logs[i].extend(es);
+                        inputs.push((i, Input::Durable { op: last }));
+                    }
+                    Command::Truncate { after } => {
+                        lowest_cut = lowest_cut.min(after);
+                        logs[i].truncate(after as usize);
+                    }
+                    Command::Send { to, msg, .. } => {
+                        match &msg {
+                            Message::DoViewChange {
+                                last_op,
+                                op_start,
+                                entries,
+                                ..
+                            } if !entries.is_empty()
+                                && op_start + entries.len() as u64 <= *last_op =>
+                            {
+                                dvc_chunks += 1
+                            }
+                            Message::StartView {
+                                last_op,
+                                op_start,
+                                entries,
+                                ..
+                            } if op_start + entries.len() as u64 <= *last_op => {
+                                start_view_parts += 1
+                            }
+                            _ => {}
+                        }
+                        let env = Envelope {
+                            cluster: CLUSTER,
+                            from: i as u32,
+                            to,
+                            msg,
+                        };
+                        let size = message::to_bytes(&env).len();
+                        largest = largest.max(size);
+                        if size > LIMIT {
+                            refused += 1;
+                        } else {
+                            queue.push_back((to, env));
+                        }
+                    }
+                    Command::SendFromLog { .. } => panic!("every entry is in memory here"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(
+        started(&rs),
+        "no view started in 2 s: {:?}",
+        rs.iter()
+            .map(|r| (r.role(), r.view(), r.last_op(), r.commit()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        refused, 0,
+        "a message over {LIMIT} bytes (largest {largest})"
+    );
+    assert!(dvc_chunks > 0, "the best log came in DoViewChange chunks");
+    assert!(start_view_parts > 0, "the StartView went in parts");
+    // Every old entry survives, on every replica, and the new view's
+    // entries follow them; the leader committed them all.
+    assert!(
+        lowest_cut >= 200,
+        "an old entry was cut (after op {lowest_cut})"
+    );
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(log[..200], old[..], "replica {i}'s old entries");
+        assert_eq!(
+            log[200].kind,
+            Kind::Noop,
+            "replica {i}: the new view's Noop"
+        );
+        assert_eq!(log, &logs[1], "replica {i}'s log is the leader's");
+    }
+    assert!(rs[1].commit() > 200);
 }

@@ -64,6 +64,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 op_start: 5,
                 entries: entries(),
                 commit,
+                last_op: 5 + entries().len() as u64 - 1,
             },
         ),
         (

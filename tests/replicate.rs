@@ -853,6 +853,52 @@ fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
     assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
 }
 
+/// The whole cluster stops and starts again (a power cut of every host):
+/// each replica forgets its commit point, so each one's log suffix in the
+/// view change is its whole log — here 12 MB, past the 8 MiB a peer's
+/// queue takes. The logs move in chunks, a leader is elected, and every
+/// acknowledged write is there.
+#[test]
+fn a_whole_cluster_restarted_with_a_log_larger_than_a_message_comes_back() {
+    let _one = serial();
+    let limits = "[limits]\npeer_queue = \"8MiB\"\n";
+    let mut c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), limits);
+    let leader = c.leader(Duration::from_secs(30));
+    for k in 0..100 {
+        let (answer, _) = set_big(
+            c.addrs[leader].1,
+            &format!("big{k}"),
+            120_000,
+            Duration::from_secs(20),
+        );
+        assert_eq!(answer.as_deref(), Some("+OK"), "SET big{k}");
+    }
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(60));
+    assert_eq!(
+        c.client_cmd(leader, &["DBSIZE"]).as_deref(),
+        Some(":100"),
+        "every acknowledged SET after the restart"
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["STRLEN", "big99"]).as_deref(),
+        Some(":120000")
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "{:?}",
+        c.digests()
+    );
+    for i in 0..3 {
+        assert!(!c.log(i).contains("needs ops"), "{}", c.log(i));
+    }
+}
+
 /// A small filesystem per replica (tmpfs with a size), unmounted when dropped.
 struct SmallDisks(Vec<PathBuf>);
 
@@ -1342,6 +1388,7 @@ fn an_insider_with_impossible_messages_moves_nothing_while_the_cluster_commits()
             op_start: 1,
             entries: vec![bogus(1)],
             commit: 1,
+            last_op: 1,
         },
         Message::Commit {
             view: 0,

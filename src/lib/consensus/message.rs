@@ -16,7 +16,7 @@ pub type NodeId = u32;
 /// Frame magic.
 pub const MAGIC: u16 = 0xFA1C;
 /// Encoding version written and accepted.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// The largest encoded message accepted (64 MiB).
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// The most entries one message may carry.
@@ -55,16 +55,20 @@ pub enum Message {
     /// Leader → follower: the leader's whole log from `op_start` to its last
     /// op. Starts the view at a follower (VR's StartView), and answers
     /// `Missing`. A follower installs it only whole, so a replica's log view
-    /// never claims a log it holds only in part.
+    /// never claims a log it holds only in part. A log too large for one
+    /// message comes in parts (entries end before `last_op`): the follower
+    /// asks for each next one with `Missing` and installs them together.
     StartView {
         /// The leader's view.
         view: u64,
         /// Op of the first entry.
         op_start: u64,
-        /// Entries `op_start ..=` the leader's last op.
+        /// Entries `op_start ..=` the leader's last op, or a part of them.
         entries: Vec<Entry>,
         /// The leader's commit point.
         commit: u64,
+        /// The leader's last op.
+        last_op: u64,
     },
     /// Leader → a follower far behind: committed entries `op_start ..`, in
     /// chunks, before the (then small) StartView. Committed entries may be
@@ -216,18 +220,19 @@ impl Message {
                 commit,
                 ..
             }
-            | Message::StartView {
-                view,
-                op_start,
-                commit,
-                ..
-            }
             | Message::CatchUp {
                 view,
                 op_start,
                 commit,
                 ..
             } => pad(&[*view, *op_start, *commit]),
+            Message::StartView {
+                view,
+                op_start,
+                commit,
+                last_op,
+                ..
+            } => pad(&[*view, *op_start, *commit, *last_op]),
             Message::PrepareOk { view, op } | Message::NeedSnapshot { view, op } => {
                 pad(&[*view, *op])
             }
@@ -520,6 +525,7 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
     let msg = match t {
         T_PREPARE | T_START_VIEW | T_CATCH_UP => {
             let (view, op_start, commit) = (r.u64()?, r.u64()?, r.u64()?);
+            let last_op = if t == T_START_VIEW { r.u64()? } else { 0 };
             let entries = r.entries(op_start)?;
             if t == T_CATCH_UP {
                 Message::CatchUp {
@@ -541,6 +547,7 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
                     op_start,
                     entries,
                     commit,
+                    last_op,
                 }
             }
         }
@@ -670,6 +677,14 @@ mod tests {
                 op_start: 5,
                 entries: entries(2),
                 commit: 5,
+                last_op: 6,
+            },
+            Message::StartView {
+                view: 3,
+                op_start: 5,
+                entries: entries(2),
+                commit: 5,
+                last_op: 900,
             },
             Message::CatchUp {
                 view: 3,

@@ -51,6 +51,14 @@ pub struct Config {
     /// A follower more entries behind than this gets committed entries in
     /// chunks of this size (CatchUp) before the StartView with the rest.
     pub catch_up_entries: u64,
+    /// Bytes of entries (payload and record header) in one DoViewChange,
+    /// StartView or CatchUp at most; at least one entry is always sent.
+    /// A log suffix larger than this moves in chunks: the new leader asks a
+    /// DoViewChange's sender for the rest, and a StartView's rest follows as
+    /// Prepares. (A whole cluster restarted forgets its commit point, so
+    /// every replica's suffix is its whole log: in one message it could
+    /// exceed what a peer accepts, and no view would ever start.)
+    pub chunk_bytes_max: usize,
     /// Protocol-breaking switches for tests.
     pub bugs: Bugs,
 }
@@ -71,6 +79,7 @@ impl Config {
             transfer_timeout_ns: 2_000_000_000,
             commit_notify_ns: 1_000_000,
             catch_up_entries: 8192,
+            chunk_bytes_max: 8 << 20,
             bugs: Bugs::default(),
         }
     }
@@ -241,6 +250,9 @@ pub enum Command {
     },
 }
 
+/// A DoViewChange as the new leader holds it: its sender's log view, last
+/// op and commit point, and the entries received so far, consecutive from
+/// `op_start` (the whole suffix, or chunks of it merged as they came).
 #[derive(Clone, Debug)]
 struct Dvc {
     log_view: u64,
@@ -248,6 +260,39 @@ struct Dvc {
     commit: u64,
     op_start: u64,
     entries: Vec<Entry>,
+}
+
+impl Dvc {
+    /// The first op after the entries held.
+    fn end(&self) -> u64 {
+        self.op_start + self.entries.len() as u64
+    }
+
+    /// `old` and a later DoViewChange `new` of the same sender in the same
+    /// view as one, and whether it covers more than `old` did. In a view
+    /// change the sender's log does not change, so overlapping entries are
+    /// the same; with a gap between the two, the lower range is kept (the
+    /// new leader asks for what follows it).
+    fn merged(old: Dvc, new: Dvc) -> (Dvc, bool) {
+        if (new.log_view, new.last_op) != (old.log_view, old.last_op) {
+            return (new, true);
+        }
+        let before = (old.op_start, old.end());
+        let commit = old.commit.max(new.commit);
+        let (mut lo, hi) = if new.op_start < old.op_start {
+            (new, old)
+        } else {
+            (old, new)
+        };
+        let end = lo.end();
+        if hi.op_start <= end {
+            lo.entries
+                .extend(hi.entries.into_iter().filter(|e| e.op >= end));
+        }
+        lo.commit = commit;
+        let grew = lo.end() > before.1 || lo.op_start < before.0;
+        (lo, grew)
+    }
 }
 
 /// Views and ops this large cannot come from a correct replica (they would
@@ -282,6 +327,12 @@ pub struct Replica {
     /// The op this replica last asked its leader for its log from, and when
     /// (one request per half election timeout, not one per message heard).
     asked_log: (u64, u64),
+    /// New leader in a view change: the DoViewChange chunk last asked for
+    /// (sender, first op, when), so a chunk on its way is not asked twice.
+    asked_dvc: (NodeId, u64, u64),
+    /// Follower in a view change: the parts of a StartView received so
+    /// far (first op, entries), installed together once the last is here.
+    start_parts: Option<(u64, Vec<Entry>)>,
     commit: u64,
     delivered: u64,
     durable: u64,
@@ -380,6 +431,8 @@ impl Replica {
             stored_first: first_op,
             catch_up_sent: vec![(0, 0); n],
             asked_log: (0, 0),
+            asked_dvc: (0, 0, 0),
+            start_parts: None,
             commit: first_op - 1,
             delivered: first_op - 1,
             durable: 0,
@@ -453,6 +506,28 @@ impl Replica {
             return None;
         }
         self.log.get((op - self.first_op) as usize)
+    }
+
+    /// Entries `from..=upto` held in memory, up to
+    /// [`Config::chunk_bytes_max`] bytes (at least one entry) and
+    /// [`Config::catch_up_entries`] entries.
+    fn chunk(&self, from: u64, upto: u64) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let upto = upto.min(from.saturating_add(self.cfg.catch_up_entries.max(1) - 1));
+        for op in from..=upto {
+            let Some(e) = self.entry(op) else {
+                break;
+            };
+            // The payload and about a record header's worth of fields.
+            let size = e.payload.len() + 48;
+            if !entries.is_empty() && bytes + size > self.cfg.chunk_bytes_max {
+                break;
+            }
+            bytes += size;
+            entries.push(e.clone());
+        }
+        entries
     }
 
     /// On the leader: the last op replica `f` acknowledged (0 when unknown).
@@ -834,7 +909,7 @@ impl Replica {
                     if self.is_leader() {
                         self.try_start_view(out);
                     } else {
-                        self.send_dvc(self.commit + 1, out);
+                        self.send_dvc(self.commit + 1, true, out);
                     }
                 }
             }
@@ -880,6 +955,8 @@ impl Replica {
         debug_assert!(view > self.view);
         self.probe = None;
         self.asked_log = (0, 0);
+        self.asked_dvc = (0, 0, 0);
+        self.start_parts = None;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -898,44 +975,96 @@ impl Replica {
         if self.is_leader() {
             self.try_start_view(out);
         } else {
-            self.send_dvc(self.commit + 1, out);
+            self.send_dvc(self.commit + 1, false, out);
         }
     }
 
-    fn send_dvc(&self, from: u64, out: &mut Vec<Command>) {
-        let from = from.max(self.stored_first).min(self.last_op() + 1);
+    /// Sends the view's leader our log state and entries from `from` on,
+    /// as many as fit in a chunk (it asks for the rest if it needs them).
+    /// `summary`: a resend; if the entries do not all fit, none go (the
+    /// leader asks for the chunk it lacks rather than get the first again
+    /// every heartbeat).
+    fn send_dvc(&self, from: u64, summary: bool, out: &mut Vec<Command>) {
+        let last = self.last_op();
+        let from = from.max(self.stored_first).min(last + 1);
+        let dvc = |op_start, entries| Message::DoViewChange {
+            view: self.view,
+            log_view: self.log_view,
+            last_op: last,
+            commit: self.commit,
+            op_start,
+            entries,
+        };
         if from < self.first_op {
-            // Part of it left memory: the node reads it back from the log.
+            if summary {
+                self.send(out, self.leader(), dvc(last + 1, Vec::new()));
+                return;
+            }
+            // Part of it left memory: the node reads it back from the log
+            // (a chunk's worth).
             out.push(Command::SendFromLog {
                 to: self.leader(),
-                msg: Message::DoViewChange {
-                    view: self.view,
-                    log_view: self.log_view,
-                    last_op: self.last_op(),
-                    commit: self.commit,
-                    op_start: from,
-                    entries: Vec::new(),
-                },
+                msg: dvc(from, Vec::new()),
                 from,
-                upto: self.last_op(),
+                upto: last,
             });
             return;
         }
-        let entries: Vec<Entry> = (from..=self.last_op())
-            .filter_map(|op| self.entry(op).cloned())
-            .collect();
+        let entries = self.chunk(from, last);
+        let whole = from + entries.len() as u64 == last + 1;
+        if summary && !whole {
+            self.send(out, self.leader(), dvc(last + 1, Vec::new()));
+        } else {
+            self.send(out, self.leader(), dvc(from, entries));
+        }
+    }
+
+    /// New leader: asks `b` for its DoViewChange's entries from `from` on,
+    /// unless that chunk was asked for lately and may be on its way.
+    fn ask_dvc(&mut self, b: NodeId, from: u64, out: &mut Vec<Command>) {
+        let again_after = self.cfg.heartbeat_ns.max(self.cfg.election_timeout_ns / 4);
+        let (to, asked, at) = self.asked_dvc;
+        if (to, asked) == (b, from) && self.now.saturating_sub(at) < again_after {
+            return;
+        }
+        self.asked_dvc = (b, from, self.now);
         self.send(
             out,
-            self.leader(),
-            Message::DoViewChange {
+            b,
+            Message::RequestDoViewChange {
                 view: self.view,
-                log_view: self.log_view,
-                last_op: self.last_op(),
-                commit: self.commit,
-                op_start: from,
-                entries,
+                from,
             },
         );
+    }
+
+    /// New leader: a large log is arriving in chunks from `from`. The view
+    /// change is making progress, so this replica and the others wait for
+    /// it rather than time out and move to another view: the others hear a
+    /// request for nothing more than their log's state. (It goes out only
+    /// as chunks arrive: a leader that stops getting them lets the timers
+    /// run out.)
+    fn log_arriving(&mut self, from: NodeId, out: &mut Vec<Command>) {
+        self.reset_election_deadline();
+        for f in self.others() {
+            if f == from {
+                continue;
+            }
+            let past = self
+                .dvcs
+                .get(&f)
+                .map_or(self.last_op(), |d| d.last_op)
+                .max(self.last_op())
+                + 1;
+            self.send(
+                out,
+                f,
+                Message::RequestDoViewChange {
+                    view: self.view,
+                    from: past,
+                },
+            );
+        }
     }
 
     /// At the new leader: with a majority of DoViewChanges, merge the logs and start the view.
@@ -964,17 +1093,17 @@ impl Replica {
             .fold(self.commit, u64::max);
         if let Some(b) = best {
             let d = &self.dvcs[&b];
-            if d.op_start > self.commit + 1 {
-                // We lack entries between our commit point and what it sent.
-                let from = self.commit + 1;
-                self.send(
-                    out,
-                    b,
-                    Message::RequestDoViewChange {
-                        view: self.view,
-                        from,
-                    },
-                );
+            // We lack entries between our commit point and what it sent, or
+            // the rest of a log too large for one message.
+            let lacking = if d.op_start > self.commit + 1 {
+                Some(self.commit + 1)
+            } else if d.end() <= d.last_op {
+                Some(d.end())
+            } else {
+                None
+            };
+            if let Some(from) = lacking {
+                self.ask_dvc(b, from, out);
                 return;
             }
             let d = self.dvcs.remove(&b).expect("present");
@@ -1087,12 +1216,14 @@ impl Replica {
             return;
         }
         self.catch_up_sent[fi] = (from, self.now);
-        if self.last_op() + 1 - from > self.cfg.catch_up_entries && from <= self.commit {
-            // Far behind: committed entries first, in chunks it asks for one by one.
+        let whole = self.chunk(from, self.last_op());
+        let fits = from + whole.len() as u64 > self.last_op();
+        if !fits && from <= self.commit {
+            // Far behind, or a log too large for one message: committed
+            // entries first, in chunks it asks for one by one.
             let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
-            let entries: Vec<Entry> = (from..=end)
-                .filter_map(|op| self.entry(op).cloned())
-                .collect();
+            let mut entries = whole;
+            entries.truncate((end + 1 - from) as usize);
             let msg = Message::CatchUp {
                 view: self.view,
                 op_start: from,
@@ -1106,10 +1237,10 @@ impl Replica {
             }
             return;
         }
-        let entries: Vec<Entry> = (from..=self.last_op())
-            .filter_map(|op| self.entry(op).cloned())
-            .collect();
-        self.next[fi] = self.last_op() + 1;
+        // Uncommitted entries too many for one message go in parts: the
+        // follower asks for each next one and installs them together.
+        let entries = whole;
+        self.next[fi] = from + entries.len() as u64;
         if self.acked[fi] >= from {
             // It lost what it acknowledged (it moved views or restarted): count again.
             self.acked[fi] = from - 1;
@@ -1122,6 +1253,7 @@ impl Replica {
                 op_start: from,
                 entries,
                 commit: self.commit,
+                last_op: self.last_op(),
             },
         );
         self.last_sent[fi] = self.now;
@@ -1161,6 +1293,8 @@ impl Replica {
     fn adopt_view(&mut self, view: u64, out: &mut Vec<Command>) {
         self.probe = None;
         self.asked_log = (0, 0);
+        self.asked_dvc = (0, 0, 0);
+        self.start_parts = None;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1235,6 +1369,67 @@ impl Replica {
         });
     }
 
+    /// A StartView, whole or a part of one (its entries end before the
+    /// leader's last op). In step with the view already, every entry is the
+    /// leader's and goes in at once; otherwise parts are kept aside, the
+    /// next one asked for, and the log installed once it is whole: a log
+    /// view never stands for a log held in part, and nothing of this log
+    /// is cut for a log not yet here.
+    fn start_view_part(
+        &mut self,
+        from: NodeId,
+        op_start: u64,
+        entries: Vec<Entry>,
+        commit: u64,
+        last_op: u64,
+        out: &mut Vec<Command>,
+    ) {
+        let end = op_start + entries.len() as u64;
+        let whole = end > last_op;
+        if self.status == Status::Normal || (whole && self.start_parts.is_none()) {
+            self.start_parts = None;
+            self.install(from, op_start, entries, commit, out);
+            return;
+        }
+        // Parts may come twice or out of order: overlapping ones are the
+        // same log (one leader, one view) and are merged.
+        let trusted = self.trusted_last();
+        let (start, mut parts) = match self.start_parts.take() {
+            Some((s, mut p)) if op_start >= s && op_start <= s + p.len() as u64 => {
+                let held = s + p.len() as u64;
+                p.extend(entries.into_iter().filter(|e| e.op >= held));
+                (s, p)
+            }
+            Some((s, p)) if op_start < s && end >= s && op_start <= trusted + 1 => {
+                let mut e = entries;
+                e.extend(p.into_iter().filter(|x| x.op >= end));
+                (op_start, e)
+            }
+            Some((s, p)) if op_start > trusted + 1 => (s, p),
+            _ if op_start <= trusted + 1 => (op_start, entries),
+            _ => {
+                self.ask_leader_for_log(out);
+                return;
+            }
+        };
+        self.heard_from_leader();
+        let held = start + parts.len() as u64;
+        if held > last_op {
+            parts.truncate((last_op + 1 - start) as usize);
+            self.install(from, start, parts, commit, out);
+        } else {
+            self.start_parts = Some((start, parts));
+            self.send(
+                out,
+                from,
+                Message::Missing {
+                    view: self.view,
+                    from: held,
+                },
+            );
+        }
+    }
+
     /// Takes committed entries from the leader (any view state: every later
     /// log holds them), then asks for what follows.
     fn catch_up(
@@ -1306,7 +1501,11 @@ impl Replica {
     /// Asks the leader for its log from our commit point: only committed
     /// entries are known to match the leader's.
     fn ask_leader_for_log(&mut self, out: &mut Vec<Command>) {
-        let from = (self.commit + 1).max(self.first_op);
+        // Past the parts of a StartView held already.
+        let from = match &self.start_parts {
+            Some((start, parts)) => start + parts.len() as u64,
+            None => (self.commit + 1).max(self.first_op),
+        };
         let (last, at) = self.asked_log;
         if last == from
             && self.now.saturating_sub(at)
@@ -1436,9 +1635,10 @@ impl Replica {
                 op_start,
                 entries,
                 commit,
+                last_op,
                 ..
             } if self.accepts_log(from, op_start, &entries) => {
-                self.install(from, op_start, entries, commit, out)
+                self.start_view_part(from, op_start, entries, commit, last_op, out)
             }
             Message::CatchUp { .. } | Message::StartView { .. } => {}
             Message::PrepareOk { op, .. } => {
@@ -1486,22 +1686,35 @@ impl Replica {
                 }
                 match self.status {
                     Status::ViewChange => {
+                        // The whole suffix from op_start, or a chunk of it.
                         let consistent = entries.len() as u64
-                            == (last_op + 1).saturating_sub(op_start)
-                            && entries.first().is_none_or(|e| e.op == op_start);
+                            <= (last_op + 1).saturating_sub(op_start)
+                            && Self::consecutive(op_start, &entries, self.view);
                         if !consistent {
                             return;
                         }
-                        self.dvcs.insert(
-                            from,
-                            Dvc {
-                                log_view,
-                                last_op,
-                                commit,
-                                op_start,
-                                entries,
-                            },
-                        );
+                        let new = Dvc {
+                            log_view,
+                            last_op,
+                            commit,
+                            op_start,
+                            entries,
+                        };
+                        let chunked = !new.entries.is_empty() && new.end() <= new.last_op;
+                        let grew = match self.dvcs.remove(&from) {
+                            Some(old) => {
+                                let (d, grew) = Dvc::merged(old, new);
+                                self.dvcs.insert(from, d);
+                                grew
+                            }
+                            None => {
+                                self.dvcs.insert(from, new);
+                                false
+                            }
+                        };
+                        if grew || chunked {
+                            self.log_arriving(from, out);
+                        }
                         self.try_start_view(out);
                     }
                     Status::Normal => {
@@ -1512,7 +1725,10 @@ impl Replica {
             }
             Message::RequestDoViewChange { from: from_op, .. } => {
                 if self.status == Status::ViewChange && from == self.leader() {
-                    self.send_dvc(from_op, out);
+                    // The view's leader is gathering the logs (in chunks,
+                    // if they are large): wait for it.
+                    self.reset_election_deadline();
+                    self.send_dvc(from_op, false, out);
                 }
             }
             Message::NewerView { .. } => {

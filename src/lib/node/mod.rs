@@ -54,8 +54,9 @@ const READ_CHUNK: usize = 64 << 10;
 /// it writes to another anyway (a request with no answer must not stall the
 /// replica; past this, the order between the two connections is not assured).
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
-/// Bytes of log entries one catch-up message carries, at most.
-const CATCH_UP_BYTES: usize = 16 << 20;
+/// Bytes of entries in one message that carries part of a log (a
+/// DoViewChange, StartView or CatchUp) at most; larger logs move in chunks.
+const CHUNK_BYTES: usize = 8 << 20;
 /// Client events held for the fsync under way, at most (then they are proposed at once).
 const PROPOSE_HOLD_MAX: usize = 256;
 /// Over shm, how long the loop spins on the rings after a peer message.
@@ -1003,15 +1004,13 @@ impl Node<'_> {
                 from,
                 upto,
             } => {
-                use crate::consensus::Message;
+                // A chunk: the receiver asks for the rest (a CatchUp's
+                // follower, a DoViewChange's new leader).
                 let count = (upto + 1).saturating_sub(from) as usize;
                 let read =
                     self.log
-                        .read(from, count, CATCH_UP_BYTES.min(self.limits.peer_queue / 2))?;
-                let whole = read.len() == count;
-                if read.first().map(|e| e.op) != Some(from)
-                    || (!whole && matches!(msg, Message::DoViewChange { .. }))
-                {
+                        .read(from, count, CHUNK_BYTES.min(self.limits.peer_queue / 4))?;
+                if read.first().map(|e| e.op) != Some(from) {
                     self.ui.error(&format!(
                         "replica {} needs ops {from}..={upto}, but this log holds {}..={}",
                         self.ids[to as usize],
@@ -2369,6 +2368,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         uncommitted_max: cfg.limits.pending_entries,
         batch_entries_max: cfg.limits.batch_entries,
         batch_bytes_max: cfg.limits.batch_bytes,
+        // Well inside what a peer's queue takes (one entry may add up to
+        // a record's payload limit).
+        chunk_bytes_max: CHUNK_BYTES.min(cfg.limits.peer_queue / 4),
         ..Config::new(cfg.cluster_id, me, cfg.replicas.len() as u32)
     };
     let seed = crate::log::now_ns() ^ u64::from(std::process::id());

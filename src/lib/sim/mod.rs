@@ -66,6 +66,9 @@ pub struct Knobs {
     /// Entries an engine keeps in memory below its commit point (None: all);
     /// older ones are read back from the log for a follower that needs them.
     pub forget_keep: Option<u64>,
+    /// Bytes of entries in a DoViewChange, StartView or CatchUp at most
+    /// (the engine's `chunk_bytes_max`); small, logs move in chunks.
+    pub chunk_bytes: usize,
 }
 
 impl Knobs {
@@ -93,6 +96,19 @@ impl Knobs {
             },
             safety_ns: pick(rng, 800 * MS, 3000 * MS),
             forget_keep: (rng.next_u64() % 2 == 0).then(|| rng.next_u64() % 8),
+            // Drawn from a copy of the generator: the other knobs and the
+            // run of every seed stay what they were before this knob.
+            chunk_bytes: {
+                let mut r = rng.clone();
+                r.next_u64();
+                // 10 to 25 entries per message (each is about 60 bytes), or
+                // no limit that a seed's log could reach.
+                if r.next_u64() % 2 == 0 {
+                    600 + (r.next_u64() % 1000) as usize
+                } else {
+                    8 << 20
+                }
+            },
         }
     }
 }
@@ -283,6 +299,7 @@ impl Sim {
             uncommitted_max: 4096,
             transfer_timeout_ns: 500 * MS,
             catch_up_entries: 24,
+            chunk_bytes_max: self.knobs.chunk_bytes,
             bugs: self.opts.bugs,
             ..Config::new(CLUSTER, id, self.knobs.n)
         }
@@ -980,8 +997,9 @@ fn trace(m: &Message) -> String {
             op_start,
             entries,
             commit,
+            last_op,
         } => format!(
-            "start_view v{view} ops {op_start}+{} commit {commit}",
+            "start_view v{view} ops {op_start}+{} commit {commit} last {last_op}",
             entries.len()
         ),
         Message::DoViewChange {
