@@ -324,6 +324,9 @@ pub struct Replica {
     /// Per follower: the op a catch-up was last sent from, and when (no
     /// second copy of the same chunk within a heartbeat).
     catch_up_sent: Vec<(u64, u64)>,
+    /// Per follower: it is gathering the parts of a StartView (it asks for
+    /// each; Prepares would be of no use to it until it installs the whole).
+    in_parts: Vec<bool>,
     /// The op this replica last asked its leader for its log from, and when
     /// (one request per half election timeout, not one per message heard).
     asked_log: (u64, u64),
@@ -430,6 +433,7 @@ impl Replica {
             first_op,
             stored_first: first_op,
             catch_up_sent: vec![(0, 0); n],
+            in_parts: vec![false; n],
             asked_log: (0, 0),
             asked_dvc: (0, 0, 0),
             start_parts: None,
@@ -732,6 +736,10 @@ impl Replica {
     /// Sends follower `f` what it lacks, within its window.
     fn pump(&mut self, f: NodeId, out: &mut Vec<Command>) {
         let fi = f as usize;
+        if self.in_parts[fi] {
+            // It asks for each part; the rest follows its install.
+            return;
+        }
         let last = self.last_op();
         if self.next[fi] <= last && self.catch_up_from_below(f, self.next[fi], out) {
             // What it needs left memory: from the log, or a snapshot.
@@ -881,7 +889,11 @@ impl Replica {
                     if self.now.saturating_sub(self.last_sent[fi]) < hb {
                         continue;
                     }
-                    if self.acked[fi] < self.last_op() {
+                    if self.in_parts[fi] {
+                        // Gathering a StartView's parts: a Commit makes it
+                        // ask again for the next if one was lost.
+                        self.send_commit(f, out);
+                    } else if self.acked[fi] < self.last_op() {
                         // Retransmit from what it acknowledged.
                         self.next[fi] = self.acked[fi] + 1;
                         self.pump(f, out);
@@ -1224,6 +1236,7 @@ impl Replica {
             let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
             let mut entries = whole;
             entries.truncate((end + 1 - from) as usize);
+            self.in_parts[fi] = false;
             let msg = Message::CatchUp {
                 view: self.view,
                 op_start: from,
@@ -1241,6 +1254,7 @@ impl Replica {
         // follower asks for each next one and installs them together.
         let entries = whole;
         self.next[fi] = from + entries.len() as u64;
+        self.in_parts[fi] = !fits;
         if self.acked[fi] >= from {
             // It lost what it acknowledged (it moved views or restarted): count again.
             self.acked[fi] = from - 1;
@@ -1268,6 +1282,7 @@ impl Replica {
         self.told = vec![0; n];
         self.untold_since = None;
         self.catch_up_sent = vec![(0, 0); n];
+        self.in_parts = vec![false; n];
         self.transfer = None;
     }
 
@@ -1644,6 +1659,8 @@ impl Replica {
             Message::PrepareOk { op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
                     let fi = from as usize;
+                    // In step with this view: it installed the whole log.
+                    self.in_parts[fi] = false;
                     if op > self.acked[fi] {
                         self.acked[fi] = op.min(self.last_op());
                         self.next[fi] = self.next[fi].max(self.acked[fi] + 1);
@@ -1661,6 +1678,11 @@ impl Replica {
                     Status::Normal => {
                         self.heard_from_leader();
                         self.learn_commit(commit, out);
+                        if commit > self.last_op() {
+                            // The leader committed past our log and sends
+                            // no Prepares: what it sent us went missing.
+                            self.ask_leader_for_log(out);
+                        }
                     }
                     Status::ViewChange => {
                         self.ask_leader_for_log(out);
