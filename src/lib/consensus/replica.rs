@@ -336,6 +336,9 @@ pub struct Replica {
     /// Follower in a view change: the parts of a StartView received so
     /// far (first op, entries), installed together once the last is here.
     start_parts: Option<(u64, Vec<Entry>)>,
+    /// Follower in a view change: our log is the view's leader's up to
+    /// this op (StartView parts matched it entry by entry).
+    verified: u64,
     commit: u64,
     delivered: u64,
     durable: u64,
@@ -437,6 +440,7 @@ impl Replica {
             asked_log: (0, 0),
             asked_dvc: (0, 0, 0),
             start_parts: None,
+            verified: 0,
             commit: first_op - 1,
             delivered: first_op - 1,
             durable: 0,
@@ -920,7 +924,9 @@ impl Replica {
                     }
                     if self.is_leader() {
                         self.try_start_view(out);
-                    } else {
+                    } else if self.start_parts.is_none() {
+                        // (Gathering a StartView's parts, the leader has
+                        // started the view: it needs no log of ours.)
                         self.send_dvc(self.commit + 1, true, out);
                     }
                 }
@@ -969,6 +975,7 @@ impl Replica {
         self.asked_log = (0, 0);
         self.asked_dvc = (0, 0, 0);
         self.start_parts = None;
+        self.verified = 0;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1299,6 +1306,7 @@ impl Replica {
         while self.last_op() > after {
             self.log.pop_back();
         }
+        self.verified = self.verified.min(after);
         self.durable = self.durable.min(after);
         out.push(Command::Truncate { after });
     }
@@ -1310,6 +1318,7 @@ impl Replica {
         self.asked_log = (0, 0);
         self.asked_dvc = (0, 0, 0);
         self.start_parts = None;
+        self.verified = 0;
         self.view = view;
         self.status = Status::ViewChange;
         self.dvcs.clear();
@@ -1334,7 +1343,7 @@ impl Replica {
         out: &mut Vec<Command>,
     ) {
         let trusted = self.trusted_last();
-        if op_start > trusted + 1 || op_start < self.first_op {
+        if op_start > trusted + 1 || op_start > self.last_op() + 1 || op_start < self.first_op {
             // Our entries between the commit point and op_start may be stale.
             self.ask_leader_for_log(out);
             return;
@@ -1409,25 +1418,41 @@ impl Replica {
         // Parts may come twice or out of order: overlapping ones are the
         // same log (one leader, one view) and are merged.
         let trusted = self.trusted_last();
+        if self
+            .start_parts
+            .as_ref()
+            .is_some_and(|(s, p)| s + p.len() as u64 <= trusted + 1)
+        {
+            // Committed entries (CatchUp) took us past what was held.
+            self.start_parts = None;
+        }
         let (start, mut parts) = match self.start_parts.take() {
-            Some((s, mut p)) if op_start >= s && op_start <= s + p.len() as u64 => {
+            // What is held (or matched ours) runs up to `held`: a part that
+            // starts there or before adds what comes after it.
+            Some((s, mut p)) if op_start <= s + p.len() as u64 => {
                 let held = s + p.len() as u64;
                 p.extend(entries.into_iter().filter(|e| e.op >= held));
                 (s, p)
             }
-            Some((s, p)) if op_start < s && end >= s && op_start <= trusted + 1 => {
-                let mut e = entries;
-                e.extend(p.into_iter().filter(|x| x.op >= end));
-                (op_start, e)
-            }
-            Some((s, p)) if op_start > trusted + 1 => (s, p),
-            _ if op_start <= trusted + 1 => (op_start, entries),
-            _ => {
+            // A gap: keep what is held (the next part is asked for below).
+            Some((s, p)) => (s, p),
+            None if op_start <= trusted + 1 => (op_start, entries),
+            None => {
                 self.ask_leader_for_log(out);
                 return;
             }
         };
         self.heard_from_leader();
+        // Entries the same as ours (same op, same view: the same entry) are
+        // not kept: after a whole cluster restarts, every part is most often
+        // the log each follower has already.
+        let same = parts
+            .iter()
+            .take_while(|e| self.entry(e.op).is_some_and(|mine| mine.view == e.view))
+            .count();
+        parts.drain(..same);
+        let start = start + same as u64;
+        self.verified = self.verified.max(start - 1);
         let held = start + parts.len() as u64;
         if held > last_op {
             parts.truncate((last_op + 1 - start) as usize);
@@ -1456,6 +1481,12 @@ impl Replica {
         out: &mut Vec<Command>,
     ) {
         let end = op_start + entries.len() as u64;
+        if op_start > self.last_op() + 1 && self.start_parts.take().is_some() {
+            // Committed past the StartView parts held, but not contiguous
+            // with our log: drop them and ask from what we can trust.
+            self.ask_leader_for_log(out);
+            return;
+        }
         if entries.is_empty() || end - 1 > commit || op_start > self.last_op() + 1 {
             return;
         }
@@ -1513,14 +1544,16 @@ impl Replica {
         );
     }
 
-    /// Asks the leader for its log from our commit point: only committed
-    /// entries are known to match the leader's.
+    /// Asks the leader for its log from what we trust: our commit point
+    /// (only committed entries are known to match the leader's), or past
+    /// what StartView parts matched or brought.
     fn ask_leader_for_log(&mut self, out: &mut Vec<Command>) {
         // Past the parts of a StartView held already.
         let from = match &self.start_parts {
             Some((start, parts)) => start + parts.len() as u64,
-            None => (self.commit + 1).max(self.first_op),
-        };
+            None => 0,
+        }
+        .max((self.trusted_last() + 1).max(self.first_op));
         let (last, at) = self.asked_log;
         if last == from
             && self.now.saturating_sub(at)
@@ -1833,7 +1866,7 @@ impl Replica {
         if self.status == Status::Normal {
             self.last_op()
         } else {
-            self.commit
+            self.commit.max(self.verified)
         }
     }
 
