@@ -327,6 +327,8 @@ pub struct Replica {
     /// Per follower: it is gathering the parts of a StartView (it asks for
     /// each; Prepares would be of no use to it until it installs the whole).
     in_parts: Vec<bool>,
+    /// Per follower: when it last asked for a part (or one was sent).
+    parts_at: Vec<u64>,
     /// The op this replica last asked its leader for its log from, and when
     /// (one request per half election timeout, not one per message heard).
     asked_log: (u64, u64),
@@ -437,6 +439,7 @@ impl Replica {
             stored_first: first_op,
             catch_up_sent: vec![(0, 0); n],
             in_parts: vec![false; n],
+            parts_at: vec![0; n],
             asked_log: (0, 0),
             asked_dvc: (0, 0, 0),
             start_parts: None,
@@ -893,6 +896,15 @@ impl Replica {
                     if self.now.saturating_sub(self.last_sent[fi]) < hb {
                         continue;
                     }
+                    if self.in_parts[fi]
+                        && self.now.saturating_sub(self.parts_at[fi])
+                            >= self.cfg.election_timeout_ns / 2
+                    {
+                        // It asked for no part for a while: a part or its
+                        // acknowledgement was lost. Back to Prepares (one
+                        // in step takes them; one gathering asks again).
+                        self.in_parts[fi] = false;
+                    }
                     if self.in_parts[fi] {
                         // Gathering a StartView's parts: a Commit makes it
                         // ask again for the next if one was lost.
@@ -1025,7 +1037,7 @@ impl Replica {
                 to: self.leader(),
                 msg: dvc(from, Vec::new()),
                 from,
-                upto: last,
+                upto: last.min(from.saturating_add(self.cfg.catch_up_entries.max(1) - 1)),
             });
             return;
         }
@@ -1243,7 +1255,6 @@ impl Replica {
             let end = self.commit.min(from + self.cfg.catch_up_entries - 1);
             let mut entries = whole;
             entries.truncate((end + 1 - from) as usize);
-            self.in_parts[fi] = false;
             let msg = Message::CatchUp {
                 view: self.view,
                 op_start: from,
@@ -1262,6 +1273,7 @@ impl Replica {
         let entries = whole;
         self.next[fi] = from + entries.len() as u64;
         self.in_parts[fi] = !fits;
+        self.parts_at[fi] = self.now;
         if self.acked[fi] >= from {
             // It lost what it acknowledged (it moved views or restarted): count again.
             self.acked[fi] = from - 1;
@@ -1290,6 +1302,7 @@ impl Replica {
         self.untold_since = None;
         self.catch_up_sent = vec![(0, 0); n];
         self.in_parts = vec![false; n];
+        self.parts_at = vec![0; n];
         self.transfer = None;
     }
 
@@ -1408,6 +1421,10 @@ impl Replica {
         last_op: u64,
         out: &mut Vec<Command>,
     ) {
+        if op_start == 0 {
+            // Ops start at 1: from no correct leader.
+            return;
+        }
         let end = op_start + entries.len() as u64;
         let whole = end > last_op;
         if self.status == Status::Normal || (whole && self.start_parts.is_none()) {
@@ -1452,10 +1469,10 @@ impl Replica {
             .count();
         parts.drain(..same);
         let start = start + same as u64;
-        self.verified = self.verified.max(start - 1);
+        self.verified = self.verified.max(start.saturating_sub(1));
         let held = start + parts.len() as u64;
         if held > last_op {
-            parts.truncate((last_op + 1 - start) as usize);
+            parts.truncate((last_op + 1).saturating_sub(start) as usize);
             self.install(from, start, parts, commit, out);
         } else {
             self.start_parts = Some((start, parts));
@@ -1724,6 +1741,7 @@ impl Replica {
             }
             Message::Missing { from: from_op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
+                    self.parts_at[from as usize] = self.now;
                     self.send_start_view(from, from_op, out);
                 }
             }
@@ -1755,6 +1773,9 @@ impl Replica {
                             op_start,
                             entries,
                         };
+                        // Progress: a chunk of a log too large for one
+                        // message that brings entries not held yet (the
+                        // same chunk again keeps no timer from running out).
                         let chunked = !new.entries.is_empty() && new.end() <= new.last_op;
                         let grew = match self.dvcs.remove(&from) {
                             Some(old) => {
@@ -1764,10 +1785,10 @@ impl Replica {
                             }
                             None => {
                                 self.dvcs.insert(from, new);
-                                false
+                                true
                             }
                         };
-                        if grew || chunked {
+                        if grew && chunked {
                             self.log_arriving(from, out);
                         }
                         self.try_start_view(out);
@@ -1883,6 +1904,8 @@ impl Replica {
             return;
         }
         self.open_conns = open_conns.into_iter().collect();
+        self.start_parts = None;
+        self.verified = 0;
         // Installing took time the leader did not go silent in.
         self.reset_election_deadline();
         self.log.clear();

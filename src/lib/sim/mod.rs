@@ -451,9 +451,10 @@ impl Sim {
                 let Some(log) = n.log.as_ref() else {
                     return Ok(());
                 };
+                // A chunk, as the node reads it: the receiver asks for the rest.
                 let count = (upto + 1).saturating_sub(from) as usize;
-                let read = log.read(from, count, usize::MAX).map_err(io)?;
-                if read.len() != count || read.first().map(|e| e.op) != Some(from) {
+                let read = log.read(from, count, self.knobs.chunk_bytes).map_err(io)?;
+                if read.is_empty() || read.first().map(|e| e.op) != Some(from) {
                     return Err(Violation {
                         checker: "storage",
                         detail: format!(
