@@ -989,3 +989,53 @@ fn tls_a_replica_cannot_claim_another_replicas_id() {
         "{wrong}"
     );
 }
+
+/// A message larger than a peer's whole queue (TCP) or ring (shared
+/// memory) can never be sent: `TooLarge`, with its size and the limit, not
+/// the `Full` that tells the sender to retry. The node logs it; the engine
+/// keeps its messages under the limit by moving logs in chunks.
+#[test]
+fn a_message_larger_than_the_whole_queue_is_too_large_not_full() {
+    use falcon::log::{Entry, Kind};
+    use falcon::transport::SendError;
+    let big = |to: u32| {
+        let entries = (1..=2)
+            .map(|op| Entry {
+                view: 1,
+                op,
+                kind: Kind::Data,
+                conn: 1,
+                time_ns: op,
+                payload: vec![7u8; 9 << 20].into(),
+            })
+            .collect();
+        Envelope {
+            cluster: CLUSTER,
+            from: 0,
+            to,
+            msg: Message::Prepare {
+                view: 1,
+                op_start: 1,
+                entries,
+                commit: 0,
+            },
+        }
+    };
+    let mut tcp = tcp_cluster(2);
+    match tcp[0].send(&big(1)) {
+        Err(SendError::TooLarge { to: 1, bytes, max }) => {
+            assert!(bytes > 18 << 20 && max == 16 << 20, "{bytes} {max}")
+        }
+        other => panic!("tcp: {other:?}"),
+    }
+    // A message that fits still goes.
+    tcp[0].send(&prepare(0, 1, 1, 1)).unwrap();
+    let mut shm = shm_cluster(2);
+    match shm[0].send(&big(1)) {
+        Err(SendError::TooLarge { to: 1, bytes, max }) => {
+            assert!(bytes > 18 << 20 && max < (16 << 20) + 64, "{bytes} {max}")
+        }
+        other => panic!("shm: {other:?}"),
+    }
+    shm[0].send(&prepare(0, 1, 1, 1)).unwrap();
+}

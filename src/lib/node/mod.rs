@@ -572,6 +572,8 @@ struct Node<'a> {
     /// When a refused client (over `client_connections`, or input refused
     /// as too much is pending) was last logged (once a second).
     refused_client_at: Option<Instant>,
+    /// When a message too large for a peer's queue was last logged.
+    too_large_at: Option<Instant>,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -1054,7 +1056,17 @@ impl Node<'_> {
             msg,
         };
         // A full queue drops the message: the engine retransmits what matters.
-        let _ = self.transport.send(&env);
+        if let Err(e @ crate::transport::SendError::TooLarge { .. }) = self.transport.send(&env) {
+            // It never fits: retransmitting it cannot help. Say so (every 10 s).
+            if self
+                .too_large_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                self.too_large_at = Some(Instant::now());
+                self.ui
+                    .error(&format!("{e} (a {} message)", env.msg.name()));
+            }
+        }
     }
 
     fn sync(&mut self) -> Result<(), NodeError> {
@@ -2666,6 +2678,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         memory_entries: opts.memory_entries.max(1),
         limits: cfg.limits,
         refused_client_at: None,
+        too_large_at: None,
         behind: false,
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,

@@ -43,6 +43,18 @@ pub enum SendError {
     /// No such peer.
     #[error("no replica {0}")]
     UnknownPeer(NodeId),
+    /// The message can never fit the queue or ring to this peer, however
+    /// empty: it is dropped. (The engine splits logs into chunks that fit,
+    /// so this points at a limit set too small.)
+    #[error("a {bytes}-byte message to replica {to} can never fit its {max}-byte queue; dropped")]
+    TooLarge {
+        /// The peer.
+        to: NodeId,
+        /// The encoded message.
+        bytes: usize,
+        /// What the queue or ring holds at most.
+        max: usize,
+    },
     /// The peer follows a newer view and refuses this view's log writes (we
     /// are a deposed leader): the message is dropped.
     #[error("replica {0} revoked this view's log writes")]

@@ -919,6 +919,13 @@ impl Transport for TcpTransport {
         if o.down {
             return Err(SendError::Down(env.to));
         }
+        if frame.len() > max {
+            return Err(SendError::TooLarge {
+                to: env.to,
+                bytes: frame.len(),
+                max,
+            });
+        }
         if o.queued_bytes + frame.len() > max {
             return Err(SendError::Full(env.to));
         }

@@ -811,8 +811,16 @@ impl Transport for RdmaTransport {
         bytes.clear();
         message::encode(env, &mut bytes);
         let pushed = l.out_ring.push(&bytes);
+        let (len, max) = (bytes.len(), l.out_ring.max_payload());
         if bytes.capacity() <= 1 << 20 {
             self.scratch = bytes; // reused: no allocation per message
+        }
+        if !pushed && len > max {
+            return Err(SendError::TooLarge {
+                to: env.to,
+                bytes: len,
+                max,
+            });
         }
         if !pushed {
             return Err(SendError::Full(env.to));
