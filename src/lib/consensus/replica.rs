@@ -54,8 +54,8 @@ pub struct Config {
     /// Bytes of entries (payload and record header) in one DoViewChange,
     /// StartView or CatchUp at most; at least one entry is always sent.
     /// A log suffix larger than this moves in chunks: the new leader asks a
-    /// DoViewChange's sender for the rest, and a StartView's rest follows as
-    /// Prepares. (A whole cluster restarted forgets its commit point, so
+    /// DoViewChange's sender for the rest, and a follower asks for each part
+    /// of a StartView and installs them together. (A whole cluster restarted forgets its commit point, so
     /// every replica's suffix is its whole log: in one message it could
     /// exceed what a peer accepts, and no view would ever start.)
     pub chunk_bytes_max: usize,
@@ -324,11 +324,10 @@ pub struct Replica {
     /// Per follower: the op a catch-up was last sent from, and when (no
     /// second copy of the same chunk within a heartbeat).
     catch_up_sent: Vec<(u64, u64)>,
-    /// Per follower: it is gathering the parts of a StartView (it asks for
-    /// each; Prepares would be of no use to it until it installs the whole).
-    in_parts: Vec<bool>,
-    /// Per follower: when it last asked for a part (or one was sent).
-    parts_at: Vec<u64>,
+    /// Per follower gathering the parts of a StartView (it asks for each;
+    /// Prepares would be of no use to it until it installs the whole): when
+    /// it last asked for a part, or one was sent.
+    in_parts: Vec<Option<u64>>,
     /// The op this replica last asked its leader for its log from, and when
     /// (one request per half election timeout, not one per message heard).
     asked_log: (u64, u64),
@@ -438,8 +437,7 @@ impl Replica {
             first_op,
             stored_first: first_op,
             catch_up_sent: vec![(0, 0); n],
-            in_parts: vec![false; n],
-            parts_at: vec![0; n],
+            in_parts: vec![None; n],
             asked_log: (0, 0),
             asked_dvc: (0, 0, 0),
             start_parts: None,
@@ -525,8 +523,7 @@ impl Replica {
     fn chunk(&self, from: u64, upto: u64) -> Vec<Entry> {
         let mut entries = Vec::new();
         let mut bytes = 0usize;
-        let upto = upto.min(from.saturating_add(self.cfg.catch_up_entries.max(1) - 1));
-        for op in from..=upto {
+        for op in from..=self.chunk_upto(from, upto) {
             let Some(e) = self.entry(op) else {
                 break;
             };
@@ -539,6 +536,18 @@ impl Replica {
             entries.push(e.clone());
         }
         entries
+    }
+
+    /// The last op of a chunk from `from` (at most `upto`) by entry count.
+    fn chunk_upto(&self, from: u64, upto: u64) -> u64 {
+        upto.min(from.saturating_add(self.cfg.catch_up_entries.max(1) - 1))
+    }
+
+    /// Follower gathering StartView parts: the first op after them.
+    fn parts_end(&self) -> Option<u64> {
+        self.start_parts
+            .as_ref()
+            .map(|(start, parts)| start + parts.len() as u64)
     }
 
     /// On the leader: the last op replica `f` acknowledged (0 when unknown).
@@ -743,7 +752,7 @@ impl Replica {
     /// Sends follower `f` what it lacks, within its window.
     fn pump(&mut self, f: NodeId, out: &mut Vec<Command>) {
         let fi = f as usize;
-        if self.in_parts[fi] {
+        if self.in_parts[fi].is_some() {
             // It asks for each part; the rest follows its install.
             return;
         }
@@ -896,16 +905,15 @@ impl Replica {
                     if self.now.saturating_sub(self.last_sent[fi]) < hb {
                         continue;
                     }
-                    if self.in_parts[fi]
-                        && self.now.saturating_sub(self.parts_at[fi])
-                            >= self.cfg.election_timeout_ns / 2
-                    {
+                    if self.in_parts[fi].is_some_and(|t| {
+                        self.now.saturating_sub(t) >= self.cfg.election_timeout_ns / 2
+                    }) {
                         // It asked for no part for a while: a part or its
                         // acknowledgement was lost. Back to Prepares (one
                         // in step takes them; one gathering asks again).
-                        self.in_parts[fi] = false;
+                        self.in_parts[fi] = None;
                     }
-                    if self.in_parts[fi] {
+                    if self.in_parts[fi].is_some() {
                         // Gathering a StartView's parts: a Commit makes it
                         // ask again for the next if one was lost.
                         self.send_commit(f, out);
@@ -1026,21 +1034,18 @@ impl Replica {
             op_start,
             entries,
         };
-        if from < self.first_op {
-            if summary {
-                self.send(out, self.leader(), dvc(last + 1, Vec::new()));
-                return;
-            }
+        if from < self.first_op && !summary {
             // Part of it left memory: the node reads it back from the log
             // (a chunk's worth).
             out.push(Command::SendFromLog {
                 to: self.leader(),
                 msg: dvc(from, Vec::new()),
                 from,
-                upto: last.min(from.saturating_add(self.cfg.catch_up_entries.max(1) - 1)),
+                upto: self.chunk_upto(from, last),
             });
             return;
         }
+        // (Empty when `from` left memory: then only the summary goes.)
         let entries = self.chunk(from, last);
         let whole = from + entries.len() as u64 == last + 1;
         if summary && !whole {
@@ -1272,8 +1277,7 @@ impl Replica {
         // follower asks for each next one and installs them together.
         let entries = whole;
         self.next[fi] = from + entries.len() as u64;
-        self.in_parts[fi] = !fits;
-        self.parts_at[fi] = self.now;
+        self.in_parts[fi] = (!fits).then_some(self.now);
         if self.acked[fi] >= from {
             // It lost what it acknowledged (it moved views or restarted): count again.
             self.acked[fi] = from - 1;
@@ -1301,8 +1305,7 @@ impl Replica {
         self.told = vec![0; n];
         self.untold_since = None;
         self.catch_up_sent = vec![(0, 0); n];
-        self.in_parts = vec![false; n];
-        self.parts_at = vec![0; n];
+        self.in_parts = vec![None; n];
         self.transfer = None;
     }
 
@@ -1435,11 +1438,7 @@ impl Replica {
         // Parts may come twice or out of order: overlapping ones are the
         // same log (one leader, one view) and are merged.
         let trusted = self.trusted_last();
-        if self
-            .start_parts
-            .as_ref()
-            .is_some_and(|(s, p)| s + p.len() as u64 <= trusted + 1)
-        {
+        if self.parts_end().is_some_and(|end| end <= trusted + 1) {
             // Committed entries (CatchUp) took us past what was held.
             self.start_parts = None;
         }
@@ -1566,11 +1565,10 @@ impl Replica {
     /// what StartView parts matched or brought.
     fn ask_leader_for_log(&mut self, out: &mut Vec<Command>) {
         // Past the parts of a StartView held already.
-        let from = match &self.start_parts {
-            Some((start, parts)) => start + parts.len() as u64,
-            None => 0,
-        }
-        .max((self.trusted_last() + 1).max(self.first_op));
+        let from = self
+            .parts_end()
+            .unwrap_or(0)
+            .max((self.trusted_last() + 1).max(self.first_op));
         let (last, at) = self.asked_log;
         if last == from
             && self.now.saturating_sub(at)
@@ -1710,7 +1708,7 @@ impl Replica {
                 if self.status == Status::Normal && self.is_leader() {
                     let fi = from as usize;
                     // In step with this view: it installed the whole log.
-                    self.in_parts[fi] = false;
+                    self.in_parts[fi] = None;
                     if op > self.acked[fi] {
                         self.acked[fi] = op.min(self.last_op());
                         self.next[fi] = self.next[fi].max(self.acked[fi] + 1);
@@ -1741,7 +1739,9 @@ impl Replica {
             }
             Message::Missing { from: from_op, .. } => {
                 if self.status == Status::Normal && self.is_leader() {
-                    self.parts_at[from as usize] = self.now;
+                    if let Some(t) = &mut self.in_parts[from as usize] {
+                        *t = self.now;
+                    }
                     self.send_start_view(from, from_op, out);
                 }
             }

@@ -1009,9 +1009,9 @@ impl Node<'_> {
                 // A chunk: the receiver asks for the rest (a CatchUp's
                 // follower, a DoViewChange's new leader).
                 let count = (upto + 1).saturating_sub(from) as usize;
-                let read =
-                    self.log
-                        .read(from, count, CHUNK_BYTES.min(self.limits.peer_queue / 4))?;
+                let read = self
+                    .log
+                    .read(from, count, self.engine.config().chunk_bytes_max)?;
                 if read.first().map(|e| e.op) != Some(from) {
                     self.ui.error(&format!(
                         "replica {} needs ops {from}..={upto}, but this log holds {}..={}",

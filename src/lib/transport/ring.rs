@@ -217,6 +217,23 @@ impl Ring {
         }
     }
 
+    /// Sender: [`Ring::push`] of one message to replica `to`, as a transport
+    /// reports it: `Full` when the receiver has not made room yet,
+    /// `TooLarge` when no room could ever hold it.
+    pub fn send(&mut self, to: super::NodeId, payload: &[u8]) -> Result<(), super::SendError> {
+        if self.push(payload) {
+            Ok(())
+        } else if payload.len() > self.max_payload() {
+            Err(super::SendError::TooLarge {
+                to,
+                bytes: payload.len(),
+                max: self.max_payload(),
+            })
+        } else {
+            Err(super::SendError::Full(to))
+        }
+    }
+
     /// Sender: writes one record (unpublished until [`Ring::publish`]).
     /// False when the receiver has not consumed enough to make room.
     pub fn push(&mut self, payload: &[u8]) -> bool {

@@ -578,21 +578,11 @@ impl Transport for ShmTransport {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
         message::encode(env, &mut bytes);
-        let pushed = o.ring.push(&bytes);
-        let (len, max) = (bytes.len(), o.ring.max_payload());
+        let sent = o.ring.send(env.to, &bytes);
         if bytes.capacity() <= 1 << 20 {
             self.scratch = bytes; // reused: no allocation per message
         }
-        if !pushed && len > max {
-            return Err(SendError::TooLarge {
-                to: env.to,
-                bytes: len,
-                max,
-            });
-        }
-        if !pushed {
-            return Err(SendError::Full(env.to));
-        }
+        sent?;
         o.dirty = true;
         Ok(())
     }

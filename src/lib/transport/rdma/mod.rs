@@ -810,21 +810,11 @@ impl Transport for RdmaTransport {
         let mut bytes = std::mem::take(&mut self.scratch);
         bytes.clear();
         message::encode(env, &mut bytes);
-        let pushed = l.out_ring.push(&bytes);
-        let (len, max) = (bytes.len(), l.out_ring.max_payload());
+        let sent = l.out_ring.send(env.to, &bytes);
         if bytes.capacity() <= 1 << 20 {
             self.scratch = bytes; // reused: no allocation per message
         }
-        if !pushed && len > max {
-            return Err(SendError::TooLarge {
-                to: env.to,
-                bytes: len,
-                max,
-            });
-        }
-        if !pushed {
-            return Err(SendError::Full(env.to));
-        }
+        sent?;
         Ok(())
     }
 
