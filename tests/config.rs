@@ -245,9 +245,13 @@ fn limits_have_defaults_and_each_bad_one_is_named() {
             &format!("\n[limits]\n{table}\n\n[[replica]]\nid = 1"),
         )
     };
-    let l = parse(&with("client_connections = 8\nclient_buffer = \"1MiB\"\npending_entries = 100\nbatch_entries = 50\nbatch_bytes = \"64KiB\""))
+    let l = parse(&with("client_connections = 8\nclient_buffer = \"1MiB\"\npending_entries = 100\nbatch_entries = 50\nbatch_bytes = \"64KiB\"\nmemory_window = \"2MiB\"\npending_bytes = \"3MiB\"\nprogram_backlog_bytes = \"5MiB\""))
         .unwrap()
         .limits;
+    assert_eq!(
+        (l.memory_window, l.pending_bytes, l.program_backlog_bytes),
+        (2 << 20, 3 << 20, 5 << 20)
+    );
     assert_eq!(
         (
             l.client_connections,
@@ -277,6 +281,15 @@ fn limits_have_defaults_and_each_bad_one_is_named() {
             "test.toml:7: limits.pending_entries: 100 is outside 500..=",
         ),
         ("program_backlog = 1", "limits.program_backlog"),
+        (
+            "memory_window = \"4KiB\"",
+            "limits.memory_window: \"4KiB\" is not a size from 1048576",
+        ),
+        ("pending_bytes = \"lots\"", "limits.pending_bytes"),
+        (
+            "program_backlog_bytes = \"0\"",
+            "limits.program_backlog_bytes",
+        ),
         ("clients = 5", "unknown field `clients`"),
     ] {
         let e = err(&with(table));

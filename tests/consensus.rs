@@ -1495,3 +1495,47 @@ fn a_restarted_cluster_moves_logs_larger_than_a_message_in_chunks() {
     }
     assert!(rs[1].commit() > 200);
 }
+
+/// Memory: the engine counts what it holds (entries and bytes, all and
+/// delivered), and `window_start` says where to cut so that the delivered
+/// entries kept stay within an entry count and a byte count — at least
+/// the last delivered one, never an undelivered one.
+#[test]
+fn the_memory_window_is_counted_in_entries_and_bytes() {
+    let mut solo = Replica::new(cfg(0, 1), 1, 0);
+    // Ten entries of 1,000 bytes, then two more proposed but not durable.
+    let big = "x".repeat(1000);
+    for i in 1..=10u64 {
+        step(&mut solo, i, Input::Propose(vec![ev(&big)]));
+        step(&mut solo, i, Input::Durable { op: i });
+    }
+    step(&mut solo, 11, Input::Propose(vec![ev(&big), ev("y")]));
+    let one = 1000 + 48;
+    assert_eq!(solo.memory(), (12, 11 * one + 1 + 48));
+    assert_eq!(solo.window(), (10, 10 * one));
+    solo.check_memory_counts().unwrap();
+
+    // By entries: keep 4 → cut below op 7.
+    assert_eq!(solo.window_start(4, usize::MAX), 7);
+    // By bytes: 3.5 entries' worth → 3 kept, cut below op 8.
+    assert_eq!(solo.window_start(u64::MAX, 3 * one + one / 2), 8);
+    // Less than one entry's worth still keeps the last delivered one.
+    assert_eq!(solo.window_start(u64::MAX, 10), 10);
+    // Nothing to keep by count: nothing delivered is kept.
+    assert_eq!(solo.window_start(0, usize::MAX), 11);
+
+    step(&mut solo, 12, Input::Forget { below: 8 });
+    assert_eq!(solo.first_op(), 8);
+    assert_eq!(solo.window(), (3, 3 * one));
+    assert_eq!(solo.memory(), (5, 4 * one + 1 + 48));
+    // Forgetting past the delivered ones stops at the first undelivered.
+    step(&mut solo, 13, Input::Forget { below: 100 });
+    assert_eq!(solo.first_op(), 11);
+    assert_eq!(solo.window(), (0, 0));
+    assert_eq!(solo.memory(), (2, one + 1 + 48));
+    solo.check_memory_counts().unwrap();
+    // Delivering the rest moves them into the window.
+    step(&mut solo, 14, Input::Durable { op: 12 });
+    assert_eq!(solo.window(), (2, one + 1 + 48));
+    solo.check_memory_counts().unwrap();
+}

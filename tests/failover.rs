@@ -152,11 +152,12 @@ fn status_metrics_transfer_and_a_drill_on_a_cluster_in_namespaces() {
         assert!(st["commit"].as_u64().unwrap() >= 100, "{st}");
         assert_eq!(st["program"]["name"], "redis-server", "{st}");
         assert!(st["log_bytes"].as_u64().unwrap() > 0, "{st}");
+        assert!(st["memory_bytes"].as_u64().unwrap() > 0, "{st}");
     }
     let table = run_in(d, &["failover", "status", "--config", "cluster.toml"]);
     assert_eq!(table.code, 0, "{table:?}");
     for h in [
-        "role", "view", "last op", "commit", "lag", "peers", "program", "log", "uptime",
+        "role", "view", "last op", "commit", "lag", "peers", "program", "log", "memory", "uptime",
     ] {
         assert!(table.stdout.contains(h), "{h}: {table:?}");
     }

@@ -853,6 +853,55 @@ fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
     assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
 }
 
+/// `limits.memory_window` bounds the committed entries a replica keeps in
+/// memory by their bytes (4 MB of 100 KB SETs against a 1 MiB window), and
+/// a follower that falls behind it catches up from the leader's log.
+#[test]
+fn the_memory_window_is_bounded_in_bytes_and_a_follower_behind_it_catches_up() {
+    let _one = serial();
+    let limits = "[limits]\nmemory_window = \"1MiB\"\n";
+    let mut c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), limits);
+    let leader = c.leader(Duration::from_secs(30));
+    let f = (leader + 1) % 3;
+    let set = |c: &Cluster, from: usize, n: usize| {
+        for k in from..from + n {
+            let (answer, _) = set_big(
+                c.addrs[leader].1,
+                &format!("big{k}"),
+                100_000,
+                Duration::from_secs(20),
+            );
+            assert_eq!(answer.as_deref(), Some("+OK"), "SET big{k}");
+        }
+    };
+    set(&c, 0, 40);
+    assert!(
+        wait_until(Duration::from_secs(20), || c.digests_agree()),
+        "{:?}",
+        c.digests()
+    );
+    for st in statuses(&c) {
+        let held = st["memory_bytes"].as_u64().unwrap();
+        assert!(
+            held > 0 && held <= (1 << 20) + 100_048,
+            "replica {}: {held} bytes of entries in memory against a 1 MiB window: {st}",
+            st["id"]
+        );
+    }
+    c.kill(f);
+    set(&c, 40, 40);
+    c.start_node(f);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
+        c.digests(),
+        c.log(f),
+        c.log(leader)
+    );
+    assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+    assert_eq!(c.client_cmd(leader, &["DBSIZE"]).as_deref(), Some(":80"));
+}
+
 /// The whole cluster stops and starts again (a power cut of every host):
 /// each replica forgets its commit point, so each one's log suffix in the
 /// view change is its whole log — here 12 MB, past the 8 MiB a peer's
@@ -1770,16 +1819,98 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
         flood.answered()
     );
     assert!(grown < 64 << 20, "the follower grew by {grown} bytes");
-    assert!(
-        c.log(slow)
-            .contains("entries behind (limits.program_backlog)")
-    );
+    assert!(c.log(slow).contains("behind (limits.program_backlog"));
     flood.join();
     assert!(
         wait_until(Duration::from_secs(60), || c.digests_agree()),
         "digests differ: {:?}; the slow follower:\n{}",
         c.digests(),
         c.log(slow)
+    );
+}
+
+/// The byte limits beside the entry limits: with large values, far fewer
+/// entries than `pending_entries` or `program_backlog` (65,536 each by
+/// default) hold hundreds of MB. `pending_bytes` and
+/// `program_backlog_bytes` push the flood back on the client all the same.
+#[test]
+fn the_byte_limits_push_back_large_values() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let _one = serial();
+    // (A stopped follower's queue takes up to peer_queue: 8 MiB each here.)
+    let limits = "[limits]\nclient_buffer = \"1MiB\"\npending_bytes = \"4MiB\"\nprogram_backlog_bytes = \"4MiB\"\nmemory_window = \"4MiB\"\npeer_queue = \"8MiB\"\n";
+    let c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), limits);
+    let leader = c.leader(Duration::from_secs(30));
+    let pid = |i: usize| c.nodes[i].as_ref().unwrap().id();
+    let falcon_pid = pid(leader);
+    // 3,000 SETs of 32 KiB: 98 MB, every flood the same keys.
+    let (n, size) = (3_000, 32 << 10);
+
+    // Both followers stopped: nothing commits.
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let before = rss(falcon_pid);
+    for &f in &followers {
+        signal(pid(f), SIGSTOP);
+    }
+    let flood = Flood::start(c.addrs[leader].1, "b", n, size);
+    std::thread::sleep(Duration::from_secs(3));
+    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
+    for &f in &followers {
+        signal(pid(f), SIGCONT);
+    }
+    eprintln!(
+        "followers stopped: {written} of {} bytes taken, leader grew {grown} bytes",
+        flood.total
+    );
+    assert!(
+        written < flood.total / 4,
+        "the leader took {written} of {} bytes with nothing committing",
+        flood.total
+    );
+    assert!(grown < 48 << 20, "the leader grew by {grown} bytes");
+    assert!(
+        wait_until(Duration::from_secs(60), || flood.answered() == n),
+        "after the followers ran again, {} of {n} answered:\n{}",
+        flood.answered(),
+        c.log(leader)
+    );
+    flood.join();
+
+    // The leader's program stopped: committed input waits, bounded in bytes.
+    let prog: u32 = String::from_utf8_lossy(&util::sh(&format!("pgrep -P {falcon_pid}")).stdout)
+        .lines()
+        .next()
+        .expect("the program's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    let before = rss(falcon_pid);
+    signal(prog, SIGSTOP);
+    let flood = Flood::start(c.addrs[leader].1, "b", n, size);
+    std::thread::sleep(Duration::from_secs(3));
+    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
+    signal(prog, SIGCONT);
+    eprintln!(
+        "program stopped: {written} of {} bytes taken, leader grew {grown} bytes",
+        flood.total
+    );
+    assert!(
+        written < flood.total / 4,
+        "the leader took {written} of {} bytes while its program read nothing",
+        flood.total
+    );
+    assert!(grown < 48 << 20, "the leader grew by {grown} bytes");
+    assert!(
+        wait_until(Duration::from_secs(60), || flood.answered() == n),
+        "after the program ran again, {} of {n} answered:\n{}",
+        flood.answered(),
+        c.log(leader)
+    );
+    flood.join();
+    assert!(
+        wait_until(Duration::from_secs(60), || c.digests_agree()),
+        "digests differ: {:?}",
+        c.digests()
     );
 }
 

@@ -187,6 +187,9 @@ struct RawLimits {
     batch_entries: Option<Spanned<u64>>,
     batch_bytes: Option<Spanned<String>>,
     peer_queue: Option<Spanned<String>>,
+    memory_window: Option<Spanned<String>>,
+    program_backlog_bytes: Option<Spanned<String>>,
+    pending_bytes: Option<Spanned<String>>,
 }
 
 /// What one replica holds at most (`[limits]` in the cluster file). Past a
@@ -201,11 +204,17 @@ pub struct Limits {
     /// that it does not read, answers that the client does not read (such a
     /// client is disconnected; the program's output must be drained).
     pub client_buffer: usize,
-    /// Committed entries waiting for the program; past it, clients are not read.
+    /// Committed entries waiting for the program; past it, clients are not
+    /// read (and a follower takes no new entries).
     pub program_backlog: usize,
+    /// The same in bytes.
+    pub program_backlog_bytes: usize,
     /// Entries proposed but not committed; past half of it clients are not
     /// read, past it proposals are refused.
     pub pending_entries: u64,
+    /// Bytes of entries proposed but not committed; past half of it
+    /// clients are not read.
+    pub pending_bytes: usize,
     /// Entries per Prepare message.
     pub batch_entries: usize,
     /// Payload bytes per Prepare message.
@@ -214,6 +223,9 @@ pub struct Limits {
     /// replica); past it, messages for it are dropped and the engine sends
     /// them again. A catch-up message carries at most half of it.
     pub peer_queue: usize,
+    /// Bytes of committed entries kept in memory for a follower that falls
+    /// a little behind; older ones are read back from the log.
+    pub memory_window: usize,
 }
 
 impl Default for Limits {
@@ -223,9 +235,12 @@ impl Default for Limits {
             client_buffer: 16 << 20,
             program_backlog: 65_536,
             pending_entries: 65_536,
+            program_backlog_bytes: 256 << 20,
+            pending_bytes: 256 << 20,
             batch_entries: 1024,
             batch_bytes: 1 << 20,
             peer_queue: 64 << 20,
+            memory_window: 256 << 20,
         }
     }
 }
@@ -349,9 +364,30 @@ fn parse_limits(
             1 << 24,
         )? as usize,
         pending_entries,
+        program_backlog_bytes: size(
+            &l.program_backlog_bytes,
+            "program_backlog_bytes",
+            d.program_backlog_bytes as u64,
+            1 << 20,
+            1 << 40,
+        )? as usize,
+        pending_bytes: size(
+            &l.pending_bytes,
+            "pending_bytes",
+            d.pending_bytes as u64,
+            1 << 20,
+            1 << 40,
+        )? as usize,
         batch_entries: batch_entries as usize,
         batch_bytes: batch_bytes as usize,
         peer_queue: peer_queue as usize,
+        memory_window: size(
+            &l.memory_window,
+            "memory_window",
+            d.memory_window as u64,
+            1 << 20,
+            1 << 40,
+        )? as usize,
     })
 }
 

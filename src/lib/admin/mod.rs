@@ -145,6 +145,16 @@ pub struct NodeStatus {
     /// Committed entries waiting for the program.
     #[serde(default)]
     pub apply_queue: usize,
+    /// Their bytes (payload and 48 bytes each).
+    #[serde(default)]
+    pub apply_queue_bytes: u64,
+    /// Log entries held in memory: uncommitted ones, and the window of
+    /// committed ones kept for followers (`limits.memory_window`).
+    #[serde(default)]
+    pub memory_entries: u64,
+    /// Their bytes (payload and 48 bytes each).
+    #[serde(default)]
+    pub memory_bytes: u64,
     /// The connection whose answer the applier waits for, and since when (ms).
     #[serde(default)]
     pub awaiting_answer: Option<(u64, f64)>,

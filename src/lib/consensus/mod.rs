@@ -23,4 +23,5 @@ mod replica;
 pub use message::{Envelope, Message, NodeId};
 pub use replica::{
     Bugs, Command, Config, Event, Input, PersistentState, Reject, Replica, Role, Status,
+    entry_bytes,
 };

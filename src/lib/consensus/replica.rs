@@ -308,6 +308,12 @@ fn plausible(msg: &Message) -> bool {
             .is_none_or(|es| es.first().is_none_or(|e| e.op > 0))
 }
 
+/// What an entry weighs in memory and in a message: its payload and about
+/// a record header's worth of fields.
+pub fn entry_bytes(e: &Entry) -> usize {
+    e.payload.len() + 48
+}
+
 /// One replica of the state machine.
 pub struct Replica {
     cfg: Config,
@@ -342,6 +348,10 @@ pub struct Replica {
     verified: u64,
     commit: u64,
     delivered: u64,
+    /// Bytes ([`entry_bytes`]) of the delivered entries still in memory.
+    delivered_bytes: usize,
+    /// Bytes of all the entries in memory.
+    log_bytes: usize,
     durable: u64,
     open_conns: BTreeSet<u64>,
     election_deadline: u64,
@@ -427,6 +437,7 @@ impl Replica {
             );
         }
         let n = cfg.n as usize;
+        let log_bytes = entries.iter().map(entry_bytes).sum();
         let mut r = Replica {
             rng: SplitMix(seed ^ (u64::from(cfg.id) << 32)),
             now,
@@ -444,6 +455,8 @@ impl Replica {
             verified: 0,
             commit: first_op - 1,
             delivered: first_op - 1,
+            delivered_bytes: 0,
+            log_bytes,
             durable: 0,
             open_conns: open_conns.into_iter().collect(),
             election_deadline: 0,
@@ -527,8 +540,7 @@ impl Replica {
             let Some(e) = self.entry(op) else {
                 break;
             };
-            // The payload and about a record header's worth of fields.
-            let size = e.payload.len() + 48;
+            let size = entry_bytes(e);
             if !entries.is_empty() && bytes + size > self.cfg.chunk_bytes_max {
                 break;
             }
@@ -653,10 +665,67 @@ impl Replica {
     /// Drops entries below `below` (and below every undelivered one) from memory.
     fn forget(&mut self, below: u64) {
         let below = below.min(self.delivered + 1);
-        while self.first_op < below && !self.log.is_empty() {
-            self.log.pop_front();
+        while self.first_op < below {
+            let Some(e) = self.log.pop_front() else {
+                break;
+            };
+            self.delivered_bytes -= entry_bytes(&e);
+            self.log_bytes -= entry_bytes(&e);
             self.first_op += 1;
         }
+    }
+
+    /// Entries in memory: how many, and their bytes.
+    pub fn memory(&self) -> (u64, usize) {
+        (self.log.len() as u64, self.log_bytes)
+    }
+
+    /// What [`Replica::memory`] and [`Replica::window`] report, counted
+    /// again entry by entry: an error names the first that differs (for
+    /// the simulator).
+    #[doc(hidden)]
+    pub fn check_memory_counts(&self) -> Result<(), String> {
+        let all: usize = self.log.iter().map(entry_bytes).sum();
+        let delivered: usize = self
+            .log
+            .iter()
+            .take_while(|e| e.op <= self.delivered)
+            .map(entry_bytes)
+            .sum();
+        if all != self.log_bytes || delivered != self.delivered_bytes {
+            return Err(format!(
+                "memory counts: {} bytes held, counted {all}; {} delivered, counted {delivered}",
+                self.log_bytes, self.delivered_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Delivered entries in memory: how many, and their bytes.
+    pub fn window(&self) -> (u64, usize) {
+        (
+            (self.delivered + 1).saturating_sub(self.first_op),
+            self.delivered_bytes,
+        )
+    }
+
+    /// The first op to keep so that memory holds at most `entries`
+    /// delivered entries of at most `bytes` in all (at least the last
+    /// delivered one): what to give [`Input::Forget`].
+    pub fn window_start(&self, entries: u64, bytes: usize) -> u64 {
+        let mut op = self.delivered + 1;
+        let mut held = 0usize;
+        while op > self.first_op && self.delivered + 1 - op < entries {
+            let Some(e) = self.entry(op - 1) else {
+                break;
+            };
+            held += entry_bytes(e);
+            if held > bytes && op <= self.delivered {
+                break;
+            }
+            op -= 1;
+        }
+        op
     }
 
     /// Follower `f` needs ops from `from`, below what memory holds: from the
@@ -745,12 +814,18 @@ impl Replica {
             return;
         }
         debug_assert_eq!(batch[0].op, self.last_op() + 1);
+        self.log_bytes += batch.iter().map(entry_bytes).sum::<usize>();
         self.log.extend(batch.iter().cloned());
         out.push(Command::Append(batch));
     }
 
     /// Sends follower `f` what it lacks, within its window.
     fn pump(&mut self, f: NodeId, out: &mut Vec<Command>) {
+        self.pump_upto(f, usize::MAX, out);
+    }
+
+    /// [`Replica::pump`], at most `batches` Prepares.
+    fn pump_upto(&mut self, f: NodeId, batches: usize, out: &mut Vec<Command>) {
         let fi = f as usize;
         if self.in_parts[fi].is_some() {
             // It asks for each part; the rest follows its install.
@@ -761,7 +836,12 @@ impl Replica {
             // What it needs left memory: from the log, or a snapshot.
             return;
         }
-        while self.next[fi] <= last && self.next[fi] <= self.acked[fi] + self.cfg.pipeline_ops_max {
+        let mut sent = 0;
+        while self.next[fi] <= last
+            && self.next[fi] <= self.acked[fi] + self.cfg.pipeline_ops_max
+            && sent < batches
+        {
+            sent += 1;
             let start = self.next[fi];
             let mut entries = Vec::new();
             let mut bytes = 0usize;
@@ -863,6 +943,7 @@ impl Replica {
                 }
                 _ => {}
             }
+            self.delivered_bytes += entry_bytes(&e);
             batch.push(e);
         }
         self.delivered = upto;
@@ -918,9 +999,12 @@ impl Replica {
                         // ask again for the next if one was lost.
                         self.send_commit(f, out);
                     } else if self.acked[fi] < self.last_op() {
-                        // Retransmit from what it acknowledged.
+                        // Retransmit from what it acknowledged: one batch,
+                        // the rest once it answers. (A stopped follower
+                        // would otherwise get the whole window again every
+                        // heartbeat, until its queue is full of copies.)
                         self.next[fi] = self.acked[fi] + 1;
-                        self.pump(f, out);
+                        self.pump_upto(f, 1, out);
                     } else {
                         self.send_commit(f, out);
                     }
@@ -1320,7 +1404,9 @@ impl Replica {
             self.delivered
         );
         while self.last_op() > after {
-            self.log.pop_back();
+            if let Some(e) = self.log.pop_back() {
+                self.log_bytes -= entry_bytes(&e);
+            }
         }
         self.verified = self.verified.min(after);
         self.durable = self.durable.min(after);
@@ -1909,6 +1995,8 @@ impl Replica {
         // Installing took time the leader did not go silent in.
         self.reset_election_deadline();
         self.log.clear();
+        self.delivered_bytes = 0;
+        self.log_bytes = 0;
         self.first_op = op + 1;
         self.stored_first = op + 1;
         self.commit = op;

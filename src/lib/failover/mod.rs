@@ -375,7 +375,8 @@ fn uptime(s: f64) -> String {
 fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
     let mut t = ui.table();
     t.set_header([
-        "id", "role", "view", "last op", "commit", "lag", "peers", "program", "log", "uptime",
+        "id", "role", "view", "last op", "commit", "lag", "peers", "program", "log", "memory",
+        "uptime",
     ]);
     let mut notes = Vec::new();
     for s in seen {
@@ -428,6 +429,7 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
                     peers,
                     program,
                     output::human_bytes(st.log_bytes),
+                    output::human_bytes(st.memory_bytes + st.apply_queue_bytes),
                     uptime(st.uptime_s),
                 ]);
             }
@@ -435,6 +437,7 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
                 t.add_row([
                     s.id.to_string(),
                     ui.bad("down"),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),

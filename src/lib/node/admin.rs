@@ -192,6 +192,9 @@ impl Node<'_> {
             commit: self.engine.commit(),
             applied: self.applied_op,
             apply_queue: self.apply_queue.len(),
+            apply_queue_bytes: self.apply_queue.bytes() as u64,
+            memory_entries: self.engine.memory().0,
+            memory_bytes: self.engine.memory().1 as u64,
             awaiting_answer: self
                 .last_written
                 .zip(self.awaiting_answer)
@@ -334,6 +337,27 @@ impl Node<'_> {
             "gauge",
             "Bytes of log segments on disk.",
             &one(self.log_bytes() as f64),
+        );
+        metric(
+            &mut s,
+            "falcon_memory_entries",
+            "gauge",
+            "Log entries held in memory (uncommitted, and the window of committed ones kept for followers; limits.memory_window).",
+            &one(self.engine.memory().0 as f64),
+        );
+        metric(
+            &mut s,
+            "falcon_memory_bytes",
+            "gauge",
+            "Bytes of the log entries held in memory (payload and 48 bytes each).",
+            &one(self.engine.memory().1 as f64),
+        );
+        metric(
+            &mut s,
+            "falcon_apply_queue_bytes",
+            "gauge",
+            "Bytes of committed entries waiting for the program (limits.program_backlog_bytes).",
+            &one(self.apply_queue.bytes() as f64),
         );
         o.fsync_latency.render(
             &mut s,

@@ -548,7 +548,7 @@ struct Node<'a> {
     applied: u64,
     replay: Option<(u64, Instant, indicatif::ProgressBar)>,
     /// Committed entries not yet handed to the program.
-    apply_queue: std::collections::VecDeque<Entry>,
+    apply_queue: ApplyQueue,
     /// The connection written to last, and whether its answer is still due.
     last_written: Option<u64>,
     awaiting_answer: Option<Instant>,
@@ -647,6 +647,54 @@ struct Node<'a> {
     observed: admin::Observed,
 }
 
+/// Committed entries waiting for the program, and their bytes
+/// ([`crate::consensus::entry_bytes`]).
+#[derive(Default)]
+struct ApplyQueue {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl ApplyQueue {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+    fn front(&self) -> Option<&Entry> {
+        self.entries.front()
+    }
+    fn back(&self) -> Option<&Entry> {
+        self.entries.back()
+    }
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.entries.pop_front()?;
+        self.bytes -= crate::consensus::entry_bytes(&e);
+        Some(e)
+    }
+    fn extend(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for e in entries {
+            self.bytes += crate::consensus::entry_bytes(&e);
+            self.entries.push_back(e);
+        }
+    }
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+    /// The program is `limits.program_backlog` entries or
+    /// `limits.program_backlog_bytes` bytes behind (`half`: half of either).
+    fn over(&self, limits: &crate::config::Limits, half: bool) -> bool {
+        let d = if half { 2 } else { 1 };
+        self.len() >= (limits.program_backlog / d).max(1)
+            || self.bytes >= limits.program_backlog_bytes / d
+    }
+}
+
 impl Node<'_> {
     fn now(&self) -> u64 {
         self.wall_base + self.start.elapsed().as_nanos() as u64
@@ -675,11 +723,19 @@ impl Node<'_> {
     }
 
     /// Client input is not read now: the program is behind, too much is
-    /// proposed and not committed, or the log's disk is full.
+    /// proposed and not committed (in entries or bytes), or the log's disk
+    /// is full.
     fn input_held(&self) -> bool {
-        self.apply_queue.len() >= self.limits.program_backlog
+        let pending_bytes = self.engine.memory().1 - self.engine.window().1
+            + self
+                .proposals
+                .iter()
+                .map(|e| e.payload.len())
+                .sum::<usize>();
+        self.apply_queue.over(&self.limits, false)
             || self.engine.last_op() - self.engine.commit() + self.proposals.len() as u64
                 >= self.limits.pending_entries / 2
+            || pending_bytes >= self.limits.pending_bytes / 2
             || self.disk_full.is_some()
             || self.resync.is_some()
             // A diverged replica elected leader serves no client while it
@@ -687,16 +743,18 @@ impl Node<'_> {
             || (self.diverged.is_some() && self.engine.transferring_to().is_some())
     }
 
-    /// A follower whose program is `program_backlog` entries behind takes no
-    /// new entries until it is back under half of that; said once per episode.
+    /// A follower whose program is `program_backlog` entries (or
+    /// `program_backlog_bytes`) behind takes no new entries until it is back
+    /// under half of that; said once per episode.
     fn program_behind(&mut self) -> bool {
-        let queued = self.apply_queue.len();
-        if queued >= self.limits.program_backlog && !self.behind {
+        if self.apply_queue.over(&self.limits, false) && !self.behind {
             self.behind = true;
             self.ui.warn(&format!(
-                "the program is {queued} entries behind (limits.program_backlog): taking no new entries from the leader until it catches up"
+                "the program is {} entries ({}) behind (limits.program_backlog, limits.program_backlog_bytes): taking no new entries from the leader until it catches up",
+                self.apply_queue.len(),
+                crate::output::human_bytes(self.apply_queue.bytes() as u64)
             ));
-        } else if self.behind && queued < self.limits.program_backlog / 2 {
+        } else if self.behind && !self.apply_queue.over(&self.limits, true) {
             self.behind = false;
             self.ui.note("the program caught up: taking entries again");
         }
@@ -883,12 +941,11 @@ impl Node<'_> {
                 self.release_vm_output();
                 // Memory holds a window of delivered entries; older ones are
                 // read back from the log for a follower that needs them.
-                let commit = self.engine.commit();
-                let keep = self.memory_entries;
-                if commit > self.engine.first_op() + 2 * keep {
-                    self.step(Input::Forget {
-                        below: commit - keep,
-                    })?;
+                let (keep, keep_bytes) = (self.memory_entries, self.limits.memory_window);
+                let (held, held_bytes) = self.engine.window();
+                if held > 2 * keep || held_bytes > keep_bytes {
+                    let below = self.engine.window_start(keep, keep_bytes / 2);
+                    self.step(Input::Forget { below })?;
                 }
                 // One write per client for all the answers of this delivery.
                 for t in std::mem::take(&mut self.acked_clients) {
@@ -2667,7 +2724,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 ui.progress(replay_target, 1, "replaying the log"),
             )
         }),
-        apply_queue: std::collections::VecDeque::new(),
+        apply_queue: ApplyQueue::default(),
         last_written: None,
         awaiting_answer: None,
         await_since: None,
@@ -3066,7 +3123,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.retry_unwritten()?;
         node.vm_interest();
         if !node.paused.is_empty()
-            && node.apply_queue.len() < node.limits.program_backlog / 2
+            && !node.apply_queue.over(&node.limits, true)
             && !node.input_held()
         {
             let resumed = std::mem::take(&mut node.paused);
@@ -3242,11 +3299,15 @@ names the line and the field):
                                 # not read its answers past it is disconnected
   program_backlog = 65536       # committed entries waiting for the program; past it
                                 # clients are not read (TCP pushes back)
+  program_backlog_bytes = \"256MiB\" # the same in bytes
   pending_entries = 65536       # proposed, not committed; past half, clients are not
                                 # read; past all, proposals are refused
+  pending_bytes = \"256MiB\"    # the same in bytes (past half, clients are not read)
   batch_entries = 1024          # entries per Prepare message
   batch_bytes = \"1MiB\"        # payload bytes per Prepare message
   peer_queue = \"64MiB\"        # tcp: bytes queued for one peer that does not read
+  memory_window = \"256MiB\"   # committed entries kept in memory for a follower a
+                                # little behind; older ones are read from the log
 
   [[replica]]                   # 1, 3, 5, 7 or 9 of them
   id = 1

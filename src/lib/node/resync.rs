@@ -628,9 +628,8 @@ impl Node<'_> {
         let Some(r) = self.resync.as_mut().filter(|r| !r.fetching) else {
             return Ok(());
         };
-        let room = (self.limits.program_backlog / 2).max(1);
         let last = r.upto.min(self.log.last_op());
-        while self.apply_queue.len() < room && r.next <= last {
+        while !self.apply_queue.over(&self.limits, true) && r.next <= last {
             let want = (last + 1 - r.next) as usize;
             let batch = self
                 .log

@@ -756,6 +756,12 @@ impl Sim {
                             let below = commit.saturating_sub(keep) + 1;
                             self.step(node, Input::Forget { below })?;
                         }
+                        if let Some(engine) = &self.nodes[node as usize].engine {
+                            engine.check_memory_counts().map_err(|detail| Violation {
+                                checker: "engine-memory-counts",
+                                detail: format!("node {node}: {detail}"),
+                            })?;
+                        }
                     }
                     self.at(self.now + MS, Ev::Tick(node));
                 }

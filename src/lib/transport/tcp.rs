@@ -912,13 +912,13 @@ impl Transport for TcpTransport {
         let Some(Some(o)) = self.out.get_mut(i) else {
             return Err(SendError::UnknownPeer(env.to));
         };
+        if o.down {
+            return Err(SendError::Down(env.to));
+        }
         let mut frame = vec![0u8; 4];
         message::encode(env, &mut frame);
         let len = (frame.len() - 4) as u32;
         frame[..4].copy_from_slice(&len.to_le_bytes());
-        if o.down {
-            return Err(SendError::Down(env.to));
-        }
         if frame.len() > max {
             return Err(SendError::TooLarge {
                 to: env.to,
