@@ -47,6 +47,7 @@ fn run_many(
                             t.committed += r.committed;
                             t.completed += r.completed;
                             t.crashes += r.crashes;
+                            t.restarts_from_commit_point += r.restarts_from_commit_point;
                             t.partitions += r.partitions;
                             t.events += r.events;
                             t.sim_ns += r.sim_ns;
@@ -70,11 +71,12 @@ fn seeds_run_clean() {
     let started = Instant::now();
     let (failures, t) = run_many(first, count, &SimOptions::default(), false);
     eprintln!(
-        "{count} seeds from {first} in {:.1}s: {} entries committed, {} client ops, {} crashes, {} partition changes, {} events, {:.0} simulated s, max view {}",
+        "{count} seeds from {first} in {:.1}s: {} entries committed, {} client ops, {} crashes ({} restarted from a saved commit point), {} partition changes, {} events, {:.0} simulated s, max view {}",
         started.elapsed().as_secs_f64(),
         t.committed,
         t.completed,
         t.crashes,
+        t.restarts_from_commit_point,
         t.partitions,
         t.events,
         t.sim_ns as f64 / 1e9,
@@ -97,6 +99,10 @@ fn seeds_run_clean() {
     assert!(
         t.committed > 0 && t.crashes > 0 && t.partitions > 0,
         "the seeds must exercise faults"
+    );
+    assert!(
+        count < 100 || t.restarts_from_commit_point > 0,
+        "no restart used a saved commit point"
     );
 }
 

@@ -405,6 +405,32 @@ impl Replica {
         r
     }
 
+    /// A replica restarted with ops up to `first_op - 1` known committed
+    /// (the node saved its commit point), though only those from
+    /// `first_op` are given: the node's log holds ops from `stored_first`,
+    /// and a follower or a view change that needs older ones gets them read
+    /// from it ([`Command::SendFromLog`]). `open_conns` are the connections
+    /// open at `first_op - 1`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restart_committed(
+        cfg: Config,
+        seed: u64,
+        now: u64,
+        state: PersistentState,
+        stored_first: u64,
+        first_op: u64,
+        entries: Vec<Entry>,
+        open_conns: Vec<u64>,
+    ) -> Replica {
+        assert!(
+            (1..=first_op).contains(&stored_first),
+            "the log starts at op {stored_first}, after the first op given {first_op}"
+        );
+        let mut r = Replica::restart(cfg, seed, now, state, first_op, entries, open_conns);
+        r.stored_first = stored_first;
+        r
+    }
+
     /// A replica restarted from its durable state: the view state, and the
     /// log's entries from `first_op` on (ops before it are covered by a
     /// snapshot whose open connections are `open_conns`).

@@ -18,6 +18,7 @@
 //! * A failed `fdatasync` poisons the log: every later call fails until the
 //!   log is reopened (the page cache can no longer be trusted).
 
+pub mod commit_point;
 pub mod conformance;
 pub mod fixtures;
 pub mod format;

@@ -32,7 +32,7 @@ use crate::config::ClusterConfig;
 use crate::consensus::{
     Command, Config, Envelope, Event, Input, NodeId, PersistentState, Reject, Replica, Role,
 };
-use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog, seal};
+use crate::log::{Entry, FsStorage, Kind, LogError, LogOptions, SegmentLog, commit_point, seal};
 use crate::output::Ui;
 use crate::snapshot;
 use crate::transport::shm::{ShmOptions, ShmTransport};
@@ -549,6 +549,11 @@ struct Node<'a> {
     replay: Option<(u64, Instant, indicatif::ProgressBar)>,
     /// Committed entries not yet handed to the program.
     apply_queue: ApplyQueue,
+    /// At start: committed ops (the saved commit point's) read from the
+    /// log into the program in turn, before what the engine delivers.
+    log_replay: Option<LogReplay>,
+    /// The commit point last saved beside the log, and when.
+    commit_saved: (u64, Instant),
     /// The connection written to last, and whether its answer is still due.
     last_written: Option<u64>,
     awaiting_answer: Option<Instant>,
@@ -646,6 +651,97 @@ struct Node<'a> {
     /// Counts and times for them.
     observed: admin::Observed,
 }
+
+/// The last op a restarting replica knows committed: its saved commit
+/// point when that matches its log (ops `stored_first..`), else
+/// `stored_first - 1` (what a snapshot covers, or nothing). A commit point
+/// that does not match is said and set aside: it only saves time.
+fn known_commit(
+    data_dir: &Path,
+    log: &SegmentLog<FsStorage>,
+    owner: (u64, u32),
+    stored_first: u64,
+    ui: &Ui,
+) -> u64 {
+    let none = stored_first - 1;
+    let cp = match commit_point::read(data_dir) {
+        Ok(Some(cp)) if cp.op <= none => return none,
+        Ok(Some(cp)) => cp,
+        Ok(None) => return none,
+        Err(why) => {
+            ui.warn(&format!(
+                "{why}: set aside; the commit point comes from the cluster"
+            ));
+            return none;
+        }
+    };
+    let view_at = |op| {
+        log.read(op, 1, usize::MAX)
+            .ok()
+            .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view))
+    };
+    match commit_point::check(&cp, owner, stored_first, log.last_op(), view_at) {
+        Ok(op) => {
+            ui.note(&format!(
+                "ops up to {op} are committed (the commit point saved in {}): the program replays them from the log at once",
+                data_dir.join(commit_point::FILE_NAME).display()
+            ));
+            op
+        }
+        Err(why) => {
+            ui.warn(&format!(
+                "the commit point saved in {} is set aside: {why}; the commit point comes from the cluster",
+                data_dir.join(commit_point::FILE_NAME).display()
+            ));
+            none
+        }
+    }
+}
+
+/// The connections open at op `upto`: those open at `from - 1`, and the
+/// log's opens and closes from `from` to `upto` (read a batch at a time).
+fn open_conns_at(
+    log: &SegmentLog<FsStorage>,
+    open: &[u64],
+    from: u64,
+    upto: u64,
+) -> Result<Vec<u64>, NodeError> {
+    let mut open: std::collections::BTreeSet<u64> = open.iter().copied().collect();
+    let mut next = from;
+    while next <= upto {
+        let want = (upto + 1 - next) as usize;
+        let batch = log.read(
+            next,
+            want.min(resync::RESYNC_BATCH),
+            resync::RESYNC_BATCH_BYTES,
+        )?;
+        let Some(end) = batch.last().map(|e| e.op) else {
+            break;
+        };
+        for e in &batch {
+            match e.kind {
+                Kind::Open => {
+                    open.insert(e.conn);
+                }
+                Kind::Close => {
+                    open.remove(&e.conn);
+                }
+                _ => {}
+            }
+        }
+        next = end + 1;
+    }
+    Ok(open.into_iter().collect())
+}
+
+/// Committed ops read from the log into the program in turn: `next..=upto`.
+struct LogReplay {
+    next: u64,
+    upto: u64,
+}
+
+/// The commit point is saved beside the log at most this often.
+const COMMIT_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Committed entries waiting for the program, and their bytes
 /// ([`crate::consensus::entry_bytes`]).
@@ -768,6 +864,7 @@ impl Node<'_> {
         if self.log.options().sync == crate::log::SyncPolicy::Never {
             return;
         }
+        self.save_commit_point(true);
         let s = seal::Seal {
             cluster_id: self.cluster_id,
             node_id: self.me,
@@ -780,6 +877,68 @@ impl Node<'_> {
                 self.data_dir.display()
             ));
         }
+    }
+
+    /// Saves the commit point beside the log (see [`commit_point`]): the
+    /// engine's, as far as the log has it on disk. `now`: at a clean stop
+    /// (synced); else at most every [`COMMIT_SAVE_EVERY`], not synced.
+    fn save_commit_point(&mut self, now: bool) {
+        let op = self.engine.commit().min(self.log.durable_op());
+        let (saved, at) = self.commit_saved;
+        if op <= saved || (!now && at.elapsed() < COMMIT_SAVE_EVERY) {
+            return;
+        }
+        let view = match self.engine.entry(op) {
+            Some(e) => Some(e.view),
+            None => self
+                .log
+                .read(op, 1, usize::MAX)
+                .ok()
+                .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view)),
+        };
+        let Some(view) = view else {
+            return;
+        };
+        self.commit_saved = (op, Instant::now());
+        let cp = commit_point::CommitPoint {
+            cluster_id: self.cluster_id,
+            node_id: self.me,
+            op,
+            view,
+        };
+        if let Err(e) = commit_point::write(&self.data_dir, &cp, now) {
+            self.ui.warn(&format!(
+                "could not save the commit point in {} ({e}): a restart learns it from the cluster instead",
+                self.data_dir.display()
+            ));
+        }
+    }
+
+    /// Hands the program the committed ops of the replay at start, read
+    /// from the log a batch at a time as it takes them.
+    fn feed_replay(&mut self) -> Result<(), NodeError> {
+        let Some(r) = &mut self.log_replay else {
+            return Ok(());
+        };
+        let last = r.upto.min(self.log.last_op());
+        while !self.apply_queue.over(&self.limits, true) && r.next <= last {
+            let want = (last + 1 - r.next) as usize;
+            let batch = self.log.read(
+                r.next,
+                want.min(resync::RESYNC_BATCH),
+                resync::RESYNC_BATCH_BYTES,
+            )?;
+            let Some(end) = batch.last().map(|e| e.op) else {
+                break;
+            };
+            r.next = end + 1;
+            self.apply_queue.extend(batch);
+        }
+        if r.next > r.upto {
+            self.log_replay = None;
+        }
+        self.pump_apply();
+        Ok(())
     }
 
     /// A leader whose disk is full takes no input: it hands the leadership to
@@ -925,10 +1084,17 @@ impl Node<'_> {
                 let clock = self.now();
                 self.observed
                     .committed(&entries, self.role == Role::Leader, clock);
-                match &mut self.resync {
+                match (&mut self.resync, &mut self.log_replay) {
                     // The program is being rebuilt from the log: these
                     // entries are in it, and are read from it in turn.
-                    Some(r) if !r.fetching() => r.delivered(&entries),
+                    (Some(r), _) if !r.fetching() => r.delivered(&entries),
+                    // So at start, until the replay has read what the
+                    // saved commit point covered.
+                    (_, Some(r)) => {
+                        if let Some(e) = entries.last() {
+                            r.upto = r.upto.max(e.op);
+                        }
+                    }
                     _ => {
                         // Ops a rebuilt program already has (it was rebuilt
                         // from a snapshot ahead of this replica) are skipped.
@@ -1540,6 +1706,8 @@ impl Node<'_> {
         self.snapshot_op = meta.op;
         self.unwritten.clear();
         self.log.reset(meta.op + 1, 0)?;
+        // Past anything the replay at start had left to read.
+        self.log_replay = None;
         self.hooks_env.restore(&cmd, &path)?;
         let pid = self.start_program_at(meta.op, &meta.open_conns)?;
         self.next_snapshot_at = meta.op + self.snapshot_every;
@@ -2499,7 +2667,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let open_at_base = restored
         .as_ref()
         .map_or_else(Vec::new, |m| m.open_conns.clone());
-    let entries = log.read(base.max(log.first_op() - 1) + 1, usize::MAX, usize::MAX)?;
+    let stored_first = base.max(log.first_op() - 1) + 1;
+    // Ops up to the saved commit point are committed: they stay on disk
+    // (replayed from there), and only the rest is held in memory.
+    let known = known_commit(&rc.data_dir, &log, (cfg.cluster_id, me), stored_first, ui);
+    let entries = log.read(known.max(stored_first - 1) + 1, usize::MAX, usize::MAX)?;
     let (start, wall_base) = (
         Instant::now(),
         std::time::SystemTime::now()
@@ -2510,12 +2682,22 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         _ if log.last_op() == 0 && base == 0 && state.is_none() => {
             Replica::new(engine_cfg, seed, wall_base)
         }
+        st if known >= stored_first => Replica::restart_committed(
+            engine_cfg,
+            seed,
+            wall_base,
+            st.unwrap_or_default(),
+            stored_first,
+            known + 1,
+            entries,
+            open_conns_at(&log, &open_at_base, stored_first, known)?,
+        ),
         st => Replica::restart(
             engine_cfg,
             seed,
             wall_base,
             st.unwrap_or_default(),
-            base.max(log.first_op() - 1) + 1,
+            stored_first,
             entries,
             open_at_base.clone(),
         ),
@@ -2725,6 +2907,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             )
         }),
         apply_queue: ApplyQueue::default(),
+        log_replay: (known > base).then_some(LogReplay {
+            next: base + 1,
+            upto: known,
+        }),
+        commit_saved: (known, Instant::now()),
         last_written: None,
         awaiting_answer: None,
         await_since: None,
@@ -3045,6 +3232,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.look_for_answer();
         node.drive_snapshot()?;
         node.feed_resync()?;
+        node.feed_replay()?;
+        node.save_commit_point(false);
         for ev in node.transport.events() {
             match ev {
                 TransportEvent::Refused { addr, reason } => {

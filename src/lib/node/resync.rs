@@ -19,9 +19,9 @@ use crate::snapshot;
 /// The mark's file in the data dir.
 const MARK_FILE: &str = "diverged.json";
 /// Entries read from the log at a time while rebuilding.
-const RESYNC_BATCH: usize = 1024;
+pub(super) const RESYNC_BATCH: usize = 1024;
 /// Bytes of entries read at a time while rebuilding.
-const RESYNC_BATCH_BYTES: usize = 4 << 20;
+pub(super) const RESYNC_BATCH_BYTES: usize = 4 << 20;
 /// How long a rebuild waits, at its end, for the program to close
 /// connections it was told to close (their last chunks are compared then).
 const RESYNC_SETTLE: Duration = Duration::from_secs(2);
@@ -531,11 +531,14 @@ impl Node<'_> {
     fn rebuild(&mut self, snapshot_file: Option<&Path>) -> Result<(), NodeError> {
         let me = self.ids[self.me as usize];
         let base = self.resync.as_ref().map_or(0, |r| r.base);
+        // The replay at start, if still going, becomes part of this one.
+        let replaying = self.log_replay.take().map_or(0, |r| r.upto);
         let upto = self
             .apply_queue
             .back()
             .map_or(self.applied_op, |e| e.op)
-            .max(self.applied_op);
+            .max(self.applied_op)
+            .max(replaying);
         let source = self.resync.as_ref().map_or("", |r| r.source);
         self.ui.note(&format!(
             "resync: replica {me} rebuilds its program from {} and replays ops {}..={upto} of its log",

@@ -69,6 +69,10 @@ pub struct Knobs {
     /// Bytes of entries in a DoViewChange, StartView or CatchUp at most
     /// (the engine's `chunk_bytes_max`); small, logs move in chunks.
     pub chunk_bytes: usize,
+    /// How often a replica saves its commit point beside its log (None:
+    /// never); a restarted replica takes the ops up to it as committed,
+    /// replays them from its log, and holds only the rest in memory.
+    pub commit_save_ns: Option<u64>,
 }
 
 impl Knobs {
@@ -109,6 +113,14 @@ impl Knobs {
                     8 << 20
                 }
             },
+            // Likewise (further along a copy).
+            commit_save_ns: {
+                let mut r = rng.clone();
+                for _ in 0..5 {
+                    r.next_u64();
+                }
+                (r.next_u64() % 3 != 0).then(|| pick(&mut r, MS, 100 * MS))
+            },
         }
     }
 }
@@ -130,6 +142,8 @@ pub struct Report {
     pub sim_ns: u64,
     /// Events processed.
     pub events: u64,
+    /// Restarts that took ops as committed from a saved commit point.
+    pub restarts_from_commit_point: u64,
 }
 
 /// A failed run.
@@ -219,6 +233,8 @@ struct Node {
     sync_pending: bool,
     epoch: u64,
     kv: Kv,
+    /// When the commit point was last saved.
+    commit_saved_at: u64,
 }
 
 impl Node {
@@ -602,6 +618,43 @@ impl Sim {
         self.note(|| format!("node {node} crashed"));
     }
 
+    /// Saves the node's commit point (as far as its log is durable) beside
+    /// its log, as the node does, every `commit_save_ns`.
+    fn save_commit_point(&mut self, node: u32) {
+        let Some(every) = self.knobs.commit_save_ns else {
+            return;
+        };
+        let now = self.now;
+        let n = &mut self.nodes[node as usize];
+        let Some(engine) = &n.engine else {
+            return;
+        };
+        if now < n.commit_saved_at + every {
+            return;
+        }
+        let op = engine.commit().min(n.durable_op());
+        let view = match engine.entry(op) {
+            Some(e) => Some(e.view),
+            None => n.log.as_ref().and_then(|l| {
+                l.read(op, 1, usize::MAX)
+                    .ok()
+                    .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view))
+            }),
+        };
+        let Some(view) = view.filter(|_| op > 0) else {
+            return;
+        };
+        n.commit_saved_at = now;
+        let cp = crate::log::commit_point::CommitPoint {
+            cluster_id: CLUSTER,
+            node_id: node,
+            op,
+            view,
+        };
+        n.storage
+            .write_file("COMMIT", crate::log::commit_point::render(&cp).as_bytes());
+    }
+
     fn restart(&mut self, node: u32) -> Result<(), Violation> {
         if self.nodes[node as usize].engine.is_some() {
             return Ok(());
@@ -634,14 +687,55 @@ impl Sim {
         let first = log.first_op();
         let seed = self.rng.next_u64();
         let fps: Vec<u64> = entries.iter().map(check::fingerprint).collect();
-        let engine = Replica::restart(cfg, seed, self.now, state, first, entries, Vec::new());
+        // The saved commit point, as the node checks it: the ops up to it
+        // are replayed from the log (and checked as deliveries: one it
+        // named wrongly would disagree with what was committed), and only
+        // the rest is given to the engine.
+        let known = storage
+            .read_file("COMMIT")
+            .and_then(|b| crate::log::commit_point::parse(&String::from_utf8_lossy(&b)))
+            .and_then(|cp| {
+                crate::log::commit_point::check(&cp, (CLUSTER, node), first, log.last_op(), |op| {
+                    entries.get((op - first) as usize).map(|e| e.view)
+                })
+                .ok()
+            });
+        let epoch = self.nodes[node as usize].epoch;
+        let mut kv = Kv::default();
+        let engine = match known {
+            Some(c) => {
+                let mut entries = entries;
+                let rest = entries.split_off((c + 1 - first) as usize);
+                self.check.on_deliver(node, epoch, &entries)?;
+                for e in &entries {
+                    if let Some(r) = (e.kind == Kind::Data)
+                        .then(|| Request::decode(&e.payload))
+                        .flatten()
+                    {
+                        kv.apply(&r);
+                    }
+                }
+                self.report.restarts_from_commit_point += 1;
+                Replica::restart_committed(
+                    cfg,
+                    seed,
+                    self.now,
+                    state,
+                    first,
+                    c + 1,
+                    rest,
+                    Vec::new(),
+                )
+            }
+            None => Replica::restart(cfg, seed, self.now, state, first, entries, Vec::new()),
+        };
         let n = &mut self.nodes[node as usize];
         if first == 1 {
             n.durable_fp = fps;
         }
         n.log = Some(log);
         n.engine = Some(engine);
-        n.kv = Kv::default();
+        n.kv = kv;
         self.note(|| format!("node {node} restarted in view {}", state.view));
         self.check.on_view(node, state.view)?;
         Ok(())
@@ -710,6 +804,7 @@ impl Sim {
                 sync_pending: false,
                 epoch: 0,
                 kv: Kv::default(),
+                commit_saved_at: 0,
             });
             let t = self.rng.next_u64() % MS;
             self.at(t, Ev::Tick(i));
@@ -762,6 +857,7 @@ impl Sim {
                                 detail: format!("node {node}: {detail}"),
                             })?;
                         }
+                        self.save_commit_point(node);
                     }
                     self.at(self.now + MS, Ev::Tick(node));
                 }
