@@ -1539,3 +1539,48 @@ fn the_memory_window_is_counted_in_entries_and_bytes() {
     assert_eq!(solo.window(), (2, one + 1 + 48));
     solo.check_memory_counts().unwrap();
 }
+
+/// 5.2 with the memory window past the snapshot: entries left memory
+/// (`Forget`) well after the log was compacted below op 4 (the snapshot
+/// covers op 3). A follower that needs op 1 is told to fetch the snapshot
+/// at op 3, the one the node has (not at the first op memory holds), and
+/// one that needs op 5 gets it read back from the log, not a snapshot.
+#[test]
+fn state_transfer_5_2_the_snapshot_named_is_the_logs_not_memorys() {
+    let mut leader = Replica::new(cfg(0, 3), 1, 0);
+    let evs: Vec<Event> = (0..10).map(|i| ev(&format!("e{i}"))).collect();
+    step(&mut leader, 1, Input::Propose(evs));
+    step(&mut leader, 2, Input::Durable { op: 10 });
+    step(
+        &mut leader,
+        3,
+        recv(1, 0, Message::PrepareOk { view: 0, op: 10 }),
+    );
+    assert_eq!(leader.commit(), 10);
+    step(&mut leader, 4, Input::Forget { below: 9 });
+    step(&mut leader, 5, Input::Compacted { below: 4 });
+    assert_eq!(leader.first_op(), 9);
+    let out = step(
+        &mut leader,
+        6,
+        recv(2, 0, Message::Missing { view: 0, from: 1 }),
+    );
+    assert_eq!(out, vec![send(2, Message::NeedSnapshot { view: 0, op: 3 })]);
+    let out = step(
+        &mut leader,
+        7 + 100 * MS,
+        recv(2, 0, Message::Missing { view: 0, from: 5 }),
+    );
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Command::SendFromLog {
+                to: 2,
+                from: 5,
+                upto: 10,
+                msg: Message::CatchUp { .. },
+            }]
+        ),
+        "{out:?}"
+    );
+}

@@ -798,6 +798,42 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
             .collect::<Vec<_>>(),
         c.log(other)
     );
+    // The whole cluster stops; one replica comes back with an empty data
+    // directory. The others start their programs from their snapshots and
+    // take the ops after them, up to their saved commit points, as
+    // committed; the leader names the snapshot it has (not its commit
+    // point, which is past it) to the empty one, which installs it.
+    for i in 0..3 {
+        c.stop(i);
+    }
+    std::fs::remove_dir_all(c.dir.path().join(format!("data/{}", far + 1))).unwrap();
+    for i in (0..3).filter(|&i| i != far) {
+        c.start_node(i);
+    }
+    let leader = c.leader(Duration::from_secs(60));
+    for i in (0..3).filter(|&i| i != far) {
+        assert!(
+            c.log(i).contains("are committed (the commit point saved"),
+            "{}",
+            c.log(i)
+        );
+    }
+    c.start_node(far);
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .log(far)
+            .contains("installed the snapshot at op")),
+        "the emptied replica never installed a snapshot; its log:\n{}\nleader:\n{}",
+        c.log(far),
+        c.log(leader)
+    );
+    assert_eq!(set_many(c.addrs[leader].1, "d", 50), 50);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "digests differ after the whole cluster restarted: {:?}\n{}",
+        c.digests(),
+        c.log(far)
+    );
 }
 
 #[test]

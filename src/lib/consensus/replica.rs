@@ -682,7 +682,8 @@ impl Replica {
             }
             Input::Compacted { below } => {
                 self.forget(below);
-                self.stored_first = self.stored_first.max(self.first_op);
+                // The log keeps `below` on, whatever memory holds.
+                self.stored_first = self.stored_first.max(below);
             }
             Input::Forget { below } => self.forget(below),
         }
@@ -1339,9 +1340,11 @@ impl Replica {
 
     /// Tells follower `f` that what it needs is compacted away here.
     fn send_need_snapshot(&mut self, f: NodeId, out: &mut Vec<Command>) {
+        // What our snapshot covers: the ops before our log (not before
+        // what memory holds, which may be far past the snapshot).
         let msg = Message::NeedSnapshot {
             view: self.view,
-            op: self.first_op - 1,
+            op: self.stored_first - 1,
         };
         self.send(out, f, msg);
         self.last_sent[f as usize] = self.now;

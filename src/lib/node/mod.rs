@@ -554,6 +554,8 @@ struct Node<'a> {
     log_replay: Option<LogReplay>,
     /// The commit point last saved beside the log, and when.
     commit_saved: (u64, Instant),
+    /// The last save failed (said once).
+    commit_save_failed: bool,
     /// The connection written to last, and whether its answer is still due.
     last_written: Option<u64>,
     awaiting_answer: Option<Instant>,
@@ -885,7 +887,8 @@ impl Node<'_> {
     fn save_commit_point(&mut self, now: bool) {
         let op = self.engine.commit().min(self.log.durable_op());
         let (saved, at) = self.commit_saved;
-        if op <= saved || (!now && at.elapsed() < COMMIT_SAVE_EVERY) {
+        // At a clean stop the same op again, synced this time.
+        if op == 0 || op < saved || (!now && (op == saved || at.elapsed() < COMMIT_SAVE_EVERY)) {
             return;
         }
         let view = match self.engine.entry(op) {
@@ -906,11 +909,16 @@ impl Node<'_> {
             op,
             view,
         };
-        if let Err(e) = commit_point::write(&self.data_dir, &cp, now) {
-            self.ui.warn(&format!(
-                "could not save the commit point in {} ({e}): a restart learns it from the cluster instead",
-                self.data_dir.display()
-            ));
+        match commit_point::write(&self.data_dir, &cp, now) {
+            Ok(()) => self.commit_save_failed = false,
+            Err(e) if !self.commit_save_failed => {
+                self.commit_save_failed = true;
+                self.ui.warn(&format!(
+                    "could not save the commit point in {} ({e}): a restart learns it from the cluster instead (said once until a save works again)",
+                    self.data_dir.display()
+                ));
+            }
+            Err(_) => {}
         }
     }
 
@@ -2912,6 +2920,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             upto: known,
         }),
         commit_saved: (known, Instant::now()),
+        commit_save_failed: false,
         last_written: None,
         awaiting_answer: None,
         await_since: None,
