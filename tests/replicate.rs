@@ -1710,6 +1710,61 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
+/// A flood of `n` SETs of `size` bytes at the leader while the processes
+/// `stopped` do not run (SIGSTOP): in 3 s the leader takes less than a
+/// `share`th of it and grows by less than `max_grown` bytes; once they run
+/// again (SIGCONT), every SET is answered.
+fn flood_held_back(
+    c: &Cluster,
+    leader: usize,
+    stopped: &[u32],
+    what: &str,
+    (n, size): (u64, usize),
+    share: u64,
+    max_grown: u64,
+) {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let falcon_pid = c.nodes[leader].as_ref().unwrap().id();
+    let before = rss(falcon_pid);
+    for &p in stopped {
+        signal(p, SIGSTOP);
+    }
+    let flood = Flood::start(c.addrs[leader].1, "f", n, size);
+    std::thread::sleep(Duration::from_secs(3));
+    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
+    for &p in stopped {
+        signal(p, SIGCONT);
+    }
+    eprintln!(
+        "{what}: {written} of {} bytes taken, leader grew {grown} bytes",
+        flood.total
+    );
+    assert!(
+        written < flood.total / share,
+        "{what}: the leader took {written} of {} bytes",
+        flood.total
+    );
+    assert!(
+        grown < max_grown,
+        "{what}: the leader grew by {grown} bytes"
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || flood.answered() == n),
+        "{what}: after they ran again, {} of {n} answered; logs:\n{}\nstatus:\n{}",
+        flood.answered(),
+        (0..c.nodes.len())
+            .map(|i| c.log(i))
+            .collect::<Vec<_>>()
+            .join("\n---\n"),
+        util::run_in(
+            c.dir.path(),
+            &["failover", "status", "--config", "cluster.toml", "--json"]
+        )
+        .stdout
+    );
+    flood.join();
+}
+
 /// A client that pipelines `n` SETs of `size`-byte values as fast as the
 /// connection takes them, with a reader beside it: (bytes written so far,
 /// answers read so far, the two threads).
@@ -1881,72 +1936,31 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
 
     // pending_entries = 256: nothing commits while both followers are stopped;
     // the flood is pushed back on the client, not kept in the leader.
-    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let before = rss(falcon_pid);
-    for &f in &followers {
-        signal(pid(&c, f), SIGSTOP);
-    }
     // (Every flood writes the same 40,000 keys: the data set stays at 83 MB.)
-    let flood = Flood::start(c.addrs[leader].1, "p", 40_000, 2048);
-    std::thread::sleep(Duration::from_secs(3));
-    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
-    for &f in &followers {
-        signal(pid(&c, f), SIGCONT);
-    }
-    eprintln!(
-        "followers stopped: {written} of {} bytes taken, leader grew {grown} bytes",
-        flood.total
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let stopped: Vec<u32> = followers.iter().map(|&f| pid(&c, f)).collect();
+    flood_held_back(
+        &c,
+        leader,
+        &stopped,
+        "followers stopped",
+        (40_000, 2048),
+        2,
+        64 << 20,
     );
-    assert!(
-        written < flood.total / 2,
-        "the leader took {written} of {} bytes with nothing committing",
-        flood.total
-    );
-    assert!(grown < 64 << 20, "the leader grew by {grown} bytes");
-    assert!(
-        wait_until(Duration::from_secs(60), || flood.answered() == 40_000),
-        "after the followers ran again, {} of 40000 answered; logs:\n{}\nstatus:\n{}",
-        flood.answered(),
-        (0..3).map(|i| c.log(i)).collect::<Vec<_>>().join("\n---\n"),
-        util::run_in(
-            c.dir.path(),
-            &["failover", "status", "--config", "cluster.toml", "--json"]
-        )
-        .stdout
-    );
-    flood.join();
 
     // program_backlog = 64: the leader's program stops reading; committed
     // input waits (bounded), then the client is not read.
     let prog = program_pid(leader);
-    let before = rss(falcon_pid);
-    signal(prog, SIGSTOP);
-    let flood = Flood::start(c.addrs[leader].1, "p", 40_000, 2048);
-    std::thread::sleep(Duration::from_secs(3));
-    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
-    signal(prog, SIGCONT);
-    eprintln!(
-        "program stopped: {written} of {} bytes taken, leader grew {grown} bytes",
-        flood.total
+    flood_held_back(
+        &c,
+        leader,
+        &[prog],
+        "program stopped",
+        (40_000, 2048),
+        2,
+        64 << 20,
     );
-    assert!(
-        written < flood.total / 2,
-        "the leader took {written} of {} bytes while its program read nothing",
-        flood.total
-    );
-    assert!(grown < 64 << 20, "the leader grew by {grown} bytes");
-    assert!(
-        wait_until(Duration::from_secs(60), || flood.answered() == 40_000),
-        "after the program ran again, {} of 40000 answered; leader:\n{}\nstatus:\n{}",
-        flood.answered(),
-        c.log(leader),
-        util::run_in(
-            c.dir.path(),
-            &["failover", "status", "--config", "cluster.toml", "--json"]
-        )
-        .stdout
-    );
-    flood.join();
 
     // A follower's program stops reading: that follower takes no more
     // entries than its backlog (it falls behind, bounded), the others go on,
@@ -1956,7 +1970,7 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
     let prog = program_pid(slow);
     let before = rss(slow_pid);
     signal(prog, SIGSTOP);
-    let flood = Flood::start(c.addrs[leader].1, "p", 40_000, 2048);
+    let flood = Flood::start(c.addrs[leader].1, "f", 40_000, 2048);
     let served = wait_until(Duration::from_secs(60), || flood.answered() == 40_000);
     let grown = rss(slow_pid).saturating_sub(before);
     signal(prog, SIGCONT);
@@ -1983,78 +1997,34 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
 /// `program_backlog_bytes` push the flood back on the client all the same.
 #[test]
 fn the_byte_limits_push_back_large_values() {
-    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
     let _one = serial();
     // (A stopped follower's queue takes up to peer_queue: 8 MiB each here.)
     let limits = "[limits]\nclient_buffer = \"1MiB\"\npending_bytes = \"4MiB\"\nprogram_backlog_bytes = \"4MiB\"\nmemory_window = \"4MiB\"\npeer_queue = \"8MiB\"\n";
     let c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), limits);
     let leader = c.leader(Duration::from_secs(30));
     let pid = |i: usize| c.nodes[i].as_ref().unwrap().id();
-    let falcon_pid = pid(leader);
     // 3,000 SETs of 32 KiB: 98 MB, every flood the same keys.
-    let (n, size) = (3_000, 32 << 10);
-
+    let flood = (3_000, 32 << 10);
     // Both followers stopped: nothing commits.
-    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let before = rss(falcon_pid);
-    for &f in &followers {
-        signal(pid(f), SIGSTOP);
-    }
-    let flood = Flood::start(c.addrs[leader].1, "b", n, size);
-    std::thread::sleep(Duration::from_secs(3));
-    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
-    for &f in &followers {
-        signal(pid(f), SIGCONT);
-    }
-    eprintln!(
-        "followers stopped: {written} of {} bytes taken, leader grew {grown} bytes",
-        flood.total
+    let stopped: Vec<u32> = (0..3).filter(|&i| i != leader).map(pid).collect();
+    flood_held_back(
+        &c,
+        leader,
+        &stopped,
+        "followers stopped",
+        flood,
+        4,
+        48 << 20,
     );
-    assert!(
-        written < flood.total / 4,
-        "the leader took {written} of {} bytes with nothing committing",
-        flood.total
-    );
-    assert!(grown < 48 << 20, "the leader grew by {grown} bytes");
-    assert!(
-        wait_until(Duration::from_secs(60), || flood.answered() == n),
-        "after the followers ran again, {} of {n} answered:\n{}",
-        flood.answered(),
-        c.log(leader)
-    );
-    flood.join();
-
     // The leader's program stopped: committed input waits, bounded in bytes.
-    let prog: u32 = String::from_utf8_lossy(&util::sh(&format!("pgrep -P {falcon_pid}")).stdout)
+    let prog: u32 = String::from_utf8_lossy(&util::sh(&format!("pgrep -P {}", pid(leader))).stdout)
         .lines()
         .next()
         .expect("the program's pid")
         .trim()
         .parse()
         .unwrap();
-    let before = rss(falcon_pid);
-    signal(prog, SIGSTOP);
-    let flood = Flood::start(c.addrs[leader].1, "b", n, size);
-    std::thread::sleep(Duration::from_secs(3));
-    let (written, grown) = (flood.written(), rss(falcon_pid).saturating_sub(before));
-    signal(prog, SIGCONT);
-    eprintln!(
-        "program stopped: {written} of {} bytes taken, leader grew {grown} bytes",
-        flood.total
-    );
-    assert!(
-        written < flood.total / 4,
-        "the leader took {written} of {} bytes while its program read nothing",
-        flood.total
-    );
-    assert!(grown < 48 << 20, "the leader grew by {grown} bytes");
-    assert!(
-        wait_until(Duration::from_secs(60), || flood.answered() == n),
-        "after the program ran again, {} of {n} answered:\n{}",
-        flood.answered(),
-        c.log(leader)
-    );
-    flood.join();
+    flood_held_back(&c, leader, &[prog], "program stopped", flood, 4, 48 << 20);
     assert!(
         wait_until(Duration::from_secs(60), || c.digests_agree()),
         "digests differ: {:?}",

@@ -961,15 +961,7 @@ impl Replica {
                 .entry(op)
                 .expect("committed entries are in memory")
                 .clone();
-            match e.kind {
-                Kind::Open => {
-                    self.open_conns.insert(e.conn);
-                }
-                Kind::Close => {
-                    self.open_conns.remove(&e.conn);
-                }
-                _ => {}
-            }
+            e.track_open(&mut self.open_conns);
             self.delivered_bytes += entry_bytes(&e);
             batch.push(e);
         }
@@ -1303,15 +1295,7 @@ impl Replica {
         let mut open = self.open_conns.clone();
         for op in self.commit + 1..=self.last_op() {
             let e = self.entry(op).expect("in memory");
-            match e.kind {
-                Kind::Open => {
-                    open.insert(e.conn);
-                }
-                Kind::Close => {
-                    open.remove(&e.conn);
-                }
-                _ => {}
-            }
+            e.track_open(&mut open);
         }
         let mut batch = Vec::new();
         let mut op = self.last_op();

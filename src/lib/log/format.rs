@@ -164,6 +164,20 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Follows the set of open connections through this entry: an `Open`
+    /// adds its connection, a `Close` removes it.
+    pub fn track_open(&self, open: &mut std::collections::BTreeSet<u64>) {
+        match self.kind {
+            Kind::Open => {
+                open.insert(self.conn);
+            }
+            Kind::Close => {
+                open.remove(&self.conn);
+            }
+            _ => {}
+        }
+    }
+
     /// Bytes this entry takes on disk, padding included.
     pub fn encoded_len(&self) -> usize {
         padded_len(RECORD_HEADER_LEN + self.payload.len())

@@ -721,15 +721,7 @@ fn open_conns_at(
             break;
         };
         for e in &batch {
-            match e.kind {
-                Kind::Open => {
-                    open.insert(e.conn);
-                }
-                Kind::Close => {
-                    open.remove(&e.conn);
-                }
-                _ => {}
-            }
+            e.track_open(&mut open);
         }
         next = end + 1;
     }
@@ -1735,15 +1727,7 @@ impl Node<'_> {
     fn apply(&mut self, e: Entry) {
         self.applied += 1;
         self.applied_op = e.op;
-        match e.kind {
-            Kind::Open => {
-                self.open_conns.insert(e.conn);
-            }
-            Kind::Close => {
-                self.open_conns.remove(&e.conn);
-            }
-            _ => {}
-        }
+        e.track_open(&mut self.open_conns);
         if let Some((target, started, pb)) = &self.replay {
             pb.set_position(self.applied.min(*target));
             if self.applied >= *target {
