@@ -684,6 +684,20 @@ fn set_many(addr: SocketAddr, prefix: &str, n: usize) -> usize {
     n
 }
 
+/// Starts replica `i` and waits until it has installed the leader's snapshot.
+fn starts_from_the_leaders_snapshot(c: &mut Cluster, i: usize, leader: usize) {
+    c.start_node(i);
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .log(i)
+            .contains("installed the snapshot at op")),
+        "replica {} never installed a snapshot; its log:\n{}\nleader:\n{}",
+        i + 1,
+        c.log(i),
+        c.log(leader)
+    );
+}
+
 #[test]
 fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     let _one = serial();
@@ -736,15 +750,7 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     );
     // The replica that missed everything comes back: the entries it needs
     // are gone from the leader's log, so it receives the snapshot.
-    c.start_node(far);
-    assert!(
-        wait_until(Duration::from_secs(60), || c
-            .log(far)
-            .contains("installed the snapshot at op")),
-        "the far replica never installed a snapshot; its log:\n{}\nleader:\n{}",
-        c.log(far),
-        c.log(leader)
-    );
+    starts_from_the_leaders_snapshot(&mut c, far, leader);
     let stored = set_many(c.addrs[leader].1, "b", 200);
     assert_eq!(
         stored,
@@ -818,15 +824,7 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
             c.log(i)
         );
     }
-    c.start_node(far);
-    assert!(
-        wait_until(Duration::from_secs(60), || c
-            .log(far)
-            .contains("installed the snapshot at op")),
-        "the emptied replica never installed a snapshot; its log:\n{}\nleader:\n{}",
-        c.log(far),
-        c.log(leader)
-    );
+    starts_from_the_leaders_snapshot(&mut c, far, leader);
     assert_eq!(set_many(c.addrs[leader].1, "d", 50), 50);
     assert!(
         wait_until(Duration::from_secs(30), || c.digests_agree()),
@@ -867,6 +865,20 @@ fn three_redis_replicas_over_shared_memory_agree() {
     );
 }
 
+/// Starts follower `f` and waits until its program agrees with the
+/// others, caught up from the leader's log (no snapshot needed).
+fn catches_up_from_the_leaders_log(c: &mut Cluster, f: usize, leader: usize) {
+    c.start_node(f);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
+        c.digests(),
+        c.log(f),
+        c.log(leader)
+    );
+    assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+}
+
 #[test]
 fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
     let _one = serial();
@@ -878,15 +890,7 @@ fn a_follower_behind_the_memory_window_catches_up_from_the_leaders_log() {
     c.kill(f);
     // 600 entries while it is down: far past the window.
     assert_eq!(set_many(c.addrs[leader].1, "w", 600), 600);
-    c.start_node(f);
-    assert!(
-        wait_until(Duration::from_secs(30), || c.digests_agree()),
-        "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
-        c.digests(),
-        c.log(f),
-        c.log(leader)
-    );
-    assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+    catches_up_from_the_leaders_log(&mut c, f, leader);
 }
 
 /// `limits.memory_window` bounds the committed entries a replica keeps in
@@ -926,15 +930,7 @@ fn the_memory_window_is_bounded_in_bytes_and_a_follower_behind_it_catches_up() {
     }
     c.kill(f);
     set(&c, 40, 40);
-    c.start_node(f);
-    assert!(
-        wait_until(Duration::from_secs(30), || c.digests_agree()),
-        "the follower did not catch up from the log: {:?}\n{}\n---\n{}",
-        c.digests(),
-        c.log(f),
-        c.log(leader)
-    );
-    assert!(!c.log(leader).contains("needs ops"), "{}", c.log(leader));
+    catches_up_from_the_leaders_log(&mut c, f, leader);
     assert_eq!(c.client_cmd(leader, &["DBSIZE"]).as_deref(), Some(":80"));
 }
 
