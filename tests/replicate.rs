@@ -1370,7 +1370,8 @@ fn a_log_truncated_corrupted_or_swapped_while_stopped_keeps_the_replica_from_sta
     let sealed = verify();
     assert_eq!(sealed.code, 0, "{}{}", sealed.stdout, sealed.stderr);
     assert!(
-        sealed.stdout.contains("as sealed when replica"),
+        sealed.stdout.contains("as sealed when replica")
+            && sealed.stdout.contains("commit point saved at op"),
         "{}",
         sealed.stdout
     );

@@ -474,6 +474,28 @@ fn verify(
             .map_err(|e| LogError::io(format!("reading the seal in {}", dir.display()), e))?,
         None => None,
     };
+    // And where it knew its log committed (a restart replays up to it at once).
+    let saved_commit = match crate::log::seal::data_dir_of(&args.path) {
+        Some(dir) => crate::log::commit_point::read(&dir),
+        None => Ok(None),
+    };
+    let log_end = result
+        .as_ref()
+        .ok()
+        .and_then(|o| o.segments.last())
+        .map(|l| l.last_op);
+    let commit_note = match (&saved_commit, log_end) {
+        (Ok(Some(cp)), Some(last)) if cp.op > last => Some(format!(
+            "the saved commit point (op {}) is past the log's end (op {last}): the next start sets it aside and learns its commit point from the cluster",
+            cp.op
+        )),
+        (Ok(Some(cp)), _) => Some(format!(
+            "commit point saved at op {} (view {}): the next start replays up to it at once",
+            cp.op, cp.view
+        )),
+        (Err(why), _) => Some(format!("{why}: the next start sets it aside")),
+        (Ok(None), _) => None,
+    };
     let mut seal_error = None;
     let (ok, segments, torn, error) = match result {
         Ok(o) => {
@@ -513,6 +535,8 @@ fn verify(
                 "torn_tail": torn,
                 "sealed": sealed.is_some(),
                 "seal_error": seal_error,
+                "commit_point": saved_commit.as_ref().ok().and_then(|c| c.as_ref()).map(|c| json!({"op": c.op, "view": c.view})),
+                "commit_point_note": commit_note,
                 "error": error.as_ref().map(|(f, o, r)| json!({"file": f, "offset": o, "reason": r})),
             }),
         )?;
@@ -549,6 +573,9 @@ fn verify(
                 s.last_op, s.node_id
             )?,
             (None, None) => {}
+        }
+        if let Some(note) = &commit_note {
+            writeln!(out, "{note}")?;
         }
     }
     Ok(if ok { Status::Success } else { Status::Failure })
