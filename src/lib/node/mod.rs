@@ -783,6 +783,16 @@ impl ApplyQueue {
         self.len() >= (limits.program_backlog / d).max(1)
             || self.bytes >= limits.program_backlog_bytes / d
     }
+
+    /// Holds enough of a replay from the log to keep the program busy:
+    /// four reads' worth (or half the backlog limits, if less). The log is
+    /// read again as the program takes them, so memory does not grow with
+    /// the log.
+    fn read_ahead(&self, limits: &crate::config::Limits) -> bool {
+        self.over(limits, true)
+            || self.len() >= 4 * resync::RESYNC_BATCH
+            || self.bytes >= 4 * resync::RESYNC_BATCH_BYTES
+    }
 }
 
 impl Node<'_> {
@@ -921,7 +931,7 @@ impl Node<'_> {
             return Ok(());
         };
         let last = r.upto.min(self.log.last_op());
-        while !self.apply_queue.over(&self.limits, true) && r.next <= last {
+        while !self.apply_queue.read_ahead(&self.limits) && r.next <= last {
             let want = (last + 1 - r.next) as usize;
             let batch = self.log.read(
                 r.next,

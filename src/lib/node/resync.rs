@@ -632,7 +632,7 @@ impl Node<'_> {
             return Ok(());
         };
         let last = r.upto.min(self.log.last_op());
-        while !self.apply_queue.over(&self.limits, true) && r.next <= last {
+        while !self.apply_queue.read_ahead(&self.limits) && r.next <= last {
             let want = (last + 1 - r.next) as usize;
             let batch = self
                 .log
