@@ -515,7 +515,7 @@ struct Node<'a> {
     next_conn: u64,
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
     /// Client input read in this turn of the loop, proposed as one batch at its end.
-    proposals: Vec<Event>,
+    proposals: Proposals,
     /// Entries the engine holds that the log could not take (its disk is
     /// full), oldest first, and when that started: retried every
     /// [`DISK_RETRY`]; no client input is read meanwhile.
@@ -677,11 +677,7 @@ fn known_commit(
             return none;
         }
     };
-    let view_at = |op| {
-        log.read(op, 1, usize::MAX)
-            .ok()
-            .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view))
-    };
+    let view_at = |op| log.entry(op).ok().map(|e| e.view);
     match commit_point::check(&cp, owner, stored_first, log.last_op(), view_at) {
         Ok(op) => {
             ui.note(&format!(
@@ -736,6 +732,35 @@ struct LogReplay {
 
 /// The commit point is saved beside the log at most this often.
 const COMMIT_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Events read this turn, to propose as one batch, and their payload bytes.
+#[derive(Default)]
+struct Proposals {
+    events: Vec<Event>,
+    bytes: usize,
+}
+
+impl Proposals {
+    fn push(&mut self, e: Event) {
+        self.bytes += e.payload.len();
+        self.events.push(e);
+    }
+    fn extend(&mut self, events: impl IntoIterator<Item = Event>) {
+        for e in events {
+            self.push(e);
+        }
+    }
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+    fn take(&mut self) -> Vec<Event> {
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+}
 
 /// Committed entries waiting for the program, and their bytes
 /// ([`crate::consensus::entry_bytes`]).
@@ -793,6 +818,31 @@ impl ApplyQueue {
             || self.len() >= 4 * resync::RESYNC_BATCH
             || self.bytes >= 4 * resync::RESYNC_BATCH_BYTES
     }
+
+    /// Queues ops `*next..=last` of a replay from the log, a batch at a
+    /// time, until it holds a [`ApplyQueue::read_ahead`]; `*next` moves on.
+    fn fill_from_log(
+        &mut self,
+        log: &SegmentLog<FsStorage>,
+        limits: &crate::config::Limits,
+        next: &mut u64,
+        last: u64,
+    ) -> Result<(), LogError> {
+        while !self.read_ahead(limits) && *next <= last {
+            let want = (last + 1 - *next) as usize;
+            let batch = log.read(
+                *next,
+                want.min(resync::RESYNC_BATCH),
+                resync::RESYNC_BATCH_BYTES,
+            )?;
+            let Some(end) = batch.last().map(|e| e.op) else {
+                break;
+            };
+            *next = end + 1;
+            self.extend(batch);
+        }
+        Ok(())
+    }
 }
 
 impl Node<'_> {
@@ -826,12 +876,7 @@ impl Node<'_> {
     /// proposed and not committed (in entries or bytes), or the log's disk
     /// is full.
     fn input_held(&self) -> bool {
-        let pending_bytes = self.engine.memory().1 - self.engine.window().1
-            + self
-                .proposals
-                .iter()
-                .map(|e| e.payload.len())
-                .sum::<usize>();
+        let pending_bytes = self.engine.memory().1 - self.engine.window().1 + self.proposals.bytes;
         self.apply_queue.over(&self.limits, false)
             || self.engine.last_op() - self.engine.commit() + self.proposals.len() as u64
                 >= self.limits.pending_entries / 2
@@ -895,11 +940,7 @@ impl Node<'_> {
         }
         let view = match self.engine.entry(op) {
             Some(e) => Some(e.view),
-            None => self
-                .log
-                .read(op, 1, usize::MAX)
-                .ok()
-                .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view)),
+            None => self.log.entry(op).ok().map(|e| e.view),
         };
         let Some(view) = view else {
             return;
@@ -931,19 +972,8 @@ impl Node<'_> {
             return Ok(());
         };
         let last = r.upto.min(self.log.last_op());
-        while !self.apply_queue.read_ahead(&self.limits) && r.next <= last {
-            let want = (last + 1 - r.next) as usize;
-            let batch = self.log.read(
-                r.next,
-                want.min(resync::RESYNC_BATCH),
-                resync::RESYNC_BATCH_BYTES,
-            )?;
-            let Some(end) = batch.last().map(|e| e.op) else {
-                break;
-            };
-            r.next = end + 1;
-            self.apply_queue.extend(batch);
-        }
+        self.apply_queue
+            .fill_from_log(&self.log, &self.limits, &mut r.next, last)?;
         if r.next > r.upto {
             self.log_replay = None;
         }
@@ -1275,7 +1305,7 @@ impl Node<'_> {
             return Ok(());
         }
         while !self.proposals.is_empty() {
-            let events = std::mem::take(&mut self.proposals);
+            let events = self.proposals.take();
             self.step(Input::Propose(events))?;
         }
         Ok(())
@@ -2884,7 +2914,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         next_token: 0,
         next_conn: 1,
         held: Vec::new(),
-        proposals: Vec::new(),
+        proposals: Proposals::default(),
         unread: Vec::new(),
         paused: Vec::new(),
         unwritten: Vec::new(),

@@ -632,17 +632,8 @@ impl Node<'_> {
             return Ok(());
         };
         let last = r.upto.min(self.log.last_op());
-        while !self.apply_queue.read_ahead(&self.limits) && r.next <= last {
-            let want = (last + 1 - r.next) as usize;
-            let batch = self
-                .log
-                .read(r.next, want.min(RESYNC_BATCH), RESYNC_BATCH_BYTES)?;
-            let Some(end) = batch.last().map(|e| e.op) else {
-                break;
-            };
-            r.next = end + 1;
-            self.apply_queue.extend(batch);
-        }
+        self.apply_queue
+            .fill_from_log(&self.log, &self.limits, &mut r.next, last)?;
         r.pb.set_length(r.upto.saturating_sub(r.base));
         r.pb.set_position(self.applied_op.saturating_sub(r.base));
         let all_read = r.next > r.upto;

@@ -635,11 +635,10 @@ impl Sim {
         let op = engine.commit().min(n.durable_op());
         let view = match engine.entry(op) {
             Some(e) => Some(e.view),
-            None => n.log.as_ref().and_then(|l| {
-                l.read(op, 1, usize::MAX)
-                    .ok()
-                    .and_then(|es| es.first().filter(|e| e.op == op).map(|e| e.view))
-            }),
+            None => n
+                .log
+                .as_ref()
+                .and_then(|l| l.entry(op).ok().map(|e| e.view)),
         };
         let Some(view) = view.filter(|_| op > 0) else {
             return;
