@@ -2480,6 +2480,94 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     eprintln!("{}", r.stdout);
 }
 
+#[test]
+fn a_resync_reports_only_what_the_rebuilt_copy_wrote_not_the_old_copy_while_the_snapshot_travels() {
+    let _one = serial();
+    let mut program = redis_program();
+    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
+    // A snapshot with 256 MiB of padding: it takes a while to travel, and
+    // the diverged copy keeps answering meanwhile.
+    let extra = [
+        "--snapshot-cmd",
+        "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/ && head -c 256M /dev/zero > $FALCON_SNAPSHOT_DIR/padding",
+        "--restore-cmd",
+        "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb",
+        "--reset-cmd",
+        "rm -f $FALCON_DATA_DIR/dump.rdb",
+    ]
+    .map(String::from)
+    .to_vec();
+    let c = Cluster::start_toml(3, program, "refuse", extra, "");
+    let leader = c.leader(Duration::from_secs(20));
+    let bad = (leader + 1) % 3;
+    assert_eq!(set_many(c.addrs[leader].1, "k", 100), 100);
+    diverge_behind_falcons_back(&c, leader, bad, "not-the-clusters");
+    let mismatches = || statuses(&c)[bad]["output_chunks"]["mismatches"].as_u64();
+
+    let (report, during) = std::thread::scope(|s| {
+        let dir = c.dir.path().to_path_buf();
+        let node = (bad + 1).to_string();
+        let resync = s.spawn(move || {
+            util::run_in(
+                &dir,
+                &[
+                    "failover",
+                    "resync",
+                    "--node",
+                    &node,
+                    "--from",
+                    "leader",
+                    "--json",
+                    "--config",
+                    "cluster.toml",
+                ],
+            )
+        });
+        // Once the replica fetches the leader's snapshot, reads through the
+        // leader: its old copy still answers them, differently.
+        assert!(
+            wait_until(Duration::from_secs(60), || !statuses(&c)[bad]["resync"]
+                .is_null()
+                || resync.is_finished()),
+            "the resync never began"
+        );
+        let before = mismatches();
+        let mut reads = 0;
+        while !resync.is_finished() {
+            assert_eq!(
+                c.client_cmd(leader, &["GET", "secret"]).as_deref(),
+                Some("(nil)")
+            );
+            reads += 1;
+        }
+        let r = resync.join().unwrap();
+        assert_eq!(r.code, 0, "{r:?}\n{}", c.log(bad));
+        (r.json_lines().pop().unwrap(), (before, mismatches(), reads))
+    });
+    eprintln!("{report}\nmismatches before the reads, after, reads: {during:?}");
+    // The old copy answered some of those reads wrongly (the case at hand)...
+    let (before, after, _) = during;
+    assert!(
+        after > before,
+        "no read reached the old copy while the snapshot travelled: {during:?}\n{}",
+        c.log(bad)
+    );
+    // ...yet the rebuilt one matches, and the report says so.
+    assert_eq!(report["source"], "leader's snapshot", "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["matches"], true, "{report}");
+    assert!(statuses(&c)[bad]["diverged"].is_null());
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "{:?}",
+        c.digests()
+    );
+}
+
 /// A tiny server: answers "go" with 5000 bytes; replica 3's copy changes
 /// byte 3000 of them.
 const SKEWED: &str = r#"

@@ -50,7 +50,7 @@ pub(super) struct Resync {
     base: u64,
     started: Instant,
     started_ns: u64,
-    /// The counts when it began.
+    /// The counts when the program was rebuilt (when it began, until then).
     counts: Counts,
     first: Option<Mismatch>,
     /// When everything was handed to the program.
@@ -550,6 +550,13 @@ impl Node<'_> {
             base + 1
         ));
         self.stop_program();
+        // The report covers the rebuilt copy only: what the old one wrote
+        // while the leader's snapshot was on its way is not its doing.
+        let counts = self.digests.counts;
+        if let Some(r) = &mut self.resync {
+            r.counts = counts;
+            r.first = None;
+        }
         let mut open_at_base = Vec::new();
         match snapshot_file {
             None => {
