@@ -2568,6 +2568,145 @@ fn a_resync_reports_only_what_the_rebuilt_copy_wrote_not_the_old_copy_while_the_
     );
 }
 
+/// Writes `pieces` to `addr` 20 ms apart, then reads what comes back
+/// until the server closes or is quiet for a second.
+fn raw_exchange(addr: SocketAddr, pieces: &[&[u8]]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    for p in pieces {
+        s.write_all(p).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[test]
+fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
+    let _one = serial();
+    let mut c = Cluster::start_toml(
+        3,
+        redis_program(),
+        "refuse",
+        vec![],
+        "program_protocol = \"resp\"\n",
+    );
+    let leader = c.leader(Duration::from_secs(20));
+    let client = c.addrs[leader].1;
+    let bench = |args: &[&str]| {
+        let r = std::process::Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &client.port().to_string(), "-q"])
+            .args(args)
+            .output()
+            .expect("redis-benchmark is installed by scripts/setup.sh (redis-tools)");
+        assert!(r.status.success(), "{r:?}");
+        eprintln!("{}", String::from_utf8_lossy(&r.stdout));
+    };
+    // 50 clients, one command at a time each, then 16 at a time each.
+    bench(&["-t", "set,get,incr,lpush", "-n", "4000", "-c", "50"]);
+    bench(&["-t", "set,lpush", "-n", "4000", "-c", "20", "-P", "16"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "digests differ: {:?}",
+        c.digests()
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "counter:__rand_int__"])
+            .as_deref(),
+        Some("4000")
+    );
+    // Every replica's Redis saw falcon's one connection, not one per client
+    // (the test's own DEBUG DIGEST connections are the rest).
+    for i in 0..3 {
+        let info = resp_command(c.addrs[i].2, &["INFO", "stats"]).unwrap();
+        let conns: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{info}"));
+        assert!(
+            conns < 20,
+            "replica {}: {conns} connections to its Redis",
+            i + 1
+        );
+    }
+    // The followers compared the leader's output, connection by connection.
+    let st = statuses(&c);
+    for f in (0..3).filter(|&i| i != leader) {
+        assert!(
+            st[f]["output_chunks"]["compared"].as_u64() >= Some(50),
+            "{}",
+            st[f]
+        );
+        assert_eq!(st[f]["output_chunks"]["mismatches"], 0, "{}", st[f]);
+    }
+
+    // Commands that keep state in their connection are answered by falcon.
+    for refused in [
+        &["SELECT", "1"][..],
+        &["MULTI"],
+        &["BLPOP", "list", "0"],
+        &["SUBSCRIBE", "news"],
+        &["CLIENT", "SETNAME", "me"],
+    ] {
+        let a = c.client_cmd(leader, refused).unwrap_or_default();
+        assert!(
+            a.starts_with("-ERR falcon (program_protocol = \"resp\")"),
+            "{refused:?}: {a}"
+        );
+    }
+    assert_eq!(
+        c.client_cmd(leader, &["SELECT", "0"]).as_deref(),
+        Some("+OK")
+    );
+    // A command in pieces, an inline one, several in one write, QUIT.
+    let (got, closed) = raw_exchange(
+        client,
+        &[
+            b"*3\r\n$3\r\nSET\r\n$1",
+            b"\r\nk\r\n$5\r\nval",
+            b"ue\r\n",
+            b"GET k\r\n\r\n",
+            b"PING\r\n*1\r\n$4\r\nPING\r\nQUIT\r\n",
+        ],
+    );
+    assert_eq!(got, "+OK\r\n$5\r\nvalue\r\n+PONG\r\n+PONG\r\n+OK\r\n");
+    assert!(closed, "QUIT did not close the connection");
+    // Not Redis's protocol: an error, the connection closes, nobody else notices.
+    let (got, closed) = raw_exchange(client, &[b"*1\r\n:1\r\n"]);
+    assert!(got.starts_with("-ERR Protocol error"), "{got}");
+    assert!(closed);
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "k"]).as_deref(),
+        Some("value")
+    );
+
+    // The leader dies: the next one serves through its own shared connection,
+    // and the old one comes back, replays its log and agrees.
+    c.kill(leader);
+    let next = c.leader(Duration::from_secs(20));
+    assert_ne!(next, leader);
+    assert_eq!(
+        c.client_cmd(next, &["INCR", "after"]).as_deref(),
+        Some(":1")
+    );
+    c.start_node(leader);
+    assert!(
+        wait_until(Duration::from_secs(20), || c.digests_agree()),
+        "after the restart: {:?}\n{}",
+        c.digests(),
+        c.log(leader)
+    );
+}
+
 /// A tiny server: answers "go" with 5000 bytes; replica 3's copy changes
 /// byte 3000 of them.
 const SKEWED: &str = r#"

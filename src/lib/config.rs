@@ -13,6 +13,8 @@
 //! # divergence_chunk = "16KiB"     # compare the programs' output every this many bytes
 //! #                                # of a connection (and at its close); "off": never
 //! # divergence_protocol = "bytes"  # bytes | postgres (ignore pids and cancel keys)
+//! # program_protocol = "bytes"     # bytes: one program connection per client; resp: Redis's
+//! #                                # protocol, every client down one pipelined connection
 //!
 //! [[replica]]
 //! id = 1
@@ -35,6 +37,19 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::log::SyncPolicy;
+
+/// How client input reaches the program (`program_protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramProtocol {
+    /// One connection to the program per client; a replica hands the
+    /// program one client's input at a time, after the last one's answer.
+    #[default]
+    Bytes,
+    /// Redis's protocol (RESP): every client's commands down one pipelined
+    /// connection, in log order (see [`crate::app::resp`]).
+    Resp,
+}
 
 /// Where falcon looks for the cluster file when `--config` is not given.
 pub const SEARCH_PATH: [&str; 2] = ["falcon.toml", "/etc/falcon/falcon.toml"];
@@ -143,6 +158,8 @@ pub struct ClusterConfig {
     pub divergence_chunk: u64,
     /// What divergence detection compares: the bytes, or a protocol's canonical form.
     pub divergence_protocol: crate::node::normalize::Protocol,
+    /// How client input reaches the program.
+    pub program_protocol: ProgramProtocol,
     /// Replicas, in file order; the engine's replica number is the index.
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -173,6 +190,7 @@ struct RawConfig {
     tls_ca: Option<Spanned<String>>,
     divergence_chunk: Option<Spanned<String>>,
     divergence_protocol: Option<Spanned<String>>,
+    program_protocol: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -588,6 +606,24 @@ impl ClusterConfig {
                 },
             )?,
         };
+        let program_protocol = match raw
+            .program_protocol
+            .as_ref()
+            .map(|p| (p, p.get_ref().trim()))
+        {
+            None | Some((_, "bytes")) => ProgramProtocol::Bytes,
+            Some((_, "resp")) => ProgramProtocol::Resp,
+            Some((p, _)) => {
+                return Err(field_err(
+                    p.span(),
+                    "program_protocol",
+                    format!(
+                        "{:?} is not bytes (one connection to the program per client) or resp (Redis's protocol: every client down one pipelined connection)",
+                        p.get_ref()
+                    ),
+                ));
+            }
+        };
         let limits = match &raw.limits {
             None => Limits::default(),
             Some(l) => parse_limits(l, &field_err)?,
@@ -707,6 +743,7 @@ impl ClusterConfig {
             tls_ca: raw.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
             divergence_chunk,
             divergence_protocol,
+            program_protocol,
             replicas,
         })
     }

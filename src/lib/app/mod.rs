@@ -1,5 +1,7 @@
 //! Starting, watching and stopping the replicated program.
 
+pub mod resp;
+
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -208,6 +210,20 @@ impl App {
     /// Passes a signal on to the program.
     pub fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits up to `wait` for the program to exit on its own.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + wait;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERM, then SIGKILL after `grace`; waits for it.

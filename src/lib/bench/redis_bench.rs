@@ -2,7 +2,10 @@
 //! window, alternating: (a) one bare redis-server, (b) a primary with two
 //! replicas (asynchronous replication), (c) the same with every SET followed
 //! by `WAIT 2 0` (synchronous replication; our own small client, since
-//! redis-benchmark cannot send it), (d) falcon with three replicas.
+//! redis-benchmark cannot send it), (d) falcon with three replicas, and
+//! variants of it: (e) without fdatasync, (f) without divergence
+//! detection, (g) with `program_protocol = "resp"` (every client's
+//! commands down one pipelined connection to each Redis).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -281,7 +284,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::Scratch(dir.clone());
-    let ports = free_ports(31);
+    let ports = free_ports(40);
     let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
     let mut procs = Procs(vec![
         redis_server(bare, &[])?,
@@ -319,6 +322,13 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "divergence_chunk = \"off\"\n",
     )?;
     procs.0.append(&mut falcon.0);
+    let (mut falcon, leader_resp, g_pids) = falcon_cluster(
+        &dir.join("resp"),
+        &ports[31..40],
+        "batch",
+        "program_protocol = \"resp\"\n",
+    )?;
+    procs.0.append(&mut falcon.0);
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
     // Each setup: its name, the port its clients use, and whether every SET
@@ -350,6 +360,12 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             leader_unchecked,
             false,
             &f_pids[..],
+        ),
+        (
+            "g: as d, program_protocol resp",
+            leader_resp,
+            false,
+            &g_pids[..],
         ),
     ];
     for round in 0..args.rounds {
@@ -399,9 +415,9 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     }
     let mut setup = super::setup_lines(None);
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating (each round in another order)", requests / 10, args.rounds)));
-    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
-    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs".into()));
-    setup.push(("divergence".into(), "d, e: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
+    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d, f, g: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
+    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs; d, e, f: one Redis connection per client on every replica, each command handed over after the last one's answer; g: every client's commands down one pipelined connection per Redis".into()));
+    setup.push(("divergence".into(), "d, e, g: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
     if ui.json {
         output::json_line(
             out,

@@ -212,6 +212,9 @@ pub enum NodeError {
     /// This replica's VM processed input the log does not hold.
     #[error("{0}")]
     VmDiverged(String),
+    /// `program_protocol = "resp"`: the program's one connection failed.
+    #[error("{0}")]
+    Shared(String),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -356,6 +359,10 @@ struct AppConn {
 
 /// How long a half-closed program connection may stay open before it is dropped.
 const SHUT_WAIT: Duration = Duration::from_secs(10);
+
+/// `program_protocol = "resp"`: the key of the one program connection every
+/// client's commands go down (client connections are numbered from 1).
+const SHARED: u64 = 0;
 
 impl AppConn {
     /// Sends FIN after everything written so far.
@@ -622,6 +629,11 @@ struct Node<'a> {
     /// The VM received input the log does not hold (a deposed leader's
     /// early frames that the new view dropped): why, to stop with.
     vm_lost: Option<String>,
+    /// `program_protocol = "resp"`: every client's commands down one connection.
+    mux: Option<crate::app::resp::Mux>,
+    /// The shared program connection failed (or the program's answers no
+    /// longer line up with the commands): why, to stop with.
+    program_lost: Option<String>,
     /// tap-attach --qemu-socket: where QEMU listens.
     vm_socket: Option<PathBuf>,
     /// Requests from the admin socket and the metrics endpoint.
@@ -1366,7 +1378,8 @@ impl Node<'_> {
         while let Some(front) = self.apply_queue.front() {
             // The leader's client waited for this much output before its
             // next input: so does this replica's program (or ANSWER_WAIT passes).
-            if front.kind == Kind::Await {
+            // Down one connection the order is the connection's: nothing waits.
+            if front.kind == Kind::Await && self.mux.is_none() {
                 let (conn, want) = (front.conn, await_offset(front));
                 let behind = self.awaits_output(front);
                 let since = *self.await_since.get_or_insert_with(Instant::now);
@@ -1391,13 +1404,16 @@ impl Node<'_> {
             // connection, and before that connection closes (a multi-threaded
             // program such as memcached would otherwise run the next
             // connection's request first).
-            let must_wait = match e.kind {
-                Kind::Data => self
-                    .last_written
-                    .is_some_and(|c| c != e.conn && self.apps.contains_key(&c)),
-                Kind::Close => self.last_written == Some(e.conn) && self.apps.contains_key(&e.conn),
-                _ => false,
-            };
+            let must_wait = self.mux.is_none()
+                && match e.kind {
+                    Kind::Data => self
+                        .last_written
+                        .is_some_and(|c| c != e.conn && self.apps.contains_key(&c)),
+                    Kind::Close => {
+                        self.last_written == Some(e.conn) && self.apps.contains_key(&e.conn)
+                    }
+                    _ => false,
+                };
             if must_wait
                 && self
                     .awaiting_answer
@@ -1409,8 +1425,9 @@ impl Node<'_> {
             // connection to drain (the queue pushes back on clients) rather
             // than buffer past the limit. Waiting keeps the order; closing
             // the connection would depend on each replica's timing.
+            let to = if self.mux.is_some() { SHARED } else { e.conn };
             if e.kind == Kind::Data
-                && self.apps.get(&e.conn).is_some_and(|a| {
+                && self.apps.get(&to).is_some_and(|a| {
                     !a.out.is_empty() && a.out.len() + e.payload.len() > self.limits.client_buffer
                 })
             {
@@ -1453,7 +1470,8 @@ impl Node<'_> {
             Snapshotting::Draining => {
                 let answered = self
                     .awaiting_answer
-                    .is_none_or(|t| t.elapsed() >= ANSWER_WAIT);
+                    .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
+                    && self.mux.as_ref().is_none_or(|m| m.owed() == 0);
                 if !answered || self.apps.values().any(|a| !a.out.is_empty()) {
                     return Ok(());
                 }
@@ -1807,6 +1825,7 @@ impl Node<'_> {
                     }
                 }
             }
+            Kind::Data if self.mux.is_some() => self.mux_data(e.conn, &e.payload),
             Kind::Data => {
                 if let Some(a) = self.apps.get_mut(&e.conn) {
                     if a.out.len() + e.payload.len() > self.limits.client_buffer {
@@ -1828,6 +1847,11 @@ impl Node<'_> {
                     Some(a) if !a.out.is_empty() => a.closing = true,
                     Some(a) => a.shut_write(),
                     None => {}
+                }
+                if let Some(m) = &mut self.mux {
+                    let mut out = Vec::new();
+                    m.close(e.conn, &mut out);
+                    self.deliver(out);
                 }
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
                     self.drop_client(t, false);
@@ -1938,6 +1962,16 @@ impl Node<'_> {
 
     /// Opens this replica's own connection to the program for `conn`.
     fn open_app(&mut self, conn: u64) {
+        if let Some(m) = &mut self.mux {
+            m.open(conn);
+            self.digests.opened(conn);
+            return;
+        }
+        self.connect_app(conn);
+    }
+
+    /// A connection to the program for `conn` (or [`SHARED`]).
+    fn connect_app(&mut self, conn: u64) {
         if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
             let _ = std.set_nodelay(true);
             let _ = std.set_nonblocking(true);
@@ -1951,7 +1985,9 @@ impl Node<'_> {
                 .is_ok()
             {
                 self.app_tokens.insert(token, conn);
-                self.digests.opened(conn);
+                if conn != SHARED {
+                    self.digests.opened(conn);
+                }
                 self.apps.insert(
                     conn,
                     AppConn {
@@ -2026,6 +2062,9 @@ impl Node<'_> {
         for c in conns {
             self.close_app(c);
         }
+        if let Some(m) = &mut self.mux {
+            m.clear();
+        }
         self.apply_queue.clear();
         self.last_written = None;
         self.awaiting_answer = None;
@@ -2054,7 +2093,9 @@ impl Node<'_> {
     fn close_app(&mut self, conn: u64) {
         // Closed before the program ended its output (abandoned, or the
         // program restarts): nothing past here can be compared.
-        self.program_output(conn, &[], Some(false));
+        if conn != SHARED {
+            self.program_output(conn, &[], Some(false));
+        }
         if let Some(mut a) = self.apps.remove(&conn) {
             let _ = self.poll.registry().deregister(&mut a.stream);
             self.app_tokens.remove(&a.token);
@@ -2354,7 +2395,11 @@ impl Node<'_> {
         };
         // The program answered since this client's last input: its next
         // input goes after that answer on every replica too.
-        let out_now = self.out_count(conn);
+        let out_now = if self.mux.is_none() {
+            self.out_count(conn)
+        } else {
+            0
+        };
         let Some(c) = self.clients.get_mut(&t) else {
             return Ok(());
         };
@@ -2436,6 +2481,10 @@ impl Node<'_> {
         let Some(&conn) = self.app_tokens.get(&t) else {
             return;
         };
+        if conn == SHARED && self.mux.is_some() {
+            self.on_shared(ready);
+            return;
+        }
         let Some(a) = self.apps.get_mut(&conn) else {
             return;
         };
@@ -2463,18 +2512,7 @@ impl Node<'_> {
             .is_some_and(|e| e.kind == Kind::Await && e.conn == conn && !self.awaits_output(e));
         // Only the leader's client gets the answer; followers drain and drop theirs.
         let answered = !answer.is_empty() && self.last_written == Some(conn);
-        if !answer.is_empty() {
-            if let Some(&ct) = self.client_of_conn.get(&conn) {
-                if let Some(c) = self.clients.get_mut(&ct) {
-                    if c.out.len() + answer.len() > self.limits.client_buffer {
-                        self.drop_client(ct, true);
-                    } else {
-                        c.out.extend_from_slice(&answer);
-                        flush(&mut c.stream, &mut c.out);
-                    }
-                }
-            }
-        }
+        self.answer_client(conn, &answer);
         if eof {
             self.close_app(conn);
         }
@@ -2484,6 +2522,108 @@ impl Node<'_> {
         if answered || awaited {
             self.pump_apply();
         }
+    }
+}
+
+impl Node<'_> {
+    /// The program answered `conn`: the leader's client gets it (a
+    /// follower has no client there).
+    fn answer_client(&mut self, conn: u64, answer: &[u8]) {
+        if answer.is_empty() {
+            return;
+        }
+        if let Some(&ct) = self.client_of_conn.get(&conn) {
+            if let Some(c) = self.clients.get_mut(&ct) {
+                if c.out.len() + answer.len() > self.limits.client_buffer {
+                    self.drop_client(ct, true);
+                } else {
+                    c.out.extend_from_slice(answer);
+                    flush(&mut c.stream, &mut c.out);
+                }
+            }
+        }
+    }
+
+    /// `program_protocol = "resp"`: a committed entry's input for `conn`;
+    /// its whole commands go down the shared connection.
+    fn mux_data(&mut self, conn: u64, payload: &[u8]) {
+        if !self.apps.contains_key(&SHARED) {
+            self.connect_app(SHARED);
+            if !self.apps.contains_key(&SHARED) {
+                self.lose_program(format!(
+                    "cannot connect to the program at {} (program_protocol = \"resp\")",
+                    self.app_addr
+                ));
+                return;
+            }
+        }
+        let (Some(m), Some(a)) = (&mut self.mux, self.apps.get_mut(&SHARED)) else {
+            return;
+        };
+        let mut out = Vec::new();
+        m.data(conn, payload, &mut a.out, &mut out);
+        flush(&mut a.stream, &mut a.out);
+        self.deliver(out);
+    }
+
+    /// `program_protocol = "resp"`: the shared connection is ready.
+    fn on_shared(&mut self, ready: Ready) {
+        let Some(a) = self.apps.get_mut(&SHARED) else {
+            return;
+        };
+        if ready.writable {
+            flush(&mut a.stream, &mut a.out);
+        }
+        if !ready.readable {
+            return;
+        }
+        let mut got = Vec::new();
+        let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
+            got.extend_from_slice(bytes);
+            true
+        });
+        a.read_total += got.len() as u64;
+        let mut out = Vec::new();
+        if let Some(m) = &mut self.mux {
+            if let Err(why) = m.program_output(&got, &mut out) {
+                self.lose_program(format!("program_protocol = \"resp\": {why}"));
+            }
+        }
+        self.deliver(out);
+        if end != End::Open {
+            self.close_app(SHARED);
+            self.lose_program(
+                "the program closed falcon's connection to it (program_protocol = \"resp\": every client's commands go down that one connection); this replica stops, and a restart replays its log into a fresh program".into(),
+            );
+        }
+        self.pump_apply();
+    }
+
+    /// Hands out the shared connection's answers (and falcon's own).
+    fn deliver(&mut self, out: Vec<crate::app::resp::Delivery>) {
+        use crate::app::resp::Delivery;
+        for d in out {
+            match d {
+                Delivery::Reply { conn, bytes } => {
+                    self.program_output(conn, &bytes, None);
+                    self.answer_client(conn, &bytes);
+                }
+                Delivery::Ended { conn } => self.program_output(conn, &[], Some(true)),
+                Delivery::CloseClient { conn } => {
+                    if let Some(&t) = self.client_of_conn.get(&conn) {
+                        if let Some(c) = self.clients.get_mut(&t) {
+                            flush(&mut c.stream, &mut c.out);
+                        }
+                        self.drop_client(t, true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lose_program(&mut self, why: String) {
+        self.ui.error(&why);
+        self.program_lost.get_or_insert(why);
     }
 }
 
@@ -2813,6 +2953,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         ));
         Some(app)
     };
+    let mux = (cfg.program_protocol == crate::config::ProgramProtocol::Resp
+        && app.is_some()
+        && vm.is_none())
+    .then(|| crate::app::resp::Mux::new(cfg.limits.client_buffer));
     let poll = Poll::new().map_err(io_err("creating the event loop"))?;
     // The one waker of the loop (mio allows one per poll): the fsync thread
     // and the shm doorbell thread both use it.
@@ -2984,6 +3128,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_early_ops: VecDeque::new(),
         vm_early_view: 0,
         vm_lost: None,
+        mux,
+        program_lost: None,
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
@@ -3119,6 +3265,17 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         // Over shm, right after peer traffic the loop spins on the rings
         // for a moment instead of sleeping: the next message is likely close.
         let spinning = last_peer_msg.elapsed() < spin_window;
+        if let Some(why) = node.program_lost.take() {
+            node.sync()?;
+            node.seal();
+            // The program's exit closes the connection: that is the news, if so.
+            let app = node.app.as_mut().expect("a program");
+            if let Some(status) = app.wait_exit(Duration::from_millis(500)) {
+                return Ok(NodeExit::ProgramExited(status));
+            }
+            app.stop(Duration::from_secs(5));
+            return Err(NodeError::Shared(why));
+        }
         if let Some(why) = node.vm_lost.take() {
             node.sync()?;
             node.seal();
@@ -3514,6 +3671,10 @@ names the line and the field):
                                 # leader's every this many bytes of a connection and
                                 # at its close (\"off\": never); the same everywhere
   divergence_protocol = \"bytes\" # optional; bytes | postgres (ignore its pids, keys)
+  program_protocol = \"bytes\"  # optional; bytes: one program connection per client;
+                                # resp: Redis's protocol, every client's commands down
+                                # one pipelined connection (faster; no SELECT n, MULTI,
+                                # blocking or subscribe commands)
 
   [limits]                      # optional; each field optional (defaults shown)
   client_connections = 4096     # more are closed at once (and logged once a second)

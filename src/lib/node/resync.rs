@@ -357,7 +357,8 @@ impl Node<'_> {
             && self
                 .awaiting_answer
                 .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
-            && self.apps.values().all(|a| a.out.is_empty());
+            && self.apps.values().all(|a| a.out.is_empty())
+            && self.mux.as_ref().is_none_or(|m| m.owed() == 0);
         drained
             && (self.apps.values().all(|a| a.shut.is_none()) || since.elapsed() >= RESYNC_SETTLE)
     }
