@@ -2680,13 +2680,57 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     );
     assert_eq!(got, "+OK\r\n$5\r\nvalue\r\n+PONG\r\n+PONG\r\n+OK\r\n");
     assert!(closed, "QUIT did not close the connection");
-    // Not Redis's protocol: an error, the connection closes, nobody else notices.
-    let (got, closed) = raw_exchange(client, &[b"*1\r\n:1\r\n"]);
-    assert!(got.starts_with("-ERR Protocol error"), "{got}");
-    assert!(closed);
+    // Blanks Redis skips are skipped (no answer owed for them), and a
+    // refused command hidden behind them is still refused.
+    let (got, _) = raw_exchange(client, &[b"\x0b\r\n\x0bSELECT\x0c5\r\nPING\r\n"]);
+    assert!(
+        got.starts_with("-ERR falcon (program_protocol = \"resp\"): only database 0"),
+        "{got}"
+    );
+    assert!(got.ends_with("\r\n+PONG\r\n"), "{got}");
+    // Not Redis's protocol (as falcon reads it: strictly): an error, the
+    // connection closes, nobody else notices.
+    for garbage in [
+        &b"*1\r\n:1\r\n"[..],
+        b"*+1\r\n$4\r\nPING\r\n",
+        b"*1\n$4\r\nPING\r\n",
+    ] {
+        let (got, closed) = raw_exchange(client, &[garbage]);
+        assert!(got.starts_with("-ERR Protocol error"), "{got}");
+        assert!(closed);
+        assert_eq!(
+            c.client_cmd(leader, &["GET", "k"]).as_deref(),
+            Some("value")
+        );
+    }
+    // A follower's Redis drops falcon's idle connection (CLIENT KILL on its
+    // own port): the next command opens another, nothing is lost.
+    let f = (leader + 1) % 3;
+    let killed = resp_command(
+        c.addrs[f].2,
+        &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+    );
+    assert_eq!(killed.as_deref(), Some(":1"), "falcon's one connection");
     assert_eq!(
-        c.client_cmd(leader, &["GET", "k"]).as_deref(),
-        Some("value")
+        c.client_cmd(leader, &["SET", "k2", "after-kill"])
+            .as_deref(),
+        Some("+OK")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || resp_command(
+            c.addrs[f].2,
+            &["GET", "k2"]
+        )
+        .as_deref()
+            == Some("after-kill")),
+        "{}",
+        c.log(f)
+    );
+    assert!(
+        c.log(f)
+            .contains("closed falcon's connection to it while idle"),
+        "{}",
+        c.log(f)
     );
 
     // The leader dies: the next one serves through its own shared connection,

@@ -60,8 +60,10 @@ struct Owed {
 
 #[derive(Debug, Default)]
 struct Conn {
-    /// Input not yet a whole command.
+    /// Input not yet a whole command (from the start of that command).
     pending: Vec<u8>,
+    /// How far the command in `pending` was read.
+    scan: Scan,
     /// Answers owed to it.
     owed: usize,
     /// Closed in the log: ends once nothing is owed.
@@ -78,16 +80,23 @@ pub struct Mux {
     replies: ReplyScanner,
     /// The longest command accepted (its arguments and framing).
     max_command: usize,
+    /// Most bytes of unfinished commands, all clients together.
+    max_pending: usize,
+    /// Bytes of unfinished commands now.
+    pending: usize,
 }
 
 impl Mux {
-    /// A multiplexer that accepts commands of up to `max_command` bytes.
-    pub fn new(max_command: usize) -> Mux {
+    /// A multiplexer that accepts commands of up to `max_command` bytes,
+    /// and holds at most `max_pending` bytes of unfinished ones in all.
+    pub fn new(max_command: usize, max_pending: usize) -> Mux {
         Mux {
             conns: HashMap::new(),
             owed: VecDeque::new(),
             replies: ReplyScanner::default(),
             max_command,
+            max_pending,
+            pending: 0,
         }
     }
 
@@ -101,20 +110,31 @@ impl Mux {
         self.owed.len()
     }
 
+    /// No client is in the middle of a command or about to be closed for
+    /// breaking the protocol: the program's state (once it answered) is
+    /// all a snapshot needs.
+    pub fn whole(&self) -> bool {
+        self.pending == 0 && self.conns.values().all(|c| !c.broken)
+    }
+
     /// The program restarts: nothing is owed and no client is known.
     pub fn clear(&mut self) {
         self.conns.clear();
         self.owed.clear();
         self.replies = ReplyScanner::default();
+        self.pending = 0;
     }
 
     /// The log opened `conn`.
     pub fn open(&mut self, conn: u64) {
-        self.conns.insert(conn, Conn::default());
+        if let Some(old) = self.conns.insert(conn, Conn::default()) {
+            self.pending -= old.pending.len();
+        }
     }
 
     /// The log holds `bytes` of `conn`'s input: its whole commands go to
-    /// `to_program` (falcon's own answers, to `out`).
+    /// `to_program`, in Redis's canonical form (falcon's own answers, to
+    /// `out`).
     pub fn data(
         &mut self,
         conn: u64,
@@ -128,7 +148,9 @@ impl Mux {
         if c.broken || c.closed {
             return;
         }
+        let mut scan = std::mem::take(&mut c.scan);
         let mut input = std::mem::take(&mut c.pending);
+        self.pending -= input.len();
         let buf: &[u8] = if input.is_empty() {
             bytes
         } else {
@@ -139,13 +161,19 @@ impl Mux {
         let mut owed = Vec::new();
         let mut broken = false;
         while at < buf.len() {
-            match request(&buf[at..], self.max_command) {
+            match request(&buf[at..], &mut scan, self.max_command) {
                 Request::Incomplete => break,
                 Request::Empty(n) => at += n,
-                Request::Command { len, verdict } => {
+                Request::Command {
+                    len,
+                    verdict,
+                    encoded,
+                } => {
                     match verdict {
                         Verdict::Pass => {
-                            to_program.extend_from_slice(&buf[at..at + len]);
+                            to_program.extend_from_slice(
+                                encoded.as_deref().unwrap_or(&buf[at..at + len]),
+                            );
                             owed.push((None, false));
                         }
                         Verdict::Answer(a) => owed.push((Some(a), false)),
@@ -165,18 +193,23 @@ impl Mux {
                     break;
                 }
             }
+            scan = Scan::default();
+        }
+        let rest = &buf[at..];
+        if !broken && !rest.is_empty() {
+            if self.pending + rest.len() > self.max_pending {
+                owed.push((Some(TOO_MUCH), true));
+                broken = true;
+            } else {
+                let rest = rest.to_vec();
+                self.pending += rest.len();
+                let c = self.conns.get_mut(&conn).expect("checked");
+                c.pending = rest;
+                c.scan = scan;
+            }
         }
         let c = self.conns.get_mut(&conn).expect("checked");
         c.broken = broken;
-        if !broken {
-            let rest = &buf[at..];
-            if rest.len() > self.max_command {
-                owed.push((Some(TOO_LONG), true));
-                c.broken = true;
-            } else {
-                c.pending = rest.to_vec();
-            }
-        }
         c.owed += owed.len();
         for (local, close) in owed {
             self.owed.push_back(Owed { conn, local, close });
@@ -191,7 +224,8 @@ impl Mux {
             return;
         };
         c.closed = true;
-        c.pending = Vec::new();
+        c.broken = false;
+        self.pending -= std::mem::take(&mut c.pending).len();
         if c.owed == 0 {
             self.conns.remove(&conn);
             out.push(Delivery::Ended { conn });
@@ -211,7 +245,6 @@ impl Mux {
                     String::from_utf8_lossy(&bytes[at..bytes.len().min(at + 80)])
                 ));
             };
-            debug_assert!(o.local.is_none(), "local answers go at once");
             let conn = o.conn;
             let end = self.replies.scan(&bytes[at..])?;
             let upto = end.map_or(bytes.len(), |n| at + n);
@@ -224,6 +257,12 @@ impl Mux {
             }
         }
         Ok(())
+    }
+
+    /// The program's answer under way, if any, is whole: the connection
+    /// may go without losing one.
+    pub fn between_answers(&self) -> bool {
+        self.replies.idle()
     }
 
     /// falcon's own answers at the front of the queue go now.
@@ -285,120 +324,186 @@ enum Request {
     Incomplete,
     /// An empty line or an empty array: Redis skips it without an answer.
     Empty(usize),
-    /// A whole command of `len` bytes.
-    Command { len: usize, verdict: Verdict },
-    /// Not Redis's protocol: this answer, then the connection closes.
+    /// A whole command of `len` bytes; `encoded`: its canonical form when
+    /// the input was not in it (an inline command).
+    Command {
+        len: usize,
+        verdict: Verdict,
+        encoded: Option<Vec<u8>>,
+    },
+    /// Not Redis's protocol (as falcon reads it, strictly): this answer,
+    /// then the connection closes.
     Bad(&'static [u8]),
 }
 
 const TOO_LONG: &[u8] =
     b"-ERR Protocol error: command longer than falcon's limits.client_buffer\r\n";
+const TOO_MUCH: &[u8] = b"-ERR Protocol error: the unfinished commands of all clients together passed falcon's limits.program_backlog_bytes\r\n";
+const BAD_COUNT: &[u8] = b"-ERR Protocol error: invalid multibulk length\r\n";
+const BAD_LEN: &[u8] = b"-ERR Protocol error: invalid bulk length\r\n";
 
-/// Splits one request off the front of `buf` (not empty).
-fn request(buf: &[u8], max: usize) -> Request {
+/// How far the command at the front of a connection's input was read
+/// (offsets from its start), so that more input does not read it again.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Its arguments (None: the header not read yet).
+    count: Option<usize>,
+    /// The next argument's header (or, inline, where to look for the end
+    /// of the line).
+    at: usize,
+    /// Arguments read.
+    done: usize,
+    /// The command's name and first argument.
+    name: std::ops::Range<usize>,
+    first: std::ops::Range<usize>,
+    /// A BLOCK option (before any STREAMS).
+    block: bool,
+    streams: bool,
+}
+
+impl Scan {
+    /// Argument `arg` (at `range` of the command) was read.
+    fn arg(&mut self, arg: &[u8], range: std::ops::Range<usize>) {
+        match self.done {
+            0 => self.name = range,
+            1 => self.first = range,
+            _ => {}
+        }
+        if self.done > 0 {
+            if arg.eq_ignore_ascii_case(b"streams") {
+                self.streams = true;
+            } else if !self.streams && arg.eq_ignore_ascii_case(b"block") {
+                self.block = true;
+            }
+        }
+        self.done += 1;
+    }
+}
+
+/// Splits one request off the front of `buf` (not empty), going on from
+/// `scan`. falcon reads the protocol strictly (numbers as Redis writes
+/// them, every line ended by CRLF), so what it passes on is canonical and
+/// the program reads exactly the commands falcon read.
+fn request(buf: &[u8], scan: &mut Scan, max: usize) -> Request {
     if buf[0] != b'*' {
-        return inline(buf);
+        return inline(buf, scan);
     }
-    let Some((count, mut at)) = header(buf) else {
-        return if buf.len() > HEADER_MAX {
-            Request::Bad(b"-ERR Protocol error: invalid multibulk length\r\n")
-        } else {
-            Request::Incomplete
-        };
+    let count = match scan.count {
+        Some(n) => n,
+        None => {
+            let (n, len) = match header(buf) {
+                Header::Incomplete => return Request::Incomplete,
+                Header::Bad => return Request::Bad(BAD_COUNT),
+                Header::Number(n, len) => (n, len),
+            };
+            if n <= 0 {
+                return Request::Empty(len);
+            }
+            if n > ARGS_MAX {
+                return Request::Bad(BAD_COUNT);
+            }
+            scan.count = Some(n as usize);
+            scan.at = len;
+            n as usize
+        }
     };
-    let Some(count) = count else {
-        return Request::Bad(b"-ERR Protocol error: invalid multibulk length\r\n");
-    };
-    if count <= 0 {
-        return Request::Empty(at);
-    }
-    if count > ARGS_MAX {
-        return Request::Bad(b"-ERR Protocol error: invalid multibulk length\r\n");
-    }
-    let mut args: [&[u8]; 2] = [&[]; 2];
-    let mut block = false;
-    for i in 0..count as usize {
-        let rest = &buf[at..];
+    while scan.done < count {
+        let rest = &buf[scan.at..];
         if rest.is_empty() {
             return Request::Incomplete;
         }
         if rest[0] != b'$' {
             return Request::Bad(b"-ERR Protocol error: expected '$'\r\n");
         }
-        let Some((len, n)) = header(rest) else {
-            return if rest.len() > HEADER_MAX {
-                Request::Bad(b"-ERR Protocol error: invalid bulk length\r\n")
-            } else {
-                Request::Incomplete
-            };
+        let (len, n) = match header(rest) {
+            Header::Incomplete => return Request::Incomplete,
+            Header::Bad => return Request::Bad(BAD_LEN),
+            Header::Number(l, _) if l < 0 => return Request::Bad(BAD_LEN),
+            Header::Number(l, n) => (l as u64, n),
         };
-        let len = match len {
-            Some(l) if l >= 0 && (l as usize) <= max => l as usize,
-            Some(l) if l >= 0 => return Request::Bad(TOO_LONG),
-            _ => return Request::Bad(b"-ERR Protocol error: invalid bulk length\r\n"),
-        };
-        if at + n + len > max {
+        if scan.at as u64 + n as u64 + len > max as u64 {
             return Request::Bad(TOO_LONG);
         }
+        let len = len as usize;
         if rest.len() < n + len + 2 {
             return Request::Incomplete;
         }
-        let arg = &rest[n..n + len];
         if &rest[n + len..n + len + 2] != b"\r\n" {
             return Request::Bad(b"-ERR Protocol error: bulk string not followed by CRLF\r\n");
         }
-        if let Some(slot) = args.get_mut(i) {
-            *slot = arg;
-        }
-        if i > 0 && arg.eq_ignore_ascii_case(b"block") {
-            block = true;
-        }
-        at += n + len + 2;
+        let from = scan.at + n;
+        scan.arg(&rest[n..n + len], from..from + len);
+        scan.at += n + len + 2;
     }
     Request::Command {
-        len: at,
-        verdict: verdict(args[0], args[1], count, block),
+        len: scan.at,
+        verdict: verdict(
+            &buf[scan.name.clone()],
+            &buf[scan.first.clone()],
+            count,
+            scan.block,
+        ),
+        encoded: None,
     }
 }
 
-/// A command written as a line of words (`PING`, from telnet).
-fn inline(buf: &[u8]) -> Request {
-    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+/// Blanks between the words of an inline command, as C's isspace (Redis's).
+fn blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// A command written as a line of words (`PING`, from telnet): re-encoded
+/// as an array of bulk strings.
+fn inline(buf: &[u8], scan: &mut Scan) -> Request {
+    let Some(nl) = buf[scan.at..].iter().position(|&b| b == b'\n') else {
+        scan.at = buf.len();
         return if buf.len() > INLINE_MAX {
             Request::Bad(b"-ERR Protocol error: too big inline request\r\n")
         } else {
             Request::Incomplete
         };
     };
+    let nl = scan.at + nl;
     let line = &buf[..nl];
-    let mut words = line
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|w| !w.is_empty());
-    let Some(name) = words.next() else {
+    let words: Vec<&[u8]> = line
+        .split(|&b| blank(b))
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.is_empty() {
         return Request::Empty(nl + 1);
-    };
-    if line.iter().any(|&b| b == b'"' || b == b'\'') {
+    }
+    if line.iter().any(|&b| matches!(b, b'"' | b'\'' | 0)) {
         // Redis's quoting rules are its own: rather than guess them, say so.
         return Request::Command {
             len: nl + 1,
             verdict: Verdict::Answer(
-                b"-ERR falcon (program_protocol = \"resp\"): quoted inline commands are not supported; send the command in RESP (as redis-cli does)\r\n",
+                b"-ERR falcon (program_protocol = \"resp\"): inline commands with quotes are not supported; send the command in RESP (as redis-cli and client libraries do)\r\n",
             ),
+            encoded: None,
         };
     }
-    let second = words.next().unwrap_or_default();
-    let count = 1 + i64::from(!second.is_empty()) + words.clone().count() as i64;
-    let block =
-        words.any(|w| w.eq_ignore_ascii_case(b"block")) || second.eq_ignore_ascii_case(b"block");
+    let mut encoded = format!("*{}\r\n", words.len()).into_bytes();
+    for w in &words {
+        encoded.extend_from_slice(format!("${}\r\n", w.len()).as_bytes());
+        encoded.extend_from_slice(w);
+        encoded.extend_from_slice(b"\r\n");
+        scan.arg(w, 0..0);
+    }
     Request::Command {
         len: nl + 1,
-        verdict: verdict(name, second, count, block),
+        verdict: verdict(
+            words[0],
+            words.get(1).copied().unwrap_or_default(),
+            words.len(),
+            scan.block,
+        ),
+        encoded: Some(encoded),
     }
 }
 
 /// Whether the program may run command `name` (with first argument
-/// `first`, `count` words in all, a `BLOCK` argument or not).
-fn verdict(name: &[u8], first: &[u8], count: i64, block: bool) -> Verdict {
+/// `first`, `count` words in all, a `BLOCK` option or not).
+fn verdict(name: &[u8], first: &[u8], count: usize, block: bool) -> Verdict {
     let mut lower = [0u8; 16];
     if name.len() > lower.len() {
         return Verdict::Pass;
@@ -435,16 +540,44 @@ fn verdict(name: &[u8], first: &[u8], count: i64, block: bool) -> Verdict {
     }
 }
 
-/// A header line at the front of `buf` (`*3\r\n`, `$5\r\n`): its number
-/// (None if it is not one) and its length with the CRLF; None if the line
-/// is not whole.
-fn header(buf: &[u8]) -> Option<(Option<i64>, usize)> {
-    let nl = buf.iter().take(HEADER_MAX).position(|&b| b == b'\n')?;
-    let text = buf[1..nl].strip_suffix(b"\r").unwrap_or(&buf[1..nl]);
-    let n = std::str::from_utf8(text)
-        .ok()
-        .and_then(|t| t.parse::<i64>().ok());
-    Some((n, nl + 1))
+/// A header line (`*3\r\n`, `$5\r\n`) at the front of a buffer.
+enum Header {
+    Incomplete,
+    /// Not a number as Redis writes one, or not ended by CRLF.
+    Bad,
+    /// Its number and its length with the CRLF.
+    Number(i64, usize),
+}
+
+fn header(buf: &[u8]) -> Header {
+    let Some(cr) = buf.iter().take(HEADER_MAX).position(|&b| b == b'\r') else {
+        return if buf.len() >= HEADER_MAX {
+            Header::Bad
+        } else {
+            Header::Incomplete
+        };
+    };
+    match buf.get(cr + 1) {
+        None => Header::Incomplete,
+        Some(b'\n') => strict_int(&buf[1..cr]).map_or(Header::Bad, |n| Header::Number(n, cr + 2)),
+        Some(_) => Header::Bad,
+    }
+}
+
+/// A number as Redis writes it (its `string2ll`): an optional minus, no
+/// plus, no leading zero, no blank.
+fn strict_int(text: &[u8]) -> Option<i64> {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    let ok = match digits {
+        [] => false,
+        [b'0'] => text.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !ok {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// Finds where each answer in the program's output ends, across reads:
@@ -464,6 +597,11 @@ struct ReplyScanner {
 }
 
 impl ReplyScanner {
+    /// Between two answers.
+    fn idle(&self) -> bool {
+        self.line.is_empty() && !self.skipping_line && self.bulk == 0 && self.open.is_empty()
+    }
+
     /// Reads `bytes`: Some(n) if an answer ends after its first n bytes,
     /// None if all of them belong to an answer not yet whole.
     fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, String> {
@@ -607,50 +745,146 @@ mod tests {
             .collect()
     }
 
+    fn req(buf: &[u8], max: usize) -> Request {
+        request(buf, &mut Scan::default(), max)
+    }
+
     #[test]
     fn requests_are_split_whole_and_only_whole() {
         let set = cmd(&["SET", "k", "v\r\nv"]);
         for cut in 0..set.len() {
             assert_eq!(
-                request(&set[..cut.max(1)], 1 << 20),
+                req(&set[..cut.max(1)], 1 << 20),
                 Request::Incomplete,
                 "{cut}"
             );
         }
         assert_eq!(
-            request(&set, 1 << 20),
+            req(&set, 1 << 20),
             Request::Command {
                 len: set.len(),
-                verdict: Verdict::Pass
+                verdict: Verdict::Pass,
+                encoded: None,
             }
         );
-        assert_eq!(request(b"*0\r\n", 100), Request::Empty(4));
-        assert_eq!(request(b"  \r\n", 100), Request::Empty(4));
-        assert!(matches!(request(b"*x\r\n", 100), Request::Bad(_)));
-        assert!(matches!(request(b"*1\r\n:1\r\n", 100), Request::Bad(_)));
-        assert!(matches!(request(b"*1\r\n$1\r\nabc", 100), Request::Bad(_)));
+        assert_eq!(req(b"*0\r\n", 100), Request::Empty(4));
+        assert_eq!(req(b"*-1\r\n", 100), Request::Empty(5));
+        assert_eq!(req(b"  \r\n", 100), Request::Empty(4));
+        assert_eq!(req(b"\x0b\r\n", 100), Request::Empty(3));
+        assert!(matches!(req(b"*1\r\n$1\r\nabc", 100), Request::Bad(_)));
         assert!(
-            matches!(request(&cmd(&["SET", "k", &"v".repeat(200)]), 100), Request::Bad(b) if b == TOO_LONG)
+            matches!(req(&cmd(&["SET", "k", &"v".repeat(200)]), 100), Request::Bad(b) if b == TOO_LONG)
         );
+        // Only numbers as Redis writes them, and only CRLF: what goes on is
+        // read by the program exactly as falcon read it.
+        for bad in [
+            &b"*x\r\n"[..],
+            b"*+1\r\n$4\r\nPING\r\n",
+            b"*01\r\n$4\r\nPING\r\n",
+            b"*1\n$4\r\nPING\r\n",
+            b"*1\r\n$04\r\nPING\r\n",
+            b"*1\r\n$+4\r\nPING\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*1\r\n$ 4\r\nPING\r\n",
+            b"*1\r\n:1\r\n",
+            b"*-0\r\n",
+        ] {
+            assert!(
+                matches!(req(bad, 100), Request::Bad(_)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Inline: words split at C's blanks, re-encoded.
         assert_eq!(
-            request(b"ping\r\n", 100),
+            req(b"ping\r\n", 100),
             Request::Command {
                 len: 6,
-                verdict: Verdict::Pass
+                verdict: Verdict::Pass,
+                encoded: Some(cmd(&["ping"])),
             }
         );
-        assert!(matches!(
-            request(b"set k \"a b\"\r\n", 100),
+        assert_eq!(
+            req(b"\x0bSELECT\x0c5\t\r\n", 100),
             Request::Command {
-                verdict: Verdict::Answer(_),
-                ..
+                len: 12,
+                verdict: verdict(b"SELECT", b"5", 2, false),
+                encoded: Some(cmd(&["SELECT", "5"])),
             }
+        );
+        for refused in [&b"set k \"a b\"\r\n"[..], b"get a\0b\r\n"] {
+            assert!(matches!(
+                req(refused, 100),
+                Request::Command {
+                    verdict: Verdict::Answer(_),
+                    ..
+                }
+            ));
+        }
+        assert!(matches!(
+            req(&[b'x'; INLINE_MAX + 1], INLINE_MAX * 2),
+            Request::Bad(_)
         ));
     }
 
     #[test]
+    fn input_in_any_pieces_gives_the_same_commands() {
+        let input = [
+            cmd(&["SET", "k", "v\r\n"]),
+            b"PING\r\n\r\n".to_vec(),
+            cmd(&["SELECT", "3"]),
+            cmd(&["LPUSH", "l", "a", "b", "c"]),
+            b"get k\n".to_vec(),
+        ]
+        .concat();
+        let whole = {
+            let mut m = Mux::new(1 << 20, 1 << 20);
+            m.open(1);
+            let (mut prog, mut out) = (Vec::new(), Vec::new());
+            m.data(1, &input, &mut prog, &mut out);
+            (prog, out)
+        };
+        assert_eq!(
+            whole.0,
+            [
+                cmd(&["SET", "k", "v\r\n"]),
+                cmd(&["PING"]),
+                cmd(&["LPUSH", "l", "a", "b", "c"]),
+                cmd(&["get", "k"])
+            ]
+            .concat()
+        );
+        for size in 1..input.len() {
+            let mut m = Mux::new(1 << 20, 1 << 20);
+            m.open(1);
+            let (mut prog, mut out) = (Vec::new(), Vec::new());
+            for piece in input.chunks(size) {
+                m.data(1, piece, &mut prog, &mut out);
+            }
+            assert_eq!(prog, whole.0, "pieces of {size}");
+            assert_eq!(out, whole.1, "pieces of {size}");
+            assert_eq!(m.pending, 0);
+        }
+        // Unfinished commands of all clients together are bounded.
+        let mut m = Mux::new(1 << 20, 100);
+        let (mut prog, mut out) = (Vec::new(), Vec::new());
+        m.open(1);
+        m.open(2);
+        let big = cmd(&["SET", "k", &"v".repeat(200)]);
+        m.data(1, &big[..60], &mut prog, &mut out);
+        assert!(out.is_empty() && !m.whole());
+        m.data(2, &big[..60], &mut prog, &mut out);
+        assert!(matches!(&out[0], Delivery::Reply { conn: 2, bytes } if bytes == TOO_MUCH));
+        assert_eq!(out[1], Delivery::CloseClient { conn: 2 });
+        assert!(prog.is_empty());
+        m.close(1, &mut out);
+        m.close(2, &mut out);
+        assert!(m.whole());
+    }
+
+    #[test]
     fn state_holding_commands_are_answered_by_falcon() {
-        let v = |args: &[&str]| match request(&cmd(args), 1 << 20) {
+        let v = |args: &[&str]| match req(&cmd(args), 1 << 20) {
             Request::Command { verdict, .. } => verdict,
             r => panic!("{r:?}"),
         };
@@ -673,6 +907,7 @@ mod tests {
         }
         for passed in [
             &["XREAD", "STREAMS", "s", "0"][..],
+            &["XREAD", "STREAMS", "block", "0"],
             &["GET", "block"],
             &["EVAL", "return 1", "0"],
         ] {
@@ -736,7 +971,7 @@ mod tests {
 
     #[test]
     fn the_mux_keeps_log_order_and_routes_every_answer() {
-        let mut m = Mux::new(1 << 20);
+        let mut m = Mux::new(1 << 20, 1 << 20);
         let (mut prog, mut out) = (Vec::new(), Vec::new());
         m.open(1);
         m.open(2);

@@ -360,6 +360,10 @@ struct AppConn {
 /// How long a half-closed program connection may stay open before it is dropped.
 const SHUT_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a snapshot due waits for a point where no client is in the
+/// middle of a command (`program_protocol = "resp"`).
+const SNAPSHOT_HOLD_MAX: Duration = Duration::from_secs(10);
+
 /// `program_protocol = "resp"`: the key of the one program connection every
 /// client's commands go down (client connections are numbered from 1).
 const SHARED: u64 = 0;
@@ -631,6 +635,8 @@ struct Node<'a> {
     vm_lost: Option<String>,
     /// `program_protocol = "resp"`: every client's commands down one connection.
     mux: Option<crate::app::resp::Mux>,
+    /// Since when a snapshot due waits for a client to finish its command.
+    snapshot_held: Option<Instant>,
     /// The shared program connection failed (or the program's answers no
     /// longer line up with the commands): why, to stop with.
     program_lost: Option<String>,
@@ -1463,6 +1469,20 @@ impl Node<'_> {
                     && self.diverged.is_none()
                     && self.resync.is_none()
                 {
+                    // program_protocol = "resp": at a point where no client
+                    // is in the middle of a command (a replica restored
+                    // from the snapshot could not know where its rest
+                    // ends), unless one holds that up for long.
+                    if self.mux.as_ref().is_some_and(|m| !m.whole())
+                        && self
+                            .snapshot_held
+                            .get_or_insert_with(Instant::now)
+                            .elapsed()
+                            < SNAPSHOT_HOLD_MAX
+                    {
+                        return Ok(());
+                    }
+                    self.snapshot_held = None;
                     self.snapshotting = Snapshotting::Draining;
                 }
                 Ok(())
@@ -2575,6 +2595,8 @@ impl Node<'_> {
             flush(&mut a.stream, &mut a.out);
         }
         if !ready.readable {
+            // Room again: entries held back for it go on.
+            self.pump_apply();
             return;
         }
         let mut got = Vec::new();
@@ -2592,9 +2614,22 @@ impl Node<'_> {
         self.deliver(out);
         if end != End::Open {
             self.close_app(SHARED);
-            self.lose_program(
-                "the program closed falcon's connection to it (program_protocol = \"resp\": every client's commands go down that one connection); this replica stops, and a restart replays its log into a fresh program".into(),
-            );
+            let idle = self
+                .mux
+                .as_ref()
+                .is_none_or(|m| m.outstanding() == 0 && m.between_answers());
+            if idle && self.program_lost.is_none() {
+                // Nothing lost (an idle timeout, CLIENT KILL from its own
+                // port): the connection holds no state, the next command
+                // opens another.
+                self.ui.warn(
+                    "the program closed falcon's connection to it while idle; the next command opens another (program_protocol = \"resp\")",
+                );
+            } else {
+                self.lose_program(
+                    "the program closed falcon's connection to it with answers owed (program_protocol = \"resp\": every client's commands go down that one connection); this replica stops, and a restart replays its log into a fresh program".into(),
+                );
+            }
         }
         self.pump_apply();
     }
@@ -2956,7 +2991,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let mux = (cfg.program_protocol == crate::config::ProgramProtocol::Resp
         && app.is_some()
         && vm.is_none())
-    .then(|| crate::app::resp::Mux::new(cfg.limits.client_buffer));
+    .then(|| {
+        crate::app::resp::Mux::new(cfg.limits.client_buffer, cfg.limits.program_backlog_bytes)
+    });
     let poll = Poll::new().map_err(io_err("creating the event loop"))?;
     // The one waker of the loop (mio allows one per poll): the fsync thread
     // and the shm doorbell thread both use it.
@@ -3130,6 +3167,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_lost: None,
         mux,
         program_lost: None,
+        snapshot_held: None,
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
