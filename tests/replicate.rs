@@ -2706,6 +2706,19 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     // A follower's Redis drops falcon's idle connection (CLIENT KILL on its
     // own port): the next command opens another, nothing is lost.
     let f = (leader + 1) % 3;
+    // (Once it answered everything: a connection dropped with answers owed
+    // stops the replica, since nobody knows which of them ran.)
+    assert_eq!(
+        c.client_cmd(leader, &["SET", "idle", "now"]).as_deref(),
+        Some("+OK")
+    );
+    assert!(wait_until(Duration::from_secs(10), || resp_command(
+        c.addrs[f].2,
+        &["GET", "idle"]
+    )
+    .as_deref()
+        == Some("now")));
+    std::thread::sleep(Duration::from_millis(300));
     let killed = resp_command(
         c.addrs[f].2,
         &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
