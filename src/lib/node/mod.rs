@@ -1376,6 +1376,14 @@ impl Node<'_> {
     /// one (or 200 ms pass), so the program sees requests of different
     /// connections in log order on every replica — also when a replica
     /// replays thousands of entries at once.
+    /// program_protocol = "resp": what the loop's turn handed the program
+    /// goes in one write, at its end.
+    fn flush_shared(&mut self) {
+        if let Some(a) = self.apps.get_mut(&SHARED).filter(|a| !a.out.is_empty()) {
+            flush(&mut a.stream, &mut a.out);
+        }
+    }
+
     fn pump_apply(&mut self) {
         if !matches!(self.snapshotting, Snapshotting::Idle) {
             // The program's state must stay at the snapshot's op until it is written.
@@ -2581,8 +2589,8 @@ impl Node<'_> {
             return;
         };
         let mut out = Vec::new();
+        // Written at the end of the loop's turn (see flush_shared).
         m.data(conn, payload, &mut a.out, &mut out);
-        flush(&mut a.stream, &mut a.out);
         self.deliver(out);
     }
 
@@ -3499,6 +3507,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.step(Input::Tick)?;
         node.propose()?;
         node.pump_apply();
+        node.flush_shared();
         node.release_vm_output();
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
