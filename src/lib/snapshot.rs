@@ -37,7 +37,14 @@ pub struct SnapshotMeta {
     pub files: usize,
     /// Length of the snapshot file.
     pub bytes: u64,
+    /// `program_protocol = "resp"`: falcon's own state beside the
+    /// program's (see [`crate::app::resp::Mux::export`]); filled in by the
+    /// node when it restores the snapshot, empty otherwise.
+    pub resp_state: Vec<u8>,
 }
+
+/// The file falcon adds to a snapshot's directory for its `resp_state`.
+pub const RESP_STATE_FILE: &str = ".falcon-resp-state";
 
 /// Why a snapshot file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +374,7 @@ fn walk(path: &Path, into: Option<&Path>) -> Result<SnapshotMeta, SnapshotError>
         open_conns,
         files: files as usize,
         bytes,
+        resp_state: Vec::new(),
     })
 }
 

@@ -125,6 +125,63 @@ impl Mux {
         self.pending = 0;
     }
 
+    /// The state a snapshot must carry beside the program's: each client's
+    /// unfinished command, and which clients broke the protocol (their
+    /// later input is dropped). Empty when there is none.
+    pub fn export(&self) -> Vec<u8> {
+        let mut conns: Vec<(&u64, &Conn)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.broken || !c.pending.is_empty())
+            .collect();
+        if conns.is_empty() {
+            return Vec::new();
+        }
+        conns.sort_by_key(|(id, _)| **id);
+        let mut out = STATE_MAGIC.to_vec();
+        for (id, c) in conns {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(u8::from(c.broken));
+            out.extend_from_slice(&(c.pending.len() as u64).to_le_bytes());
+            out.extend_from_slice(&c.pending);
+        }
+        out
+    }
+
+    /// Takes back what [`Mux::export`] wrote, on a program restored from
+    /// that snapshot (its connections opened again first).
+    pub fn import(&mut self, state: &[u8]) -> Result<(), String> {
+        let bad = || "not a falcon RESP state (from a snapshot)".to_string();
+        let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
+        let mut at: usize = 0;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            let part = rest
+                .get(at..at.checked_add(n).ok_or_else(bad)?)
+                .ok_or_else(bad)?;
+            at += n;
+            Ok(part)
+        };
+        let mut parsed = Vec::new();
+        let mut left = rest.len();
+        while left > 0 {
+            let id = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            let broken = take(1)?[0] != 0;
+            let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            let len = usize::try_from(len).map_err(|_| bad())?;
+            parsed.push((id, broken, take(len)?.to_vec()));
+            left = left.saturating_sub(17 + len);
+        }
+        for (id, broken, pending) in parsed {
+            let c = self.conns.entry(id).or_default();
+            self.pending -= c.pending.len();
+            self.pending += pending.len();
+            c.broken = broken;
+            c.pending = pending;
+            c.scan = Scan::default();
+        }
+        Ok(())
+    }
+
     /// The log opened `conn`.
     pub fn open(&mut self, conn: u64) {
         if let Some(old) = self.conns.insert(conn, Conn::default()) {
@@ -280,7 +337,7 @@ impl Mux {
             out.push(Delivery::CloseClient { conn: o.conn });
         }
         if let Some(c) = self.conns.get_mut(&o.conn) {
-            c.owed -= 1;
+            c.owed = c.owed.saturating_sub(1);
             if c.owed == 0 && c.closed {
                 self.conns.remove(&o.conn);
                 out.push(Delivery::Ended { conn: o.conn });
@@ -336,6 +393,9 @@ enum Request {
     Bad(&'static [u8]),
 }
 
+/// The first bytes of [`Mux::export`]'s state.
+const STATE_MAGIC: &[u8] = b"falcon-resp-state 1\n";
+
 const TOO_LONG: &[u8] =
     b"-ERR Protocol error: command longer than falcon's limits.client_buffer\r\n";
 const TOO_MUCH: &[u8] = b"-ERR Protocol error: the unfinished commands of all clients together passed falcon's limits.program_backlog_bytes\r\n";
@@ -359,6 +419,8 @@ struct Scan {
     /// A BLOCK option (before any STREAMS).
     block: bool,
     streams: bool,
+    /// Arguments still to pass over as names (XREADGROUP GROUP's two).
+    names: u8,
 }
 
 impl Scan {
@@ -369,7 +431,11 @@ impl Scan {
             1 => self.first = range,
             _ => {}
         }
-        if self.done > 0 {
+        if self.names > 0 {
+            self.names -= 1;
+        } else if self.done == 1 && arg.eq_ignore_ascii_case(b"group") {
+            self.names = 2;
+        } else if self.done > 0 {
             if arg.eq_ignore_ascii_case(b"streams") {
                 self.streams = true;
             } else if !self.streams && arg.eq_ignore_ascii_case(b"block") {
@@ -877,6 +943,25 @@ mod tests {
         assert!(matches!(&out[0], Delivery::Reply { conn: 2, bytes } if bytes == TOO_MUCH));
         assert_eq!(out[1], Delivery::CloseClient { conn: 2 });
         assert!(prog.is_empty());
+        // A snapshot carries the unfinished command and the broken client.
+        let state = m.export();
+        let mut restored = Mux::new(1 << 20, 100);
+        restored.open(1);
+        restored.open(2);
+        restored.import(&state).unwrap();
+        assert_eq!(restored.export(), state);
+        let (mut p1, mut p2, mut o1, mut o2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (mux, p, o) in [
+            (&mut m, &mut p1, &mut o1),
+            (&mut restored, &mut p2, &mut o2),
+        ] {
+            mux.data(1, &big[60..], p, o);
+            mux.data(2, &cmd(&["FLUSHALL"]), p, o);
+        }
+        assert_eq!(p1, big);
+        assert_eq!(p2, big);
+        assert!(restored.import(b"garbage").is_err());
+        assert!(restored.import(&state[..state.len() - 1]).is_err());
         m.close(1, &mut out);
         m.close(2, &mut out);
         assert!(m.whole());
@@ -899,6 +984,28 @@ mod tests {
             &["CLIENT", "SETNAME", "x"],
             &["HELLO", "3"],
             &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+            &[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "streams",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">",
+            ],
+            &[
+                "XREADGROUP",
+                "GROUP",
+                "streams",
+                "block",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">",
+            ],
         ] {
             assert!(
                 matches!(v(refused), Verdict::Answer(a) if a.starts_with(b"-ERR falcon")),
@@ -908,6 +1015,7 @@ mod tests {
         for passed in [
             &["XREAD", "STREAMS", "s", "0"][..],
             &["XREAD", "STREAMS", "block", "0"],
+            &["XREADGROUP", "GROUP", "g", "block", "STREAMS", "s", ">"],
             &["GET", "block"],
             &["EVAL", "return 1", "0"],
         ] {

@@ -360,9 +360,9 @@ struct AppConn {
 /// How long a half-closed program connection may stay open before it is dropped.
 const SHUT_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a snapshot due waits for a point where no client is in the
-/// middle of a command (`program_protocol = "resp"`).
-const SNAPSHOT_HOLD_MAX: Duration = Duration::from_secs(10);
+/// `program_protocol = "resp"`: most answers owed (the program's and
+/// falcon's own) before applying waits for some to come.
+const OWED_MAX: usize = 1 << 16;
 
 /// `program_protocol = "resp"`: the key of the one program connection every
 /// client's commands go down (client connections are numbered from 1).
@@ -458,7 +458,14 @@ impl Hooks {
     fn restore(&self, cmd: &str, snap: &Path) -> Result<snapshot::SnapshotMeta, NodeError> {
         let dir = self.data_dir.join("snapshot.restore");
         let _ = std::fs::remove_dir_all(&dir);
-        let meta = snapshot::unpack(snap, &dir).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+        let mut meta =
+            snapshot::unpack(snap, &dir).map_err(|e| NodeError::Snapshot(e.to_string()))?;
+        // falcon's own part is for falcon, not for the restore hook.
+        let state = dir.join(snapshot::RESP_STATE_FILE);
+        if let Ok(bytes) = std::fs::read(&state) {
+            meta.resp_state = bytes;
+            let _ = std::fs::remove_file(&state);
+        }
         let op = meta.op.to_string();
         self.run(
             "--restore-cmd",
@@ -635,8 +642,6 @@ struct Node<'a> {
     vm_lost: Option<String>,
     /// `program_protocol = "resp"`: every client's commands down one connection.
     mux: Option<crate::app::resp::Mux>,
-    /// Since when a snapshot due waits for a client to finish its command.
-    snapshot_held: Option<Instant>,
     /// The shared program connection failed (or the program's answers no
     /// longer line up with the commands): why, to stop with.
     program_lost: Option<String>,
@@ -1376,6 +1381,23 @@ impl Node<'_> {
     /// one (or 200 ms pass), so the program sees requests of different
     /// connections in log order on every replica — also when a replica
     /// replays thousands of entries at once.
+    /// program_protocol = "resp": the clients' unfinished commands a
+    /// snapshot carried, once its connections are open again.
+    fn import_resp_state(&mut self, state: &[u8]) {
+        if state.is_empty() {
+            return;
+        }
+        let Some(m) = &mut self.mux else {
+            self.ui.warn("the snapshot holds falcon's state for program_protocol = \"resp\", which this replica's cluster file does not set: ignored");
+            return;
+        };
+        if let Err(e) = m.import(state) {
+            self.ui.error(&format!(
+                "snapshot: {e}; clients that were in the middle of a command then may see errors"
+            ));
+        }
+    }
+
     /// program_protocol = "resp": what the loop's turn handed the program
     /// goes in one write, at its end.
     fn flush_shared(&mut self) {
@@ -1439,6 +1461,12 @@ impl Node<'_> {
             // connection to drain (the queue pushes back on clients) rather
             // than buffer past the limit. Waiting keeps the order; closing
             // the connection would depend on each replica's timing.
+            // Commands falcon answers itself wait behind the program's
+            // answers without a byte in the connection's buffer: the
+            // queue of answers owed is bounded too.
+            if e.kind == Kind::Data && self.mux.as_ref().is_some_and(|m| m.owed() >= OWED_MAX) {
+                return;
+            }
             let to = if self.mux.is_some() { SHARED } else { e.conn };
             if e.kind == Kind::Data
                 && self.apps.get(&to).is_some_and(|a| {
@@ -1477,20 +1505,6 @@ impl Node<'_> {
                     && self.diverged.is_none()
                     && self.resync.is_none()
                 {
-                    // program_protocol = "resp": at a point where no client
-                    // is in the middle of a command (a replica restored
-                    // from the snapshot could not know where its rest
-                    // ends), unless one holds that up for long.
-                    if self.mux.as_ref().is_some_and(|m| !m.whole())
-                        && self
-                            .snapshot_held
-                            .get_or_insert_with(Instant::now)
-                            .elapsed()
-                            < SNAPSHOT_HOLD_MAX
-                    {
-                        return Ok(());
-                    }
-                    self.snapshot_held = None;
                     self.snapshotting = Snapshotting::Draining;
                 }
                 Ok(())
@@ -1556,7 +1570,23 @@ impl Node<'_> {
                 let cmd = self.snapshot_cmd.clone().unwrap_or_default();
                 match status {
                     Ok(st) if st.success() => {
-                        match snapshot::pack(&work, op, &open_conns, &self.snapshot_path()) {
+                        // program_protocol = "resp": clients in the middle
+                        // of a command, and those cut off (applying has
+                        // been paused since the snapshot's op).
+                        let state = self.mux.as_ref().map(|m| m.export()).unwrap_or_default();
+                        let saved = if state.is_empty() {
+                            Ok(())
+                        } else {
+                            std::fs::write(work.join(snapshot::RESP_STATE_FILE), &state)
+                        };
+                        match saved
+                            .map_err(|e| snapshot::SnapshotError::Io {
+                                context: format!("writing {}", snapshot::RESP_STATE_FILE),
+                                source: e,
+                            })
+                            .and_then(|()| {
+                                snapshot::pack(&work, op, &open_conns, &self.snapshot_path())
+                            }) {
                             Ok(meta) => {
                                 self.snapshot_op = op;
                                 self.ui.note(&format!(
@@ -1794,8 +1824,9 @@ impl Node<'_> {
         self.log.reset(meta.op + 1, 0)?;
         // Past anything the replay at start had left to read.
         self.log_replay = None;
-        self.hooks_env.restore(&cmd, &path)?;
+        let restored = self.hooks_env.restore(&cmd, &path)?;
         let pid = self.start_program_at(meta.op, &meta.open_conns)?;
+        self.import_resp_state(&restored.resp_state);
         self.next_snapshot_at = meta.op + self.snapshot_every;
         self.ui.note(&format!(
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
@@ -2856,12 +2887,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 // Installed from the leader, then stopped before new entries arrived.
                 log.reset(meta.op + 1, 0)?;
             }
-            hooks.restore(cmd, &snap_path)?;
+            let restored = hooks.restore(cmd, &snap_path)?;
             ui.note(&format!(
                 "restored the program from the snapshot at op {} ({} bytes)",
                 meta.op, meta.bytes
             ));
-            Some(meta.clone())
+            Some(restored)
         }
         _ if log.first_op() > 1 => {
             return Err(NodeError::Snapshot(format!(
@@ -3175,7 +3206,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         vm_lost: None,
         mux,
         program_lost: None,
-        snapshot_held: None,
         vm_socket,
         admin_rx: Some(admin_rx),
         observed: admin::Observed::new(&cfg.cluster, cfg.replicas.len()),
@@ -3226,6 +3256,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     // Connections open at the snapshot's op get their own program connection again.
     for &c in &open_at_base {
         node.reopen_app(c);
+    }
+    if let Some(m) = &restored {
+        node.import_resp_state(&m.resp_state);
     }
     // The starting role counts as a change (prints it, runs the hook).
     if node.engine.role() != Role::ViewChange {
@@ -3507,7 +3540,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.step(Input::Tick)?;
         node.propose()?;
         node.pump_apply();
-        node.flush_shared();
         node.release_vm_output();
         // Group commit on the fsync thread: the loop goes on while the disk works.
         while let Ok(result) = synced_rx.try_recv() {
@@ -3555,8 +3587,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             let resumed = std::mem::take(&mut node.paused);
             node.unread.extend(resumed);
         }
-        // Everything this turn sent to peers goes out in one write per peer.
+        // Everything this turn sent to peers goes out in one write per peer,
+        // and what it handed the program in one write.
         node.transport.flush();
+        node.flush_shared();
     }
 }
 

@@ -555,10 +555,17 @@ impl Node<'_> {
         // while the leader's snapshot was on its way is not its doing.
         let counts = self.digests.counts;
         if let Some(r) = &mut self.resync {
+            let during = counts.mismatches - r.counts.mismatches;
+            if during > 0 {
+                self.ui.note(&format!(
+                    "resync: {during} chunks of the old copy's output differed from the leader's while the snapshot travelled; they are not counted as the rebuilt copy's"
+                ));
+            }
             r.counts = counts;
             r.first = None;
         }
         let mut open_at_base = Vec::new();
+        let mut resp_state = Vec::new();
         match snapshot_file {
             None => {
                 if let Some(cmd) = self.reset_cmd.clone() {
@@ -567,10 +574,13 @@ impl Node<'_> {
             }
             Some(file) => {
                 let cmd = self.restore_cmd.clone().expect("checked");
-                open_at_base = self.hooks_env.restore(&cmd, file)?.open_conns;
+                let meta = self.hooks_env.restore(&cmd, file)?;
+                open_at_base = meta.open_conns;
+                resp_state = meta.resp_state;
             }
         }
         let pid = self.start_program_at(base, &open_at_base)?;
+        self.import_resp_state(&resp_state);
         self.ui
             .detail(&format!("started the program again (pid {pid})"));
         // The program's restart kept the loop from the leader's heartbeats.
