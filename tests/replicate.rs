@@ -698,23 +698,29 @@ fn starts_from_the_leaders_snapshot(c: &mut Cluster, i: usize, leader: usize) {
     );
 }
 
+/// Redis saving to data/{node}/dump.rdb, and the hooks that snapshot,
+/// restore and reset it (`more`: shell run after the snapshot's copy).
+fn redis_with_snapshot_hooks(more: &str) -> (Vec<String>, Vec<String>) {
+    let mut program = redis_program();
+    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
+    let hooks = vec![
+        "--snapshot-cmd".into(),
+        format!(
+            "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/{more}"
+        ),
+        "--restore-cmd".into(),
+        "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb".into(),
+        "--reset-cmd".into(),
+        "rm -f $FALCON_DATA_DIR/dump.rdb".into(),
+    ];
+    (program, hooks)
+}
+
 #[test]
 fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     let _one = serial();
-    let mut program = redis_program();
-    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
-    let extra = [
-        "--snapshot-every",
-        "1000",
-        "--snapshot-cmd",
-        "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/",
-        "--restore-cmd",
-        "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb",
-        "--reset-cmd",
-        "rm -f $FALCON_DATA_DIR/dump.rdb",
-    ]
-    .map(String::from)
-    .to_vec();
+    let (program, mut extra) = redis_with_snapshot_hooks("");
+    extra.extend(["--snapshot-every", "1000"].map(String::from));
     let mut c = Cluster::start_toml(3, program, "refuse", extra, "segment_size = \"64KiB\"\n");
     let leader = c.leader(Duration::from_secs(30));
     let far = (leader + 1) % 3;
@@ -2483,20 +2489,10 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
 #[test]
 fn a_resync_reports_only_what_the_rebuilt_copy_wrote_not_the_old_copy_while_the_snapshot_travels() {
     let _one = serial();
-    let mut program = redis_program();
-    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
     // A snapshot with 48 MiB of padding: it takes a while to travel, and
     // the diverged copy keeps answering meanwhile.
-    let extra = [
-        "--snapshot-cmd",
-        "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/ && head -c 48M /dev/zero > $FALCON_SNAPSHOT_DIR/padding",
-        "--restore-cmd",
-        "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb",
-        "--reset-cmd",
-        "rm -f $FALCON_DATA_DIR/dump.rdb",
-    ]
-    .map(String::from)
-    .to_vec();
+    let (program, extra) =
+        redis_with_snapshot_hooks(" && head -c 48M /dev/zero > $FALCON_SNAPSHOT_DIR/padding");
     let c = Cluster::start_toml(3, program, "refuse", extra, "");
     let leader = c.leader(Duration::from_secs(20));
     let bad = (leader + 1) % 3;
@@ -2581,24 +2577,8 @@ fn raw_exchange(addr: SocketAddr, pieces: &[&[u8]]) -> (String, bool) {
 #[test]
 fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     let _one = serial();
-    let mut program = redis_program();
-    program.extend(["--dir", "data/{node}", "--dbfilename", "dump.rdb"].map(String::from));
-    let mut c = Cluster::start_toml(
-        3,
-        program,
-        "refuse",
-        [
-            "--snapshot-cmd",
-            "redis-cli -h $FALCON_APP_HOST -p $FALCON_APP_PORT SAVE >/dev/null && cp $FALCON_DATA_DIR/dump.rdb $FALCON_SNAPSHOT_DIR/",
-            "--restore-cmd",
-            "cp $FALCON_SNAPSHOT_DIR/dump.rdb $FALCON_DATA_DIR/dump.rdb",
-            "--reset-cmd",
-            "rm -f $FALCON_DATA_DIR/dump.rdb",
-        ]
-        .map(String::from)
-        .to_vec(),
-        "program_protocol = \"resp\"\n",
-    );
+    let (program, hooks) = redis_with_snapshot_hooks("");
+    let mut c = Cluster::start_toml(3, program, "refuse", hooks, "program_protocol = \"resp\"\n");
     let leader = c.leader(Duration::from_secs(20));
     let client = c.addrs[leader].1;
     let bench = |args: &[&str]| {
@@ -2652,7 +2632,7 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     // Commands that keep state in their connection are answered by falcon.
     for refused in [
         &["SELECT", "1"][..],
-        &["MULTI"],
+        &["WATCH", "k"],
         &["BLPOP", "list", "0"],
         &["SUBSCRIBE", "news"],
         &["CLIENT", "SETNAME", "me"],
@@ -2666,6 +2646,20 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     assert_eq!(
         c.client_cmd(leader, &["SELECT", "0"]).as_deref(),
         Some("+OK")
+    );
+    // A transaction: queued in falcon, then one block down the connection.
+    let (got, _) = raw_exchange(
+        client,
+        &[
+            b"MULTI\r\n",
+            b"SET t 1\r\nINCR t\r\n",
+            b"EXEC\r\n",
+            b"MULTI\r\nINCR t\r\nDISCARD\r\nGET t\r\n",
+        ],
+    );
+    assert_eq!(
+        got,
+        "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n:2\r\n+OK\r\n+QUEUED\r\n+OK\r\n$1\r\n2\r\n"
     );
     // A command in pieces, an inline one, several in one write, QUIT.
     let (got, closed) = raw_exchange(

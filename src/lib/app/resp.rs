@@ -11,7 +11,7 @@
 //! read.
 //!
 //! The price: the program sees one client. Commands that keep state in
-//! their connection (a database other than 0, transactions, blocking pops,
+//! their connection (a database other than 0, WATCH, blocking pops,
 //! subscriptions, `CLIENT`, `HELLO`, `AUTH`) are answered by falcon with an
 //! error that says so; the program never sees them. Everything here is a
 //! function of the log alone, so every replica answers the same.
@@ -56,6 +56,47 @@ struct Owed {
     local: Option<&'static [u8]>,
     /// After it, the client's connection is closed.
     close: bool,
+    /// The program's answer goes to nobody (the `+OK` and `+QUEUED`s of a
+    /// transaction falcon already answered).
+    swallow: bool,
+}
+
+impl Owed {
+    fn local(conn: u64, answer: &'static [u8]) -> Owed {
+        Owed {
+            conn,
+            local: Some(answer),
+            close: false,
+            swallow: false,
+        }
+    }
+
+    fn program(conn: u64, swallow: bool) -> Owed {
+        Owed {
+            conn,
+            local: None,
+            close: false,
+            swallow,
+        }
+    }
+
+    fn closing(conn: u64, answer: &'static [u8]) -> Owed {
+        Owed {
+            close: true,
+            ..Owed::local(conn, answer)
+        }
+    }
+}
+
+/// A transaction under way (MULTI, before EXEC): its commands wait in
+/// falcon, answered `+QUEUED`, and go to the program in one block at EXEC.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Multi {
+    /// The queued commands, in canonical form.
+    queued: Vec<u8>,
+    count: usize,
+    /// A command was refused while queuing: EXEC fails, as in Redis.
+    aborted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +111,8 @@ struct Conn {
     closed: bool,
     /// Broke the protocol: its further input is dropped.
     broken: bool,
+    /// A transaction under way.
+    multi: Option<Multi>,
 }
 
 /// The commands of every client, down one connection to the program.
@@ -132,7 +175,7 @@ impl Mux {
         let mut conns: Vec<(&u64, &Conn)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.broken || !c.pending.is_empty())
+            .filter(|(_, c)| c.broken || !c.pending.is_empty() || c.multi.is_some())
             .collect();
         if conns.is_empty() {
             return Vec::new();
@@ -141,9 +184,18 @@ impl Mux {
         let mut out = STATE_MAGIC.to_vec();
         for (id, c) in conns {
             out.extend_from_slice(&id.to_le_bytes());
-            out.push(u8::from(c.broken));
+            let m = c.multi.as_ref();
+            out.push(
+                u8::from(c.broken)
+                    | u8::from(m.is_some()) << 1
+                    | u8::from(m.is_some_and(|m| m.aborted)) << 2,
+            );
             out.extend_from_slice(&(c.pending.len() as u64).to_le_bytes());
             out.extend_from_slice(&c.pending);
+            let (count, queued) = m.map_or((0, &[][..]), |m| (m.count, &m.queued[..]));
+            out.extend_from_slice(&(count as u64).to_le_bytes());
+            out.extend_from_slice(&(queued.len() as u64).to_le_bytes());
+            out.extend_from_slice(queued);
         }
         out
     }
@@ -153,30 +205,45 @@ impl Mux {
     pub fn import(&mut self, state: &[u8]) -> Result<(), String> {
         let bad = || "not a falcon RESP state (from a snapshot)".to_string();
         let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
-        let mut at: usize = 0;
-        let mut take = |n: usize| -> Result<&[u8], String> {
-            let part = rest
-                .get(at..at.checked_add(n).ok_or_else(bad)?)
-                .ok_or_else(bad)?;
-            at += n;
-            Ok(part)
-        };
-        let mut parsed = Vec::new();
-        let mut left = rest.len();
-        while left > 0 {
-            let id = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
-            let broken = take(1)?[0] != 0;
-            let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
-            let len = usize::try_from(len).map_err(|_| bad())?;
-            parsed.push((id, broken, take(len)?.to_vec()));
-            left = left.saturating_sub(17 + len);
+        struct Cursor<'a>(&'a [u8]);
+        impl<'a> Cursor<'a> {
+            fn bytes(&mut self, n: u64) -> Option<&'a [u8]> {
+                let n = usize::try_from(n).ok().filter(|&n| n <= self.0.len())?;
+                let (part, rest) = self.0.split_at(n);
+                self.0 = rest;
+                Some(part)
+            }
+            fn u64(&mut self) -> Option<u64> {
+                Some(u64::from_le_bytes(self.bytes(8)?.try_into().ok()?))
+            }
         }
-        for (id, broken, pending) in parsed {
+        let mut cur = Cursor(rest);
+        let mut parsed = Vec::new();
+        while !cur.0.is_empty() {
+            let mut one = || {
+                let id = cur.u64()?;
+                let flags = cur.bytes(1)?[0];
+                let len = cur.u64()?;
+                let pending = cur.bytes(len)?.to_vec();
+                let count = usize::try_from(cur.u64()?).ok()?;
+                let qlen = cur.u64()?;
+                let queued = cur.bytes(qlen)?.to_vec();
+                let multi = (flags & 2 != 0).then_some(Multi {
+                    queued,
+                    count,
+                    aborted: flags & 4 != 0,
+                });
+                Some((id, flags & 1 != 0, pending, multi))
+            };
+            parsed.push(one().ok_or_else(bad)?);
+        }
+        for (id, broken, pending, multi) in parsed {
             let c = self.conns.entry(id).or_default();
-            self.pending -= c.pending.len();
-            self.pending += pending.len();
+            self.pending -= c.pending.len() + c.multi.as_ref().map_or(0, |m| m.queued.len());
+            self.pending += pending.len() + multi.as_ref().map_or(0, |m| m.queued.len());
             c.broken = broken;
             c.pending = pending;
+            c.multi = multi;
             c.scan = Scan::default();
         }
         Ok(())
@@ -185,7 +252,7 @@ impl Mux {
     /// The log opened `conn`.
     pub fn open(&mut self, conn: u64) {
         if let Some(old) = self.conns.insert(conn, Conn::default()) {
-            self.pending -= old.pending.len();
+            self.pending -= old.pending.len() + old.multi.map_or(0, |m| m.queued.len());
         }
     }
 
@@ -215,8 +282,10 @@ impl Mux {
             &input
         };
         let mut at = 0;
-        let mut owed = Vec::new();
+        let mut owed: Vec<Owed> = Vec::new();
         let mut broken = false;
+        let mut multi = self.conns.get_mut(&conn).and_then(|c| c.multi.take());
+        let queued_before = multi.as_ref().map_or(0, |m| m.queued.len());
         while at < buf.len() {
             match request(&buf[at..], &mut scan, self.max_command) {
                 Request::Incomplete => break,
@@ -226,17 +295,62 @@ impl Mux {
                     verdict,
                     encoded,
                 } => {
-                    match verdict {
-                        Verdict::Pass => {
-                            to_program.extend_from_slice(
-                                encoded.as_deref().unwrap_or(&buf[at..at + len]),
-                            );
-                            owed.push((None, false));
-                        }
-                        Verdict::Answer(a) => owed.push((Some(a), false)),
-                        Verdict::Quit => {
-                            owed.push((Some(&b"+OK\r\n"[..]), true));
+                    let command = encoded.as_deref().unwrap_or(&buf[at..at + len]);
+                    match (verdict, &mut multi) {
+                        (Verdict::Quit, _) => {
+                            owed.push(Owed::closing(conn, b"+OK\r\n"));
                             broken = true;
+                        }
+                        (Verdict::Multi, None) => {
+                            multi = Some(Multi::default());
+                            owed.push(Owed::local(conn, b"+OK\r\n"));
+                        }
+                        (Verdict::Multi, Some(_)) => {
+                            owed.push(Owed::local(conn, b"-ERR MULTI calls can not be nested\r\n"))
+                        }
+                        (Verdict::Exec, None) => {
+                            owed.push(Owed::local(conn, b"-ERR EXEC without MULTI\r\n"));
+                        }
+                        (Verdict::Discard, None) => {
+                            owed.push(Owed::local(conn, b"-ERR DISCARD without MULTI\r\n"));
+                        }
+                        (Verdict::Discard, Some(_)) => {
+                            multi = None;
+                            owed.push(Owed::local(conn, b"+OK\r\n"));
+                        }
+                        (Verdict::Exec, Some(m)) if m.aborted => {
+                            multi = None;
+                            owed.push(Owed::local(
+                                conn,
+                                b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                            ));
+                        }
+                        (Verdict::Exec, Some(m)) => {
+                            // The whole transaction in one block: no other
+                            // client's command comes between.
+                            to_program.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+                            to_program.extend_from_slice(&m.queued);
+                            to_program.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+                            for _ in 0..=m.count {
+                                owed.push(Owed::program(conn, true));
+                            }
+                            owed.push(Owed::program(conn, false));
+                            multi = None;
+                        }
+                        (Verdict::Pass, None) => {
+                            to_program.extend_from_slice(command);
+                            owed.push(Owed::program(conn, false));
+                        }
+                        // SELECT 0 runs in the transaction, as Redis would.
+                        (Verdict::Pass | Verdict::Answer(b"+OK\r\n"), Some(m)) => {
+                            m.queued.extend_from_slice(command);
+                            m.count += 1;
+                            owed.push(Owed::local(conn, b"+QUEUED\r\n"));
+                        }
+                        (Verdict::Answer(a), None) => owed.push(Owed::local(conn, a)),
+                        (Verdict::Answer(a), Some(m)) => {
+                            m.aborted = true;
+                            owed.push(Owed::local(conn, a));
                         }
                     }
                     at += len;
@@ -245,17 +359,20 @@ impl Mux {
                     }
                 }
                 Request::Bad(why) => {
-                    owed.push((Some(why), true));
+                    owed.push(Owed::closing(conn, why));
                     broken = true;
                     break;
                 }
             }
             scan = Scan::default();
         }
+        // Queued commands count as unfinished input.
+        let queued_now = multi.as_ref().map_or(0, |m| m.queued.len());
+        self.pending = self.pending - queued_before + queued_now;
         let rest = &buf[at..];
         if !broken && !rest.is_empty() {
             if self.pending + rest.len() > self.max_pending {
-                owed.push((Some(TOO_MUCH), true));
+                owed.push(Owed::closing(conn, TOO_MUCH));
                 broken = true;
             } else {
                 let rest = rest.to_vec();
@@ -264,13 +381,19 @@ impl Mux {
                 c.pending = rest;
                 c.scan = scan;
             }
+        } else if !broken && self.pending > self.max_pending {
+            owed.push(Owed::closing(conn, TOO_MUCH));
+            broken = true;
         }
         let c = self.conns.get_mut(&conn).expect("checked");
+        if broken {
+            self.pending -= queued_now;
+        } else {
+            c.multi = multi;
+        }
         c.broken = broken;
         c.owed += owed.len();
-        for (local, close) in owed {
-            self.owed.push_back(Owed { conn, local, close });
-        }
+        self.owed.extend(owed);
         self.deliver_local(out);
     }
 
@@ -283,6 +406,9 @@ impl Mux {
         c.closed = true;
         c.broken = false;
         self.pending -= std::mem::take(&mut c.pending).len();
+        if let Some(m) = c.multi.take() {
+            self.pending -= m.queued.len();
+        }
         if c.owed == 0 {
             self.conns.remove(&conn);
             out.push(Delivery::Ended { conn });
@@ -302,10 +428,12 @@ impl Mux {
                     String::from_utf8_lossy(&bytes[at..bytes.len().min(at + 80)])
                 ));
             };
-            let conn = o.conn;
+            let (conn, swallow) = (o.conn, o.swallow);
             let end = self.replies.scan(&bytes[at..])?;
             let upto = end.map_or(bytes.len(), |n| at + n);
-            push_reply(out, conn, &bytes[at..upto]);
+            if !swallow {
+                push_reply(out, conn, &bytes[at..upto]);
+            }
             at = upto;
             if end.is_some() {
                 let o = self.owed.pop_front().expect("checked");
@@ -372,6 +500,10 @@ enum Verdict {
     Answer(&'static [u8]),
     /// QUIT: +OK, then the connection closes.
     Quit,
+    /// MULTI, EXEC, DISCARD: a transaction, queued in falcon.
+    Multi,
+    Exec,
+    Discard,
 }
 
 /// One request at the front of a client's input.
@@ -582,8 +714,13 @@ fn verdict(name: &[u8], first: &[u8], count: usize, block: bool) -> Verdict {
         b"select" => Verdict::Answer(
             b"-ERR falcon (program_protocol = \"resp\"): only database 0: every client shares one connection to the program, so SELECT would switch it for all\r\n",
         ),
-        b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch" => Verdict::Answer(
-            b"-ERR falcon (program_protocol = \"resp\"): transactions (MULTI, EXEC, WATCH) are not supported: every client shares one connection to the program; use a Lua script (EVAL) or the default program_protocol = \"bytes\"\r\n",
+        b"multi" => Verdict::Multi,
+        b"exec" => Verdict::Exec,
+        b"discard" => Verdict::Discard,
+        // No WATCH ever holds, so there is nothing to undo.
+        b"unwatch" => Verdict::Answer(b"+OK\r\n"),
+        b"watch" => Verdict::Answer(
+            b"-ERR falcon (program_protocol = \"resp\"): WATCH is not supported: every client shares one connection to the program; MULTI/EXEC without it, or a Lua script (EVAL), or the default program_protocol = \"bytes\"\r\n",
         ),
         b"blpop" | b"brpop" | b"brpoplpush" | b"blmove" | b"blmpop" | b"bzpopmin"
         | b"bzpopmax" | b"bzmpop" | b"wait" | b"waitaof" => Verdict::Answer(
@@ -894,6 +1031,91 @@ mod tests {
     }
 
     #[test]
+    fn a_transaction_waits_in_falcon_and_goes_to_the_program_in_one_block() {
+        let mut m = Mux::new(1 << 20, 1 << 20);
+        let (mut prog, mut out) = (Vec::new(), Vec::new());
+        m.open(1);
+        m.open(2);
+        m.data(1, &cmd(&["MULTI"]), &mut prog, &mut out);
+        m.data(1, &cmd(&["SET", "t", "1"]), &mut prog, &mut out);
+        // Another client's command goes first: the transaction is not sent yet.
+        m.data(2, &cmd(&["GET", "t"]), &mut prog, &mut out);
+        m.data(
+            1,
+            &[cmd(&["INCR", "t"]), cmd(&["SELECT", "0"])].concat(),
+            &mut prog,
+            &mut out,
+        );
+        // A snapshot now carries the transaction under way.
+        let state = m.export();
+        m.data(1, &cmd(&["EXEC"]), &mut prog, &mut out);
+        let block = [
+            cmd(&["MULTI"]),
+            cmd(&["SET", "t", "1"]),
+            cmd(&["INCR", "t"]),
+            cmd(&["SELECT", "0"]),
+            cmd(&["EXEC"]),
+        ]
+        .concat();
+        assert_eq!(prog, [cmd(&["GET", "t"]), block.clone()].concat());
+        m.program_output(
+            b"$-1\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:2\r\n+OK\r\n",
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            replies(&out),
+            [
+                (1, "+OK\r\n+QUEUED\r\n".into()),
+                (2, "$-1\r\n".into()),
+                (1, "+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n:2\r\n+OK\r\n".into()),
+            ]
+        );
+        assert_eq!(m.owed(), 0);
+        assert_eq!(m.pending, 0);
+        // Restored from the snapshot taken before EXEC: the same block.
+        let mut r = Mux::new(1 << 20, 1 << 20);
+        r.open(1);
+        r.import(&state).unwrap();
+        let (mut prog2, mut out2) = (Vec::new(), Vec::new());
+        r.data(1, &cmd(&["EXEC"]), &mut prog2, &mut out2);
+        assert_eq!(prog2, block);
+        // Refused inside: EXEC fails and nothing reaches the program. DISCARD.
+        prog.clear();
+        out.clear();
+        for c in [
+            &["MULTI"][..],
+            &["BLPOP", "l", "0"],
+            &["EXEC"],
+            &["EXEC"],
+            &["MULTI"],
+            &["MULTI"],
+            &["SET", "a", "b"],
+            &["DISCARD"],
+        ] {
+            m.data(1, &cmd(c), &mut prog, &mut out);
+        }
+        assert!(prog.is_empty());
+        let r: Vec<String> = replies(&out).into_iter().map(|(_, a)| a).collect();
+        let r = r.concat();
+        let lines: Vec<&str> = r.split("\r\n").collect();
+        assert_eq!(lines[0], "+OK");
+        assert!(lines[1].starts_with("-ERR falcon"), "{r}");
+        assert!(lines[2].starts_with("-EXECABORT"), "{r}");
+        assert_eq!(
+            &lines[3..8],
+            [
+                "-ERR EXEC without MULTI",
+                "+OK",
+                "-ERR MULTI calls can not be nested",
+                "+QUEUED",
+                "+OK"
+            ]
+        );
+        assert_eq!(m.pending, 0);
+    }
+
+    #[test]
     fn input_in_any_pieces_gives_the_same_commands() {
         let input = [
             cmd(&["SET", "k", "v\r\n"]),
@@ -974,10 +1196,12 @@ mod tests {
             r => panic!("{r:?}"),
         };
         assert_eq!(v(&["select", "0"]), Verdict::Answer(b"+OK\r\n"));
+        assert_eq!(v(&["multi"]), Verdict::Multi);
+        assert_eq!(v(&["EXEC"]), Verdict::Exec);
+        assert_eq!(v(&["Discard"]), Verdict::Discard);
+        assert_eq!(v(&["UNWATCH"]), Verdict::Answer(b"+OK\r\n"));
         for refused in [
             &["SELECT", "1"][..],
-            &["MULTI"],
-            &["exec"],
             &["WATCH", "k"],
             &["BLPOP", "l", "0"],
             &["SUBSCRIBE", "c"],
@@ -1092,7 +1316,7 @@ mod tests {
         m.data(1, &set[7..], &mut prog, &mut out);
         assert_eq!(prog, [cmd(&["GET", "k"]), set.clone()].concat());
         // Refused while answers are owed: it waits its turn.
-        m.data(2, &cmd(&["MULTI"]), &mut prog, &mut out);
+        m.data(2, &cmd(&["WATCH", "k"]), &mut prog, &mut out);
         assert!(out.is_empty());
         assert_eq!(m.outstanding(), 2);
         m.program_output(b"$-1\r\n+O", &mut out).unwrap();

@@ -3754,7 +3754,7 @@ names the line and the field):
   divergence_protocol = \"bytes\" # optional; bytes | postgres (ignore its pids, keys)
   program_protocol = \"bytes\"  # optional; bytes: one program connection per client;
                                 # resp: Redis's protocol, every client's commands down
-                                # one pipelined connection (faster; no SELECT n, MULTI,
+                                # one pipelined connection (faster; no SELECT n, WATCH,
                                 # blocking or subscribe commands)
 
   [limits]                      # optional; each field optional (defaults shown)
