@@ -2792,6 +2792,26 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
         c.digests(),
         c.log(leader)
     );
+    // The mode is part of the cluster's identity: a replica whose file
+    // says otherwise refuses this log rather than replay it differently.
+    let toml = c.dir.path().join("cluster.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, text.replace("program_protocol = \"resp\"\n", "")).unwrap();
+    c.stop(leader);
+    let _ = std::fs::remove_file(c.dir.path().join(format!("node{}.log", leader + 1)));
+    c.start_node(leader);
+    let st = c.exit_status(leader, Duration::from_secs(20));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "{st:?}\n{}",
+        c.log(leader)
+    );
+    assert!(
+        c.log(leader)
+            .contains("the same cluster with the other program_protocol"),
+        "{}",
+        c.log(leader)
+    );
 }
 
 /// A tiny server: answers "go" with 5000 bytes; replica 3's copy changes

@@ -51,6 +51,27 @@ pub enum ProgramProtocol {
     Resp,
 }
 
+impl ProgramProtocol {
+    /// What the mode adds to the cluster id (nothing for the default, so
+    /// existing clusters keep theirs).
+    pub fn id_salt(self) -> u64 {
+        match self {
+            ProgramProtocol::Bytes => 0,
+            ProgramProtocol::Resp => RESP_ID_SALT,
+        }
+    }
+}
+
+/// `program_protocol = "resp"`'s part of the cluster id.
+pub const RESP_ID_SALT: u64 = 0x7265_7370_2d6d_6f64;
+
+/// Why two cluster ids differ, when it is only `program_protocol`.
+pub fn other_mode(ours: u64, theirs: u64) -> Option<&'static str> {
+    (ours ^ theirs == RESP_ID_SALT).then_some(
+        "the same cluster with the other program_protocol: every replica's file must set the same one, and a log written under one is not replayed under the other",
+    )
+}
+
 /// Where falcon looks for the cluster file when `--config` is not given.
 pub const SEARCH_PATH: [&str; 2] = ["falcon.toml", "/etc/falcon/falcon.toml"];
 /// The environment variable that names this replica when `--node` is not given.
@@ -728,7 +749,10 @@ impl ClusterConfig {
         }
         Ok(ClusterConfig {
             path: path.to_path_buf(),
-            cluster_id: cluster_id(&cluster),
+            // The mode is part of the cluster's identity: replicas that
+            // differ refuse each other, and a log written under one is
+            // not replayed under the other.
+            cluster_id: cluster_id(&cluster) ^ program_protocol.id_salt(),
             cluster,
             key_file: raw.key_file.as_ref().map(|k| resolve(k.get_ref())),
             transport,

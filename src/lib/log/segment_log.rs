@@ -269,7 +269,10 @@ impl<S: Storage> SegmentLog<S> {
                     "cluster {:#x} node {}",
                     self.opts.cluster_id, self.opts.node_id
                 ),
-                found: format!("cluster {:#x} node {}", h.cluster_id, h.node_id),
+                found: match crate::config::other_mode(self.opts.cluster_id, h.cluster_id) {
+                    Some(why) => format!("{why} (cluster {:#x} node {})", h.cluster_id, h.node_id),
+                    None => format!("cluster {:#x} node {}", h.cluster_id, h.node_id),
+                },
             });
         }
         Ok(())

@@ -679,7 +679,10 @@ impl TcpTransport {
                     if their_cluster != cluster {
                         return self.refused(
                             token,
-                            format!("a peer of another cluster ({their_cluster:#x})"),
+                            match crate::config::other_mode(cluster, their_cluster) {
+                                Some(why) => format!("a peer of {why}"),
+                                None => format!("a peer of another cluster ({their_cluster:#x})"),
+                            },
                         );
                     }
                     if to != me || from >= n || from == me {
