@@ -494,6 +494,15 @@ enum Snapshotting {
     },
 }
 
+/// A snapshot being packed: the files `--snapshot-cmd` wrote, into
+/// `snapshot.packed` beside the current one, on a thread of its own.
+struct Packing {
+    op: u64,
+    /// How long `--snapshot-cmd` took.
+    took: Duration,
+    thread: std::thread::JoinHandle<Result<snapshot::SnapshotMeta, snapshot::SnapshotError>>,
+}
+
 /// A snapshot on its way here from another replica.
 struct Fetch {
     from: NodeId,
@@ -611,6 +620,8 @@ struct Node<'a> {
     snapshot_op: u64,
     next_snapshot_at: u64,
     snapshotting: Snapshotting,
+    /// A snapshot being packed on its own thread (the loop goes on).
+    packing: Option<Packing>,
     fetch: Option<Fetch>,
     /// A fetched and checked snapshot file, to install.
     install: Option<PathBuf>,
@@ -1494,6 +1505,7 @@ impl Node<'_> {
     /// applying, wait for the program's last answer, run `--snapshot-cmd`,
     /// pack what it wrote, drop the log segments the snapshot covers.
     fn drive_snapshot(&mut self) -> Result<(), NodeError> {
+        self.finish_packing()?;
         match &mut self.snapshotting {
             Snapshotting::Idle => {
                 // A diverged program's state is not the cluster's: no
@@ -1502,6 +1514,7 @@ impl Node<'_> {
                     && self.applied_op >= self.next_snapshot_at
                     && self.fetch.is_none()
                     && self.install.is_none()
+                    && self.packing.is_none()
                     && self.diverged.is_none()
                     && self.resync.is_none()
                 {
@@ -1579,25 +1592,30 @@ impl Node<'_> {
                         } else {
                             std::fs::write(work.join(snapshot::RESP_STATE_FILE), &state)
                         };
-                        match saved
-                            .map_err(|e| snapshot::SnapshotError::Io {
-                                context: format!("writing {}", snapshot::RESP_STATE_FILE),
-                                source: e,
-                            })
-                            .and_then(|()| {
-                                snapshot::pack(&work, op, &open_conns, &self.snapshot_path())
-                            }) {
-                            Ok(meta) => {
-                                self.snapshot_op = op;
-                                self.ui.note(&format!(
-                                    "snapshot of the program at op {op}: {} files, {} bytes, {:.0} ms",
-                                    meta.files,
-                                    meta.bytes,
-                                    took.as_secs_f64() * 1e3
-                                ));
-                                self.compact(op)?;
+                        match saved {
+                            // Packing reads and checksums every byte: on a
+                            // thread, so that the loop goes on (a leader
+                            // packing a large snapshot on it would miss its
+                            // heartbeats). Applying goes on too: the files
+                            // are written.
+                            Ok(()) => {
+                                let dest = self.data_dir.join("snapshot.packed");
+                                let thread = std::thread::Builder::new()
+                                    .name("falcon-snapshot".into())
+                                    .spawn(move || {
+                                        let r = snapshot::pack(&work, op, &open_conns, &dest);
+                                        let _ = std::fs::remove_dir_all(&work);
+                                        r
+                                    })
+                                    .map_err(io_err("starting the snapshot thread"))?;
+                                self.packing = Some(Packing { op, took, thread });
+                                self.pump_apply();
+                                return Ok(());
                             }
-                            Err(e) => self.ui.error(&format!("packing the snapshot: {e}")),
+                            Err(e) => self.ui.error(&format!(
+                                "writing {} for the snapshot: {e}",
+                                snapshot::RESP_STATE_FILE
+                            )),
                         }
                     }
                     Ok(st) => self.ui.error(&format!(
@@ -1612,6 +1630,53 @@ impl Node<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// A snapshot packed on its thread takes the place of the last one, and
+    /// the log segments it covers go.
+    fn finish_packing(&mut self) -> Result<(), NodeError> {
+        if !self
+            .packing
+            .as_ref()
+            .is_some_and(|p| p.thread.is_finished())
+        {
+            return Ok(());
+        }
+        let p = self.packing.take().expect("checked");
+        let packed = self.data_dir.join("snapshot.packed");
+        let result = p.thread.join().unwrap_or_else(|_| {
+            Err(snapshot::SnapshotError::Io {
+                context: "packing the snapshot".into(),
+                source: io::Error::other("the snapshot thread panicked"),
+            })
+        });
+        match result {
+            // The leader's snapshot was installed meanwhile: it is newer.
+            Ok(_) if self.snapshot_op >= p.op || self.install.is_some() => {
+                let _ = std::fs::remove_file(&packed);
+            }
+            Ok(meta) => {
+                std::fs::rename(&packed, self.snapshot_path())
+                    .map_err(io_err(format!("renaming {}", packed.display())))?;
+                std::fs::File::open(&self.data_dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(format!("syncing {}", self.data_dir.display())))?;
+                self.snapshot_op = p.op;
+                self.ui.note(&format!(
+                    "snapshot of the program at op {}: {} files, {} bytes, {:.0} ms",
+                    p.op,
+                    meta.files,
+                    meta.bytes,
+                    p.took.as_secs_f64() * 1e3
+                ));
+                self.compact(p.op)?;
+            }
+            Err(e) => {
+                self.ui.error(&format!("packing the snapshot: {e}"));
+                let _ = std::fs::remove_file(&packed);
+            }
+        }
+        Ok(())
     }
 
     /// Drops log segments (and engine memory) the snapshot at `op` covers,
@@ -3188,6 +3253,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         snapshot_op: snap.as_ref().map_or(0, |m| m.op),
         next_snapshot_at: base + opts.snapshot_every.max(1),
         snapshotting: Snapshotting::Idle,
+        packing: None,
         fetch: None,
         install: None,
         told_no_restore: false,

@@ -456,6 +456,7 @@ impl Node<'_> {
             )));
         }
         if !matches!(self.snapshotting, Snapshotting::Idle)
+            || self.packing.is_some()
             || self.fetch.is_some()
             || self.install.is_some()
         {
