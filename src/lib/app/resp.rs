@@ -115,6 +115,14 @@ struct Conn {
     multi: Option<Multi>,
 }
 
+impl Conn {
+    /// Bytes it holds (counted in [`Mux`]'s `pending`): its unfinished
+    /// command and its queued transaction.
+    fn held(&self) -> usize {
+        self.pending.len() + self.multi.as_ref().map_or(0, |m| m.queued.len())
+    }
+}
+
 /// The commands of every client, down one connection to the program.
 #[derive(Debug)]
 pub struct Mux {
@@ -154,9 +162,9 @@ impl Mux {
     }
 
     /// No client is in the middle of a command or about to be closed for
-    /// breaking the protocol: the program's state (once it answered) is
-    /// all a snapshot needs.
-    pub fn whole(&self) -> bool {
+    /// breaking the protocol.
+    #[cfg(test)]
+    fn whole(&self) -> bool {
         self.pending == 0 && self.conns.values().all(|c| !c.broken)
     }
 
@@ -239,12 +247,12 @@ impl Mux {
         }
         for (id, broken, pending, multi) in parsed {
             let c = self.conns.entry(id).or_default();
-            self.pending -= c.pending.len() + c.multi.as_ref().map_or(0, |m| m.queued.len());
-            self.pending += pending.len() + multi.as_ref().map_or(0, |m| m.queued.len());
+            self.pending -= c.held();
             c.broken = broken;
             c.pending = pending;
             c.multi = multi;
             c.scan = Scan::default();
+            self.pending += c.held();
         }
         Ok(())
     }
@@ -252,7 +260,7 @@ impl Mux {
     /// The log opened `conn`.
     pub fn open(&mut self, conn: u64) {
         if let Some(old) = self.conns.insert(conn, Conn::default()) {
-            self.pending -= old.pending.len() + old.multi.map_or(0, |m| m.queued.len());
+            self.pending -= old.held();
         }
     }
 
@@ -370,18 +378,7 @@ impl Mux {
         let queued_now = multi.as_ref().map_or(0, |m| m.queued.len());
         self.pending = self.pending - queued_before + queued_now;
         let rest = &buf[at..];
-        if !broken && !rest.is_empty() {
-            if self.pending + rest.len() > self.max_pending {
-                owed.push(Owed::closing(conn, TOO_MUCH));
-                broken = true;
-            } else {
-                let rest = rest.to_vec();
-                self.pending += rest.len();
-                let c = self.conns.get_mut(&conn).expect("checked");
-                c.pending = rest;
-                c.scan = scan;
-            }
-        } else if !broken && self.pending > self.max_pending {
+        if !broken && self.pending + rest.len() > self.max_pending {
             owed.push(Owed::closing(conn, TOO_MUCH));
             broken = true;
         }
@@ -389,6 +386,9 @@ impl Mux {
         if broken {
             self.pending -= queued_now;
         } else {
+            self.pending += rest.len();
+            c.pending = rest.to_vec();
+            c.scan = scan;
             c.multi = multi;
         }
         c.broken = broken;
@@ -405,10 +405,9 @@ impl Mux {
         };
         c.closed = true;
         c.broken = false;
-        self.pending -= std::mem::take(&mut c.pending).len();
-        if let Some(m) = c.multi.take() {
-            self.pending -= m.queued.len();
-        }
+        self.pending -= c.held();
+        c.pending = Vec::new();
+        c.multi = None;
         if c.owed == 0 {
             self.conns.remove(&conn);
             out.push(Delivery::Ended { conn });

@@ -1387,11 +1387,6 @@ impl Node<'_> {
         }
     }
 
-    /// Hands committed entries to the program, one connection at a time:
-    /// before bytes go to another connection, the program answers the last
-    /// one (or 200 ms pass), so the program sees requests of different
-    /// connections in log order on every replica — also when a replica
-    /// replays thousands of entries at once.
     /// program_protocol = "resp": the clients' unfinished commands a
     /// snapshot carried, once its connections are open again.
     fn import_resp_state(&mut self, state: &[u8]) {
@@ -1417,6 +1412,13 @@ impl Node<'_> {
         }
     }
 
+    /// Hands committed entries to the program, one connection at a time:
+    /// before bytes go to another connection, the program answers the last
+    /// one (or 200 ms pass), so the program sees requests of different
+    /// connections in log order on every replica — also when a replica
+    /// replays thousands of entries at once. (With `program_protocol =
+    /// "resp"` everything goes down one connection, in log order: nothing
+    /// waits for an answer.)
     fn pump_apply(&mut self) {
         if !matches!(self.snapshotting, Snapshotting::Idle) {
             // The program's state must stay at the snapshot's op until it is written.
@@ -2708,7 +2710,6 @@ impl Node<'_> {
             got.extend_from_slice(bytes);
             true
         });
-        a.read_total += got.len() as u64;
         let mut out = Vec::new();
         if let Some(m) = &mut self.mux {
             if let Err(why) = m.program_output(&got, &mut out) {
