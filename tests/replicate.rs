@@ -493,6 +493,108 @@ fn memcached_replicated_the_same_way_ends_equal_everywhere() {
     );
 }
 
+/// Sends `bytes` on a new connection (from a thread of its own, while this
+/// one reads), then closes the writing side if `half_close`; what came back
+/// until the server closed, and whether it did within 20 s.
+fn send_then_read(addr: SocketAddr, bytes: Vec<u8>, half_close: bool) -> (Vec<u8>, bool) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&bytes).unwrap();
+        if half_close {
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+    });
+    let mut got = Vec::new();
+    let closed = (&s).read_to_end(&mut got).is_ok();
+    writer.join().unwrap();
+    (got, closed)
+}
+
+/// A client that closes its writing side after its requests still gets
+/// every answer, then the end of the connection, as from Redis itself;
+/// and so does one whose QUIT follows a pipeline larger than the socket
+/// buffers (the answers before QUIT are not cut off).
+fn answers_reach_clients_that_close_or_quit(addr: SocketAddr, what: &str) {
+    let (got, closed) = send_then_read(addr, b"SET hc 1\r\nGET hc\r\n".repeat(3), true);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "+OK\r\n$1\r\n1\r\n".repeat(3),
+        "{what}: a half-closed client's answers"
+    );
+    assert!(
+        closed,
+        "{what}: the half-closed client's connection did not end"
+    );
+    let n = 20_000;
+    let mut pipeline = Vec::new();
+    for i in 0..n {
+        pipeline.extend_from_slice(format!("SET q{i} {}\r\n", "v".repeat(100)).as_bytes());
+    }
+    let mut quit = pipeline.clone();
+    quit.extend_from_slice(b"QUIT\r\nGET q1\r\n");
+    let (got, closed) = send_then_read(addr, quit, false);
+    assert_eq!(
+        got.len(),
+        (n + 1) * 5,
+        "{what}: answers before and to QUIT ({} +OK)",
+        got.windows(3).filter(|w| w == b"+OK").count()
+    );
+    assert!(closed, "{what}: QUIT did not end the connection");
+    // QUIT after 5 MB of answers the client has not read yet (a small
+    // receive buffer): they wait in falcon, and still all arrive, however
+    // slowly the client then reads.
+    let s = {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::RcvBuf, &16384).unwrap();
+        let SocketAddr::V4(v4) = addr else {
+            panic!("{addr}: not IPv4")
+        };
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+        TcpStream::from(fd)
+    };
+    let value = "w".repeat(1000);
+    (&s).write_all(format!("SET big {value}\r\n").as_bytes())
+        .unwrap();
+    (&s).write_all(&b"GET big\r\n".repeat(5000)).unwrap();
+    (&s).write_all(b"QUIT\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let closed = (&s).read_to_end(&mut got).is_ok();
+    assert_eq!(
+        got.len(),
+        5 + 5000 * 1009 + 5,
+        "{what}: answers a slow reader had not read at QUIT"
+    );
+    assert!(
+        closed,
+        "{what}: QUIT did not end the slow reader's connection"
+    );
+    pipeline.extend_from_slice(b"GET q7\r\n");
+    let (got, closed) = send_then_read(addr, pipeline, true);
+    assert_eq!(
+        got.len(),
+        n * 5 + 108,
+        "{what}: a large half-closed pipeline"
+    );
+    assert!(got.ends_with(format!("$100\r\n{}\r\n", "v".repeat(100)).as_bytes()));
+    assert!(
+        closed,
+        "{what}: the large half-closed pipeline's connection did not end"
+    );
+}
+
 #[test]
 fn a_follower_forwards_clients_to_the_leader() {
     let _one = serial();
@@ -516,6 +618,11 @@ fn a_follower_forwards_clients_to_the_leader() {
             Some("x")
         );
     }
+    // The leader's address, and two followers' passing the client on.
+    for i in 0..3 {
+        answers_reach_clients_that_close_or_quit(c.addrs[i].1, &format!("replica {}", i + 1));
+    }
+    assert!(c.digests_agree(), "{:?}", c.digests());
 }
 
 #[test]
@@ -2674,6 +2781,7 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     );
     assert_eq!(got, "+OK\r\n$5\r\nvalue\r\n+PONG\r\n+PONG\r\n+OK\r\n");
     assert!(closed, "QUIT did not close the connection");
+    answers_reach_clients_that_close_or_quit(client, "program_protocol = \"resp\"");
     // Blanks Redis skips are skipped (no answer owed for them), and a
     // refused command hidden behind them is still refused.
     let (got, _) = raw_exchange(client, &[b"\x0b\r\n\x0bSELECT\x0c5\r\nPING\r\n"]);

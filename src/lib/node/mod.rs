@@ -184,7 +184,9 @@ fn forward(
             });
             let (mut c, mut u) = (client, upstream);
             let _ = io::copy(&mut c, &mut u);
-            let _ = u.shutdown(std::net::Shutdown::Both);
+            // The client may have closed only its writing side: the
+            // leader's answers still come back (the other thread).
+            let _ = u.shutdown(std::net::Shutdown::Write);
             let _ = back.join();
             done(&active);
         });
@@ -331,7 +333,34 @@ struct ClientConn {
     out: Vec<u8>,
     /// Bytes of a frame not complete yet (null-program mode).
     partial: Vec<u8>,
+    /// Where the connection is in its ending.
+    end: ClientEnd,
 }
+
+/// How far a client connection has gone in closing. A client may close its
+/// writing side and still wait for the answers to what it sent (as with
+/// `printf 'GET k\r\n' | nc -N`, or `shutdown(SHUT_WR)`): the program
+/// answered such a client when it ran alone, so falcon does too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientEnd {
+    /// Reading and writing.
+    Open,
+    /// The client sent all it will send (since the instant): the program's
+    /// answers to it still go out, until the program ends the connection
+    /// (or [`HALF_CLOSED_WAIT`] passes).
+    HalfClosed(Instant),
+    /// Only its last answers are left to write (the instant: when the
+    /// client last took some); then, or after [`LINGER`] without the
+    /// client reading, the connection closes.
+    Ending(Instant),
+}
+
+/// How long a client that closed its writing side waits for the program's
+/// last answers at most (the program has [`SHUT_WAIT`] to end its side).
+const HALF_CLOSED_WAIT: Duration = Duration::from_secs(15);
+/// How long a closing client connection with answers left may go without
+/// reading any, at most.
+const LINGER: Duration = Duration::from_secs(30);
 
 /// The largest frame a client may send in null-program mode.
 const FRAME_MAX: usize = crate::log::format::PAYLOAD_MAX;
@@ -1976,11 +2005,23 @@ impl Node<'_> {
                 }
                 if let Some(m) = &mut self.mux {
                     let mut out = Vec::new();
+                    // Delivers Ended once nothing more is owed (see end_client).
                     m.close(e.conn, &mut out);
                     self.deliver(out);
                 }
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
-                    self.drop_client(t, false);
+                    let waits = self.clients.get(&t).is_some_and(|c| {
+                        matches!(c.end, ClientEnd::HalfClosed(_))
+                            && !self.framed
+                            && (self.mux.is_some() || self.apps.contains_key(&e.conn))
+                    });
+                    if waits {
+                        // Its client closed only its writing side: the
+                        // program's last answers still go to it, until the
+                        // program ends the connection (close_app).
+                    } else {
+                        self.end_client(e.conn);
+                    }
                 }
             }
             Kind::Digest => self.leader_digest(&e),
@@ -2221,6 +2262,9 @@ impl Node<'_> {
         // program restarts): nothing past here can be compared.
         if conn != SHARED {
             self.program_output(conn, &[], Some(false));
+            // The client there gets what the program wrote, then the end,
+            // as if it were talking to the program itself.
+            self.end_client(conn);
         }
         if let Some(mut a) = self.apps.remove(&conn) {
             let _ = self.poll.registry().deregister(&mut a.stream);
@@ -2232,7 +2276,8 @@ impl Node<'_> {
         if let Some(mut c) = self.clients.remove(&t) {
             let _ = self.poll.registry().deregister(&mut c.stream);
             self.client_of_conn.remove(&c.conn);
-            if propose_close && self.role == Role::Leader {
+            // A client that closed its side had its Close proposed then.
+            if propose_close && c.end == ClientEnd::Open && self.role == Role::Leader {
                 self.proposals.push(Event {
                     kind: Kind::Close,
                     conn: c.conn,
@@ -2456,6 +2501,7 @@ impl Node<'_> {
                             seen_out: 0,
                             out: Vec::new(),
                             partial: Vec::new(),
+                            end: ClientEnd::Open,
                         },
                     );
                     self.client_of_conn.insert(conn, token);
@@ -2501,8 +2547,18 @@ impl Node<'_> {
         let Some(c) = self.clients.get_mut(&t) else {
             return Ok(());
         };
-        if ready.writable {
-            flush(&mut c.stream, &mut c.out);
+        let before = c.out.len();
+        let writes = !ready.writable || flush(&mut c.stream, &mut c.out);
+        if matches!(c.end, ClientEnd::Ending(_)) && c.out.len() < before {
+            // It reads: its time to go counts from now.
+            c.end = ClientEnd::Ending(Instant::now());
+        }
+        if c.end != ClientEnd::Open {
+            // It sends nothing more (or nothing more is read): only its answers go.
+            if !writes || (matches!(c.end, ClientEnd::Ending(_)) && c.out.is_empty()) {
+                self.drop_client(t, false);
+            }
+            return Ok(());
         }
         if !ready.readable {
             return Ok(());
@@ -2536,7 +2592,7 @@ impl Node<'_> {
         let seen_out = &mut c.seen_out;
         let partial = &mut c.partial;
         let mut bad_frame = false;
-        let mut closed = read_available(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
+        let end = read_to_end(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
             chunks += 1;
             if !framed {
                 if let Some(out) = wait_for.take() {
@@ -2577,6 +2633,7 @@ impl Node<'_> {
             partial.drain(..at);
             chunks < 16
         });
+        let mut closed = end != End::Open;
         if bad_frame {
             self.ui.warn(&format!(
                 "a client sent a frame over {FRAME_MAX} bytes; closing its connection"
@@ -2593,14 +2650,68 @@ impl Node<'_> {
                 conn,
                 payload: Bytes::new(),
             });
-        }
-        if closed {
-            if let Some(mut c) = self.clients.remove(&t) {
-                let _ = self.poll.registry().deregister(&mut c.stream);
-                self.client_of_conn.remove(&c.conn);
+            if end == End::Eof && !bad_frame {
+                // It closed only its writing side, perhaps: the answers to
+                // what it sent still go to it, when the Close commits and
+                // the program ends the connection (see end_client).
+                if let Some(c) = self.clients.get_mut(&t) {
+                    c.end = ClientEnd::HalfClosed(Instant::now());
+                }
+            } else {
+                self.drop_client(t, false);
             }
         }
         Ok(())
+    }
+
+    /// The program ended `conn` (or the log closed it and nothing more is
+    /// owed): a client still waiting there gets what is left, then its
+    /// connection closes.
+    fn end_client(&mut self, conn: u64) {
+        let Some(&t) = self.client_of_conn.get(&conn) else {
+            return;
+        };
+        self.client_of_conn.remove(&conn);
+        let Some(c) = self.clients.get_mut(&t) else {
+            return;
+        };
+        if c.end == ClientEnd::Open && self.role == Role::Leader {
+            // The program (or falcon, for QUIT) ended a connection the
+            // client still had open: the log closes it on every replica.
+            self.proposals.push(Event {
+                kind: Kind::Close,
+                conn,
+                payload: Bytes::new(),
+            });
+        }
+        if flush(&mut c.stream, &mut c.out) && !c.out.is_empty() {
+            c.end = ClientEnd::Ending(Instant::now());
+        } else {
+            self.drop_client(t, false);
+        }
+    }
+
+    /// Closes client connections whose ending took too long.
+    fn expire_clients(&mut self) {
+        let expired: Vec<(Token, u64, bool)> = self
+            .clients
+            .iter()
+            .filter_map(|(&t, c)| match c.end {
+                ClientEnd::Open => None,
+                ClientEnd::HalfClosed(at) => {
+                    (at.elapsed() >= HALF_CLOSED_WAIT).then_some((t, c.conn, true))
+                }
+                ClientEnd::Ending(at) => (at.elapsed() >= LINGER).then_some((t, c.conn, false)),
+            })
+            .collect();
+        for (t, conn, half) in expired {
+            if half {
+                // The program never ended it: what it did answer goes, then the close.
+                self.end_client(conn);
+            } else {
+                self.drop_client(t, false);
+            }
+        }
     }
 
     fn on_app(&mut self, t: Token, ready: Ready) {
@@ -2748,15 +2859,11 @@ impl Node<'_> {
                     self.program_output(conn, &bytes, None);
                     self.answer_client(conn, &bytes);
                 }
-                Delivery::Ended { conn } => self.program_output(conn, &[], Some(true)),
-                Delivery::CloseClient { conn } => {
-                    if let Some(&t) = self.client_of_conn.get(&conn) {
-                        if let Some(c) = self.clients.get_mut(&t) {
-                            flush(&mut c.stream, &mut c.out);
-                        }
-                        self.drop_client(t, true);
-                    }
+                Delivery::Ended { conn } => {
+                    self.program_output(conn, &[], Some(true));
+                    self.end_client(conn);
                 }
+                Delivery::CloseClient { conn } => self.end_client(conn),
             }
         }
     }
@@ -2815,7 +2922,13 @@ enum End {
     Error,
 }
 
-/// [`read_available`], telling an end of stream from a failure.
+/// Reads what the socket has, chunk by chunk, into `take` until it would
+/// block or `take` returns false; says whether the stream ended, and how.
+///
+/// A read shorter than the buffer emptied the socket: the next byte raises
+/// a new (edge-triggered) event, so there is no need for a read that only
+/// says it would block — unless the other side closed, whose end of stream
+/// raises no further event.
 fn read_to_end(
     stream: &mut TcpStream,
     buf: &mut [u8],
@@ -2837,34 +2950,24 @@ fn read_to_end(
     }
 }
 
-/// Reads what the socket has, chunk by chunk, into `take` until it would
-/// block or `take` returns false. True at end of stream (or on an error).
-///
-/// A read shorter than the buffer emptied the socket: the next byte raises
-/// a new (edge-triggered) event, so there is no need for a read that only
-/// says it would block — unless the other side closed, whose end of stream
-/// raises no further event.
-fn read_available(
-    stream: &mut TcpStream,
-    buf: &mut [u8],
-    closed: bool,
-    take: impl FnMut(&[u8]) -> bool,
-) -> bool {
-    read_to_end(stream, buf, closed, take) != End::Open
-}
-
-/// Writes as much of `out` as the socket takes now.
-fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) {
+/// Writes as much of `out` as the socket takes now. False if the socket
+/// failed (what is left can never be written).
+fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
     let mut done = 0;
+    let mut ok = true;
     while done < out.len() {
         match stream.write(&out[done..]) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(e) => {
+                ok = e.kind() == io::ErrorKind::WouldBlock;
+                break;
+            }
         }
     }
     out.drain(..done);
+    ok
 }
 
 /// Runs one replica until `stop` is set or the program exits.
@@ -3389,6 +3492,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
+            node.expire_clients();
             node.connect_vm();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
