@@ -976,6 +976,25 @@ fn three_redis_replicas_over_shared_memory_agree() {
         c.digests(),
         c.log(f)
     );
+    // The follower again, from an empty directory, with a cluster file that
+    // differs only in program_protocol: its rings are in another directory,
+    // and the replicas say so instead of waiting in silence.
+    c.stop(f);
+    let toml = c.dir.path().join("cluster.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("program_protocol = \"resp\"\n{text}")).unwrap();
+    std::fs::remove_dir_all(c.dir.path().join(format!("data/{}", f + 1))).unwrap();
+    c.start_node(f);
+    let said = |i: usize| c.log(i).contains("under the other program_protocol");
+    let warned = wait_until(Duration::from_secs(20), || said(f) && said(leader));
+    std::fs::write(&toml, text).unwrap();
+    assert!(
+        warned,
+        "no word of the other program_protocol:\n{}\n{}",
+        c.log(f),
+        c.log(leader)
+    );
+    assert_eq!(set_many(c.addrs[leader].1, "shm3", 10), 10);
 }
 
 /// Starts follower `f` and waits until its program agrees with the

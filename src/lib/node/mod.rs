@@ -355,6 +355,9 @@ enum ClientEnd {
     Ending(Instant),
 }
 
+/// How often a replica over shm with a peer missing looks for it under the
+/// other program_protocol (see `look_for_other_mode`).
+const SHM_OTHER_MODE_CHECK: Duration = Duration::from_secs(5);
 /// How long a client that closed its writing side waits for the program's
 /// last answers at most (the program has [`SHUT_WAIT`] to end its side).
 const HALF_CLOSED_WAIT: Duration = Duration::from_secs(15);
@@ -637,6 +640,10 @@ struct Node<'a> {
     refused_client_at: Option<Instant>,
     /// When a message too large for a peer's queue was last logged.
     too_large_at: Option<Instant>,
+    /// transport = "shm": where the rings of this cluster under the other
+    /// program_protocol would be, and when that was last looked at (None:
+    /// not shm, or already reported).
+    shm_other: Option<(PathBuf, Instant)>,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -2691,6 +2698,38 @@ impl Node<'_> {
         }
     }
 
+    /// transport = "shm": replicas whose cluster files differ only in
+    /// program_protocol put their rings in different directories and never
+    /// meet. Over TCP the handshake says so; here a replica missing for a
+    /// while is looked for under the other mode's directory, once.
+    fn look_for_other_mode(&mut self) {
+        let Some((dir, at)) = &mut self.shm_other else {
+            return;
+        };
+        if at.elapsed() < SHM_OTHER_MODE_CHECK {
+            return;
+        }
+        *at = Instant::now();
+        let there: Vec<u32> = (0..self.ids.len())
+            .filter(|&p| p != self.me as usize && self.observed.peers[p] == 0)
+            .filter(|p| dir.join(format!("bell-{p}")).exists())
+            .map(|p| self.ids[p])
+            .collect();
+        if there.is_empty() {
+            return;
+        }
+        let which = there
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.ui.warn(&format!(
+            "no link to replica {which}, whose shm doorbell is in {}: the directory of this cluster under the other program_protocol. If it runs, its cluster file differs from this one in program_protocol and the two never meet: every replica's file must set the same one",
+            dir.display(),
+        ));
+        self.shm_other = None;
+    }
+
     /// Closes client connections whose ending took too long.
     fn expire_clients(&mut self) {
         let expired: Vec<(Token, u64, bool)> = self
@@ -3345,6 +3384,13 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         limits: cfg.limits,
         refused_client_at: None,
         too_large_at: None,
+        shm_other: (cfg.transport == crate::config::TransportKind::Shm).then(|| {
+            let other = crate::config::ClusterConfig {
+                cluster_id: cfg.cluster_id ^ crate::config::RESP_ID_SALT,
+                ..cfg.clone()
+            };
+            (other.shm_dir(), Instant::now())
+        }),
         behind: false,
         program: opts.program.clone(),
         app_timeout: opts.app_timeout,
@@ -3493,6 +3539,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
             node.expire_clients();
+            node.look_for_other_mode();
             node.connect_vm();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
