@@ -178,15 +178,45 @@ fn forward(
                 done(&active);
                 return;
             };
+            let (back_done, finished) = std::sync::mpsc::channel::<()>();
+            let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let moving = moved.clone();
             let back = std::thread::spawn(move || {
-                let _ = io::copy(&mut u2, &mut c2);
+                let mut buf = vec![0u8; READ_CHUNK];
+                loop {
+                    match u2.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if c2.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            moving.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
                 let _ = c2.shutdown(std::net::Shutdown::Both);
+                let _ = back_done.send(());
             });
             let (mut c, mut u) = (client, upstream);
-            let _ = io::copy(&mut c, &mut u);
-            // The client may have closed only its writing side: the
-            // leader's answers still come back (the other thread).
-            let _ = u.shutdown(std::net::Shutdown::Write);
+            if io::copy(&mut c, &mut u).is_ok() {
+                // The client may have closed only its writing side: the
+                // leader's answers still come back (the other thread), as
+                // long as they keep coming, within the leader's own waits
+                // (a leader gone without a word must not hold this for good).
+                let _ = u.shutdown(std::net::Shutdown::Write);
+                let mut seen = u64::MAX;
+                while finished.recv_timeout(HALF_CLOSED_WAIT + LINGER).is_err() {
+                    let now = moved.load(Ordering::Relaxed);
+                    if now == seen {
+                        break;
+                    }
+                    seen = now;
+                }
+            }
+            let _ = u.shutdown(std::net::Shutdown::Both);
+            let _ = c.shutdown(std::net::Shutdown::Both);
             let _ = back.join();
             done(&active);
         });
@@ -335,6 +365,9 @@ struct ClientConn {
     partial: Vec<u8>,
     /// Where the connection is in its ending.
     end: ClientEnd,
+    /// The client's end of input was signalled (the read that finds it may
+    /// come on a later turn: when input is held, or after 16 chunks).
+    peer_closed: bool,
 }
 
 /// How far a client connection has gone in closing. A client may close its
@@ -358,6 +391,8 @@ enum ClientEnd {
 /// How often a replica over shm with a peer missing looks for it under the
 /// other program_protocol (see `look_for_other_mode`).
 const SHM_OTHER_MODE_CHECK: Duration = Duration::from_secs(5);
+/// Refused Closes kept to propose again, at most (see `closes_owed`).
+const CLOSES_OWED_MAX: usize = 65_536;
 /// How long a client that closed its writing side waits for the program's
 /// last answers at most (the program has [`SHUT_WAIT`] to end its side).
 const HALF_CLOSED_WAIT: Duration = Duration::from_secs(15);
@@ -644,6 +679,9 @@ struct Node<'a> {
     /// program_protocol would be, and when that was last looked at (None:
     /// not shm, or already reported).
     shm_other: Option<(PathBuf, Instant)>,
+    /// Connections whose Close the engine refused (busy): proposed again
+    /// at the start of the next turn (at most one per connection).
+    closes_owed: Vec<u64>,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -1325,10 +1363,19 @@ impl Node<'_> {
                         // Only a check of the program's output: nothing to close.
                         continue;
                     }
-                    if let Some(&t) = self.client_of_conn.get(&ev.conn) {
-                        let propose_close =
-                            matches!(reason, Reject::Busy) && ev.kind != Kind::Close;
-                        self.drop_client(t, propose_close);
+                    let client = self.client_of_conn.get(&ev.conn).copied();
+                    if let Some(t) = client {
+                        self.drop_client(t, false);
+                    }
+                    // Still the leader: the log must close the connection on
+                    // every replica (or the program keeps it open there), so
+                    // the Close is proposed again next turn, until it is taken.
+                    if matches!(reason, Reject::Busy)
+                        && (client.is_some() || ev.kind == Kind::Close)
+                        && !self.closes_owed.contains(&ev.conn)
+                        && self.closes_owed.len() < CLOSES_OWED_MAX
+                    {
+                        self.closes_owed.push(ev.conn);
                     }
                 }
             }
@@ -2017,17 +2064,18 @@ impl Node<'_> {
                     self.deliver(out);
                 }
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
-                    let waits = self.clients.get(&t).is_some_and(|c| {
-                        matches!(c.end, ClientEnd::HalfClosed(_))
-                            && !self.framed
-                            && (self.mux.is_some() || self.apps.contains_key(&e.conn))
-                    });
-                    if waits {
-                        // Its client closed only its writing side: the
-                        // program's last answers still go to it, until the
-                        // program ends the connection (close_app).
-                    } else {
-                        self.end_client(e.conn);
+                    let waits =
+                        !self.framed && (self.mux.is_some() || self.apps.contains_key(&e.conn));
+                    match self.clients.get_mut(&t) {
+                        Some(c) if waits && matches!(c.end, ClientEnd::HalfClosed(_)) => {
+                            // Its client closed only its writing side: the
+                            // program's last answers still go to it, until
+                            // the program ends the connection (close_app,
+                            // or Ended); the wait counts from now, when
+                            // the program has all the client sent.
+                            c.end = ClientEnd::HalfClosed(Instant::now());
+                        }
+                        _ => self.end_client(e.conn),
                     }
                 }
             }
@@ -2509,6 +2557,7 @@ impl Node<'_> {
                             out: Vec::new(),
                             partial: Vec::new(),
                             end: ClientEnd::Open,
+                            peer_closed: false,
                         },
                     );
                     self.client_of_conn.insert(conn, token);
@@ -2554,6 +2603,7 @@ impl Node<'_> {
         let Some(c) = self.clients.get_mut(&t) else {
             return Ok(());
         };
+        c.peer_closed |= ready.closed;
         let before = c.out.len();
         let writes = !ready.writable || flush(&mut c.stream, &mut c.out);
         if matches!(c.end, ClientEnd::Ending(_)) && c.out.len() < before {
@@ -2561,7 +2611,12 @@ impl Node<'_> {
             c.end = ClientEnd::Ending(Instant::now());
         }
         if c.end != ClientEnd::Open {
-            // It sends nothing more (or nothing more is read): only its answers go.
+            // Only its answers go. Input after the end (pipelined past
+            // QUIT) is read and dropped: left unread, it would turn the
+            // close into a reset that can discard answers still on the way.
+            if ready.readable && matches!(c.end, ClientEnd::Ending(_)) {
+                let _ = read_to_end(&mut c.stream, &mut self.read_buf, c.peer_closed, |_| true);
+            }
             if !writes || (matches!(c.end, ClientEnd::Ending(_)) && c.out.is_empty()) {
                 self.drop_client(t, false);
             }
@@ -2599,7 +2654,7 @@ impl Node<'_> {
         let seen_out = &mut c.seen_out;
         let partial = &mut c.partial;
         let mut bad_frame = false;
-        let end = read_to_end(&mut c.stream, &mut self.read_buf, ready.closed, |bytes| {
+        let end = read_to_end(&mut c.stream, &mut self.read_buf, c.peer_closed, |bytes| {
             chunks += 1;
             if !framed {
                 if let Some(out) = wait_for.take() {
@@ -2810,6 +2865,10 @@ impl Node<'_> {
         }
         if let Some(&ct) = self.client_of_conn.get(&conn) {
             if let Some(c) = self.clients.get_mut(&ct) {
+                if let ClientEnd::HalfClosed(at) = &mut c.end {
+                    // The program is still answering: the wait counts from now.
+                    *at = Instant::now();
+                }
                 if c.out.len() + answer.len() > self.limits.client_buffer {
                     self.drop_client(ct, true);
                 } else {
@@ -3384,6 +3443,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         limits: cfg.limits,
         refused_client_at: None,
         too_large_at: None,
+        closes_owed: Vec::new(),
         shm_other: (cfg.transport == crate::config::TransportKind::Shm).then(|| {
             let other = crate::config::ClusterConfig {
                 cluster_id: cfg.cluster_id ^ crate::config::RESP_ID_SALT,
@@ -3639,6 +3699,18 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         for t in std::mem::take(&mut node.unread) {
             node.on_client(t, Ready::READ)?;
+        }
+        if node.role == Role::Leader {
+            for conn in std::mem::take(&mut node.closes_owed) {
+                node.proposals.push(Event {
+                    kind: Kind::Close,
+                    conn,
+                    payload: Bytes::new(),
+                });
+            }
+        } else {
+            // A new view closes every connection of the old one anyway.
+            node.closes_owed.clear();
         }
         node.propose()?;
         node.look_for_answer();
