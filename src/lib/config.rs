@@ -72,6 +72,11 @@ pub fn other_mode(ours: u64, theirs: u64) -> Option<&'static str> {
     )
 }
 
+/// [`ClusterConfig::shm_dir`] of the cluster with id `cluster_id`.
+pub fn shm_dir_of(cluster_id: u64) -> PathBuf {
+    PathBuf::from("/dev/shm").join(format!("falcon-{cluster_id:016x}"))
+}
+
 /// Where falcon looks for the cluster file when `--config` is not given.
 pub const SEARCH_PATH: [&str; 2] = ["falcon.toml", "/etc/falcon/falcon.toml"];
 /// The environment variable that names this replica when `--node` is not given.
@@ -785,7 +790,7 @@ impl ClusterConfig {
     /// Where `transport = "shm"` keeps its rings: a directory per cluster
     /// on tmpfs (`/dev/shm/falcon-<cluster id>`).
     pub fn shm_dir(&self) -> PathBuf {
-        PathBuf::from("/dev/shm").join(format!("falcon-{:016x}", self.cluster_id))
+        shm_dir_of(self.cluster_id)
     }
 
     /// Finds the cluster file: `explicit`, else `falcon.toml` here, else `/etc/falcon/falcon.toml`.

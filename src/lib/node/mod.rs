@@ -12,7 +12,7 @@ pub mod divergence;
 pub mod normalize;
 mod resync;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -388,6 +388,9 @@ enum ClientEnd {
     Ending(Instant),
 }
 
+/// How often the loop looks for client connections whose ending took too
+/// long (their deadlines are many seconds: no need to look every turn).
+const CLIENT_SWEEP: Duration = Duration::from_secs(1);
 /// How often a replica over shm with a peer missing looks for it under the
 /// other program_protocol (see `look_for_other_mode`).
 const SHM_OTHER_MODE_CHECK: Duration = Duration::from_secs(5);
@@ -399,6 +402,15 @@ const HALF_CLOSED_WAIT: Duration = Duration::from_secs(15);
 /// How long a closing client connection with answers left may go without
 /// reading any, at most.
 const LINGER: Duration = Duration::from_secs(30);
+
+/// The entry that closes `conn` in the log (on every replica).
+fn close_event(conn: u64) -> Event {
+    Event {
+        kind: Kind::Close,
+        conn,
+        payload: Bytes::new(),
+    }
+}
 
 /// The largest frame a client may send in null-program mode.
 const FRAME_MAX: usize = crate::log::format::PAYLOAD_MAX;
@@ -681,7 +693,7 @@ struct Node<'a> {
     shm_other: Option<(PathBuf, Instant)>,
     /// Connections whose Close the engine refused (busy): proposed again
     /// at the start of the next turn (at most one per connection).
-    closes_owed: Vec<u64>,
+    closes_owed: HashSet<u64>,
     app_timeout: Duration,
     hooks_env: Hooks,
     snapshot_cmd: Option<String>,
@@ -1372,10 +1384,9 @@ impl Node<'_> {
                     // the Close is proposed again next turn, until it is taken.
                     if matches!(reason, Reject::Busy)
                         && (client.is_some() || ev.kind == Kind::Close)
-                        && !self.closes_owed.contains(&ev.conn)
                         && self.closes_owed.len() < CLOSES_OWED_MAX
                     {
-                        self.closes_owed.push(ev.conn);
+                        self.closes_owed.insert(ev.conn);
                     }
                 }
             }
@@ -2333,11 +2344,7 @@ impl Node<'_> {
             self.client_of_conn.remove(&c.conn);
             // A client that closed its side had its Close proposed then.
             if propose_close && c.end == ClientEnd::Open && self.role == Role::Leader {
-                self.proposals.push(Event {
-                    kind: Kind::Close,
-                    conn: c.conn,
-                    payload: Bytes::new(),
-                });
+                self.proposals.push(close_event(c.conn));
             }
         }
     }
@@ -2707,11 +2714,7 @@ impl Node<'_> {
             self.unread.push(t);
         }
         if closed {
-            events.push(Event {
-                kind: Kind::Close,
-                conn,
-                payload: Bytes::new(),
-            });
+            events.push(close_event(conn));
             if end == End::Eof && !bad_frame {
                 // It closed only its writing side, perhaps: the answers to
                 // what it sent still go to it, when the Close commits and
@@ -2740,11 +2743,7 @@ impl Node<'_> {
         if c.end == ClientEnd::Open && self.role == Role::Leader {
             // The program (or falcon, for QUIT) ended a connection the
             // client still had open: the log closes it on every replica.
-            self.proposals.push(Event {
-                kind: Kind::Close,
-                conn,
-                payload: Bytes::new(),
-            });
+            self.proposals.push(close_event(conn));
         }
         if flush(&mut c.stream, &mut c.out) && !c.out.is_empty() {
             c.end = ClientEnd::Ending(Instant::now());
@@ -3443,13 +3442,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         limits: cfg.limits,
         refused_client_at: None,
         too_large_at: None,
-        closes_owed: Vec::new(),
+        closes_owed: HashSet::new(),
         shm_other: (cfg.transport == crate::config::TransportKind::Shm).then(|| {
-            let other = crate::config::ClusterConfig {
-                cluster_id: cfg.cluster_id ^ crate::config::RESP_ID_SALT,
-                ..cfg.clone()
-            };
-            (other.shm_dir(), Instant::now())
+            let other = cfg.cluster_id ^ crate::config::RESP_ID_SALT;
+            (crate::config::shm_dir_of(other), Instant::now())
         }),
         behind: false,
         program: opts.program.clone(),
@@ -3569,6 +3565,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let tick = Duration::from_millis(1);
     let mut inbox = Vec::new();
     let mut last_exit_check = Instant::now();
+    let mut last_client_sweep = Instant::now();
     use crate::transport::shm::PollMode;
     let spin_window = match (cfg.transport, opts.poll) {
         (crate::config::TransportKind::Tcp, _) | (_, PollMode::Sleep) => Duration::ZERO,
@@ -3598,8 +3595,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if last_exit_check.elapsed() >= EXIT_CHECK {
             last_exit_check = Instant::now();
-            node.expire_clients();
-            node.look_for_other_mode();
+            if last_client_sweep.elapsed() >= CLIENT_SWEEP {
+                last_client_sweep = Instant::now();
+                node.expire_clients();
+                node.look_for_other_mode();
+            }
             node.connect_vm();
             if let Some(status) = node.app.as_mut().and_then(App::exited) {
                 node.sync()?;
@@ -3702,11 +3702,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if node.role == Role::Leader {
             for conn in std::mem::take(&mut node.closes_owed) {
-                node.proposals.push(Event {
-                    kind: Kind::Close,
-                    conn,
-                    payload: Bytes::new(),
-                });
+                node.proposals.push(close_event(conn));
             }
         } else {
             // A new view closes every connection of the old one anyway.
