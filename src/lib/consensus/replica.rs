@@ -990,6 +990,35 @@ impl Replica {
 
     // ---- time ----
 
+    /// When the next [`Input::Tick`] has work to do (ns, the clock of
+    /// [`Replica::step`]): a heartbeat or retransmission due, a commit point
+    /// to tell, an election or a view change message to repeat. `None`: no
+    /// timer runs (a cluster of one). A tick before it changes nothing, so a
+    /// node may sleep until then; one later is late by the difference.
+    pub fn next_timer(&self) -> Option<u64> {
+        let hb = self.cfg.heartbeat_ns;
+        match self.status {
+            Status::Normal if self.is_leader() => {
+                let notify = self
+                    .untold_since
+                    .map(|t| t.saturating_add(self.cfg.commit_notify_ns));
+                let beat = self
+                    .others()
+                    .map(|f| self.last_sent[f as usize].saturating_add(hb))
+                    .min();
+                let transfer = self
+                    .transfer
+                    .map(|(_, deadline)| deadline.saturating_add(1));
+                [notify, beat, transfer].into_iter().flatten().min()
+            }
+            Status::Normal => (self.cfg.n > 1).then_some(self.election_deadline),
+            Status::ViewChange => Some(
+                self.election_deadline
+                    .min(self.last_resend.saturating_add(hb)),
+            ),
+        }
+    }
+
     fn on_tick(&mut self, out: &mut Vec<Command>) {
         let hb = self.cfg.heartbeat_ns;
         match self.status {

@@ -63,6 +63,9 @@ const PROPOSE_HOLD_MAX: usize = 256;
 const SHM_SPIN: Duration = Duration::from_micros(50);
 /// How often the loop asks whether the program (or a hook) exited.
 const EXIT_CHECK: Duration = Duration::from_millis(20);
+/// The longest an idle loop sleeps when something may be due that no event
+/// announces (and the shortest, once a timer is past).
+const TICK: Duration = Duration::from_millis(1);
 
 /// What `falcon replicate` runs.
 pub struct NodeOptions {
@@ -968,6 +971,19 @@ impl ApplyQueue {
 impl Node<'_> {
     fn now(&self) -> u64 {
         self.wall_base + self.start.elapsed().as_nanos() as u64
+    }
+
+    /// How long an idle turn may sleep: until the engine's next timer, at
+    /// most `max`. A timer already past (the last tick did not move it)
+    /// gets [`TICK`], never a busy loop.
+    fn idle_wait(&self, max: Duration) -> Duration {
+        match self.engine.next_timer() {
+            None => max,
+            Some(at) => match at.checked_sub(self.now()) {
+                Some(left) if left > 0 => Duration::from_nanos(left).min(max),
+                _ => TICK.min(max),
+            },
+        }
     }
 
     /// Appends to the log. A full disk is not fatal: what did not fit waits
@@ -3562,7 +3578,16 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let mut last_peer_turn = Instant::now();
     let mut peers_busy = false;
     let mut events = Events::with_capacity(1024);
-    let tick = Duration::from_millis(1);
+    // An idle loop sleeps until the engine's next timer, and at most
+    // PEER_TIMERS (the transport's own timers, the exit check and the
+    // client sweeps are coarser): a few hundred turns a second rather than
+    // a thousand. Over shm and rdma, and with a VM, it looks every
+    // millisecond as it always did.
+    let idle_max = if cfg.transport == crate::config::TransportKind::Tcp && node.vm.is_none() {
+        PEER_TIMERS
+    } else {
+        TICK
+    };
     let mut inbox = Vec::new();
     let mut last_exit_check = Instant::now();
     let mut last_client_sweep = Instant::now();
@@ -3640,7 +3665,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             return Err(NodeError::VmDiverged(why));
         }
         let mut wait = if node.unread.is_empty() && !spinning && !node.tap_more && !node.vm_more {
-            tick
+            node.idle_wait(idle_max)
         } else {
             Duration::ZERO
         };

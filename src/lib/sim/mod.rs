@@ -235,6 +235,11 @@ struct Node {
     kv: Kv,
     /// When the commit point was last saved.
     commit_saved_at: u64,
+    /// Not stepped since it (re)started: its first step, a tick perhaps,
+    /// saves its state whatever the time.
+    fresh: bool,
+    /// Commands its engine gave out so far.
+    commands: u64,
 }
 
 impl Node {
@@ -382,6 +387,9 @@ impl Sim {
                 });
             }
             let (view, commit) = (engine.view(), engine.commit());
+            let n = &mut self.nodes[node as usize];
+            n.fresh = false;
+            n.commands += out.len() as u64;
             for cmd in out {
                 self.execute(node, cmd, &mut inputs)?;
             }
@@ -734,6 +742,7 @@ impl Sim {
         }
         n.log = Some(log);
         n.engine = Some(engine);
+        n.fresh = true;
         n.kv = kv;
         self.note(|| format!("node {node} restarted in view {}", state.view));
         self.check.on_view(node, state.view)?;
@@ -804,6 +813,8 @@ impl Sim {
                 epoch: 0,
                 kv: Kv::default(),
                 commit_saved_at: 0,
+                fresh: true,
+                commands: 0,
             });
             let t = self.rng.next_u64() % MS;
             self.at(t, Ev::Tick(i));
@@ -843,9 +854,27 @@ impl Sim {
             self.report.events += 1;
             match ev {
                 Ev::Tick(node) => {
+                    let mut next_tick = self.now + MS;
                     if let Some(engine) = &self.nodes[node as usize].engine {
                         let commit = engine.commit();
+                        // A tick before the engine's next timer does nothing
+                        // (a node sleeps until then).
+                        let due = engine.next_timer();
+                        let early =
+                            due.is_some_and(|d| self.now < d) && !self.nodes[node as usize].fresh;
+                        let before = self.nodes[node as usize].commands;
                         self.step(node, Input::Tick)?;
+                        let done = self.nodes[node as usize].commands - before;
+                        if early && done > 0 {
+                            return Err(Violation {
+                                checker: "engine-timer",
+                                detail: format!(
+                                    "node {node}: a tick at {} ns, before its next timer at {} ns, gave {done} commands",
+                                    self.now,
+                                    due.unwrap_or_default()
+                                ),
+                            });
+                        }
                         if let Some(keep) = self.knobs.forget_keep {
                             let below = commit.saturating_sub(keep) + 1;
                             self.step(node, Input::Forget { below })?;
@@ -857,8 +886,20 @@ impl Sim {
                             })?;
                         }
                         self.save_commit_point(node);
+                        // The next tick when the node's loop would tick:
+                        // at the next timer, at most PEER_TIMERS (5 ms) away,
+                        // 1 ms on once it is past. (A node also ticks after
+                        // every event; this one only here: a timer that
+                        // says later than it should shows as a stall.)
+                        if let Some(engine) = &self.nodes[node as usize].engine {
+                            next_tick = match engine.next_timer() {
+                                Some(d) if d > self.now => d.min(self.now + 5 * MS),
+                                Some(_) => self.now + MS,
+                                None => self.now + 5 * MS,
+                            };
+                        }
                     }
-                    self.at(self.now + MS, Ev::Tick(node));
+                    self.at(next_tick, Ev::Tick(node));
                 }
                 Ev::Net { to, env } => {
                     if self.opts.verbose && std::env::var_os("FALCON_SIM_TRACE").is_some() {
