@@ -53,6 +53,9 @@ cat > "$work/cluster.toml" <<TOML
 cluster = "demo"
 key_file = "cluster.key"
 election_timeout = "300ms"
+# Redis's protocol: every client's committed commands go down one pipelined
+# connection to each copy of Redis (the default, "bytes", suits any program).
+program_protocol = "resp"
 $(for i in 1 2 3; do printf '\n[[replica]]\nid = %s\npeer = "%s:7101"\nclient = "%s:7201"\napp = "%s:7001"\ndata_dir = "data/%s"\n' $i "$(host $i)" "$(host $i)" "$(app_host $i)" $i; done)
 TOML
 "$falcon" replicate --new-key "$work/cluster.key"
