@@ -993,8 +993,10 @@ impl Replica {
     /// When the next [`Input::Tick`] has work to do (ns, the clock of
     /// [`Replica::step`]): a heartbeat or retransmission due, a commit point
     /// to tell, an election or a view change message to repeat. `None`: no
-    /// timer runs (a cluster of one). A tick before it changes nothing, so a
-    /// node may sleep until then; one later is late by the difference.
+    /// timer runs (a cluster of one, between commits). A tick before it
+    /// changes nothing (but a replica's very first step, whatever it is,
+    /// saves its state), so a node may sleep until then; one later is late
+    /// by the difference.
     pub fn next_timer(&self) -> Option<u64> {
         let hb = self.cfg.heartbeat_ns;
         match self.status {

@@ -240,6 +240,9 @@ struct Node {
     fresh: bool,
     /// Commands its engine gave out so far.
     commands: u64,
+    /// When its next tick is due: the one live [`Ev::Tick`] (others are
+    /// stale, left by a re-plan, and skipped).
+    tick_at: u64,
 }
 
 impl Node {
@@ -363,6 +366,13 @@ impl Sim {
         }
     }
 
+    /// Makes `at` the time of `node`'s next tick (an earlier one planned
+    /// before goes stale).
+    fn plan_tick(&mut self, node: u32, at: u64) {
+        self.nodes[node as usize].tick_at = at;
+        self.at(at, Ev::Tick(node));
+    }
+
     /// Feeds an input to a node's engine and executes the commands.
     fn step(&mut self, node: u32, input: Input) -> Result<(), Violation> {
         let mut inputs = vec![input];
@@ -396,6 +406,17 @@ impl Sim {
             self.check.on_view(node, view)?;
             let epoch = self.nodes[node as usize].epoch;
             self.check.on_commit(node, epoch, commit)?;
+        }
+        // As the node's loop does after every event: sleep only until the
+        // engine's next timer, which this step may have brought closer.
+        if let Some(due) = self.nodes[node as usize]
+            .engine
+            .as_ref()
+            .and_then(Replica::next_timer)
+        {
+            if due < self.nodes[node as usize].tick_at {
+                self.plan_tick(node, due.max(self.now));
+            }
         }
         self.steps_since_matching += 1;
         if self.steps_since_matching >= 200 {
@@ -815,9 +836,10 @@ impl Sim {
                 commit_saved_at: 0,
                 fresh: true,
                 commands: 0,
+                tick_at: 0,
             });
             let t = self.rng.next_u64() % MS;
-            self.at(t, Ev::Tick(i));
+            self.plan_tick(i, t);
         }
         for c in 0..self.knobs.clients {
             self.clients.push(Client {
@@ -854,6 +876,10 @@ impl Sim {
             self.report.events += 1;
             match ev {
                 Ev::Tick(node) => {
+                    if self.now != self.nodes[node as usize].tick_at {
+                        // Re-planned earlier: this one is stale.
+                        continue;
+                    }
                     let mut next_tick = self.now + MS;
                     if let Some(engine) = &self.nodes[node as usize].engine {
                         let commit = engine.commit();
@@ -888,18 +914,24 @@ impl Sim {
                         self.save_commit_point(node);
                         // The next tick when the node's loop would tick:
                         // at the next timer, at most PEER_TIMERS (5 ms) away,
-                        // 1 ms on once it is past. (A node also ticks after
-                        // every event; this one only here: a timer that
-                        // says later than it should shows as a stall.)
+                        // 1 ms on once it is past (and after every step that
+                        // brings the timer closer, in `step`). One time in
+                        // four, a probe at a random moment before it: a tick
+                        // there must do nothing, so a timer that says later
+                        // than it should fails the check above.
                         if let Some(engine) = &self.nodes[node as usize].engine {
                             next_tick = match engine.next_timer() {
                                 Some(d) if d > self.now => d.min(self.now + 5 * MS),
                                 Some(_) => self.now + MS,
                                 None => self.now + 5 * MS,
                             };
+                            if self.rng.next_u64() % 4 == 0 && next_tick > self.now + 1 {
+                                next_tick =
+                                    self.now + 1 + self.rng.next_u64() % (next_tick - self.now - 1);
+                            }
                         }
                     }
-                    self.at(next_tick, Ev::Tick(node));
+                    self.plan_tick(node, next_tick);
                 }
                 Ev::Net { to, env } => {
                     if self.opts.verbose && std::env::var_os("FALCON_SIM_TRACE").is_some() {
