@@ -22,6 +22,7 @@ done
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt --all -- --check)
 stage "cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked --all-targets --features rdma -- -D warnings

@@ -3,7 +3,7 @@
 //! decoded message does not panic either.
 #![no_main]
 
-use falcon::consensus::{message, Config, Input, Replica};
+use falcon::consensus::{Config, Input, Replica, message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,8 +7,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::OnceLock;
 use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use falcon::transport::Transport;
@@ -63,7 +63,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return;
     };
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut got = Vec::new();
     let authenticated = mode & 1 == 1;
     if authenticated {
@@ -88,8 +89,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         assert_eq!(have, 48, "no challenge from the listener");
-        assert_eq!(&challenge[16..], &mac(b"listener", &nonce_d, &challenge[..16])[..]);
-        s.write_all(&mac(b"dialer", &nonce_d, &challenge[..16])).unwrap();
+        assert_eq!(
+            &challenge[16..],
+            &mac(b"listener", &nonce_d, &challenge[..16])[..]
+        );
+        s.write_all(&mac(b"dialer", &nonce_d, &challenge[..16]))
+            .unwrap();
     }
     let _ = s.write_all(rest);
     for _ in 0..3 {
@@ -101,7 +106,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = f.t.events();
     if !authenticated {
-        assert!(got.is_empty(), "an unauthenticated connection delivered {got:?}");
+        assert!(
+            got.is_empty(),
+            "an unauthenticated connection delivered {got:?}"
+        );
     }
     for env in &got {
         assert_eq!((env.cluster, env.from, env.to), (CLUSTER, 1, 0));

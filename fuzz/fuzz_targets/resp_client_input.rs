@@ -43,7 +43,8 @@ fn reads_back(mut original: Mux, state: &[u8], more: &[u8], limit: usize) {
     let mut back = Mux::new(limit, limit);
     back.open(1);
     back.open(2);
-    back.import(state).expect("a state falcon exported reads back");
+    back.import(state)
+        .expect("a state falcon exported reads back");
     assert_eq!(back.export(), state);
     let (mut p1, mut p2, mut out) = (Vec::new(), Vec::new(), Vec::new());
     for (m, p) in [(&mut original, &mut p1), (&mut back, &mut p2)] {

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     // Nothing appeared beside the file and the output directory.
     for e in std::fs::read_dir(&dir).unwrap() {
         let name = e.unwrap().file_name();
-        assert!(name == "snapshot" || name == "out", "{name:?} written outside");
+        assert!(
+            name == "snapshot" || name == "out",
+            "{name:?} written outside"
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 });
