@@ -276,13 +276,24 @@ pub fn sync_through_a_second_handle<S: Storage + Clone>(fresh: impl Fn() -> S) {
     let s = fresh();
     let mut log = open(&s, opts(1 << 20));
     log.append(&entries(1, 1..=10)).unwrap();
-    let (mut file, op, epoch) = log.sync_handle().unwrap();
-    assert_eq!(op, 10);
+    let first = log.sync_handle(None).unwrap();
+    assert_eq!(first.op, 10);
+    let mut file = first.file.expect("a thread holding nothing gets a handle");
     file.sync_data().unwrap();
-    assert_eq!(log.note_synced(Ok((op, epoch))).unwrap(), 10);
+    assert_eq!(log.note_synced(Ok((first.op, first.epoch))).unwrap(), 10);
     log.append(&entries(1, 11..=12)).unwrap();
-    let (_, op, epoch) = log.sync_handle().unwrap();
+    let again = log.sync_handle(Some(first.handle_id)).unwrap();
+    assert!(
+        again.file.is_none() && again.handle_id == first.handle_id,
+        "the same segment: the thread keeps its handle"
+    );
+    let (op, epoch) = (again.op, again.epoch);
     log.truncate_after(11).unwrap();
+    let cut = log.sync_handle(Some(first.handle_id)).unwrap();
+    assert!(
+        cut.file.is_some() && cut.handle_id != first.handle_id,
+        "a truncation hands the thread a new handle"
+    );
     log.append(&entries(2, 12..=12)).unwrap();
     assert_eq!(
         log.note_synced(Ok((op, epoch))).unwrap(),
@@ -294,6 +305,23 @@ pub fn sync_through_a_second_handle<S: Storage + Clone>(fresh: impl Fn() -> S) {
         log.append(&entries(2, 13..=13)),
         Err(LogError::Poisoned)
     ));
+    // A new segment hands the thread a new handle, and a sync on it counts.
+    let s = fresh();
+    let mut log = open(&s, opts(2000));
+    log.append(&entries(1, 1..=1)).unwrap();
+    let held = log.sync_handle(None).unwrap().handle_id;
+    let mut op = 1;
+    while log.segments().len() < 2 {
+        op += 1;
+        log.append(&entries(1, op..=op)).unwrap();
+    }
+    let next = log.sync_handle(Some(held)).unwrap();
+    assert_ne!(next.handle_id, held, "a new segment, a new handle");
+    next.file
+        .expect("the thread's handle is the old segment's")
+        .sync_data()
+        .unwrap();
+    assert_eq!(log.note_synced(Ok((next.op, next.epoch))).unwrap(), op);
 }
 
 /// Segments are preallocated ahead of the writes: the zeros past the last

@@ -34,6 +34,7 @@ pub use group_commit::{GroupCommit, GroupCommitOptions};
 pub use scan::TornTail;
 pub use segment_log::{
     Clock, LogOptions, PREALLOCATE_BYTES, Recovery, SegmentInfo, SegmentLog, SyncPolicy,
+    SyncRequest,
 };
 pub use storage::{FsStorage, MemStorage, Storage, StorageFile};
 pub use view::{Follow, FollowEvent, LogView};

@@ -140,6 +140,26 @@ pub struct SegmentInfo {
     pub bytes: u64,
 }
 
+/// What [`SegmentLog::sync_handle`] gives an fsync thread.
+#[derive(Debug)]
+pub struct SyncRequest<F> {
+    /// A second handle to the segment being written, when the thread's is
+    /// not that (else the thread uses the one it holds).
+    pub file: Option<F>,
+    /// The id of that handle: the thread holds this one afterwards.
+    pub handle_id: u64,
+    /// The last op written so far.
+    pub op: u64,
+    /// The log's epoch, for [`SegmentLog::note_synced`].
+    pub epoch: u64,
+}
+
+/// A process-wide unique id for a segment handle.
+fn next_handle_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 struct Segment<F> {
     meta: ScannedSegment,
     /// Open for writing: only the last segment.
@@ -161,6 +181,10 @@ pub struct SegmentLog<S: Storage> {
     /// Changes whenever the log's tail is replaced or a new segment starts,
     /// so an fsync started before does not count for what came after.
     epoch: u64,
+    /// Names the open handle of the segment being written, unique in the
+    /// process: a new segment, or a truncation, gives a new one. An fsync
+    /// thread keeps a second handle while this stays the same.
+    handle_id: u64,
     buf: Vec<u8>,
     /// Whether to keep preallocating the segment being written; off after
     /// a failure (no space, unsupported) or a truncation, until the next one.
@@ -190,6 +214,7 @@ impl<S: Storage> SegmentLog<S> {
             durable_op: opts.first_op - 1,
             poisoned: false,
             epoch: 0,
+            handle_id: next_handle_id(),
             buf: Vec::with_capacity(1 << 20),
             preallocate: true,
             opts,
@@ -354,6 +379,7 @@ impl<S: Storage> SegmentLog<S> {
         self.next_op = first_op;
         self.last_crc = prev_crc;
         self.epoch += 1;
+        self.handle_id = next_handle_id();
         Ok(())
     }
 
@@ -579,25 +605,37 @@ impl<S: Storage> SegmentLog<S> {
         Ok(self.durable_op)
     }
 
-    /// For an fsync thread: a handle to the segment being written, the last
-    /// op written to it so far, and the epoch. `fdatasync` on the handle, then
-    /// report with [`note_synced`](Self::note_synced).
-    pub fn sync_handle(&self) -> Result<(S::File, u64, u64), LogError> {
+    /// For an fsync thread: what to make durable. It carries a second
+    /// handle to the segment being written only when `held` (the id of the
+    /// handle the thread was given last) no longer names that segment's
+    /// handle, so a thread that keeps its handle syncs without a `dup` and a
+    /// `close` each time. `fdatasync` on the handle, then report with
+    /// [`note_synced`](Self::note_synced).
+    pub fn sync_handle(&self, held: Option<u64>) -> Result<SyncRequest<S::File>, LogError> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
-        let seg = self.active();
-        let file = seg.file.as_ref().expect("the last segment is open");
-        let clone = file.try_clone().map_err(|e| {
-            LogError::io(
-                format!(
-                    "opening {} for fsync",
-                    self.storage.describe(&seg.meta.name)
-                ),
-                e,
-            )
-        })?;
-        Ok((clone, self.last_op(), self.epoch))
+        let file = if held == Some(self.handle_id) {
+            None
+        } else {
+            let seg = self.active();
+            let file = seg.file.as_ref().expect("the last segment is open");
+            Some(file.try_clone().map_err(|e| {
+                LogError::io(
+                    format!(
+                        "opening {} for fsync",
+                        self.storage.describe(&seg.meta.name)
+                    ),
+                    e,
+                )
+            })?)
+        };
+        Ok(SyncRequest {
+            file,
+            handle_id: self.handle_id,
+            op: self.last_op(),
+            epoch: self.epoch,
+        })
     }
 
     /// An fsync through [`sync_handle`](Self::sync_handle) finished: entries
@@ -815,6 +853,7 @@ impl<S: Storage> SegmentLog<S> {
         self.last_crc = prev;
         self.durable_op = self.durable_op.min(op);
         self.epoch += 1;
+        self.handle_id = next_handle_id();
         Ok(())
     }
 

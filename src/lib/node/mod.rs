@@ -3554,18 +3554,28 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.execute(Command::RoleChanged { role, view, leader })?;
     }
     // The fsync thread: fdatasync on a second handle to the active segment,
-    // then wake the loop.
+    // then wake the loop. It keeps that handle while the segment stays the
+    // same (no dup and close per fsync); the log sends a new one when the
+    // segment changes.
     let (sync_tx, sync_rx) =
-        std::sync::mpsc::sync_channel::<(crate::log::storage::FsFile, u64, u64)>(1);
+        std::sync::mpsc::sync_channel::<crate::log::SyncRequest<crate::log::storage::FsFile>>(1);
     let (synced_tx, synced_rx) = std::sync::mpsc::sync_channel::<Result<(u64, u64), io::Error>>(1);
+    let mut sync_held: Option<u64> = None;
     {
         let waker = waker.clone();
         std::thread::Builder::new()
             .name("falcon-fsync".into())
             .spawn(move || {
                 use crate::log::StorageFile;
-                for (mut file, op, epoch) in sync_rx {
-                    let r = file.sync_data().map(|_| (op, epoch));
+                let mut held = None;
+                for req in sync_rx {
+                    if req.file.is_some() {
+                        held = req.file;
+                    }
+                    let r = match held.as_mut() {
+                        Some(file) => file.sync_data().map(|_| (req.op, req.epoch)),
+                        None => Err(io::Error::other("no handle to the log to sync")),
+                    };
                     if synced_tx.send(r).is_err() {
                         return;
                     }
@@ -3877,10 +3887,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 let d = node.log.durable_op();
                 node.step(Input::Durable { op: d })?;
             } else {
-                let (file, op, epoch) = node.log.sync_handle()?;
+                let req = node.log.sync_handle(sync_held)?;
+                sync_held = Some(req.handle_id);
                 node.sync_inflight = true;
                 node.observed.sync_sent = Some(Instant::now());
-                if sync_tx.send((file, op, epoch)).is_err() {
+                if sync_tx.send(req).is_err() {
                     return Err(NodeError::Io {
                         context: "the fsync thread stopped".into(),
                         source: io::Error::other("fsync thread gone"),

@@ -431,7 +431,7 @@ impl TcpTransport {
                 mut rbuf,
             } => {
                 if readable {
-                    let why = match read_some(&mut stream, &mut rbuf, CHALLENGE_LEN) {
+                    let why = match read_some(&mut stream, &mut rbuf, CHALLENGE_LEN, false) {
                         Ok(true) => None,
                         Ok(false) => {
                             Some("the peer closed the connection during the handshake".into())
@@ -643,7 +643,8 @@ impl TcpTransport {
             InState::Ready { .. } => max + 4,
             _ => HELLO_LEN + AUTH_LEN,
         };
-        let open = match read_some(&mut c.stream, &mut c.rbuf, cap) {
+        let plain = c.stream.is_plain();
+        let open = match read_some(&mut c.stream, &mut c.rbuf, cap, plain) {
             Ok(open) => open,
             Err(e) => {
                 self.refuse(token, e.to_string());
@@ -886,7 +887,18 @@ impl TcpTransport {
 }
 
 /// Reads what is there into `buf` (up to `cap` bytes held). Ok(false) at EOF.
-fn read_some(stream: &mut impl Read, buf: &mut Vec<u8>, cap: usize) -> io::Result<bool> {
+///
+/// `short_drains`: a read that returns less than asked for has emptied the
+/// socket, so the read that would only say "would block" is skipped. True
+/// for a plain TCP socket: the edge-triggered poll reports any byte (or EOF)
+/// that arrives after it. Not for TLS, whose reads return one record at a
+/// time while more wait in the socket.
+fn read_some(
+    stream: &mut impl Read,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    short_drains: bool,
+) -> io::Result<bool> {
     thread_local! {
         // Zeroed once per thread, not on every read.
         static CHUNK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 << 10]);
@@ -899,7 +911,12 @@ fn read_some(stream: &mut impl Read, buf: &mut Vec<u8>, cap: usize) -> io::Resul
             let want = chunk.len().min(cap - buf.len());
             match stream.read(&mut chunk[..want]) {
                 Ok(0) => return Ok(false),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if short_drains && n < want {
+                        return Ok(true);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),

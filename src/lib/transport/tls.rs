@@ -192,6 +192,11 @@ pub enum PeerStream {
 }
 
 impl PeerStream {
+    /// Whether this is plain TCP (no TLS layer between reads and the socket).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, PeerStream::Plain(_))
+    }
+
     /// A dialled connection to `addr` (TLS when `tls` is given).
     pub fn dialled(
         stream: TcpStream,
