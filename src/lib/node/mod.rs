@@ -3585,6 +3585,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .map_err(io_err("starting the fsync thread"))?;
     }
     let cfg_sync = cfg.sync;
+    let peers_on_tcp = cfg.transport == crate::config::TransportKind::Tcp;
     let mut last_peer_turn = Instant::now();
     let mut peers_busy = false;
     let mut events = Events::with_capacity(1024);
@@ -3714,8 +3715,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             } else if t == PEERS {
                 peers_ready = true;
             } else if t == SYNCED {
-                // The fsync thread (handled below) or the shm doorbell: look at the peers too.
-                peers_ready = true;
+                // The fsync thread (handled below) or the shm doorbell: look
+                // at the peers too (over TCP the peers' sockets say so
+                // themselves, through PEERS).
+                peers_ready |= !peers_on_tcp;
             } else if t == TAP {
                 node.on_tap()?;
             } else if t == VM {
