@@ -1039,3 +1039,51 @@ fn a_message_larger_than_the_whole_queue_is_too_large_not_full() {
     }
     shm[0].send(&prepare(0, 1, 1, 1)).unwrap();
 }
+
+/// A peer that sends far more than one event's reads take (three reads of
+/// at most one message's limit each) in one burst, then falls silent: the
+/// bytes left in the socket still arrive, though no new byte comes to make
+/// the edge-triggered poll report the connection again.
+#[test]
+fn a_burst_larger_than_one_events_reads_arrives_whole_without_more_traffic() {
+    let addrs = free_addrs(2);
+    let mut o = TcpOptions::new(CLUSTER, 0, addrs, KEY.to_vec());
+    o.message_bytes_max = 4096;
+    o.handshake_timeout = Duration::from_millis(300);
+    let mut t = TcpTransport::bind(o).unwrap();
+    let addr = t.local_addr().unwrap();
+    // 400 messages of about 200 bytes: about 80 KB, over five times the 3 x
+    // 4 KiB one event reads.
+    let mut burst = Vec::new();
+    for op in 1..=400 {
+        let mut frame = vec![0u8; 4];
+        message::encode(&prepare(1, 0, 1, op), &mut frame);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        burst.extend_from_slice(&frame);
+    }
+    assert!(burst.len() > 5 * 3 * 4100, "{} bytes", burst.len());
+    // The peer runs on another thread: its handshake needs `t` polled.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let mut s = handshake(addr, 1, 0, KEY);
+        s.write_all(&burst).unwrap();
+        // Silent, and open, until the test ends.
+        let _ = done_rx.recv();
+    });
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while got.len() < 400 && Instant::now() < end {
+        t.recv(Duration::from_millis(20), &mut got).unwrap();
+    }
+    let ops: Vec<u64> = got
+        .iter()
+        .map(|e| match &e.msg {
+            Message::Prepare { op_start, .. } => *op_start,
+            m => panic!("not a prepare: {m:?}"),
+        })
+        .collect();
+    done_tx.send(()).unwrap();
+    peer.join().unwrap();
+    assert_eq!(ops, (1..=400).collect::<Vec<u64>>());
+}

@@ -157,6 +157,10 @@ pub struct TcpTransport {
     incoming: HashMap<Token, Incoming>,
     next_token: usize,
     notices: Vec<TransportEvent>,
+    /// Incoming connections whose reads stopped at their per-event limit
+    /// with bytes left: the edge-triggered poll will not report them again
+    /// until more arrive, so the next `recv` reads them first.
+    unfinished: Vec<Token>,
     /// When it was bound (see [`TcpOptions::connect_grace`]).
     started: Instant,
     urandom: std::fs::File,
@@ -229,6 +233,7 @@ impl TcpTransport {
             incoming: HashMap::new(),
             next_token: 1 + n,
             notices: Vec::new(),
+            unfinished: Vec::new(),
             started: now,
             urandom: std::fs::File::open("/dev/urandom")?,
         };
@@ -621,8 +626,11 @@ impl TcpTransport {
         // a peer that keeps its socket full cannot hold the loop.
         for _ in 0..3 {
             if !self.incoming_once(token, out) {
-                break;
+                return;
             }
+        }
+        if !self.unfinished.contains(&token) {
+            self.unfinished.push(token);
         }
     }
 
@@ -968,10 +976,16 @@ impl Transport for TcpTransport {
         self.flush();
         let now = Instant::now();
         let deadline = now + timeout;
-        let wait = self
-            .next_deadline(now)
-            .map_or(deadline, |d| d.min(deadline))
-            .saturating_duration_since(now);
+        for token in std::mem::take(&mut self.unfinished) {
+            self.on_incoming(token, out);
+        }
+        let wait = if out.is_empty() {
+            self.next_deadline(now)
+                .map_or(deadline, |d| d.min(deadline))
+                .saturating_duration_since(now)
+        } else {
+            Duration::ZERO
+        };
         let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let polled = self.poll.poll(&mut events, Some(wait));
         let now = Instant::now();
