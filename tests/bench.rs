@@ -230,7 +230,15 @@ fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
     assert_eq!(rows.len(), 14, "seven setups at 50 and at 1 connection");
     for row in rows {
         assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        // The host's busy time per request is read (this is Linux: /proc/stat);
+        // a short run may fit in one clock tick, so only the sum must be above 0.
+        assert!(row["host_cpu_us_per_op"].as_f64().unwrap() >= 0.0, "{row}");
     }
+    let busy: f64 = rows
+        .iter()
+        .map(|r| r["host_cpu_us_per_op"].as_f64().unwrap())
+        .sum();
+    assert!(busy > 0.0, "the host was never busy: {rows:?}");
     assert!(
         rows.iter()
             .any(|r| r["setup"].as_str().unwrap().contains("WAIT 2 0"))

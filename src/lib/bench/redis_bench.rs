@@ -116,6 +116,28 @@ pub struct Run {
     /// falcon setups: CPU time (user + system) of the three falcon
     /// processes per request, µs (the programs' own time not counted).
     pub falcon_cpu_us_per_op: Option<f64>,
+    /// CPU time the whole host was busy (user, nice, system, irq, softirq:
+    /// every process, the client and the kernel's disk and network work
+    /// included) per request, µs; none where /proc/stat cannot be read.
+    pub host_cpu_us_per_op: Option<f64>,
+}
+
+/// CPU time the whole host has been busy so far, ms (first line of /proc/stat).
+fn host_busy_ms() -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq ...
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| f.get(i).copied())
+        .sum::<Option<f64>>()?;
+    Some(busy * 1000.0 / hz)
 }
 
 /// CPU time (user + system) the processes used so far, ms (from /proc).
@@ -377,6 +399,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             };
             for &(setup, port, wait, pids) in &setups {
                 let cpu_before = cpu_ms(pids);
+                let host_before = host_busy_ms();
                 let (ops_per_s, p50_ms, p99_ms) = if wait {
                     let (ops, lat) = set_wait(port, clients, n)?;
                     (ops, lat.p50_us / 1000.0, lat.p99_us / 1000.0)
@@ -391,6 +414,9 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
                     p99_ms,
                     falcon_cpu_us_per_op: (!pids.is_empty())
                         .then(|| (cpu_ms(pids) - cpu_before) * 1000.0 / n as f64),
+                    host_cpu_us_per_op: host_busy_ms()
+                        .zip(host_before)
+                        .map(|(after, before)| (after - before) * 1000.0 / n as f64),
                 });
             }
         }
@@ -417,6 +443,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating (each round in another order)", requests / 10, args.rounds)));
     setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d, f, g: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
     setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs; d, e, f: one Redis connection per client on every replica, each command handed over after the last one's answer; g: every client's commands down one pipelined connection per Redis".into()));
+    setup.push(("cpu".into(), "falcon CPU: the three falcon processes' user + system time per request; host CPU: the whole host's busy time per request (every process of the setup, the client — redis-benchmark, or falcon's own threaded client for c — and the kernel's network and disk work; the idle setups' background included)".into()));
     setup.push(("divergence".into(), "d, e, g: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
     if ui.json {
         output::json_line(
@@ -435,6 +462,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "p99 ms",
         "ops/s vs c",
         "falcon CPU µs/op",
+        "host CPU µs/op",
     ]);
     for r in &rows {
         let c = rows
@@ -454,6 +482,8 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
                 "-".into()
             },
             r.falcon_cpu_us_per_op
+                .map_or_else(|| "-".into(), |us| format!("{us:.1}")),
+            r.host_cpu_us_per_op
                 .map_or_else(|| "-".into(), |us| format!("{us:.1}")),
         ]);
     }
