@@ -227,7 +227,7 @@ fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
     assert_eq!(r.code, 0, "{r:?}");
     let j = &r.json_lines()[0];
     let rows = j["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 14, "seven setups at 50 and at 1 connection");
+    assert_eq!(rows.len(), 16, "eight setups at 50 and at 1 connection");
     for row in rows {
         assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
         // The host's busy time per request is read (this is Linux: /proc/stat);
@@ -262,6 +262,12 @@ fn bench_redis_compares_falcon_with_redis_replication_in_one_run() {
             .as_str()
             .unwrap()
             .contains("divergence detection off")
+    }));
+    assert!(rows.iter().any(|r| {
+        r["setup"]
+            .as_str()
+            .unwrap()
+            .starts_with("h: as g, sync never")
     }));
 }
 

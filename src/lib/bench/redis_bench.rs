@@ -306,7 +306,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::Scratch(dir.clone());
-    let ports = free_ports(40);
+    let ports = free_ports(49);
     let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
     let mut procs = Procs(vec![
         redis_server(bare, &[])?,
@@ -351,6 +351,13 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         "program_protocol = \"resp\"\n",
     )?;
     procs.0.append(&mut falcon.0);
+    let (mut falcon, leader_resp_nosync, h_pids) = falcon_cluster(
+        &dir.join("resp-never"),
+        &ports[40..49],
+        "never",
+        "program_protocol = \"resp\"\n",
+    )?;
+    procs.0.append(&mut falcon.0);
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
     // Each setup: its name, the port its clients use, and whether every SET
@@ -388,6 +395,12 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             leader_resp,
             false,
             &g_pids[..],
+        ),
+        (
+            "h: as g, sync never",
+            leader_resp_nosync,
+            false,
+            &h_pids[..],
         ),
     ];
     for round in 0..args.rounds {
@@ -441,10 +454,10 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     }
     let mut setup = super::setup_lines(None);
     setup.push(("workload".into(), format!("SET, P=1, {requests} requests at 50 connections, {} at 1; median of {} rounds, setups alternating (each round in another order)", requests / 10, args.rounds)));
-    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d, f, g: on disk (fdatasync) on a majority of 3 before the answer; e: as d without fdatasync (shows what the disk costs)".into()));
-    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs; d, e, f: one Redis connection per client on every replica, each command handed over after the last one's answer; g: every client's commands down one pipelined connection per Redis".into()));
+    setup.push(("durability".into(), "a, b: memory only; c: in memory on 3 copies; d, f, g: on disk (fdatasync) on a majority of 3 before the answer; e, h: as d, g without fdatasync (show what the disk costs)".into()));
+    setup.push(("placement".into(), "every process on this host, loopback; falcon: 3 falcon + 3 redis-server processes per cluster, the other clusters idle while a setup runs; d, e, f: one Redis connection per client on every replica, each command handed over after the last one's answer; g, h: every client's commands down one pipelined connection per Redis".into()));
     setup.push(("cpu".into(), "falcon CPU: the three falcon processes' user + system time per request; host CPU: the whole host's busy time per request (every process of the setup, the client — redis-benchmark, or falcon's own threaded client for c — and the kernel's network and disk work; the idle setups' background included)".into()));
-    setup.push(("divergence".into(), "d, e, g: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
+    setup.push(("divergence".into(), "d, e, g, h: every replica hashes Redis's output (16 KiB chunks, xxh3) and compares the leader's; f: off".into()));
     if ui.json {
         output::json_line(
             out,
