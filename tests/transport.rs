@@ -1087,3 +1087,66 @@ fn a_burst_larger_than_one_events_reads_arrives_whole_without_more_traffic() {
     peer.join().unwrap();
     assert_eq!(ops, (1..=400).collect::<Vec<u64>>());
 }
+
+/// A peer that sends its last message and closes at once, both in the
+/// socket before the endpoint looks: the message arrives and the close is
+/// seen (the read that returns the last bytes takes the close with them,
+/// so the endpoint must read on rather than trust a short read).
+#[test]
+fn a_peer_that_sends_and_closes_at_once_is_seen_to_go() {
+    let addrs = free_addrs(2);
+    let mut o = TcpOptions::new(CLUSTER, 0, addrs, KEY.to_vec());
+    o.handshake_timeout = Duration::from_millis(300);
+    let mut t = TcpTransport::bind(o).unwrap();
+    let addr = t.local_addr().unwrap();
+    let (authed_tx, authed_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let mut s = handshake(addr, 1, 0, KEY);
+        authed_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        let mut frame = vec![0u8; 4];
+        message::encode(&prepare(1, 0, 1, 7), &mut frame);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        s.write_all(&frame).unwrap();
+        // Gone: the message and the close are in the socket together.
+    });
+    let mut got = Vec::new();
+    let mut evs = Vec::new();
+    // Polled until the peer is through its handshake and announced.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut authed = false;
+    while Instant::now() < end {
+        t.recv(Duration::from_millis(2), &mut got).unwrap();
+        evs.extend(t.events());
+        authed = authed || authed_rx.try_recv().is_ok();
+        if authed
+            && evs
+                .iter()
+                .any(|e| matches!(e, TransportEvent::Connected { peer: 1, .. }))
+        {
+            break;
+        }
+    }
+    assert!(authed, "the handshake did not finish: {evs:?}");
+    // Not polled while the peer writes and closes.
+    go_tx.send(()).unwrap();
+    peer.join().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end
+        && !evs
+            .iter()
+            .any(|e| matches!(e, TransportEvent::Lost { peer: 1, .. }))
+    {
+        t.recv(Duration::from_millis(20), &mut got).unwrap();
+        evs.extend(t.events());
+    }
+    assert_eq!(got.len(), 1, "the last message arrives: {got:?}");
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, TransportEvent::Lost { peer: 1, .. })),
+        "the close is seen: {evs:?}"
+    );
+}

@@ -638,6 +638,13 @@ impl<S: Storage> SegmentLog<S> {
         })
     }
 
+    /// The id of the segment handle [`sync_handle`](Self::sync_handle)
+    /// gives now: an fsync thread holding another one holds a segment no
+    /// longer written (perhaps removed, its space kept while it is open).
+    pub fn handle_id(&self) -> u64 {
+        self.handle_id
+    }
+
     /// An fsync through [`sync_handle`](Self::sync_handle) finished: entries
     /// up to `op` are durable, unless the tail changed since (`epoch`).
     /// A failed fsync must be reported with `Err`: it poisons the log.

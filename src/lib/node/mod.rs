@@ -3883,8 +3883,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.look_for_answer();
         // Input held during the fsync that just ended goes now, into the next one.
         node.propose()?;
-        // Something appended is not durable yet, and no fsync is under way.
-        if node.log.durable_op() < node.log.last_op() && !node.sync_inflight {
+        // Something appended is not durable yet, or the fsync thread holds
+        // a segment no longer written (a new segment, a truncation, a log
+        // reset by a snapshot: its space comes back only once the thread
+        // lets go), and no fsync is under way.
+        let handle_stale = sync_held.is_some_and(|h| h != node.log.handle_id());
+        if (node.log.durable_op() < node.log.last_op() || handle_stale) && !node.sync_inflight {
             if cfg_sync == crate::log::SyncPolicy::Never {
                 node.sync()?;
                 let d = node.log.durable_op();

@@ -617,7 +617,11 @@ impl TcpTransport {
         }
     }
 
-    fn on_incoming(&mut self, token: Token, out: &mut Vec<Envelope>) {
+    /// `closed`: the event says the peer closed or failed the connection
+    /// (or nothing is known): read on to the end, whatever a short read
+    /// says, since the read that returns its last bytes may also take the
+    /// close, and no later event would tell of it.
+    fn on_incoming(&mut self, token: Token, out: &mut Vec<Envelope>, closed: bool) {
         // Until the peer has authenticated, a read takes no more than the
         // handshake needs (garbage is refused before much is buffered); a
         // read that stopped at its cap may have left bytes behind (in the
@@ -625,7 +629,7 @@ impl TcpTransport {
         // At most three reads per event (the handshake's, then messages):
         // a peer that keeps its socket full cannot hold the loop.
         for _ in 0..3 {
-            if !self.incoming_once(token, out) {
+            if !self.incoming_once(token, out, !closed) {
                 return;
             }
         }
@@ -634,8 +638,9 @@ impl TcpTransport {
         }
     }
 
-    /// One read and what it completes. True: read again.
-    fn incoming_once(&mut self, token: Token, out: &mut Vec<Envelope>) -> bool {
+    /// One read and what it completes. True: read again. `short_drains`:
+    /// a short read may end it (see [`read_some`]; plain TCP only).
+    fn incoming_once(&mut self, token: Token, out: &mut Vec<Envelope>, short_drains: bool) -> bool {
         let cluster = self.opts.cluster_id;
         let me = self.opts.id;
         let n = self.opts.peers.len() as NodeId;
@@ -651,8 +656,8 @@ impl TcpTransport {
             InState::Ready { .. } => max + 4,
             _ => HELLO_LEN + AUTH_LEN,
         };
-        let plain = c.stream.is_plain();
-        let open = match read_some(&mut c.stream, &mut c.rbuf, cap, plain) {
+        let short_drains = short_drains && c.stream.is_plain();
+        let open = match read_some(&mut c.stream, &mut c.rbuf, cap, short_drains) {
             Ok(open) => open,
             Err(e) => {
                 self.refuse(token, e.to_string());
@@ -977,7 +982,7 @@ impl Transport for TcpTransport {
         let now = Instant::now();
         let deadline = now + timeout;
         for token in std::mem::take(&mut self.unfinished) {
-            self.on_incoming(token, out);
+            self.on_incoming(token, out, true);
         }
         let wait = if out.is_empty() {
             self.next_deadline(now)
@@ -1010,7 +1015,7 @@ impl Transport for TcpTransport {
                     now,
                 );
             } else {
-                self.on_incoming(t, out);
+                self.on_incoming(t, out, ev.is_read_closed() || ev.is_error());
             }
         }
         self.events = events;
@@ -1025,6 +1030,11 @@ impl Transport for TcpTransport {
 
     fn id(&self) -> NodeId {
         self.opts.id
+    }
+
+    /// A connection left with bytes to read (see `unfinished`): no sleep.
+    fn before_sleep(&mut self) -> bool {
+        self.unfinished.is_empty()
     }
 }
 

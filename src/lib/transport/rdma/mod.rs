@@ -851,7 +851,7 @@ impl Transport for RdmaTransport {
         }
         self.reap();
         self.flush();
-        !self.any_ready()
+        !self.any_ready() && self.tcp.before_sleep()
     }
 
     fn events(&mut self) -> Vec<TransportEvent> {
