@@ -770,6 +770,17 @@ impl<S: Storage> SegmentLog<S> {
     /// Removes every entry after `op`, durably. The view change uses this to
     /// drop entries the new view does not have.
     pub fn truncate_after(&mut self, op: u64) -> Result<(), LogError> {
+        let segments = self.segments.len();
+        let r = self.truncate_after_inner(op);
+        if r.is_err() && self.segments.len() != segments {
+            // Segments were removed and the cut did not finish: the log's
+            // state no longer matches its files. Nothing more is trusted.
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn truncate_after_inner(&mut self, op: u64) -> Result<(), LogError> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
@@ -893,6 +904,15 @@ impl<S: Storage> SegmentLog<S> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
+        let r = self.reset_inner(next_op, prev_crc);
+        if r.is_err() {
+            // Half reset: the log's state no longer matches its files.
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn reset_inner(&mut self, next_op: u64, prev_crc: u32) -> Result<(), LogError> {
         assert!(next_op >= 1, "ops start at 1");
         while let Some(seg) = self.segments.pop() {
             drop(seg.file);
