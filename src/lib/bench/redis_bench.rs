@@ -306,7 +306,7 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
     let dir = std::env::temp_dir().join(format!("falcon-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::Scratch(dir.clone());
-    let ports = free_ports(49);
+    let ports = free_ports(4 + 9 * 5);
     let (bare, primary, r1, r2) = (ports[0], ports[1], ports[2], ports[3]);
     let mut procs = Procs(vec![
         redis_server(bare, &[])?,
@@ -331,39 +331,45 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
         )
         .into());
     }
-    let (mut falcon, leader, d_pids) =
-        falcon_cluster(&dir.join("batch"), &ports[4..13], "batch", "")?;
-    procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_nosync, e_pids) =
-        falcon_cluster(&dir.join("never"), &ports[13..22], "never", "")?;
-    procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_unchecked, f_pids) = falcon_cluster(
-        &dir.join("unchecked"),
-        &ports[22..31],
-        "batch",
-        "divergence_chunk = \"off\"\n",
-    )?;
-    procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_resp, g_pids) = falcon_cluster(
-        &dir.join("resp"),
-        &ports[31..40],
-        "batch",
-        "program_protocol = \"resp\"\n",
-    )?;
-    procs.0.append(&mut falcon.0);
-    let (mut falcon, leader_resp_nosync, h_pids) = falcon_cluster(
-        &dir.join("resp-never"),
-        &ports[40..49],
-        "never",
-        "program_protocol = \"resp\"\n",
-    )?;
-    procs.0.append(&mut falcon.0);
+    // The falcon setups: name, scratch directory, sync policy, more of the
+    // cluster file. Nine ports each.
+    const FALCON_SETUPS: [(&str, &str, &str, &str); 5] = [
+        ("d: falcon, 3 replicas, sync batch", "batch", "batch", ""),
+        ("e: falcon, 3 replicas, sync never", "never", "never", ""),
+        (
+            "f: as d, divergence detection off",
+            "unchecked",
+            "batch",
+            "divergence_chunk = \"off\"\n",
+        ),
+        (
+            "g: as d, program_protocol resp",
+            "resp",
+            "batch",
+            "program_protocol = \"resp\"\n",
+        ),
+        (
+            "h: as g, sync never",
+            "resp-never",
+            "never",
+            "program_protocol = \"resp\"\n",
+        ),
+    ];
+    let mut clusters = Vec::new();
+    for (i, &(name, sub, sync, more)) in FALCON_SETUPS.iter().enumerate() {
+        let at = 4 + 9 * i;
+        let (mut falcon, leader, pids) =
+            falcon_cluster(&dir.join(sub), &ports[at..at + 9], sync, more)?;
+        procs.0.append(&mut falcon.0);
+        clusters.push((name, leader, pids));
+    }
     let requests = args.requests;
     let mut runs: Vec<Run> = Vec::new();
-    // Each setup: its name, the port its clients use, and whether every SET
-    // is followed by WAIT 2 0 (our own client) instead of redis-benchmark.
+    // Each setup: its name, the port its clients use, whether every SET is
+    // followed by WAIT 2 0 (our own client) instead of redis-benchmark, and
+    // the falcon processes whose CPU time counts.
     let none: &[u32] = &[];
-    let mut setups = [
+    let mut setups = vec![
         ("a: redis-server alone", bare, false, none),
         (
             "b: redis async replication, 2 replicas",
@@ -372,37 +378,10 @@ pub fn run(args: &BenchArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status, Ben
             none,
         ),
         ("c: redis SET + WAIT 2 0", primary, true, none),
-        (
-            "d: falcon, 3 replicas, sync batch",
-            leader,
-            false,
-            &d_pids[..],
-        ),
-        (
-            "e: falcon, 3 replicas, sync never",
-            leader_nosync,
-            false,
-            &e_pids[..],
-        ),
-        (
-            "f: as d, divergence detection off",
-            leader_unchecked,
-            false,
-            &f_pids[..],
-        ),
-        (
-            "g: as d, program_protocol resp",
-            leader_resp,
-            false,
-            &g_pids[..],
-        ),
-        (
-            "h: as g, sync never",
-            leader_resp_nosync,
-            false,
-            &h_pids[..],
-        ),
     ];
+    for (name, leader, pids) in &clusters {
+        setups.push((name, *leader, false, &pids[..]));
+    }
     for round in 0..args.rounds {
         for clients in [50usize, 1] {
             let n = if clients == 1 {
