@@ -369,6 +369,47 @@ fn three_redis_replicas_agree_survive_a_leader_kill_and_catch_up() {
     );
 }
 
+/// Every sync policy commits with only a majority up, which needs the
+/// leader's own vote: under `always` (the append syncs itself, no fsync
+/// thread) the leader once never counted its own entries, so one replica
+/// down (or a cluster of one) stopped every write.
+#[test]
+fn every_sync_policy_commits_with_one_replica_down_and_with_one_replica() {
+    let _one = serial();
+    for sync in ["always", "batch", "never"] {
+        let toml = format!("sync = \"{sync}\"\n");
+        let mut c = Cluster::start_toml(3, redis_program(), "refuse", Vec::new(), &toml);
+        let leader = c.leader(Duration::from_secs(20));
+        let down = (leader + 1) % 3;
+        c.kill(down);
+        for k in 0..20 {
+            let key = format!("{sync}{k}");
+            assert_eq!(
+                c.client_cmd(leader, &["SET", &key, "v"]).as_deref(),
+                Some("+OK"),
+                "sync = {sync}: a write with replica {} down; logs:\n{}",
+                down + 1,
+                c.log(leader)
+            );
+        }
+        let up = 3 - leader - down;
+        assert!(
+            util::wait_until(Duration::from_secs(10), || c.digest(up) == c.digest(leader)),
+            "sync = {sync}: the two replicas up agree"
+        );
+        drop(c);
+        let c = Cluster::start_toml(1, redis_program(), "refuse", Vec::new(), &toml);
+        let only = c.leader(Duration::from_secs(20));
+        assert_eq!(
+            c.client_cmd(only, &["SET", "alone", sync]).as_deref(),
+            Some("+OK"),
+            "sync = {sync}: a cluster of one; log:\n{}",
+            c.log(only)
+        );
+        assert_eq!(c.client_cmd(only, &["GET", "alone"]).as_deref(), Some(sync));
+    }
+}
+
 #[test]
 fn a_wrong_key_and_a_missing_program_are_clear_errors() {
     let r = util::run(&[

@@ -24,6 +24,9 @@ const INLINE_MAX: usize = 64 << 10;
 const ARGS_MAX: i64 = 1024 * 1024;
 /// Longest header line of an answer (`$<len>`, `*<count>`…).
 const HEADER_MAX: usize = 64;
+/// Deepest nesting of aggregates in an answer (arrays in arrays…) that is
+/// followed; Redis's own replies nest a few levels.
+const NESTING_MAX: usize = 1024;
 
 /// What the node does with the program's answers and with falcon's own.
 #[derive(Debug, PartialEq, Eq)]
@@ -236,6 +239,11 @@ impl Mux {
                 let count = usize::try_from(cur.u64()?).ok()?;
                 let qlen = cur.u64()?;
                 let queued = cur.bytes(qlen)?.to_vec();
+                // Every queued command takes bytes: a count past them is
+                // not one falcon wrote (and would owe answers without end).
+                if count as u64 > qlen {
+                    return None;
+                }
                 let multi = (flags & 2 != 0).then_some(Multi {
                     queued,
                     count,
@@ -243,7 +251,14 @@ impl Mux {
                 });
                 Some((id, flags & 1 != 0, pending, multi))
             };
-            parsed.push(one().ok_or_else(bad)?);
+            let one = one().ok_or_else(bad)?;
+            if !self.conns.contains_key(&one.0) {
+                return Err(format!(
+                    "the RESP state (from a snapshot) names connection {:#x}, which the snapshot does not hold open",
+                    one.0
+                ));
+            }
+            parsed.push(one);
         }
         for (id, broken, pending, multi) in parsed {
             let c = self.conns.entry(id).or_default();
@@ -888,6 +903,11 @@ impl ReplyScanner {
                     }
                     return Ok(self.value_done());
                 }
+                if self.open.len() >= NESTING_MAX {
+                    return Err(format!(
+                        "the program's answer nests aggregates more than {NESTING_MAX} deep (not an answer Redis gives)"
+                    ));
+                }
                 self.open.push((count as u64, kind == b'|'));
                 Ok(false)
             }
@@ -1076,6 +1096,25 @@ mod tests {
         let mut r = Mux::new(1 << 20, 1 << 20);
         r.open(1);
         r.import(&state).unwrap();
+        // A transaction that counts more queued commands than its bytes
+        // could hold is not falcon's: refused (it would owe answers
+        // without end).
+        let queued = cmd(&["INCR", "t"]);
+        let forge = |count: u64| {
+            let mut v = STATE_MAGIC.to_vec();
+            v.extend_from_slice(&1u64.to_le_bytes());
+            v.push(2);
+            v.extend_from_slice(&0u64.to_le_bytes());
+            v.extend_from_slice(&count.to_le_bytes());
+            v.extend_from_slice(&(queued.len() as u64).to_le_bytes());
+            v.extend_from_slice(&queued);
+            v
+        };
+        let mut f = Mux::new(1 << 20, 1 << 20);
+        f.open(1);
+        f.import(&forge(1)).unwrap();
+        assert!(f.import(&forge(u64::MAX)).is_err());
+        assert!(f.import(&forge(queued.len() as u64 + 1)).is_err());
         let (mut prog2, mut out2) = (Vec::new(), Vec::new());
         r.data(1, &cmd(&["EXEC"]), &mut prog2, &mut out2);
         assert_eq!(prog2, block);
@@ -1183,6 +1222,13 @@ mod tests {
         assert_eq!(p2, big);
         assert!(restored.import(b"garbage").is_err());
         assert!(restored.import(&state[..state.len() - 1]).is_err());
+        // A connection the restored program does not have open is refused,
+        // and nothing of the state is taken.
+        let mut stranger = Mux::new(1 << 20, 100);
+        stranger.open(1);
+        let err = stranger.import(&state).unwrap_err();
+        assert!(err.contains("0x2"), "{err}");
+        assert_eq!(stranger.pending, 0);
         m.close(1, &mut out);
         m.close(2, &mut out);
         assert!(m.whole());
@@ -1298,6 +1344,19 @@ mod tests {
         assert!(ReplyScanner::default().scan(b"?what\r\n").is_err());
         assert!(ReplyScanner::default().scan(b">2\r\n").is_err());
         assert!(ReplyScanner::default().scan(&[b'$'; 100]).is_err());
+        // Nesting: as deep as the limit is followed; one more is refused
+        // (memory for open aggregates stays bounded).
+        let deep = |n: usize| {
+            let mut v = b"*1\r\n".repeat(n);
+            v.extend_from_slice(b":1\r\n");
+            v
+        };
+        let ok = deep(NESTING_MAX);
+        assert_eq!(ReplyScanner::default().scan(&ok), Ok(Some(ok.len())));
+        let err = ReplyScanner::default()
+            .scan(&deep(NESTING_MAX + 1))
+            .unwrap_err();
+        assert!(err.contains("nests"), "{err}");
     }
 
     #[test]

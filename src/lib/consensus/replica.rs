@@ -540,6 +540,10 @@ impl Replica {
     pub fn commit(&self) -> u64 {
         self.commit
     }
+    /// Highest op this replica was told is on its own disk (`Input::Durable`).
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
     /// Last op in the log.
     pub fn last_op(&self) -> u64 {
         self.first_op + self.log.len() as u64 - 1

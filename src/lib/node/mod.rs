@@ -157,52 +157,75 @@ pub enum FollowerClients {
 /// Forwarded connections at most, per replica.
 const FORWARDS_MAX: usize = 1024;
 
+/// Most bytes of falcon's RESP state a snapshot may carry: what the
+/// multiplexer can hold (unfinished commands, queued transactions) and room
+/// for every connection's record.
+fn resp_state_max(limits: &crate::config::Limits) -> u64 {
+    limits.program_backlog_bytes as u64 + (64 << 20)
+}
+
 /// Passes a client connection on to the leader, on two threads (one per direction).
 fn forward(
     client: std::net::TcpStream,
     leader: SocketAddr,
     active: Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let counted = active.clone();
-    let spawned = std::thread::Builder::new()
+    /// Gives the connection's place back however the thread ends (a panic
+    /// included), so the count of forwards never leaks.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let counted = Counted(active);
+    // If no thread can be started, the connection is dropped and its place
+    // given back (the closure, and the guard in it, are dropped).
+    let _ = std::thread::Builder::new()
         .name("falcon-forward".into())
         .spawn(move || {
-            let done =
-                |active: &std::sync::atomic::AtomicUsize| active.fetch_sub(1, Ordering::Relaxed);
+            let _counted = counted;
             let Ok(upstream) =
                 std::net::TcpStream::connect_timeout(&leader, Duration::from_secs(1))
             else {
-                done(&active);
                 return;
             };
             let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
             let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
-                done(&active);
                 return;
             };
             let (back_done, finished) = std::sync::mpsc::channel::<()>();
             let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let moving = moved.clone();
-            let back = std::thread::spawn(move || {
-                let mut buf = vec![0u8; READ_CHUNK];
-                loop {
-                    match u2.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            if c2.write_all(&buf[..n]).is_err() {
-                                break;
+            let back = std::thread::Builder::new()
+                .name("falcon-forward".into())
+                .spawn(move || {
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    loop {
+                        match u2.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if c2.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                moving.fetch_add(n as u64, Ordering::Relaxed);
                             }
-                            moving.fetch_add(n as u64, Ordering::Relaxed);
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
                     }
-                }
-                let _ = c2.shutdown(std::net::Shutdown::Both);
-                let _ = back_done.send(());
-            });
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                    let _ = back_done.send(());
+                });
             let (mut c, mut u) = (client, upstream);
+            // No thread for the leader's answers (the host's thread limit):
+            // the client goes, and tries again.
+            let Ok(back) = back else {
+                let _ = u.shutdown(std::net::Shutdown::Both);
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                return;
+            };
             if io::copy(&mut c, &mut u).is_ok() {
                 // The client may have closed only its writing side: the
                 // leader's answers still come back (the other thread), as
@@ -221,12 +244,7 @@ fn forward(
             let _ = u.shutdown(std::net::Shutdown::Both);
             let _ = c.shutdown(std::net::Shutdown::Both);
             let _ = back.join();
-            done(&active);
         });
-    if spawned.is_err() {
-        // Could not start a thread: the connection is dropped, and counted back.
-        counted.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Why a node stopped with an error.
@@ -536,17 +554,40 @@ impl Hooks {
         }
     }
 
-    /// Unpacks the snapshot file and runs `--restore-cmd` on it.
-    fn restore(&self, cmd: &str, snap: &Path) -> Result<snapshot::SnapshotMeta, NodeError> {
+    /// Unpacks the snapshot file and runs `--restore-cmd` on it. falcon's
+    /// own RESP state in it may be at most `state_max` bytes.
+    fn restore(
+        &self,
+        cmd: &str,
+        snap: &Path,
+        state_max: u64,
+    ) -> Result<snapshot::SnapshotMeta, NodeError> {
         let dir = self.data_dir.join("snapshot.restore");
         let _ = std::fs::remove_dir_all(&dir);
         let mut meta =
             snapshot::unpack(snap, &dir).map_err(|e| NodeError::Snapshot(e.to_string()))?;
         // falcon's own part is for falcon, not for the restore hook.
         let state = dir.join(snapshot::RESP_STATE_FILE);
-        if let Ok(bytes) = std::fs::read(&state) {
-            meta.resp_state = bytes;
-            let _ = std::fs::remove_file(&state);
+        let unreadable = |e: &dyn std::fmt::Display| {
+            NodeError::Snapshot(format!(
+                "the snapshot's {} (falcon's state of its clients' unfinished commands) cannot be read: {e}",
+                snapshot::RESP_STATE_FILE
+            ))
+        };
+        match std::fs::symlink_metadata(&state) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unreadable(&e)),
+            Ok(m) if !m.is_file() => return Err(unreadable(&"not a plain file")),
+            Ok(m) if m.len() > state_max => {
+                return Err(unreadable(&format_args!(
+                    "{} bytes, more than this replica's limits allow ({state_max}; limits.program_backlog_bytes)",
+                    m.len()
+                )));
+            }
+            Ok(_) => {
+                meta.resp_state = std::fs::read(&state).map_err(|e| unreadable(&e))?;
+                let _ = std::fs::remove_file(&state);
+            }
         }
         let op = meta.op.to_string();
         self.run(
@@ -688,6 +729,10 @@ struct Node<'a> {
     /// When a refused client (over `client_connections`, or input refused
     /// as too much is pending) was last logged (once a second).
     refused_client_at: Option<Instant>,
+    /// When a refused peer connection was last logged (once a second), and
+    /// how many were refused since without a line.
+    refused_peer_at: Option<Instant>,
+    peer_refusals_unlogged: u64,
     /// When a message too large for a peer's queue was last logged.
     too_large_at: Option<Instant>,
     /// transport = "shm": where the rings of this cluster under the other
@@ -1499,6 +1544,10 @@ impl Node<'_> {
 
     /// program_protocol = "resp": the clients' unfinished commands a
     /// snapshot carried, once its connections are open again.
+    fn resp_state_max(&self) -> u64 {
+        resp_state_max(&self.limits)
+    }
+
     fn import_resp_state(&mut self, state: &[u8]) {
         if state.is_empty() {
             return;
@@ -2001,7 +2050,7 @@ impl Node<'_> {
         self.log.reset(meta.op + 1, 0)?;
         // Past anything the replay at start had left to read.
         self.log_replay = None;
-        let restored = self.hooks_env.restore(&cmd, &path)?;
+        let restored = self.hooks_env.restore(&cmd, &path, self.resp_state_max())?;
         let pid = self.start_program_at(meta.op, &meta.open_conns)?;
         self.import_resp_state(&restored.resp_state);
         self.next_snapshot_at = meta.op + self.snapshot_every;
@@ -2608,8 +2657,13 @@ impl Node<'_> {
             return;
         }
         if self.forwards.load(Ordering::Relaxed) >= FORWARDS_MAX {
-            self.ui
-                .warn("too many forwarded client connections; refusing one");
+            self.observed.clients_refused += 1;
+            if self.refusal_loggable() {
+                self.ui.warn(&format!(
+                    "refusing client connections: {FORWARDS_MAX} are being forwarded to the leader, the most a follower forwards ({} refused so far)",
+                    self.observed.clients_refused
+                ));
+            }
             return;
         }
         let leader = self.client_addrs[self.engine.leader() as usize];
@@ -3169,7 +3223,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 // Installed from the leader, then stopped before new entries arrived.
                 log.reset(meta.op + 1, 0)?;
             }
-            let restored = hooks.restore(cmd, &snap_path)?;
+            let restored = hooks.restore(cmd, &snap_path, resp_state_max(&cfg.limits))?;
             ui.note(&format!(
                 "restored the program from the snapshot at op {} ({} bytes)",
                 meta.op, meta.bytes
@@ -3457,6 +3511,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         memory_entries: opts.memory_entries.max(1),
         limits: cfg.limits,
         refused_client_at: None,
+        refused_peer_at: None,
+        peer_refusals_unlogged: 0,
         too_large_at: None,
         closes_owed: HashSet::new(),
         shm_other: (cfg.transport == crate::config::TransportKind::Shm).then(|| {
@@ -3830,7 +3886,25 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         for ev in node.transport.events() {
             match ev {
                 TransportEvent::Refused { addr, reason } => {
-                    ui.warn(&format!("refused a peer connection from {addr}: {reason}"))
+                    // At most a line a second: a peer with the wrong key, or
+                    // a flood of strangers, must not flood the log.
+                    if node
+                        .refused_peer_at
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                    {
+                        node.peer_refusals_unlogged += 1;
+                        continue;
+                    }
+                    node.refused_peer_at = Some(Instant::now());
+                    let more = std::mem::take(&mut node.peer_refusals_unlogged);
+                    ui.warn(&format!(
+                        "refused a peer connection from {addr}: {reason}{}",
+                        if more > 0 {
+                            format!(" ({more} more refused since the last such line)")
+                        } else {
+                            String::new()
+                        }
+                    ))
                 }
                 TransportEvent::Lost { peer, reason } => {
                     // One line when the last link to a replica goes (not per failed redial).
@@ -3905,6 +3979,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                     });
                 }
             }
+        }
+        // What is on disk without the fsync thread: every append under
+        // sync = "always", a view change's save on the loop. The engine
+        // hears of it (the leader counts its own entries only so).
+        let d = node.log.durable_op();
+        if d.min(node.engine.last_op()) > node.engine.durable() {
+            node.release();
+            node.step(Input::Durable { op: d })?;
         }
         node.hand_off_full_disk()?;
         node.retry_unwritten()?;
