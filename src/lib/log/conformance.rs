@@ -301,6 +301,18 @@ pub fn sync_through_a_second_handle<S: Storage + Clone>(fresh: impl Fn() -> S) {
         "an fsync from before the truncation does not cover the new op 12"
     );
     assert!(log.note_synced(Err(std::io::Error::other("EIO"))).is_err());
+    // Poisoned, a thread's later success makes nothing durable (the failed
+    // fsync's data may be gone; another handle's fsync can still say 0).
+    assert!(matches!(
+        log.note_synced(Ok((12, cut.epoch))),
+        Err(LogError::Poisoned)
+    ));
+    // A failed fsync is never "out of space, try again later", whatever
+    // its errno: the data it was to write may be gone from memory.
+    let full = log
+        .note_synced(Err(std::io::Error::from_raw_os_error(libc::ENOSPC)))
+        .unwrap_err();
+    assert!(!full.is_no_space(), "{full}");
     assert!(matches!(
         log.append(&entries(2, 13..=13)),
         Err(LogError::Poisoned)
@@ -417,6 +429,71 @@ pub fn preallocated_segments<S: Storage + Clone>(fresh: impl Fn() -> S) {
     assert_eq!(file_len(&s, &sealed.name), sealed.bytes + 3000);
 }
 
+/// A crash after a new segment's space was reserved but before its header
+/// reached the disk leaves a file of zeros: a torn header (removed; no
+/// record in it was ever synced), not damage that keeps the replica down.
+/// Zeros with other bytes after them are still damage, and a header that
+/// says op 0 is refused.
+pub fn a_reserved_segment_without_its_header<S: Storage + Clone>(fresh: impl Fn() -> S) {
+    use super::format::{FORMAT_VERSION, SegmentHeader, encode_segment_header};
+    use super::scan::segment_name;
+    use super::storage::StorageFile;
+    let o = LogOptions {
+        preallocate_bytes: 4096,
+        ..opts(1 << 20)
+    };
+    let s = fresh();
+    let mut log = open(&s, o.clone());
+    log.append(&entries(1, 1..=3)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let next = segment_name(4);
+    let mut f = s.create_new(&next).unwrap();
+    f.write_all_at(&[0; 4096], 0).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    let (mut log, rec) = SegmentLog::open(s.clone(), o.clone()).unwrap();
+    let torn = rec.torn.expect("a torn header");
+    assert!(torn.whole_segment && torn.segment == next, "{torn:?}");
+    assert!(
+        !s.list().unwrap().contains(&next),
+        "the empty segment is removed"
+    );
+    assert_eq!(read_all(&log), entries(1, 1..=3));
+    log.append(&entries(1, 4..=5)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    assert_eq!(open(&s, o.clone()).last_op(), 5);
+    // Zeros where the header should be, then bytes: damage.
+    let next = segment_name(6);
+    let mut f = s.create_new(&next).unwrap();
+    f.write_all_at(&[0; 4096], 0).unwrap();
+    f.write_all_at(b"not zero", 3000).unwrap();
+    drop(f);
+    assert!(matches!(
+        SegmentLog::open(s.clone(), o.clone()),
+        Err(LogError::Corrupt { .. })
+    ));
+    // A valid header that starts the log at op 0 (its name agreeing).
+    let s = fresh();
+    let header = SegmentHeader {
+        version: FORMAT_VERSION,
+        cluster_id: CLUSTER,
+        node_id: 1,
+        first_op: 0,
+        prev_crc: 0,
+        created_ns: 0,
+    };
+    let mut f = s.create_new(&segment_name(0)).unwrap();
+    f.write_all_at(&encode_segment_header(&header), 0).unwrap();
+    drop(f);
+    match SegmentLog::open(s.clone(), o) {
+        Err(LogError::Corrupt { reason, .. }) => assert!(reason.contains("op 0"), "{reason}"),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a segment starting at op 0 was accepted"),
+    }
+}
+
 /// Written over preallocated space, unsynced sectors reach the disk in any
 /// order after a power loss, and one that did not reads as zeros: such a gap
 /// in the last segment is a torn tail (cut; everything synced stays), while
@@ -478,7 +555,7 @@ macro_rules! log_conformance_tests {
             rollover_across_segments, truncate_suffix, compaction_removes_old_segments,
             reset_starts_over, refuses_other_owner_and_second_writer, sync_policies,
             sync_through_a_second_handle, preallocated_segments,
-            power_loss_gaps_in_preallocated_space);
+            power_loss_gaps_in_preallocated_space, a_reserved_segment_without_its_header);
     };
     (@each $fresh:expr; $($name:ident),*) => {
         $(

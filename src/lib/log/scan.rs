@@ -83,6 +83,13 @@ pub fn read_header<F: StorageFile>(
         .map_err(|e| LogError::io(format!("reading {describe}"), e))?;
     match format::decode_segment_header(&b[..n]) {
         Ok(h) => {
+            if h.first_op == 0 {
+                return Err(LogError::Corrupt {
+                    file: describe.to_string(),
+                    offset: 32,
+                    reason: "header says the segment starts at op 0 (ops start at 1)".into(),
+                });
+            }
             if h.first_op != name_first_op {
                 return Err(LogError::Corrupt {
                     file: describe.to_string(),
@@ -106,7 +113,14 @@ pub fn read_header<F: StorageFile>(
             })
         }
         Err(e) => {
-            if len <= SEGMENT_HEADER_LEN as u64 {
+            // Short, or nothing but zeros (the header lost by a crash after
+            // the file's space was reserved, before its first fsync: no
+            // record in it was ever synced).
+            let zeros = || {
+                zeros_to_end(file, 0, len)
+                    .map_err(|e| LogError::io(format!("reading {describe}"), e))
+            };
+            if len <= SEGMENT_HEADER_LEN as u64 || zeros()? {
                 Ok((
                     HeaderState::Torn {
                         reason: e.to_string(),

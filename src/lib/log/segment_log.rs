@@ -339,20 +339,25 @@ impl<S: Storage> SegmentLog<S> {
             .map_err(|e| LogError::io(format!("creating {describe}"), e))?;
         self.preallocate = true;
         let mut reserved = SEGMENT_HEADER_LEN as u64;
+        // The header is synced before the space is reserved: a crash never
+        // leaves a reserved segment whose header did not reach the disk.
+        // (Recovery takes one of zeros only as a torn header too.)
         let written = file
             .write_all_at(&format::encode_segment_header(&header), 0)
             .and_then(|_| {
+                if self.opts.sync == SyncPolicy::Never {
+                    Ok(())
+                } else {
+                    file.sync_data()
+                }
+            })
+            .map(|_| {
                 let want = self.opts.preallocate_bytes.min(self.opts.segment_bytes_max);
                 if want > reserved {
                     match file.preallocate(want) {
                         Ok(()) => reserved = want,
                         Err(_) => self.preallocate = false,
                     }
-                }
-                if self.opts.sync == SyncPolicy::Never {
-                    Ok(())
-                } else {
-                    file.sync_data()
                 }
             });
         if let Err(e) = written {
@@ -653,6 +658,9 @@ impl<S: Storage> SegmentLog<S> {
         result: Result<(u64, u64), std::io::Error>,
     ) -> Result<u64, LogError> {
         match result {
+            // Poisoned since (a write or an fsync on the loop failed): what
+            // the thread synced may be short of what it was asked for.
+            Ok(_) if self.poisoned => Err(LogError::Poisoned),
             Ok((op, epoch)) => {
                 if epoch == self.epoch {
                     self.durable_op = self.durable_op.max(op.min(self.last_op()));
@@ -945,10 +953,13 @@ fn locate<F>(seg: &Segment<F>, op: u64) -> (u64, u64, u32) {
 
 /// A failed fdatasync, worded for the operator: fatal, never retried.
 fn fsync_failed(describe: &str, e: std::io::Error) -> LogError {
+    // The source is wrapped: a failed fsync is never "out of space, retry
+    // later" (`is_no_space`), even when it says ENOSPC; the data it was to
+    // write may be gone from memory.
     LogError::io(
         format!(
             "fdatasync of {describe} failed, so entries this replica wrote may not be on its disk; a failed fsync is never retried (the kernel may have dropped the data): this replica stops. Check the disk (dmesg), then restart it: it verifies its log and catches up from the others"
         ),
-        e,
+        std::io::Error::other(e),
     )
 }

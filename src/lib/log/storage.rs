@@ -57,7 +57,11 @@ pub trait StorageFile: Send + 'static {
     /// `fdatasync` has less to commit. May fail (no space, a file system
     /// without it); the log then appends without it.
     fn preallocate(&mut self, len: u64) -> io::Result<()>;
-    /// Another handle to the same open file (for an fsync thread).
+    /// Another handle to the same file, for an fsync thread. On a real file
+    /// it is another open of it, not a `dup`: each open has its own record
+    /// of writeback errors, so a failed writeback fails the next fsync on
+    /// either handle. (A `dup` shares one record: the thread's failed fsync
+    /// would let the loop's next one on the same file succeed.)
     fn try_clone(&self) -> io::Result<Self>
     where
         Self: Sized;
@@ -131,7 +135,14 @@ impl StorageFile for FsFile {
         preallocate(&self.0, len)
     }
     fn try_clone(&self) -> io::Result<FsFile> {
-        self.0.try_clone().map(FsFile)
+        // The descriptor's link names the file even when it was renamed or
+        // removed since, and opening it is a new open of the same file.
+        use std::os::fd::AsRawFd;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+            .map(FsFile)
     }
 }
 
@@ -571,5 +582,41 @@ impl SplitMix {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The fsync thread's handle is another open of the segment, not a
+    /// `dup`: the two have their own file offsets (and so their own
+    /// records of writeback errors, which the kernel keeps per open).
+    #[test]
+    fn a_clone_for_the_fsync_thread_is_another_open_of_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::new(dir.path(), true).unwrap();
+        let mut file = storage.create_new("seg").unwrap();
+        file.write_all_at(b"hello", 0).unwrap();
+        let mut clone = file.try_clone().unwrap();
+        // SAFETY: lseek on descriptors these handles own.
+        let (moved, other) = unsafe {
+            (
+                libc::lseek(clone.0.as_raw_fd(), 3, libc::SEEK_SET),
+                libc::lseek(file.0.as_raw_fd(), 0, libc::SEEK_CUR),
+            )
+        };
+        assert_eq!((moved, other), (3, 0), "the clone shares the offset: a dup");
+        // The same file: what one writes, the other reads and syncs.
+        clone.write_all_at(b"HE", 0).unwrap();
+        clone.sync_data().unwrap();
+        let mut buf = [0u8; 5];
+        assert_eq!(file.read_full_at(&mut buf, 0).unwrap(), 5);
+        assert_eq!(&buf, b"HEllo");
+        // Still the file after it is removed (a segment cut while the
+        // thread holds it).
+        storage.remove("seg").unwrap();
+        assert!(file.try_clone().unwrap().sync_data().is_ok());
     }
 }
