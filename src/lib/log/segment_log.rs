@@ -669,7 +669,11 @@ impl<S: Storage> SegmentLog<S> {
             }
             Err(e) => {
                 self.poisoned = true;
-                let describe = self.storage.describe(&self.active().meta.name);
+                // (A failed reset may have left no segment at all.)
+                let describe = self.segments.last().map_or_else(
+                    || "the log".to_string(),
+                    |s| self.storage.describe(&s.meta.name),
+                );
                 Err(fsync_failed(&describe, e))
             }
         }

@@ -154,6 +154,10 @@ pub enum FollowerClients {
     Refuse,
 }
 
+/// Reads of a program connection's output in one turn of the loop (of
+/// [`READ_CHUNK`] bytes each); the rest waits for the next turn.
+const APP_READS_PER_TURN: usize = 64;
+
 /// Forwarded connections at most, per replica.
 const FORWARDS_MAX: usize = 1024;
 
@@ -675,6 +679,10 @@ struct Node<'a> {
     sync_inflight: bool,
     /// Clients that had more to read when their turn ended.
     unread: Vec<Token>,
+    /// Program connections whose output was not all read in their turn
+    /// (at most [`APP_READS_PER_TURN`] reads each), and whether their
+    /// event said the program closed: read again next turn.
+    app_unread: Vec<(Token, bool)>,
     /// Clients not read while the program is behind (too many committed
     /// entries wait for it); read again once it catches up.
     paused: Vec<Token>,
@@ -1600,7 +1608,7 @@ impl Node<'_> {
                     // differs, or is late): later waits on the connection
                     // allow for the difference rather than time out each.
                     if let Some(a) = self.apps.get_mut(&conn) {
-                        a.await_gap = want - have;
+                        a.await_gap = want.saturating_sub(have);
                     }
                 }
                 self.await_since = None;
@@ -2384,7 +2392,7 @@ impl Node<'_> {
     fn awaits_output(&self, e: &Entry) -> bool {
         let have = self.out_count(e.conn);
         self.apps.get(&e.conn).is_some_and(|a| {
-            have + a.await_gap < await_offset(e) && a.shut.is_none() && !a.reopened
+            have.saturating_add(a.await_gap) < await_offset(e) && a.shut.is_none() && !a.reopened
         })
     }
 
@@ -2580,6 +2588,24 @@ impl Node<'_> {
         Ok(())
     }
 
+    /// A connection id for a new client: the view, and a count of the
+    /// view's connections. After 2^32 of them in one view the count comes
+    /// round; an id still in use (a client connected since then, or its
+    /// program connection not closed yet) is skipped, and so is the shared
+    /// program connection's.
+    fn new_conn_id(&mut self) -> u64 {
+        loop {
+            let conn = (self.engine.view() << 32) | (self.next_conn & 0xffff_ffff);
+            self.next_conn = self.next_conn.wrapping_add(1);
+            if conn != SHARED
+                && !self.client_of_conn.contains_key(&conn)
+                && !self.apps.contains_key(&conn)
+            {
+                return conn;
+            }
+        }
+    }
+
     fn accept_clients(&mut self) -> Result<(), NodeError> {
         loop {
             match self.clients_listener.accept() {
@@ -2610,8 +2636,7 @@ impl Node<'_> {
                     self.observed.clients_accepted += 1;
                     let token = Token(CLIENT_BASE + self.next_token);
                     self.next_token += 1;
-                    let conn = (self.engine.view() << 32) | (self.next_conn & 0xffff_ffff);
-                    self.next_conn += 1;
+                    let conn = self.new_conn_id();
                     if self
                         .poll
                         .registry()
@@ -2692,7 +2717,15 @@ impl Node<'_> {
             // QUIT) is read and dropped: left unread, it would turn the
             // close into a reset that can discard answers still on the way.
             if ready.readable && matches!(c.end, ClientEnd::Ending(_)) {
-                let _ = read_to_end(&mut c.stream, &mut self.read_buf, c.peer_closed, |_| true);
+                let mut reads = 0;
+                let end = read_to_end(&mut c.stream, &mut self.read_buf, c.peer_closed, |_| {
+                    reads += 1;
+                    reads < 16
+                });
+                if end == End::Open && reads >= 16 {
+                    // More next turn; a client that floods cannot hold the loop.
+                    self.unread.push(t);
+                }
             }
             if !writes || (matches!(c.end, ClientEnd::Ending(_)) && c.out.is_empty()) {
                 self.drop_client(t, false);
@@ -2882,7 +2915,7 @@ impl Node<'_> {
             return;
         };
         if conn == SHARED && self.mux.is_some() {
-            self.on_shared(ready);
+            self.on_shared(t, ready);
             return;
         }
         let Some(a) = self.apps.get_mut(&conn) else {
@@ -2898,10 +2931,17 @@ impl Node<'_> {
             return;
         }
         let mut answer = Vec::new();
+        let mut reads = 0;
         let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
             answer.extend_from_slice(bytes);
-            true
+            reads += 1;
+            reads < APP_READS_PER_TURN
         });
+        if end == End::Open && reads >= APP_READS_PER_TURN {
+            // A program that writes faster than this loop reads must not
+            // keep it from everything else: the rest is read next turn.
+            self.app_unread.push((t, ready.closed));
+        }
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
         self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
@@ -2971,7 +3011,7 @@ impl Node<'_> {
     }
 
     /// `program_protocol = "resp"`: the shared connection is ready.
-    fn on_shared(&mut self, ready: Ready) {
+    fn on_shared(&mut self, t: Token, ready: Ready) {
         let Some(a) = self.apps.get_mut(&SHARED) else {
             return;
         };
@@ -2984,10 +3024,16 @@ impl Node<'_> {
             return;
         }
         let mut got = Vec::new();
+        let mut reads = 0;
         let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
             got.extend_from_slice(bytes);
-            true
+            reads += 1;
+            reads < APP_READS_PER_TURN
         });
+        if end == End::Open && reads >= APP_READS_PER_TURN {
+            // The rest next turn (see on_app).
+            self.app_unread.push((t, ready.closed));
+        }
         let mut out = Vec::new();
         if let Some(m) = &mut self.mux {
             if let Err(why) = m.program_output(&got, &mut out) {
@@ -3472,6 +3518,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         held: Vec::new(),
         proposals: Proposals::default(),
         unread: Vec::new(),
+        app_unread: Vec::new(),
         paused: Vec::new(),
         unwritten: Vec::new(),
         disk_full: None,
@@ -3731,7 +3778,12 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             node.vm_report();
             return Err(NodeError::VmDiverged(why));
         }
-        let mut wait = if node.unread.is_empty() && !spinning && !node.tap_more && !node.vm_more {
+        let mut wait = if node.unread.is_empty()
+            && node.app_unread.is_empty()
+            && !spinning
+            && !node.tap_more
+            && !node.vm_more
+        {
             node.idle_wait(idle_max)
         } else {
             Duration::ZERO
@@ -3793,6 +3845,16 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         for t in std::mem::take(&mut node.unread) {
             node.on_client(t, Ready::READ)?;
+        }
+        for (t, closed) in std::mem::take(&mut node.app_unread) {
+            node.on_app(
+                t,
+                Ready {
+                    readable: true,
+                    writable: false,
+                    closed,
+                },
+            );
         }
         if node.role == Role::Leader {
             for conn in std::mem::take(&mut node.closes_owed) {

@@ -472,7 +472,13 @@ impl Node<'_> {
                 )));
             }
             let leader = self.engine.leader();
-            self.start_fetch(leader, need)?;
+            // No room for the snapshot here (or another disk error): the
+            // operator hears why; the replica goes on as it was.
+            if let Err(e) = self.start_fetch(leader, need) {
+                return Ok(refusal(format!(
+                    "replica {me} cannot fetch the leader's snapshot: {e}"
+                )));
+            }
             self.resync = Some(Resync::new(
                 "leader's snapshot",
                 0,

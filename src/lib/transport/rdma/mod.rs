@@ -830,7 +830,9 @@ impl Transport for RdmaTransport {
         self.flush();
         self.pump_tcp(out)?;
         let got = self.drain(out);
-        if !got && out.is_empty() && !timeout.is_zero() {
+        // Bytes the TCP side left unread (its capped reads) are read at
+        // once, without waiting for readiness that will not come again.
+        if !got && out.is_empty() && !timeout.is_zero() && self.tcp.before_sleep() {
             self.wait(timeout);
             self.dev.take_events();
             self.reap();
