@@ -7,6 +7,30 @@ mod real_directory {
         falcon::log::FsStorage::new(dir, true).expect("storage")
     }
     falcon::log_conformance_tests!(fresh);
+
+    /// A failed fsync leaves its note; the next open reads the log from the
+    /// disk (not the page cache), syncs it, says so, and clears the note.
+    #[test]
+    fn a_failed_fsync_makes_the_next_open_read_the_disk() {
+        use falcon::log::conformance::{CLUSTER, entry};
+        use falcon::log::{LogOptions, SegmentLog, Storage};
+        let s = fresh();
+        let (mut log, rec) = SegmentLog::open(s.clone(), LogOptions::new(CLUSTER, 1)).unwrap();
+        assert!(!rec.after_failed_fsync);
+        log.append(&(1..=5).map(|op| entry(1, op)).collect::<Vec<_>>())
+            .unwrap();
+        log.sync().unwrap();
+        assert!(log.note_synced(Err(std::io::Error::other("EIO"))).is_err());
+        drop(log);
+        assert!(s.list().unwrap().iter().any(|n| n == "FSYNC-FAILED"));
+        let (log, rec) = SegmentLog::open(s.clone(), LogOptions::new(CLUSTER, 1)).unwrap();
+        assert!(rec.after_failed_fsync);
+        assert_eq!(log.last_op(), 5);
+        drop(log);
+        assert!(!s.list().unwrap().iter().any(|n| n == "FSYNC-FAILED"));
+        let (_, rec) = SegmentLog::open(s, LogOptions::new(CLUSTER, 1)).unwrap();
+        assert!(!rec.after_failed_fsync);
+    }
 }
 
 mod in_memory {

@@ -2511,6 +2511,14 @@ fn a_failed_fsync_stops_the_replica_and_the_cluster_goes_on_without_losing_a_wri
         c.digests(),
         c.log(leader)
     );
+    // It read its log from the disk, not from pages the failed fsync may
+    // have left cached, and said so.
+    assert!(
+        c.log(leader)
+            .contains("an fsync of this log failed before this start"),
+        "{}",
+        c.log(leader)
+    );
 }
 
 /// `falcon failover ARGS --config cluster.toml` in the cluster's directory.

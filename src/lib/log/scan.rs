@@ -41,7 +41,10 @@ pub fn list_segments<S: Storage>(storage: &S) -> Result<Vec<(String, u64)>, LogE
         .collect();
     segs.sort_by_key(|s| s.1);
     if segs.is_empty() {
-        let others: Vec<&String> = names.iter().filter(|n| n.as_str() != "LOCK").collect();
+        let others: Vec<&String> = names
+            .iter()
+            .filter(|n| !matches!(n.as_str(), "LOCK" | super::storage::FSYNC_NOTE))
+            .collect();
         if !others.is_empty() {
             return Err(LogError::NotALog {
                 path: storage.describe(""),

@@ -125,6 +125,9 @@ pub struct Recovery {
     pub last_op: u64,
     /// A torn tail that was cut off.
     pub torn: Option<TornTail>,
+    /// A failed fsync had left its note: the log was read from the disk,
+    /// not from the page cache.
+    pub after_failed_fsync: bool,
 }
 
 /// Public facts about one segment.
@@ -205,6 +208,17 @@ impl<S: Storage> SegmentLog<S> {
                 LogError::io(format!("locking {}", storage.describe("LOCK")), e)
             }
         })?;
+        // After a failed fsync, this process's predecessor may have left
+        // pages in the cache that never reached the disk: read the disk.
+        let after_failure = storage.forget_cache_after_failed_fsync().map_err(|e| {
+            LogError::io(
+                format!(
+                    "dropping the cached pages of {} after a failed fsync",
+                    storage.describe("")
+                ),
+                e,
+            )
+        })?;
         let outcome = scan::scan_log(&storage, u64::MAX, |_| Ok(true), |_| {})?;
         let mut log = SegmentLog {
             storage,
@@ -279,6 +293,11 @@ impl<S: Storage> SegmentLog<S> {
                 log.sync_dir()?;
             }
         }
+        if after_failure && log.opts.sync != SyncPolicy::Never {
+            // Read from the disk and synced again: the log is what it says.
+            log.storage.clear_fsync_note();
+        }
+        recovery.after_failed_fsync = after_failure;
         recovery.segments = log.segments.len();
         recovery.first_op = log.first_op();
         recovery.last_op = log.last_op();
@@ -315,6 +334,7 @@ impl<S: Storage> SegmentLog<S> {
         }
         self.storage.sync_dir().map_err(|e| {
             self.poisoned = true;
+            self.storage.leave_fsync_note();
             LogError::io(
                 format!("syncing directory {}", self.storage.describe("")),
                 e,
@@ -591,6 +611,7 @@ impl<S: Storage> SegmentLog<S> {
             .expect("the last segment is open");
         if let Err(e) = file.sync_data() {
             self.poisoned = true;
+            self.storage.leave_fsync_note();
             let describe = self.storage.describe(&self.active().meta.name);
             return Err(fsync_failed(&describe, e));
         }
@@ -669,6 +690,7 @@ impl<S: Storage> SegmentLog<S> {
             }
             Err(e) => {
                 self.poisoned = true;
+                self.storage.leave_fsync_note();
                 // (A failed reset may have left no segment at all.)
                 let describe = self.segments.last().map_or_else(
                     || "the log".to_string(),

@@ -36,7 +36,23 @@ pub trait Storage: Send + 'static {
     fn describe(&self, name: &str) -> String;
     /// Takes an exclusive writer lock on the directory, held until the guard drops.
     fn lock(&self) -> io::Result<Box<dyn Send>>;
+    /// A failed fsync leaves a note (best effort). It need not be durable:
+    /// what it warns of is the page cache, which a reboot empties anyway.
+    fn leave_fsync_note(&self) {}
+    /// If a failed fsync left its note: drops what the OS caches of the
+    /// directory's files, so that they are read from the disk again (a page
+    /// whose writeback failed may stay cached, readable, and not on the
+    /// disk), and says so. The note stays until
+    /// [`clear_fsync_note`](Self::clear_fsync_note).
+    fn forget_cache_after_failed_fsync(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// The log was read and synced again after a failed fsync: the note goes.
+    fn clear_fsync_note(&self) {}
 }
+
+/// The note a failed fsync leaves in a log directory.
+pub const FSYNC_NOTE: &str = "FSYNC-FAILED";
 
 /// One open file.
 #[allow(clippy::len_without_is_empty)]
@@ -211,6 +227,41 @@ impl Storage for FsStorage {
         } else {
             self.dir.join(name).display().to_string()
         }
+    }
+    fn leave_fsync_note(&self) {
+        let _ = std::fs::write(
+            self.dir.join(FSYNC_NOTE),
+            "an fsync of this log failed; falcon reads the log from the disk (not the page cache) at its next start\n",
+        );
+    }
+    fn forget_cache_after_failed_fsync(&self) -> io::Result<bool> {
+        if !self.dir.join(FSYNC_NOTE).exists() {
+            return Ok(false);
+        }
+        for name in self.list()? {
+            if !name.ends_with(".seg") {
+                continue;
+            }
+            let file = File::open(self.dir.join(&name))?;
+            // Dirty pages are written first (and stay); clean ones go.
+            // SAFETY: fadvise on a descriptor we own.
+            let r = unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                    0,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            // (A file system without it has no page cache of its own to drop.)
+            if r != 0 && r != libc::EINVAL && r != libc::ESPIPE {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+        }
+        Ok(true)
+    }
+    fn clear_fsync_note(&self) {
+        let _ = std::fs::remove_file(self.dir.join(FSYNC_NOTE));
     }
     fn lock(&self) -> io::Result<Box<dyn Send>> {
         use std::io::Write;
@@ -618,5 +669,54 @@ mod tests {
         // thread holds it).
         storage.remove("seg").unwrap();
         assert!(file.try_clone().unwrap().sync_data().is_ok());
+    }
+
+    /// Pages of `path` in the page cache.
+    fn resident(path: &Path) -> usize {
+        let file = File::open(path).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a shared read-only mapping of a file we hold open, unmapped
+        // before return; mincore writes one byte per page into `vec`.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0);
+            libc::munmap(at, len);
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// After a failed fsync's note, the directory's files are read from the
+    /// disk again: their cached pages are dropped. Without the note, nothing
+    /// is dropped.
+    #[test]
+    fn after_a_failed_fsync_the_cache_of_the_log_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::new(dir.path(), true).unwrap();
+        let mut file = storage.create_new("1.seg").unwrap();
+        file.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+        file.sync_data().unwrap();
+        let path = dir.path().join("1.seg");
+        let mut buf = vec![0u8; 1 << 20];
+        assert_eq!(file.read_full_at(&mut buf, 0).unwrap(), 1 << 20);
+        assert!(resident(&path) > 0, "a file just written is cached");
+        assert!(!storage.forget_cache_after_failed_fsync().unwrap());
+        assert!(resident(&path) > 0, "no note: the cache stays");
+        storage.leave_fsync_note();
+        assert!(storage.forget_cache_after_failed_fsync().unwrap());
+        assert_eq!(resident(&path), 0, "the note: read from the disk again");
+        assert_eq!(file.read_full_at(&mut buf, 0).unwrap(), 1 << 20);
+        assert!(buf.iter().all(|&b| b == 7));
+        storage.clear_fsync_note();
+        assert!(!dir.path().join(FSYNC_NOTE).exists());
     }
 }

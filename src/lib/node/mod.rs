@@ -3221,6 +3221,11 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     // From here on the log changes: no seal may outlive this start.
     seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"))?;
+    if recovery.after_failed_fsync {
+        ui.warn(
+            "an fsync of this log failed before this start: the log was read from the disk, not from the page cache, and synced again",
+        );
+    }
     if let Some(t) = &recovery.torn {
         ui.warn(&format!(
             "cut a torn tail from the log: {} at byte offset {} ({} bytes)",
