@@ -2929,6 +2929,42 @@ fn program_protocol_resp_sends_every_client_down_one_connection_in_log_order() {
     );
     assert_eq!(got, "+OK\r\n$5\r\nvalue\r\n+PONG\r\n+PONG\r\n+OK\r\n");
     assert!(closed, "QUIT did not close the connection");
+    // A Lua table that holds itself: Redis answers with arrays nested about
+    // 8,000 deep and an error inside. Every replica reads it as one answer
+    // (and goes on), and the client gets it whole.
+    let (got, _) = raw_exchange(
+        client,
+        &[b"*3\r\n$4\r\nEVAL\r\n$38\r\nlocal a={} local b={a} a[1]=b return a\r\n$1\r\n0\r\nPING\r\n"],
+    );
+    let depth = got.matches("*1\r\n").count();
+    assert!(
+        depth > 1024,
+        "nested {depth} deep: {}",
+        &got[got.len().saturating_sub(200)..]
+    );
+    assert!(
+        got.ends_with("-ERR reached lua stack limit\r\n+PONG\r\n"),
+        "{}",
+        &got[got.len().saturating_sub(200)..]
+    );
+    assert_eq!(
+        c.client_cmd(leader, &["SET", "after-deep", "1"]).as_deref(),
+        Some("+OK")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c.digests_agree()),
+        "a replica stopped after the deep answer: {:?}\n{}",
+        c.digests(),
+        (0..3).map(|i| c.log(i)).collect::<Vec<_>>().join("\n---\n")
+    );
+    for (i, node) in c.nodes.iter_mut().enumerate() {
+        let node = node.as_mut().expect("running");
+        assert!(
+            node.try_wait().unwrap().is_none(),
+            "replica {} exited",
+            i + 1
+        );
+    }
     answers_reach_clients_that_close_or_quit(client, "program_protocol = \"resp\"");
     // Blanks Redis skips are skipped (no answer owed for them), and a
     // refused command hidden behind them is still refused.

@@ -385,6 +385,36 @@ fn a_restarted_peer_is_dialled_again() {
     assert!(!got.is_empty(), "no message after the peer restarted");
 }
 
+/// Strangers that connect to the peer port and say nothing hold a place
+/// each (64 at most) only until the places run out: then the oldest
+/// handshake not finished makes room, so they cannot keep a real peer out
+/// for the whole handshake timeout (a minute here).
+#[test]
+fn strangers_holding_every_place_do_not_keep_a_peer_out() {
+    let addrs = free_addrs(2);
+    let mk = |id| {
+        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
+        o.handshake_timeout = Duration::from_secs(60);
+        o.reconnect_max = Duration::from_millis(100);
+        TcpTransport::bind(o).unwrap()
+    };
+    let strangers = |addr: SocketAddr| -> Vec<TcpStream> {
+        (0..80).map(|_| TcpStream::connect(addr).unwrap()).collect()
+    };
+    // Each listener has its strangers waiting before the other replica
+    // first dials it.
+    let mut b = mk(1);
+    let at_b = strangers(addrs[1]);
+    let mut a = mk(0);
+    let at_a = strangers(addrs[0]);
+    let got = send_until_received(&mut a, &mut b, 1);
+    assert!(
+        !got.is_empty(),
+        "no message within 10 s while strangers held the peer ports"
+    );
+    drop((at_a, at_b));
+}
+
 /// `a` sends numbered messages to `b` from `op` on, one per 10 ms, until `b`
 /// has received something (or 10 s passed): what `b` received.
 fn send_until_received(a: &mut TcpTransport, b: &mut TcpTransport, mut op: u64) -> Vec<Envelope> {

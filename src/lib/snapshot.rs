@@ -41,6 +41,9 @@ pub struct SnapshotMeta {
     /// program's (see [`crate::app::resp::Mux::export`]); filled in by the
     /// node when it restores the snapshot, empty otherwise.
     pub resp_state: Vec<u8>,
+    /// Why the node could not take `resp_state` from the snapshot (then
+    /// empty): clients in the middle of a command then may see errors.
+    pub resp_state_problem: Option<String>,
 }
 
 /// The file falcon adds to a snapshot's directory for its `resp_state`.
@@ -375,6 +378,7 @@ fn walk(path: &Path, into: Option<&Path>) -> Result<SnapshotMeta, SnapshotError>
         files: files as usize,
         bytes,
         resp_state: Vec::new(),
+        resp_state_problem: None,
     })
 }
 

@@ -25,8 +25,11 @@ const ARGS_MAX: i64 = 1024 * 1024;
 /// Longest header line of an answer (`$<len>`, `*<count>`…).
 const HEADER_MAX: usize = 64;
 /// Deepest nesting of aggregates in an answer (arrays in arrays…) that is
-/// followed; Redis's own replies nest a few levels.
-const NESTING_MAX: usize = 1024;
+/// followed (16 bytes of memory a level). Redis's replies nest a few levels,
+/// but a Lua script's table nests as deep as Lua's C stack lets it (about
+/// 8,000 levels) before Redis cuts it with an error inside: far more than
+/// that is not Redis.
+const NESTING_MAX: usize = 1 << 20;
 
 /// What the node does with the program's answers and with falcon's own.
 #[derive(Debug, PartialEq, Eq)]

@@ -71,11 +71,15 @@ pub enum HeaderState {
     },
 }
 
-/// Reads and checks the header of segment `name`.
+/// Reads and checks the header of segment `name`. `zeros_are_torn`: a
+/// file of nothing but zeros is a torn header (the last segment at open:
+/// its space was reserved, its header never reached the disk); otherwise
+/// it is damage.
 pub fn read_header<F: StorageFile>(
     file: &F,
     describe: &str,
     name_first_op: u64,
+    zeros_are_torn: bool,
 ) -> Result<(HeaderState, u64), LogError> {
     let len = file
         .len()
@@ -123,7 +127,7 @@ pub fn read_header<F: StorageFile>(
                 zeros_to_end(file, 0, len)
                     .map_err(|e| LogError::io(format!("reading {describe}"), e))
             };
-            if len <= SEGMENT_HEADER_LEN as u64 || zeros()? {
+            if len <= SEGMENT_HEADER_LEN as u64 || (zeros_are_torn && zeros()?) {
                 Ok((
                     HeaderState::Torn {
                         reason: e.to_string(),
@@ -420,7 +424,7 @@ pub fn scan_log<S: Storage>(
         let file = storage
             .open_ro(name)
             .map_err(|e| LogError::io(format!("opening {describe}"), e))?;
-        let (state, mut file_len) = read_header(&file, &describe, *name_op)?;
+        let (state, mut file_len) = read_header(&file, &describe, *name_op, is_last)?;
         let header = match state {
             HeaderState::Valid(h) => h,
             HeaderState::Torn { reason } => {

@@ -253,6 +253,7 @@ impl<S: Storage> SegmentLog<S> {
                 f.set_len(torn.offset)
                     .and_then(|_| f.sync_data())
                     .map_err(|e| {
+                        log.storage.leave_fsync_note();
                         LogError::io(format!("cutting the torn tail of {}", torn.file), e)
                     })?;
             }
@@ -293,8 +294,9 @@ impl<S: Storage> SegmentLog<S> {
                 log.sync_dir()?;
             }
         }
-        if after_failure && log.opts.sync != SyncPolicy::Never {
-            // Read from the disk and synced again: the log is what it says.
+        if after_failure {
+            // Read from the disk (and synced again, unless the policy is
+            // never): the log is what the disk holds.
             log.storage.clear_fsync_note();
         }
         recovery.after_failed_fsync = after_failure;
@@ -333,11 +335,11 @@ impl<S: Storage> SegmentLog<S> {
             return Ok(());
         }
         self.storage.sync_dir().map_err(|e| {
-            self.poisoned = true;
-            self.storage.leave_fsync_note();
+            self.poison();
+            // Never "out of space, retry later" (see fsync_failed).
             LogError::io(
                 format!("syncing directory {}", self.storage.describe("")),
-                e,
+                std::io::Error::other(e),
             )
         })
     }
@@ -560,7 +562,7 @@ impl<S: Storage> SegmentLog<S> {
             // Cut whatever part of the write landed, so that a later append at
             // the same offset cannot leave stale records behind it.
             if file.set_len(at).is_err() {
-                self.poisoned = true;
+                self.poison();
             } else {
                 seg.reserved = at;
             }
@@ -603,6 +605,14 @@ impl<S: Storage> SegmentLog<S> {
         self.create_segment(next, crc)
     }
 
+    /// Every later call fails; and since the failure may have been a
+    /// write-back, the next open reads the log from the disk (see
+    /// [`Storage::leave_fsync_note`]).
+    fn poison(&mut self) {
+        self.poisoned = true;
+        self.storage.leave_fsync_note();
+    }
+
     fn sync_active(&mut self) -> Result<(), LogError> {
         let file = self
             .active_mut()
@@ -610,8 +620,7 @@ impl<S: Storage> SegmentLog<S> {
             .as_mut()
             .expect("the last segment is open");
         if let Err(e) = file.sync_data() {
-            self.poisoned = true;
-            self.storage.leave_fsync_note();
+            self.poison();
             let describe = self.storage.describe(&self.active().meta.name);
             return Err(fsync_failed(&describe, e));
         }
@@ -689,8 +698,7 @@ impl<S: Storage> SegmentLog<S> {
                 Ok(self.durable_op)
             }
             Err(e) => {
-                self.poisoned = true;
-                self.storage.leave_fsync_note();
+                self.poison();
                 // (A failed reset may have left no segment at all.)
                 let describe = self.segments.last().map_or_else(
                     || "the log".to_string(),
@@ -809,7 +817,7 @@ impl<S: Storage> SegmentLog<S> {
         if r.is_err() && self.segments.len() != segments {
             // Segments were removed and the cut did not finish: the log's
             // state no longer matches its files. Nothing more is trusted.
-            self.poisoned = true;
+            self.poison();
         }
         r
     }
@@ -885,7 +893,7 @@ impl<S: Storage> SegmentLog<S> {
             }
         });
         if let Err(e) = cut {
-            self.poisoned = true;
+            self.poison();
             return Err(LogError::io(
                 format!("truncating {describe} at offset {offset}"),
                 e,
@@ -941,7 +949,7 @@ impl<S: Storage> SegmentLog<S> {
         let r = self.reset_inner(next_op, prev_crc);
         if r.is_err() {
             // Half reset: the log's state no longer matches its files.
-            self.poisoned = true;
+            self.poison();
         }
         r
     }

@@ -82,7 +82,7 @@ impl<S: Storage> LogView<S> {
                 .storage
                 .open_ro(name)
                 .map_err(|e| LogError::io(format!("opening {describe}"), e))?;
-            match scan::read_header(&file, &describe, *op)? {
+            match scan::read_header(&file, &describe, *op, false)? {
                 (HeaderState::Valid(h), _) => return Ok(h),
                 (HeaderState::Torn { reason }, _) => last_err = Some((describe, reason)),
             }
@@ -221,7 +221,7 @@ impl<S: Storage> Follow<'_, S> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(LogError::io(format!("opening {describe}"), e)),
         };
-        let h = match scan::read_header(&file, &describe, first)? {
+        let h = match scan::read_header(&file, &describe, first, false)? {
             (HeaderState::Valid(h), _) => h,
             (HeaderState::Torn { .. }, _) => return Ok(false),
         };
@@ -361,7 +361,7 @@ impl<S: Storage> Follow<'_, S> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(LogError::io(format!("opening {describe}"), e)),
             };
-            let h = match scan::read_header(&file, &describe, *first)? {
+            let h = match scan::read_header(&file, &describe, *first, false)? {
                 (HeaderState::Valid(h), _) => h,
                 (HeaderState::Torn { .. }, _) => break,
             };

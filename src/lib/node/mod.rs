@@ -572,27 +572,32 @@ impl Hooks {
             snapshot::unpack(snap, &dir).map_err(|e| NodeError::Snapshot(e.to_string()))?;
         // falcon's own part is for falcon, not for the restore hook.
         let state = dir.join(snapshot::RESP_STATE_FILE);
-        let unreadable = |e: &dyn std::fmt::Display| {
-            NodeError::Snapshot(format!(
-                "the snapshot's {} (falcon's state of its clients' unfinished commands) cannot be read: {e}",
-                snapshot::RESP_STATE_FILE
-            ))
+        // A state falcon cannot take is not a reason to stay down: the
+        // program is restored; clients that were in the middle of a command
+        // then may see errors (as when the state does not parse).
+        let problem = match std::fs::symlink_metadata(&state) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => Some(e.to_string()),
+            Ok(m) if !m.is_file() => Some("not a plain file".to_string()),
+            Ok(m) if m.len() > state_max => Some(format!(
+                "{} bytes, more than this replica's limits allow ({state_max}; limits.program_backlog_bytes)",
+                m.len()
+            )),
+            Ok(_) => match std::fs::read(&state) {
+                Ok(bytes) => {
+                    meta.resp_state = bytes;
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            },
         };
-        match std::fs::symlink_metadata(&state) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unreadable(&e)),
-            Ok(m) if !m.is_file() => return Err(unreadable(&"not a plain file")),
-            Ok(m) if m.len() > state_max => {
-                return Err(unreadable(&format_args!(
-                    "{} bytes, more than this replica's limits allow ({state_max}; limits.program_backlog_bytes)",
-                    m.len()
-                )));
-            }
-            Ok(_) => {
-                meta.resp_state = std::fs::read(&state).map_err(|e| unreadable(&e))?;
-                let _ = std::fs::remove_file(&state);
-            }
-        }
+        let _ = std::fs::remove_file(&state);
+        meta.resp_state_problem = problem.map(|why| {
+            format!(
+                "the snapshot's {} (falcon's state of its clients' unfinished commands) was not taken: {why}",
+                snapshot::RESP_STATE_FILE
+            )
+        });
         let op = meta.op.to_string();
         self.run(
             "--restore-cmd",
@@ -1556,7 +1561,12 @@ impl Node<'_> {
         resp_state_max(&self.limits)
     }
 
-    fn import_resp_state(&mut self, state: &[u8]) {
+    fn import_resp_state(&mut self, state: &[u8], problem: Option<&str>) {
+        if let Some(why) = problem {
+            self.ui.error(&format!(
+                "snapshot: {why}; clients that were in the middle of a command then may see errors"
+            ));
+        }
         if state.is_empty() {
             return;
         }
@@ -2060,7 +2070,7 @@ impl Node<'_> {
         self.log_replay = None;
         let restored = self.hooks_env.restore(&cmd, &path, self.resp_state_max())?;
         let pid = self.start_program_at(meta.op, &meta.open_conns)?;
-        self.import_resp_state(&restored.resp_state);
+        self.import_resp_state(&restored.resp_state, restored.resp_state_problem.as_deref());
         self.next_snapshot_at = meta.op + self.snapshot_every;
         self.ui.note(&format!(
             "installed the snapshot at op {}: the program restarted from it (pid {pid})",
@@ -2590,9 +2600,9 @@ impl Node<'_> {
 
     /// A connection id for a new client: the view, and a count of the
     /// view's connections. After 2^32 of them in one view the count comes
-    /// round; an id still in use (a client connected since then, or its
-    /// program connection not closed yet) is skipped, and so is the shared
-    /// program connection's.
+    /// round; an id still in use (a client connected since then, its
+    /// program connection not closed yet, or open in the log's applied
+    /// state) is skipped, and so is the shared program connection's.
     fn new_conn_id(&mut self) -> u64 {
         loop {
             let conn = (self.engine.view() << 32) | (self.next_conn & 0xffff_ffff);
@@ -2600,6 +2610,7 @@ impl Node<'_> {
             if conn != SHARED
                 && !self.client_of_conn.contains_key(&conn)
                 && !self.apps.contains_key(&conn)
+                && !self.open_conns.contains(&conn)
             {
                 return conn;
             }
@@ -3223,7 +3234,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"))?;
     if recovery.after_failed_fsync {
         ui.warn(
-            "an fsync of this log failed before this start: the log was read from the disk, not from the page cache, and synced again",
+            "an fsync of this log failed before this start: the log was read from the disk, not from the page cache",
         );
     }
     if let Some(t) = &recovery.torn {
@@ -3654,7 +3665,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         node.reopen_app(c);
     }
     if let Some(m) = &restored {
-        node.import_resp_state(&m.resp_state);
+        node.import_resp_state(&m.resp_state, m.resp_state_problem.as_deref());
     }
     // The starting role counts as a change (prints it, runs the hook).
     if node.engine.role() != Role::ViewChange {

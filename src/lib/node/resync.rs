@@ -573,6 +573,7 @@ impl Node<'_> {
         }
         let mut open_at_base = Vec::new();
         let mut resp_state = Vec::new();
+        let mut problem = None;
         match snapshot_file {
             None => {
                 if let Some(cmd) = self.reset_cmd.clone() {
@@ -584,10 +585,11 @@ impl Node<'_> {
                 let meta = self.hooks_env.restore(&cmd, file, self.resp_state_max())?;
                 open_at_base = meta.open_conns;
                 resp_state = meta.resp_state;
+                problem = meta.resp_state_problem;
             }
         }
         let pid = self.start_program_at(base, &open_at_base)?;
-        self.import_resp_state(&resp_state);
+        self.import_resp_state(&resp_state, problem.as_deref());
         self.ui
             .detail(&format!("started the program again (pid {pid})"));
         // The program's restart kept the loop from the leader's heartbeats.

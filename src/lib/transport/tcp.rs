@@ -559,11 +559,29 @@ impl TcpTransport {
             match self.listener.accept() {
                 Ok((stream, addr)) => {
                     if self.incoming.len() >= INCOMING_MAX {
-                        self.notices.push(TransportEvent::Refused {
-                            addr: addr.to_string(),
-                            reason: "too many connections".into(),
-                        });
-                        continue;
+                        // The oldest connection still in its handshake makes
+                        // room: a real peer's handshake takes milliseconds,
+                        // so strangers that connect and say nothing cannot
+                        // hold every place for the whole handshake timeout.
+                        let oldest = self
+                            .incoming
+                            .iter()
+                            .filter(|(_, c)| !matches!(c.state, InState::Ready { .. }))
+                            .min_by_key(|(_, c)| c.since)
+                            .map(|(t, _)| *t);
+                        match oldest {
+                            Some(t) => self.refuse(
+                                t,
+                                "too many connections: the oldest handshake not finished made room for a new one".into(),
+                            ),
+                            None => {
+                                self.notices.push(TransportEvent::Refused {
+                                    addr: addr.to_string(),
+                                    reason: "too many connections".into(),
+                                });
+                                continue;
+                            }
+                        }
                     }
                     let token = Token(self.next_token);
                     self.next_token += 1;
