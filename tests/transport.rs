@@ -749,6 +749,67 @@ fn shm_a_slow_receiver_pushes_back_and_loses_nothing_it_accepted() {
     );
 }
 
+/// A ring takes its whole size when it is made: a full shared-memory file
+/// system is a clear error at bind, not a SIGBUS that kills the process
+/// later at the first write into a page it could not have. (Needs root for
+/// a small tmpfs, as the test command runs.)
+#[test]
+fn shm_a_ring_that_does_not_fit_is_an_error_at_bind_not_a_sigbus_later() {
+    use falcon::transport::shm::{ShmOptions, ShmTransport};
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "needs root to mount a small tmpfs (bash scripts/test.sh runs the tests as root)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("shm");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let mut o = ShmOptions::new(CLUSTER, 0, 3, mnt.join("rings"));
+    o.ring_bytes = 4 << 20;
+    let err = match ShmTransport::bind(o) {
+        Ok(_) => panic!("two 4 MiB rings fit a 1 MiB tmpfs"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("reserving"), "{err}");
+}
+
+/// A follower killed between the two stores of its ack slot leaves the
+/// slot's sequence odd. The leader must still sleep when nothing else is
+/// there, not spin until that follower writes again.
+#[test]
+fn shm_an_ack_slot_left_half_written_does_not_keep_the_leader_awake() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = shm_node0(dir.path());
+    let bell = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("rings").join("bell-0"))
+        .unwrap();
+    // Replica 1's slot (256 + 64 * 1): seq 7, a write begun and never ended.
+    bell.write_all_at(&7u64.to_le_bytes(), 256 + 64).unwrap();
+    let mut got = Vec::new();
+    a.recv(Duration::from_millis(10), &mut got).unwrap();
+    assert!(got.is_empty(), "{got:?}");
+    assert!(
+        a.before_sleep(),
+        "a half-written ack slot keeps the loop from sleeping"
+    );
+    a.after_sleep();
+}
+
 #[test]
 fn shm_a_crashed_receiver_is_found_again_after_its_restart() {
     let dir = tempfile::tempdir().unwrap();

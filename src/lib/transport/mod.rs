@@ -214,7 +214,10 @@ pub(crate) fn drain_ring(
     revoked: &mut u64,
 ) -> bool {
     let mut any = false;
-    loop {
+    // At most this many records a call: a writer that refills the ring as
+    // fast as it is read cannot hold the loop (the ring stays ready, so the
+    // loop comes back without sleeping).
+    for _ in 0..DRAIN_MAX {
         match ring.pop(buf) {
             Ok(false) => return any,
             Ok(true) => {
@@ -239,4 +242,8 @@ pub(crate) fn drain_ring(
             }
         }
     }
+    any
 }
+
+/// Records [`drain_ring`] takes from one ring in one call.
+const DRAIN_MAX: usize = 4096;

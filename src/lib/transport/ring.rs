@@ -55,6 +55,9 @@ pub enum RingError {
     /// A length that cannot be.
     #[error("record length {0} out of range")]
     Length(u32),
+    /// A write position that cannot be.
+    #[error("write position {0} out of range")]
+    Position(u64),
 }
 
 /// A ring over `len` bytes of memory at `base` (shared with another process).
@@ -279,8 +282,12 @@ impl Ring {
     pub fn pop(&mut self, out: &mut Vec<u8>) -> Result<bool, RingError> {
         let write = self.write_pos().load(Ordering::Acquire);
         let read = self.read_pos().load(Ordering::Relaxed);
-        if write <= read || write > u64::MAX / 2 {
+        if write <= read {
             return Ok(false);
+        }
+        // Positions never come near this: the writer's word is not one.
+        if write > u64::MAX / 2 {
+            return Err(RingError::Position(write));
         }
         let mut head = [0u8; REC_HEADER];
         self.copy_out(read, &mut head);
@@ -453,5 +460,26 @@ mod tests {
         assert_eq!(rx.pop(&mut out), Err(RingError::Checksum(1)));
         let _ = tx;
         assert!(unsafe { Ring::open(base.add(8), 1024) }.is_err());
+    }
+
+    /// A write position no writer reaches is an error, not "nothing yet":
+    /// the ring would otherwise say it is ready forever and keep its
+    /// reader's loop from sleeping. After the reset it is quiet.
+    #[test]
+    fn an_impossible_write_position_is_an_error_and_the_reset_quiets_it() {
+        let mut mem = region(HEADER + 1024);
+        let base = mem.as_mut_ptr() as *mut u8;
+        let _tx = unsafe { Ring::init(base, HEADER + 1024, 1) };
+        let mut rx = unsafe { Ring::open(base, HEADER + 1024) }.unwrap();
+        let bad = u64::MAX / 2 + 7;
+        unsafe {
+            std::ptr::copy_nonoverlapping(bad.to_le_bytes().as_ptr(), base.add(WRITE_POS), 8)
+        };
+        assert!(rx.ready());
+        let mut out = Vec::new();
+        assert_eq!(rx.pop(&mut out), Err(RingError::Position(bad)));
+        rx.reset_reader();
+        assert!(!rx.ready());
+        assert_eq!(rx.pop(&mut out), Ok(false));
     }
 }

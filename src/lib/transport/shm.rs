@@ -135,6 +135,20 @@ impl Mapping {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.set_len(len as u64)?;
+        // Every page is taken now: a tmpfs that fills up later would kill
+        // the process writing into the mapping (SIGBUS), not return ENOSPC.
+        if let Err(e) = crate::log::storage::preallocate(&f, len as u64) {
+            drop(f);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "reserving {} for {}: {e} (is the file system full? shared memory rings need their whole size)",
+                    crate::output::human_bytes(len as u64),
+                    path.display()
+                ),
+            ));
+        }
         drop(f);
         let m = Mapping::map(&tmp)?;
         init(&m);
@@ -180,12 +194,14 @@ impl Bell {
     fn write_ack(&self, from: NodeId, view: u64, op: u64) {
         let base = ACKS + 64 * from as usize;
         let seq = self.u64_at(base).load(Ordering::Relaxed);
-        let seq = seq + 1 + (seq & 1); // even → odd (a crashed writer may have left it odd)
+        // even → odd (a crashed writer may have left it odd)
+        let seq = seq.wrapping_add(1 + (seq & 1));
         self.u64_at(base).store(seq, Ordering::Relaxed);
         fence(Ordering::Release);
         self.u64_at(base + 8).store(view, Ordering::Relaxed);
         self.u64_at(base + 16).store(op, Ordering::Relaxed);
-        self.u64_at(base).store(seq + 1, Ordering::Release);
+        self.u64_at(base)
+            .store(seq.wrapping_add(1), Ordering::Release);
     }
     /// The slot's `seq` (changes with every write).
     fn ack_seq(&self, from: usize) -> u64 {
@@ -464,9 +480,14 @@ impl ShmTransport {
     }
 
     fn any_ready(&self) -> bool {
+        // An ack slot counts once its write is whole (an even seq): one a
+        // follower left odd when it died mid-write is nothing to read, and
+        // must not keep this loop from sleeping until it comes back.
         self.incoming.iter().flatten().any(|i| i.ring.ready())
-            || (0..self.opts.n as usize)
-                .any(|p| p != self.opts.id as usize && self.bell.ack_seq(p) != self.acks_seen[p])
+            || (0..self.opts.n as usize).any(|p| {
+                let seq = self.bell.ack_seq(p);
+                p != self.opts.id as usize && seq & 1 == 0 && seq != self.acks_seen[p]
+            })
     }
 
     /// Log writes refused so far because their view was fenced off (by this

@@ -147,7 +147,15 @@ impl Hello {
             capacity: u32_at(68),
             connected_to: u64_at(76),
         })
-        .filter(|h| u32_at(72) == 0 && h.capacity.is_power_of_two())
+        .filter(|h| {
+            // The peer's rings lie inside the address space: every remote
+            // address computed from them (header + position) fits a u64.
+            let span = HEADER as u64 + u64::from(h.capacity);
+            u32_at(72) == 0
+                && h.capacity.is_power_of_two()
+                && h.in_addr.checked_add(span).is_some()
+                && h.out_addr.checked_add(span).is_some()
+        })
     }
 }
 
