@@ -31,6 +31,13 @@ use crate::capture::checksum;
 const HELD_MAX: usize = 1024;
 /// Flows tracked at most (beyond, the oldest is forgotten).
 const FLOWS_MAX: usize = 65_536;
+/// Bytes of frames held over all flows at most (beyond, a new frame to
+/// hold is dropped: its sender sends it again).
+const HELD_BYTES_MAX: usize = 64 << 20;
+
+fn bytes_of(held: &VecDeque<Vec<u8>>) -> usize {
+    held.iter().map(Vec::len).sum()
+}
 
 /// A TCP flow as the guest sees it: (guest addr, guest port, peer addr, peer port).
 type Key = ([u8; 4], u16, [u8; 4], u16);
@@ -70,6 +77,8 @@ pub struct TranslateStats {
 pub struct Translator {
     flows: HashMap<Key, Flow>,
     clock: u64,
+    /// Bytes of the frames held in every flow.
+    held_bytes: usize,
     /// Counters.
     pub stats: TranslateStats,
 }
@@ -171,7 +180,10 @@ impl Translator {
                 .min_by_key(|(_, f)| f.last_use)
                 .map(|(k, _)| *k)
             {
-                self.flows.remove(&oldest);
+                if let Some(gone) = self.flows.remove(&oldest) {
+                    self.held_bytes -= bytes_of(&gone.held);
+                    self.stats.dropped += gone.held.len() as u64;
+                }
             }
         }
         let clock = self.clock;
@@ -202,9 +214,18 @@ impl Translator {
             .find(|o| o.0 == 8 && o.2 == 8)
             .map(|o| u32_at(frame, o.1));
         let f = self.flow(key);
-        if flags & SYN != 0 && flags & ACK != 0 {
+        if flags & SYN != 0 && f.own_isn != Some(seq) {
+            // Our guest's SYN-ACK (a connection to it), or its SYN (one it
+            // opens: the far end's SYN-ACK then acknowledges the leader
+            // guest's ISN, and is moved by the same difference). A new ISN
+            // on the same addresses is a new connection: what was learnt of
+            // the old one goes (frames held stay: the far end's SYN-ACK
+            // may have come before our guest's SYN).
             f.own_isn = Some(seq);
             f.own_ts = ts;
+            f.seq_delta = None;
+            f.ts_delta = None;
+            f.sent_up_to = None;
         }
         let next = seq
             .wrapping_add(payload)
@@ -268,23 +289,37 @@ impl Translator {
         if flags & SYN != 0 && flags & ACK == 0 {
             // A new connection: it starts afresh on every guest.
             let f = self.flow(key);
+            let old = std::mem::take(&mut f.held);
             *f = Flow {
                 last_use: f.last_use,
                 ..Flow::default()
             };
+            self.held_bytes -= bytes_of(&old);
+            self.stats.dropped += old.len() as u64;
             return vec![frame];
         }
-        if !self.flows.contains_key(&key) {
+        if !self.flows.contains_key(&key) && !(flags & SYN != 0 && flags & ACK != 0) {
             // A flow this backup never saw open (opened before it started,
-            // or forgotten): pass it as it is.
+            // or forgotten): pass it as it is. (A SYN-ACK answers a SYN our
+            // guest sends: it waits for that SYN.)
             return vec![frame];
         }
+        if self.held_bytes + frame.len() > HELD_BYTES_MAX {
+            self.stats.dropped += 1;
+            return self.release(key);
+        }
+        let len = frame.len();
         let f = self.flow(key);
         f.held.push_back(frame);
-        if f.held.len() > HELD_MAX {
-            f.held.pop_front();
+        let freed = if f.held.len() > HELD_MAX {
+            f.held.pop_front().map_or(0, |old| old.len())
+        } else {
+            0
+        };
+        if freed > 0 {
             self.stats.dropped += 1;
         }
+        self.held_bytes = self.held_bytes + len - freed;
         self.release(key)
     }
 
@@ -295,6 +330,7 @@ impl Translator {
         let Some(f) = self.flows.get_mut(&key) else {
             return out;
         };
+        let before = bytes_of(&f.held);
         while let Some(frame) = f.held.front() {
             let Some(t) = parse(frame) else {
                 out.push(f.held.pop_front().expect("front"));
@@ -340,10 +376,15 @@ impl Translator {
             self.stats.rewritten += 1;
             out.push(frame);
         }
+        let after = bytes_of(&f.held);
+        self.held_bytes -= before - after;
         self.stats.held += held_now;
         if flags_closed(&out) {
             // A reset ends the flow on every side.
-            self.flows.remove(&key);
+            if let Some(gone) = self.flows.remove(&key) {
+                self.held_bytes -= bytes_of(&gone.held);
+                self.stats.dropped += gone.held.len() as u64;
+            }
         }
         out
     }
@@ -431,6 +472,87 @@ mod tests {
         assert_eq!(ack_of(&released[0]), own_isn.wrapping_add(4));
         assert!(checksum_ok(&released[0]));
         assert_eq!(tr.stats.rewritten, 3);
+    }
+
+    /// A connection the guest opens: the far end's SYN-ACK acknowledges
+    /// the leader guest's ISN; a backup moves it to its own guest's, whether
+    /// it comes before or after that guest's SYN. On the leader it passes
+    /// as it is.
+    #[test]
+    fn a_connection_the_guest_opens_is_answered_on_every_guest() {
+        let (far_isn, leader_isn, own_isn) = (7000u32, 5_000_000u32, 0xffff_fff0u32);
+        let syn_ack = frame(true, far_isn, leader_isn + 1, SYN | ACK, b"");
+        // The guest's SYN first.
+        let mut tr = Translator::new();
+        assert!(tr.outbound(&frame(false, own_isn, 0, SYN, b"")).is_empty());
+        let out = tr.inbound(syn_ack.clone());
+        assert_eq!(out.len(), 1, "the SYN-ACK is held forever");
+        assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
+        assert!(checksum_ok(&out[0]));
+        // The guest's ACK, then data from the far end: moved the same way.
+        tr.outbound(&frame(
+            false,
+            own_isn.wrapping_add(1),
+            far_isn + 1,
+            ACK,
+            b"",
+        ));
+        let data = frame(true, far_isn + 1, leader_isn + 1, ACK | 0x08, b"hello");
+        let out = tr.inbound(data);
+        assert_eq!(out.len(), 1);
+        assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
+        // The SYN-ACK first (the backup's guest is behind): it waits for
+        // the guest's SYN.
+        let mut tr = Translator::new();
+        assert!(tr.inbound(syn_ack.clone()).is_empty());
+        let out = tr.outbound(&frame(false, own_isn, 0, SYN, b""));
+        assert_eq!(out.len(), 1);
+        assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
+        // The leader: its own guest's ISN is the one acknowledged.
+        let mut tr = Translator::new();
+        tr.outbound(&frame(false, leader_isn, 0, SYN, b""));
+        assert_eq!(tr.inbound(syn_ack.clone()), vec![syn_ack]);
+    }
+
+    /// Frames held for flows whose guest never answers (a closed port, or
+    /// strangers' ACKs) are bounded in bytes over the whole table, not only
+    /// per flow; a reset flow's frames are given back.
+    #[test]
+    fn held_frames_are_bounded_in_bytes_over_all_flows() {
+        let mut tr = Translator::new();
+        let payload = vec![7u8; 1400];
+        let at = |port: u16, seq: u32, flags: u8, data: &[u8]| {
+            tcp_frame(&TcpFrame {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [2, 0, 0, 0, 0, 2],
+                src_ip: CLIENT,
+                dst_ip: GUEST,
+                sport: port,
+                dport: 80,
+                seq,
+                ack: 1,
+                flags,
+                ip_id: 1,
+                data,
+            })
+        };
+        for port in 0..100u16 {
+            tr.inbound(at(port, 0, SYN, b""));
+            for k in 0..1000u32 {
+                assert!(tr.inbound(at(port, 1 + k * 1400, ACK, &payload)).is_empty());
+            }
+        }
+        assert!(tr.held_bytes <= HELD_BYTES_MAX, "{}", tr.held_bytes);
+        assert_eq!(
+            tr.held_bytes,
+            tr.flows.values().map(|f| bytes_of(&f.held)).sum::<usize>()
+        );
+        assert!(tr.stats.dropped > 0);
+        // A new SYN on each flow starts it afresh: nothing is held any more.
+        for port in 0..100u16 {
+            tr.inbound(at(port, 0, SYN, b""));
+        }
+        assert_eq!(tr.held_bytes, 0);
     }
 
     #[test]
