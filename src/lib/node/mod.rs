@@ -778,6 +778,8 @@ struct Node<'a> {
     vm: Option<crate::vm::front::VmFront>,
     /// The TAP device may hold more frames than the last turn read.
     tap_more: bool,
+    /// The TAP device was not read because input is held (see on_tap).
+    tap_paused: bool,
     /// The VM's stream failed (said once).
     vm_broken: bool,
     /// tap-attach: the leader gives its VM each frame as it proposes it.
@@ -2544,6 +2546,15 @@ impl Node<'_> {
     /// batch), a backup drops them.
     fn on_tap(&mut self) -> Result<(), NodeError> {
         let leader = self.role == Role::Leader;
+        if leader && self.input_held() {
+            // As for clients: too much proposed and not committed (in
+            // entries or bytes), the disk full, a resync: frames wait in
+            // the TAP device's queue (the kernel drops past it), read again
+            // when the hold lifts.
+            self.tap_more = false;
+            self.tap_paused = true;
+            return Ok(());
+        }
         let Some(vm) = &mut self.vm else {
             return Ok(());
         };
@@ -2570,6 +2581,7 @@ impl Node<'_> {
         // A broken stream means QEMU is going away: the exit check stops the
         // replica then. Say what happened once.
         let mut broken = None;
+        let mut garbled = false;
         if ready.writable {
             if let Err(e) = vm.flush_vm() {
                 broken = Some(format!("writing to the VM: {e}"));
@@ -2577,10 +2589,25 @@ impl Node<'_> {
         }
         if ready.readable {
             if let Err(e) = vm.from_vm(leader) {
+                // Not QEMU going away: its stream's framing broke.
+                garbled = e.kind() == io::ErrorKind::InvalidData;
                 broken = Some(format!("reading from the VM: {e}"));
             }
         }
         if let Some(msg) = broken {
+            if garbled && self.vm_socket.is_none() {
+                // QEMU started by this replica still runs but its stream
+                // cannot be read any more (nor left to pile up): the VM
+                // gets no input here, so this replica stops (and QEMU with
+                // it) rather than lead or follow without it.
+                if let Some(mut stream) = vm.detach() {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                }
+                return Err(NodeError::Io {
+                    context: "the VM's network stream (QEMU's stream netdev)".into(),
+                    source: io::Error::new(io::ErrorKind::InvalidData, msg),
+                });
+            }
             if let Some(path) = &self.vm_socket {
                 // QEMU started separately went away: wait for it to come back.
                 if let Some(mut stream) = vm.detach() {
@@ -3600,6 +3627,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         told_no_restore: false,
         vm,
         tap_more: false,
+        tap_paused: false,
         vm_broken: false,
         vm_early: opts
             .tap
@@ -4075,6 +4103,10 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         {
             let resumed = std::mem::take(&mut node.paused);
             node.unread.extend(resumed);
+        }
+        if node.tap_paused && !node.input_held() {
+            node.tap_paused = false;
+            node.tap_more = true;
         }
         // Everything this turn sent to peers goes out in one write per peer,
         // and what it handed the program in one write.

@@ -192,6 +192,12 @@ impl VmFront {
     /// what the stream takes now. A backup translates TCP flows first (and
     /// may hold a frame until its guest catches up).
     pub fn to_vm(&mut self, frame: &[u8], time_ns: u64, leader: bool) {
+        // Not a frame QEMU's stream can carry (a log record may hold more):
+        // QEMU would drop the connection, on every replica, at every replay.
+        if frame.is_empty() || frame.len() > super::FRAME_MAX {
+            self.stats.to_vm_dropped += 1;
+            return;
+        }
         if let Some(c) = &mut self.capture {
             c.write(&Frame {
                 time_ns,
@@ -373,6 +379,16 @@ impl VmFront {
                 self.mac = Some(mac);
                 self.ip = Some(ip);
             }
+            // Frames released for the guest first: a failure to send the
+            // guest's frame out must not lose them.
+            for f in released {
+                if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
+                    self.stats.to_vm_dropped += 1;
+                } else {
+                    encode(&f, &mut self.out);
+                    self.stats.to_vm += 1;
+                }
+            }
             if let Some(out) = out {
                 // (Held frames are tagged with `given`, which only grows, and
                 // go as soon as `committed` reaches it: none is held here
@@ -382,19 +398,12 @@ impl VmFront {
                     self.stats.held_for_commit += 1;
                     self.held_bytes += out.len();
                     self.held.push_back((self.given, out));
-                } else {
-                    self.send_out(&out)?;
+                } else if let Err(e) = self.send_out(&out) {
+                    self.stats.tap_out_dropped += 1;
+                    return Err(e);
                 }
             } else {
                 self.stats.from_vm_dropped += 1;
-            }
-            for f in released {
-                if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
-                    self.stats.to_vm_dropped += 1;
-                } else {
-                    encode(&f, &mut self.out);
-                    self.stats.to_vm += 1;
-                }
             }
         }
         if !self.out.is_empty() {

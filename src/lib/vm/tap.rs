@@ -123,6 +123,9 @@ impl Tap {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             // No carrier (nobody on the interface's other side, or it is down): dropped.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
+            // A frame the device does not take (shorter than an Ethernet
+            // header, longer than its MTU): that frame is dropped.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
             Err(e) => Err(e),
         }
     }

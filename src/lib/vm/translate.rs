@@ -298,7 +298,8 @@ impl Translator {
             self.stats.dropped += old.len() as u64;
             return vec![frame];
         }
-        if !self.flows.contains_key(&key) && !(flags & SYN != 0 && flags & ACK != 0) {
+        let syn_ack = flags & SYN != 0 && flags & ACK != 0;
+        if !syn_ack && !self.flows.contains_key(&key) {
             // A flow this backup never saw open (opened before it started,
             // or forgotten): pass it as it is. (A SYN-ACK answers a SYN our
             // guest sends: it waits for that SYN.)
