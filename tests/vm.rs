@@ -28,6 +28,20 @@ impl Drop for Replica {
 /// QEMU running the test guest (console to `console`), its NIC on netdev
 /// `falcon` with the same MAC everywhere; the netdev itself is added by
 /// falcon (or by the caller).
+/// A server on a replica's host for the guest to dial: a line to each
+/// connection, then it closes.
+const FAR_SERVER: &str = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.0.1", 9009))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hello-from-outside\n")
+    c.close()
+"#;
+
 fn qemu_command(guest: &Path, console: &Path) -> Vec<std::ffi::OsString> {
     let mut v: Vec<std::ffi::OsString> = [
         "qemu-system-x86_64",
@@ -313,6 +327,35 @@ fn three_vms_behind_tap_attach_answer_arp_icmp_and_tcp_through_the_leader() {
         );
         println!("{what}: {got:?}");
     }
+    // A connection the guest opens itself, to a server on the leader's host
+    // (10.0.0.1, the host's side of tap0): the far end's SYN-ACK and data
+    // reach every guest through the log, each moved into its own guest's
+    // numbering (the leader's by nothing), and the leader's guest gets its
+    // answer. (Such a connection once hung on every replica.)
+    let mut far = Command::new("ip")
+        .args(["netns", "exec", &net.ns(lead), "python3", "-c", FAR_SERVER])
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || net
+            .run(lead, "ss -ltn | grep -q 10.0.0.1:9009")
+            .status
+            .success()),
+        "the far server did not listen"
+    );
+    let o = net.run(
+        lead,
+        "printf \"dial 10.0.0.1 9009\\n\" | timeout 30 nc -q 10 10.0.0.2 80",
+    );
+    let _ = far.kill();
+    let _ = far.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "dialed: hello-from-outside",
+        "the guest's own connection; leader's console:\n{}\nlog:\n{}",
+        std::fs::read_to_string(d.join(format!("console{lead}.log"))).unwrap_or_default(),
+        log(d, lead)
+    );
     // A backup's host reaches nothing: its VM's answers are dropped.
     let backup = (1..=3).find(|&i| i != lead).unwrap();
     assert!(

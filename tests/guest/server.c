@@ -10,6 +10,10 @@
  *             random         -> a random number (differs between replicas:
  *                               frame-level replication cannot make it agree)
  *             time           -> the guest's clock in ns (differs likewise)
+ *             dial A.B.C.D P -> the guest connects out to A.B.C.D:P itself and
+ *                               answers "dialed: " and the first line it
+ *                               read there (or "dial failed: why"); the
+ *                               server waits for it (5 s at most)
  *           (both answers are also written to the console, to compare)
  *
  * Every request on 80 is also written to the console ("falcon guest:
@@ -19,6 +23,7 @@
  * Single-threaded, poll(2) over every connection, bounded buffers. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -87,7 +92,23 @@ static void answer(int fd, char *line) {
         struct timespec t; clock_gettime(CLOCK_REALTIME, &t);
         snprintf(out, sizeof out, "%lld\n", (long long)t.tv_sec * 1000000000LL + t.tv_nsec); put(fd, out);
         printf("falcon guest: answer to time: %s", out); fflush(stdout);
-    } else put(fd, "error: count | set KEY VALUE | get KEY | dump | random | time\n");
+    } else if (!strncmp(line, "dial ", 5)) {
+        char host[64]; int port;
+        struct sockaddr_in a = { .sin_family = AF_INET };
+        if (sscanf(line + 5, "%63s %d", host, &port) != 2 || inet_pton(AF_INET, host, &a.sin_addr) != 1) { put(fd, "dial failed: usage: dial A.B.C.D PORT\n"); return; }
+        a.sin_port = htons((unsigned short)port);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        struct timeval tv = { .tv_sec = 5 };
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        char got[128]; size_t n = 0;
+        if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) { snprintf(out, sizeof out, "dial failed: connect: %s\n", strerror(errno)); put(fd, out); close(s); return; }
+        while (n < sizeof got - 1) { ssize_t r = read(s, got + n, 1); if (r <= 0 || got[n] == '\n') break; n++; }
+        got[n] = 0;
+        close(s);
+        snprintf(out, sizeof out, "dialed: %s\n", got); put(fd, out);
+        printf("falcon guest: answer to dial: %s\n", got); fflush(stdout);
+    } else put(fd, "error: count | set KEY VALUE | get KEY | dump | random | time | dial A.B.C.D PORT\n");
 }
 
 int main(void) {
