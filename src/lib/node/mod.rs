@@ -2603,6 +2603,10 @@ impl Node<'_> {
                 if let Some(mut stream) = vm.detach() {
                     let _ = self.poll.registry().deregister(&mut stream);
                 }
+                // As every stop: the log synced and sealed, the counters said.
+                self.sync()?;
+                self.seal();
+                self.vm_report();
                 return Err(NodeError::Io {
                     context: "the VM's network stream (QEMU's stream netdev)".into(),
                     source: io::Error::new(io::ErrorKind::InvalidData, msg),

@@ -214,18 +214,21 @@ impl Translator {
             .find(|o| o.0 == 8 && o.2 == 8)
             .map(|o| u32_at(frame, o.1));
         let f = self.flow(key);
+        let mut stale = VecDeque::new();
         if flags & SYN != 0 && f.own_isn != Some(seq) {
             // Our guest's SYN-ACK (a connection to it), or its SYN (one it
             // opens: the far end's SYN-ACK then acknowledges the leader
             // guest's ISN, and is moved by the same difference). A new ISN
             // on the same addresses is a new connection: what was learnt of
-            // the old one goes (frames held stay: the far end's SYN-ACK
-            // may have come before our guest's SYN).
+            // the old one goes, and so do its frames still held.
             f.own_isn = Some(seq);
             f.own_ts = ts;
             f.seq_delta = None;
             f.ts_delta = None;
             f.sent_up_to = None;
+            if flags & ACK == 0 {
+                stale = std::mem::take(&mut f.held);
+            }
         }
         let next = seq
             .wrapping_add(payload)
@@ -234,6 +237,8 @@ impl Translator {
             Some(s) if (next.wrapping_sub(s) as i32) < 0 => s,
             _ => next,
         });
+        self.held_bytes -= bytes_of(&stale);
+        self.stats.dropped += stale.len() as u64;
         self.release(key)
     }
 
@@ -298,16 +303,11 @@ impl Translator {
             self.stats.dropped += old.len() as u64;
             return vec![frame];
         }
-        let syn_ack = flags & SYN != 0 && flags & ACK != 0;
-        if !syn_ack && !self.flows.contains_key(&key) {
+        if !self.flows.contains_key(&key) {
             // A flow this backup never saw open (opened before it started,
-            // or forgotten): pass it as it is. (A SYN-ACK answers a SYN our
-            // guest sends: it waits for that SYN.)
+            // forgotten, or one the leader's guest opened from a port this
+            // guest did not pick): pass it as it is.
             return vec![frame];
-        }
-        if self.held_bytes + frame.len() > HELD_BYTES_MAX {
-            self.stats.dropped += 1;
-            return self.release(key);
         }
         let len = frame.len();
         let f = self.flow(key);
@@ -321,7 +321,24 @@ impl Translator {
             self.stats.dropped += 1;
         }
         self.held_bytes = self.held_bytes + len - freed;
-        self.release(key)
+        let out = self.release(key);
+        // Over the bound (counted after what could go went): the flow used
+        // least recently gives up what it holds, until under it.
+        while self.held_bytes > HELD_BYTES_MAX {
+            let Some(k) = self
+                .flows
+                .iter()
+                .filter(|(_, f)| !f.held.is_empty())
+                .min_by_key(|(_, f)| f.last_use)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            let gone = std::mem::take(&mut self.flows.get_mut(&k).expect("found").held);
+            self.held_bytes -= bytes_of(&gone);
+            self.stats.dropped += gone.len() as u64;
+        }
+        out
     }
 
     /// Translates and returns the flow's waiting frames that may go now.
@@ -502,13 +519,25 @@ mod tests {
         let out = tr.inbound(data);
         assert_eq!(out.len(), 1);
         assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
-        // The SYN-ACK first (the backup's guest is behind): it waits for
-        // the guest's SYN.
+        // A SYN-ACK for a flow this guest did not open (the leader's guest
+        // dialled from another port) passes as it is: nothing waits for a
+        // SYN that may never come.
         let mut tr = Translator::new();
-        assert!(tr.inbound(syn_ack.clone()).is_empty());
-        let out = tr.outbound(&frame(false, own_isn, 0, SYN, b""));
-        assert_eq!(out.len(), 1);
-        assert_eq!(ack_of(&out[0]), own_isn.wrapping_add(1));
+        assert_eq!(tr.inbound(syn_ack.clone()), vec![syn_ack.clone()]);
+        assert!(tr.flows.is_empty());
+        // A new connection on the same addresses (a new ISN) does not get
+        // the old one's frames still held.
+        let mut tr = Translator::new();
+        tr.outbound(&frame(false, own_isn, 0, SYN, b""));
+        assert_eq!(tr.inbound(syn_ack.clone()).len(), 1);
+        let far = frame(true, far_isn + 1, leader_isn + 100, ACK | 0x08, b"late");
+        assert!(tr.inbound(far).is_empty(), "ahead of what our guest sent");
+        assert!(tr.held_bytes > 0);
+        assert!(
+            tr.outbound(&frame(false, own_isn ^ 1, 0, SYN, b""))
+                .is_empty()
+        );
+        assert_eq!(tr.held_bytes, 0);
         // The leader: its own guest's ISN is the one acknowledged.
         let mut tr = Translator::new();
         tr.outbound(&frame(false, leader_isn, 0, SYN, b""));
@@ -549,6 +578,39 @@ mod tests {
             tr.flows.values().map(|f| bytes_of(&f.held)).sum::<usize>()
         );
         assert!(tr.stats.dropped > 0);
+        // At the bound, a frame that can go at once still goes.
+        let guest = |seq: u32, ack: u32, flags: u8| {
+            tcp_frame(&TcpFrame {
+                src_mac: [2, 0, 0, 0, 0, 2],
+                dst_mac: [2, 0, 0, 0, 0, 1],
+                src_ip: GUEST,
+                dst_ip: CLIENT,
+                sport: 80,
+                dport: 5000,
+                seq,
+                ack,
+                flags,
+                ip_id: 1,
+                data: b"",
+            })
+        };
+        tr.inbound(at(5000, 0, SYN, b""));
+        tr.outbound(&guest(9000, 1, SYN | ACK));
+        let ack = tcp_frame(&TcpFrame {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: CLIENT,
+            dst_ip: GUEST,
+            sport: 5000,
+            dport: 80,
+            seq: 1,
+            ack: 77,
+            flags: ACK,
+            ip_id: 1,
+            data: &payload,
+        });
+        assert_eq!(tr.inbound(ack).len(), 1, "dropped at the bound");
+        assert!(tr.held_bytes <= HELD_BYTES_MAX);
         // A new SYN on each flow starts it afresh: nothing is held any more.
         for port in 0..100u16 {
             tr.inbound(at(port, 0, SYN, b""));
