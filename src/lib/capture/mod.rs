@@ -133,11 +133,25 @@ impl TcpSynth {
                     &mut out,
                 );
                 push(
-                    self.segment(conn, false, f.server_seq, f.client_seq + 1, FIN | ACK, &[]),
+                    self.segment(
+                        conn,
+                        false,
+                        f.server_seq,
+                        f.client_seq.wrapping_add(1),
+                        FIN | ACK,
+                        &[],
+                    ),
                     &mut out,
                 );
                 push(
-                    self.segment(conn, true, f.client_seq + 1, f.server_seq + 1, ACK, &[]),
+                    self.segment(
+                        conn,
+                        true,
+                        f.client_seq.wrapping_add(1),
+                        f.server_seq.wrapping_add(1),
+                        ACK,
+                        &[],
+                    ),
                     &mut out,
                 );
             }
@@ -306,6 +320,9 @@ pub struct PcapWriter {
     pub frames: u64,
 }
 
+/// The longest packet written whole into a pcap file (libpcap's limit).
+const CAPLEN_MAX: usize = 262_144;
+
 impl PcapWriter {
     /// Creates (or replaces) `path`.
     pub fn create(path: &Path) -> Result<PcapWriter, PcapError> {
@@ -324,15 +341,20 @@ impl PcapWriter {
 
     /// Appends one frame.
     pub fn write(&mut self, frame: &Frame) {
+        // libpcap's readers refuse a packet captured longer than 256 KiB (a
+        // log record may hold more): past it, the packet is cut, as a
+        // capture's snap length cuts it, and its length says how long it was.
+        let caplen = frame.bytes.len().min(CAPLEN_MAX);
         let header = pcap::PacketHeader {
             ts: libc::timeval {
                 tv_sec: (frame.time_ns / 1_000_000_000) as libc::time_t,
                 tv_usec: ((frame.time_ns % 1_000_000_000) / 1000) as libc::suseconds_t,
             },
-            caplen: frame.bytes.len() as u32,
-            len: frame.bytes.len() as u32,
+            caplen: caplen as u32,
+            len: u32::try_from(frame.bytes.len()).unwrap_or(u32::MAX),
         };
-        self.save.write(&pcap::Packet::new(&header, &frame.bytes));
+        self.save
+            .write(&pcap::Packet::new(&header, &frame.bytes[..caplen]));
         self.frames += 1;
     }
 
@@ -400,5 +422,32 @@ mod tests {
         let close = s.record(Kind::Close, 7, 20, &[]);
         assert_eq!(seq(&close[0]), CLIENT_ISN + 1 + 3000);
         assert_eq!(close[0].bytes[47], FIN | ACK);
+    }
+
+    /// A frame longer than libpcap reads (a log record may hold 16 MiB) is
+    /// cut to 256 KiB in the file, its length kept: the file stays readable
+    /// past it.
+    #[test]
+    fn a_frame_longer_than_libpcap_reads_is_cut_and_the_file_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.pcap");
+        let mut w = PcapWriter::create(&path).unwrap();
+        let big = vec![0xabu8; 1 << 20];
+        for bytes in [vec![1u8; 60], big, vec![2u8; 60]] {
+            w.write(&Frame { time_ns: 1, bytes });
+        }
+        assert_eq!(w.finish().unwrap(), 3);
+        let mut cap = pcap::Capture::from_file(&path).unwrap();
+        let mut seen = Vec::new();
+        while let Ok(p) = cap.next_packet() {
+            seen.push((p.header.caplen, p.header.len));
+        }
+        // (libpcap cuts what it hands out to the file's snap length too.)
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!((seen[0], seen[2]), ((60, 60), (60, 60)));
+        assert!(
+            seen[1].0 as usize <= CAPLEN_MAX && seen[1].1 == 1 << 20,
+            "{seen:?}"
+        );
     }
 }

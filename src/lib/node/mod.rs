@@ -2588,7 +2588,11 @@ impl Node<'_> {
             }
         }
         if ready.readable {
-            if let Err(e) = vm.from_vm(leader) {
+            let read = vm.from_vm(leader);
+            // Stopped at its budget: the rest next turn (no new event
+            // would say so).
+            self.vm_more |= vm.more;
+            if let Err(e) = read {
                 // Not QEMU going away: its stream's framing broke.
                 garbled = e.kind() == io::ErrorKind::InvalidData;
                 broken = Some(format!("reading from the VM: {e}"));

@@ -25,6 +25,9 @@ use crate::capture::{Frame, PcapWriter};
 /// (and counted) as a congested switch would, so one slow VM cannot stall
 /// the replica's loop.
 pub const VM_QUEUE_MAX: usize = 4 << 20;
+/// Reads of the VM's stream in one turn of the loop (of up to
+/// [`FRAME_MAX`] bytes each); the rest waits for the next turn.
+const VM_READS_PER_TURN: usize = 64;
 
 /// The sender's MAC and IPv4 address of a frame a guest sent (IPv4 or ARP).
 fn identity(frame: &[u8]) -> Option<([u8; 6], [u8; 4])> {
@@ -82,6 +85,9 @@ pub struct VmFront {
     reader: FrameReader,
     out: Vec<u8>,
     buf: Vec<u8>,
+    /// The last [`VmFront::from_vm`] stopped at its budget with the stream
+    /// perhaps not empty: read again without waiting for an event.
+    pub more: bool,
     capture: Option<PcapWriter>,
     /// Per-flow TCP translation.
     translator: Translator,
@@ -110,6 +116,7 @@ impl VmFront {
             reader: FrameReader::new(),
             out: Vec::new(),
             buf: vec![0; FRAME_MAX],
+            more: false,
             capture,
             translator: Translator::new(),
             mac: None,
@@ -329,7 +336,15 @@ impl VmFront {
     /// device, a backup counts and drops it. Errs when the stream closed or
     /// carried a frame it cannot hold (then the VM is not trusted further).
     pub fn from_vm(&mut self, leader: bool) -> io::Result<()> {
+        self.more = false;
+        let mut reads = 0;
         loop {
+            if reads == VM_READS_PER_TURN {
+                // A guest that keeps its stream full cannot hold the loop.
+                self.more = true;
+                break;
+            }
+            reads += 1;
             if self.held_bytes >= VM_QUEUE_MAX {
                 // The VM waits (its socket fills) until the input commits.
                 self.read_paused = true;
