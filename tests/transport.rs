@@ -786,6 +786,35 @@ fn shm_a_ring_that_does_not_fit_is_an_error_at_bind_not_a_sigbus_later() {
     assert!(err.contains("reserving"), "{err}");
 }
 
+/// A file where a peer's ring should be that is not one is said once (with
+/// why), not dropped in silence at every look (every 100 ms).
+#[test]
+fn shm_a_ring_file_that_is_not_a_ring_is_said_once() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = shm_node0(dir.path());
+    let path = dir.path().join("rings").join("ring-0-1");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap()
+        .write_all(&[0u8; 8192])
+        .unwrap();
+    let mut evs = Vec::new();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while start.elapsed() < Duration::from_millis(500) {
+        let _ = a.send(&env(0, 1, 1));
+        a.recv(Duration::from_millis(20), &mut got).unwrap();
+        evs.extend(a.events());
+    }
+    let said: Vec<String> = refusals(&evs);
+    assert_eq!(said.len(), 1, "{evs:?}");
+    assert!(said[0].contains("not a falcon ring"), "{said:?}");
+}
+
 /// A follower killed between the two stores of its ack slot leaves the
 /// slot's sequence odd. The leader must still sleep when nothing else is
 /// there, not spin until that follower writes again.

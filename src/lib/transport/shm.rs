@@ -290,6 +290,9 @@ pub struct ShmTransport {
     granted: u64,
     /// Per peer: the ack-slot `seq` last taken.
     acks_seen: Vec<u64>,
+    /// Why the ring to each peer could not be used, as last said (said
+    /// again only when it changes).
+    connect_errors: Vec<Option<String>>,
     /// Per peer: the owner word last reported as fencing us (one notice per change).
     fenced_by: Vec<u64>,
     /// Log writes refused by fencing, as writer and as reader.
@@ -362,6 +365,7 @@ impl ShmTransport {
             last_check: Instant::now(),
             granted: 0,
             acks_seen: vec![0; opts.n as usize],
+            connect_errors: vec![None; opts.n as usize],
             fenced_by: vec![0; opts.n as usize],
             revoked: 0,
             opts,
@@ -391,13 +395,16 @@ impl ShmTransport {
         let Some(_) = ino else {
             return;
         };
-        let Ok(map) = Mapping::map(&path) else {
-            return;
+        let map = match Mapping::map(&path) {
+            Ok(map) => map,
+            Err(e) => return self.connect_failed(to, &path, format!("cannot map it: {e}")),
         };
         // SAFETY: the file is a ring its owner initialised before renaming it into place.
-        let Ok(ring) = (unsafe { Ring::open(map.ptr, map.len) }) else {
-            return;
+        let ring = match unsafe { Ring::open(map.ptr, map.len) } {
+            Ok(ring) => ring,
+            Err(e) => return self.connect_failed(to, &path, e.to_string()),
         };
+        self.connect_errors[to] = None;
         let bell = Mapping::map(&bell_path(&self.opts.dir, to as NodeId))
             .ok()
             .map(Bell);
@@ -411,6 +418,18 @@ impl ShmTransport {
             peer: to as NodeId,
             incoming: false,
         });
+    }
+
+    /// The ring to peer `to` at `path` cannot be used (tried again every
+    /// 100 ms): said once, and again when the reason changes.
+    fn connect_failed(&mut self, to: usize, path: &Path, why: String) {
+        if self.connect_errors[to].as_deref() != Some(why.as_str()) {
+            self.notices.push(TransportEvent::Refused {
+                addr: path.display().to_string(),
+                reason: format!("the ring to replica index {to}: {why}"),
+            });
+            self.connect_errors[to] = Some(why);
+        }
     }
 
     fn check_peers(&mut self) {
