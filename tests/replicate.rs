@@ -743,6 +743,13 @@ fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
     );
 }
 
+/// `python3 -c SCRIPT PORT` as a replica's program.
+fn python_program(script: &str) -> Vec<String> {
+    ["python3", "-c", script, "{port}"]
+        .map(String::from)
+        .to_vec()
+}
+
 /// A tiny server (Python, on every Debian) that marks SIGHUP in a file and
 /// exits 7 on SIGUSR1.
 const SIGNAL_SERVER: &str = r#"
@@ -793,9 +800,7 @@ while True:
 #[test]
 fn a_program_that_floods_its_output_does_not_stop_the_cluster() {
     let _one = serial();
-    let program = ["python3", "-c", FLOOD_SERVER, "{port}"]
-        .map(String::from)
-        .to_vec();
+    let program = python_program(FLOOD_SERVER);
     let c = Cluster::start(3, program);
     let ping = |i: usize| -> bool {
         let Ok(mut s) = TcpStream::connect_timeout(&c.addrs[i].1, Duration::from_secs(1)) else {
@@ -839,9 +844,7 @@ fn a_program_that_floods_its_output_does_not_stop_the_cluster() {
 #[test]
 fn signals_reach_the_program_and_its_exit_stops_the_replica() {
     let _one = serial();
-    let program = ["python3", "-c", SIGNAL_SERVER, "{port}"]
-        .map(String::from)
-        .to_vec();
+    let program = python_program(SIGNAL_SERVER);
     let mut c = Cluster::start(1, program);
     let pid = nix::unistd::Pid::from_raw(c.nodes[0].as_ref().unwrap().id() as i32);
     let marker = c.dir.path().join("got-SIGHUP");

@@ -423,10 +423,22 @@ mod tests {
     const GUEST: [u8; 4] = [10, 0, 0, 2];
 
     fn frame(from_client: bool, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        flow_frame(from_client, 40000, seq, ack, flags, payload)
+    }
+
+    /// A frame of the flow between the client's `port` and the guest's 80.
+    fn flow_frame(
+        from_client: bool,
+        port: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let (src, dst, sport, dport) = if from_client {
-            (CLIENT, GUEST, 40000, 80)
+            (CLIENT, GUEST, port, 80)
         } else {
-            (GUEST, CLIENT, 80, 40000)
+            (GUEST, CLIENT, 80, port)
         };
         tcp_frame(&TcpFrame {
             src_mac: [2, 0, 0, 0, 0, 1],
@@ -552,19 +564,7 @@ mod tests {
         let mut tr = Translator::new();
         let payload = vec![7u8; 1400];
         let at = |port: u16, seq: u32, flags: u8, data: &[u8]| {
-            tcp_frame(&TcpFrame {
-                src_mac: [2, 0, 0, 0, 0, 1],
-                dst_mac: [2, 0, 0, 0, 0, 2],
-                src_ip: CLIENT,
-                dst_ip: GUEST,
-                sport: port,
-                dport: 80,
-                seq,
-                ack: 1,
-                flags,
-                ip_id: 1,
-                data,
-            })
+            flow_frame(true, port, seq, 1, flags, data)
         };
         for port in 0..100u16 {
             tr.inbound(at(port, 0, SYN, b""));
@@ -579,36 +579,9 @@ mod tests {
         );
         assert!(tr.stats.dropped > 0);
         // At the bound, a frame that can go at once still goes.
-        let guest = |seq: u32, ack: u32, flags: u8| {
-            tcp_frame(&TcpFrame {
-                src_mac: [2, 0, 0, 0, 0, 2],
-                dst_mac: [2, 0, 0, 0, 0, 1],
-                src_ip: GUEST,
-                dst_ip: CLIENT,
-                sport: 80,
-                dport: 5000,
-                seq,
-                ack,
-                flags,
-                ip_id: 1,
-                data: b"",
-            })
-        };
         tr.inbound(at(5000, 0, SYN, b""));
-        tr.outbound(&guest(9000, 1, SYN | ACK));
-        let ack = tcp_frame(&TcpFrame {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src_ip: CLIENT,
-            dst_ip: GUEST,
-            sport: 5000,
-            dport: 80,
-            seq: 1,
-            ack: 77,
-            flags: ACK,
-            ip_id: 1,
-            data: &payload,
-        });
+        tr.outbound(&flow_frame(false, 5000, 9000, 1, SYN | ACK, b""));
+        let ack = flow_frame(true, 5000, 1, 77, ACK, &payload);
         assert_eq!(tr.inbound(ack).len(), 1, "dropped at the bound");
         assert!(tr.held_bytes <= HELD_BYTES_MAX);
         // A new SYN on each flow starts it afresh: nothing is held any more.
