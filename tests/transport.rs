@@ -23,14 +23,26 @@ fn free_addrs(n: u32) -> Vec<SocketAddr> {
     ls.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
+/// Replica `id` of the cluster at `addrs`, its options as `tweak` sets them.
+fn tcp_node(
+    addrs: &[SocketAddr],
+    id: u32,
+    key: &[u8],
+    tweak: impl FnOnce(&mut TcpOptions),
+) -> TcpTransport {
+    let mut o = TcpOptions::new(CLUSTER, id, addrs.to_vec(), key.to_vec());
+    tweak(&mut o);
+    TcpTransport::bind(o).unwrap()
+}
+
 fn tcp_cluster_with(n: u32, key_of: impl Fn(u32) -> Vec<u8>) -> Vec<TcpTransport> {
     let addrs = free_addrs(n);
     (0..n)
         .map(|id| {
-            let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), key_of(id));
-            o.queue_bytes_max = 16 << 20;
-            o.handshake_timeout = Duration::from_millis(300);
-            TcpTransport::bind(o).unwrap()
+            tcp_node(&addrs, id, &key_of(id), |o| {
+                o.queue_bytes_max = 16 << 20;
+                o.handshake_timeout = Duration::from_millis(300);
+            })
         })
         .collect()
 }
@@ -41,9 +53,9 @@ fn tcp_cluster_part(real: u32, total: u32) -> Vec<TcpTransport> {
     let addrs = free_addrs(total);
     (0..real)
         .map(|id| {
-            let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
-            o.handshake_timeout = Duration::from_millis(300);
-            TcpTransport::bind(o).unwrap()
+            tcp_node(&addrs, id, KEY, |o| {
+                o.handshake_timeout = Duration::from_millis(300)
+            })
         })
         .collect()
 }
@@ -367,9 +379,9 @@ fn hostile_bytes_on_the_peer_port_are_refused_and_the_cluster_keeps_talking() {
 fn a_restarted_peer_is_dialled_again() {
     let addrs = free_addrs(3);
     let mk = |id| {
-        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
-        o.reconnect_max = Duration::from_millis(100);
-        TcpTransport::bind(o).unwrap()
+        tcp_node(&addrs, id, KEY, |o| {
+            o.reconnect_max = Duration::from_millis(100)
+        })
     };
     let mut a = mk(0);
     let mut b = mk(1);
@@ -393,10 +405,10 @@ fn a_restarted_peer_is_dialled_again() {
 fn strangers_holding_every_place_do_not_keep_a_peer_out() {
     let addrs = free_addrs(2);
     let mk = |id| {
-        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
-        o.handshake_timeout = Duration::from_secs(60);
-        o.reconnect_max = Duration::from_millis(100);
-        TcpTransport::bind(o).unwrap()
+        tcp_node(&addrs, id, KEY, |o| {
+            o.handshake_timeout = Duration::from_secs(60);
+            o.reconnect_max = Duration::from_millis(100);
+        })
     };
     let strangers = |addr: SocketAddr| -> Vec<TcpStream> {
         (0..80).map(|_| TcpStream::connect(addr).unwrap()).collect()
@@ -438,11 +450,11 @@ fn send_until_received(a: &mut TcpTransport, b: &mut TcpTransport, mut op: u64) 
 fn a_peer_that_never_came_up_gets_no_backlog_when_it_starts() {
     let addrs = free_addrs(2);
     let mk = |id| {
-        let mut o = TcpOptions::new(CLUSTER, id, addrs.clone(), KEY.to_vec());
-        o.reconnect_min = Duration::from_millis(10);
-        o.reconnect_max = Duration::from_millis(50);
-        o.connect_grace = Duration::from_millis(100);
-        TcpTransport::bind(o).unwrap()
+        tcp_node(&addrs, id, KEY, |o| {
+            o.reconnect_min = Duration::from_millis(10);
+            o.reconnect_max = Duration::from_millis(50);
+            o.connect_grace = Duration::from_millis(100);
+        })
     };
     let mut a = mk(0);
     // Nobody listens on 1's address: the dials fail while a sends (past the grace).

@@ -154,19 +154,34 @@ pub enum FollowerClients {
     Refuse,
 }
 
+/// Something logged at most once a second, and how often it was held back.
+#[derive(Default)]
+struct OncePerSecond {
+    at: Option<Instant>,
+    held_back: u64,
+}
+
+impl OncePerSecond {
+    /// Some(times held back since the last line) when a line may go now.
+    fn due(&mut self) -> Option<u64> {
+        if self
+            .at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.at = Some(Instant::now());
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
 /// Reads of a program connection's output in one turn of the loop (of
 /// [`READ_CHUNK`] bytes each); the rest waits for the next turn.
 const APP_READS_PER_TURN: usize = 64;
 
 /// Forwarded connections at most, per replica.
 const FORWARDS_MAX: usize = 1024;
-
-/// Most bytes of falcon's RESP state a snapshot may carry: what the
-/// multiplexer can hold (unfinished commands, queued transactions) and room
-/// for every connection's record.
-fn resp_state_max(limits: &crate::config::Limits) -> u64 {
-    limits.program_backlog_bytes as u64 + (64 << 20)
-}
 
 /// Passes a client connection on to the leader, on two threads (one per direction).
 fn forward(
@@ -518,6 +533,10 @@ struct Hooks {
     id: u32,
     data_dir: PathBuf,
     app: SocketAddr,
+    /// Most bytes of falcon's RESP state a snapshot may carry: what the
+    /// multiplexer can hold (unfinished commands, queued transactions) and
+    /// room for every connection's record.
+    resp_state_max: u64,
 }
 
 impl Hooks {
@@ -558,14 +577,8 @@ impl Hooks {
         }
     }
 
-    /// Unpacks the snapshot file and runs `--restore-cmd` on it. falcon's
-    /// own RESP state in it may be at most `state_max` bytes.
-    fn restore(
-        &self,
-        cmd: &str,
-        snap: &Path,
-        state_max: u64,
-    ) -> Result<snapshot::SnapshotMeta, NodeError> {
+    /// Unpacks the snapshot file and runs `--restore-cmd` on it.
+    fn restore(&self, cmd: &str, snap: &Path) -> Result<snapshot::SnapshotMeta, NodeError> {
         let dir = self.data_dir.join("snapshot.restore");
         let _ = std::fs::remove_dir_all(&dir);
         let mut meta =
@@ -579,9 +592,10 @@ impl Hooks {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => Some(e.to_string()),
             Ok(m) if !m.is_file() => Some("not a plain file".to_string()),
-            Ok(m) if m.len() > state_max => Some(format!(
-                "{} bytes, more than this replica's limits allow ({state_max}; limits.program_backlog_bytes)",
-                m.len()
+            Ok(m) if m.len() > self.resp_state_max => Some(format!(
+                "{} bytes, more than this replica's limits allow ({}; limits.program_backlog_bytes)",
+                m.len(),
+                self.resp_state_max
             )),
             Ok(_) => match std::fs::read(&state) {
                 Ok(bytes) => {
@@ -739,13 +753,11 @@ struct Node<'a> {
     limits: crate::config::Limits,
     /// A follower's program is too far behind: no new entries are taken.
     behind: bool,
-    /// When a refused client (over `client_connections`, or input refused
-    /// as too much is pending) was last logged (once a second).
-    refused_client_at: Option<Instant>,
-    /// When a refused peer connection was last logged (once a second), and
-    /// how many were refused since without a line.
-    refused_peer_at: Option<Instant>,
-    peer_refusals_unlogged: u64,
+    /// Refused clients (over `client_connections`, or input refused as too
+    /// much is pending), logged at most once a second.
+    refused_client: OncePerSecond,
+    /// Refused peer connections, logged at most once a second.
+    refused_peer: OncePerSecond,
     /// When a message too large for a peer's queue was last logged.
     too_large_at: Option<Instant>,
     /// transport = "shm": where the rings of this cluster under the other
@@ -1234,13 +1246,20 @@ impl Node<'_> {
     /// Whether a refusal (of a client connection, or of input) may be
     /// logged now: at most once a second.
     fn refusal_loggable(&mut self) -> bool {
-        let due = self
-            .refused_client_at
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        if due {
-            self.refused_client_at = Some(Instant::now());
+        self.refused_client.due().is_some()
+    }
+
+    /// The log made more durable than the engine knows (an fsync, an
+    /// append under sync = "always", a save on the loop): held messages
+    /// go, and the engine hears of it (the leader counts its own entries
+    /// only so).
+    fn tell_durable(&mut self) -> Result<(), NodeError> {
+        let d = self.log.durable_op();
+        if d.min(self.engine.last_op()) > self.engine.durable() {
+            self.release();
+            self.step(Input::Durable { op: d })?;
         }
-        due
+        Ok(())
     }
 
     fn step(&mut self, input: Input) -> Result<(), NodeError> {
@@ -1559,10 +1578,6 @@ impl Node<'_> {
 
     /// program_protocol = "resp": the clients' unfinished commands a
     /// snapshot carried, once its connections are open again.
-    fn resp_state_max(&self) -> u64 {
-        resp_state_max(&self.limits)
-    }
-
     fn import_resp_state(&mut self, state: &[u8], problem: Option<&str>) {
         if let Some(why) = problem {
             self.ui.error(&format!(
@@ -2070,7 +2085,7 @@ impl Node<'_> {
         self.log.reset(meta.op + 1, 0)?;
         // Past anything the replay at start had left to read.
         self.log_replay = None;
-        let restored = self.hooks_env.restore(&cmd, &path, self.resp_state_max())?;
+        let restored = self.hooks_env.restore(&cmd, &path)?;
         let pid = self.start_program_at(meta.op, &meta.open_conns)?;
         self.import_resp_state(&restored.resp_state, restored.resp_state_problem.as_deref());
         self.next_snapshot_at = meta.op + self.snapshot_every;
@@ -2763,13 +2778,10 @@ impl Node<'_> {
             // QUIT) is read and dropped: left unread, it would turn the
             // close into a reset that can discard answers still on the way.
             if ready.readable && matches!(c.end, ClientEnd::Ending(_)) {
-                let mut reads = 0;
-                let end = read_to_end(&mut c.stream, &mut self.read_buf, c.peer_closed, |_| {
-                    reads += 1;
-                    reads < 16
-                });
-                if end == End::Open && reads >= 16 {
-                    // More next turn; a client that floods cannot hold the loop.
+                let (_, more) =
+                    read_budgeted(&mut c.stream, &mut self.read_buf, c.peer_closed, 16, |_| {});
+                if more {
+                    // A client that floods cannot hold the loop.
                     self.unread.push(t);
                 }
             }
@@ -2977,15 +2989,16 @@ impl Node<'_> {
             return;
         }
         let mut answer = Vec::new();
-        let mut reads = 0;
-        let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
-            answer.extend_from_slice(bytes);
-            reads += 1;
-            reads < APP_READS_PER_TURN
-        });
-        if end == End::Open && reads >= APP_READS_PER_TURN {
+        let (end, more) = read_budgeted(
+            &mut a.stream,
+            &mut self.read_buf,
+            ready.closed,
+            APP_READS_PER_TURN,
+            |bytes| answer.extend_from_slice(bytes),
+        );
+        if more {
             // A program that writes faster than this loop reads must not
-            // keep it from everything else: the rest is read next turn.
+            // keep it from everything else.
             self.app_unread.push((t, ready.closed));
         }
         let eof = end != End::Open;
@@ -3070,14 +3083,14 @@ impl Node<'_> {
             return;
         }
         let mut got = Vec::new();
-        let mut reads = 0;
-        let end = read_to_end(&mut a.stream, &mut self.read_buf, ready.closed, |bytes| {
-            got.extend_from_slice(bytes);
-            reads += 1;
-            reads < APP_READS_PER_TURN
-        });
-        if end == End::Open && reads >= APP_READS_PER_TURN {
-            // The rest next turn (see on_app).
+        let (end, more) = read_budgeted(
+            &mut a.stream,
+            &mut self.read_buf,
+            ready.closed,
+            APP_READS_PER_TURN,
+            |bytes| got.extend_from_slice(bytes),
+        );
+        if more {
             self.app_unread.push((t, ready.closed));
         }
         let mut out = Vec::new();
@@ -3209,6 +3222,25 @@ fn read_to_end(
     }
 }
 
+/// [`read_to_end`] with at most `reads_max` reads, each given to `take`;
+/// also whether it stopped at that budget with the stream not known to be
+/// empty (no new event will say so: the caller reads again next turn).
+fn read_budgeted(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    closed: bool,
+    reads_max: usize,
+    mut take: impl FnMut(&[u8]),
+) -> (End, bool) {
+    let mut reads = 0;
+    let end = read_to_end(stream, buf, closed, |bytes| {
+        take(bytes);
+        reads += 1;
+        reads < reads_max
+    });
+    (end, end == End::Open && reads >= reads_max)
+}
+
 /// Writes as much of `out` as the socket takes now. False if the socket
 /// failed (what is left can never be written).
 fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
@@ -3297,6 +3329,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         id: rc.id,
         data_dir: rc.data_dir.clone(),
         app: rc.app,
+        resp_state_max: cfg.limits.program_backlog_bytes as u64 + (64 << 20),
     };
     let snap_path = rc.data_dir.join(snapshot::FILE_NAME);
     let snap = if snap_path.exists() {
@@ -3320,7 +3353,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 // Installed from the leader, then stopped before new entries arrived.
                 log.reset(meta.op + 1, 0)?;
             }
-            let restored = hooks.restore(cmd, &snap_path, resp_state_max(&cfg.limits))?;
+            let restored = hooks.restore(cmd, &snap_path)?;
             ui.note(&format!(
                 "restored the program from the snapshot at op {} ({} bytes)",
                 meta.op, meta.bytes
@@ -3608,9 +3641,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         framed: opts.null_program,
         memory_entries: opts.memory_entries.max(1),
         limits: cfg.limits,
-        refused_client_at: None,
-        refused_peer_at: None,
-        peer_refusals_unlogged: 0,
+        refused_client: OncePerSecond::default(),
+        refused_peer: OncePerSecond::default(),
         too_large_at: None,
         closes_owed: HashSet::new(),
         shm_other: (cfg.transport == crate::config::TransportKind::Shm).then(|| {
@@ -4002,15 +4034,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 TransportEvent::Refused { addr, reason } => {
                     // At most a line a second: a peer with the wrong key, or
                     // a flood of strangers, must not flood the log.
-                    if node
-                        .refused_peer_at
-                        .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-                    {
-                        node.peer_refusals_unlogged += 1;
+                    let Some(more) = node.refused_peer.due() else {
                         continue;
-                    }
-                    node.refused_peer_at = Some(Instant::now());
-                    let more = std::mem::take(&mut node.peer_refusals_unlogged);
+                    };
                     ui.warn(&format!(
                         "refused a peer connection from {addr}: {reason}{}",
                         if more > 0 {
@@ -4061,12 +4087,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                     .fsync_latency
                     .observe(t.elapsed().as_nanos() as u64);
             }
-            let before = node.log.durable_op();
-            let d = node.log.note_synced(result)?;
-            if d > before {
-                node.release();
-                node.step(Input::Durable { op: d })?;
-            }
+            node.log.note_synced(result)?;
+            node.tell_durable()?;
         }
         node.look_for_answer();
         // Input held during the fsync that just ended goes now, into the next one.
@@ -4079,8 +4101,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         if (node.log.durable_op() < node.log.last_op() || handle_stale) && !node.sync_inflight {
             if cfg_sync == crate::log::SyncPolicy::Never {
                 node.sync()?;
-                let d = node.log.durable_op();
-                node.step(Input::Durable { op: d })?;
+                node.tell_durable()?;
             } else {
                 let req = node.log.sync_handle(sync_held)?;
                 sync_held = Some(req.handle_id);
@@ -4094,14 +4115,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 }
             }
         }
-        // What is on disk without the fsync thread: every append under
-        // sync = "always", a view change's save on the loop. The engine
-        // hears of it (the leader counts its own entries only so).
-        let d = node.log.durable_op();
-        if d.min(node.engine.last_op()) > node.engine.durable() {
-            node.release();
-            node.step(Input::Durable { op: d })?;
-        }
+        // And what is on disk without the fsync thread: every append under
+        // sync = "always", a view change's save on the loop.
+        node.tell_durable()?;
         node.hand_off_full_disk()?;
         node.retry_unwritten()?;
         node.vm_interest();

@@ -582,7 +582,7 @@ impl Node<'_> {
             }
             Some(file) => {
                 let cmd = self.restore_cmd.clone().expect("checked");
-                let meta = self.hooks_env.restore(&cmd, file, self.resp_state_max())?;
+                let meta = self.hooks_env.restore(&cmd, file)?;
                 open_at_base = meta.open_conns;
                 resp_state = meta.resp_state;
                 problem = meta.resp_state_problem;

@@ -397,12 +397,7 @@ impl VmFront {
             // Frames released for the guest first: a failure to send the
             // guest's frame out must not lose them.
             for f in released {
-                if self.out.len() + 4 + f.len() > VM_QUEUE_MAX {
-                    self.stats.to_vm_dropped += 1;
-                } else {
-                    encode(&f, &mut self.out);
-                    self.stats.to_vm += 1;
-                }
+                self.queue(&f);
             }
             if let Some(out) = out {
                 // (Held frames are tagged with `given`, which only grows, and

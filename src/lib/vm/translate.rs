@@ -348,7 +348,6 @@ impl Translator {
         let Some(f) = self.flows.get_mut(&key) else {
             return out;
         };
-        let before = bytes_of(&f.held);
         while let Some(frame) = f.held.front() {
             let Some(t) = parse(frame) else {
                 out.push(f.held.pop_front().expect("front"));
@@ -394,8 +393,8 @@ impl Translator {
             self.stats.rewritten += 1;
             out.push(frame);
         }
-        let after = bytes_of(&f.held);
-        self.held_bytes -= before - after;
+        // Every frame that left the queue is in `out` (at its length).
+        self.held_bytes -= out.iter().map(Vec::len).sum::<usize>();
         self.stats.held += held_now;
         if flags_closed(&out) {
             // A reset ends the flow on every side.
