@@ -153,7 +153,33 @@ impl Ring {
         }
         r.pending = write;
         r.seq = r.write_seq().load(Ordering::Acquire);
+        // A sender that died between storing write_seq and write_pos left
+        // write_seq counting records it never published; the receiver
+        // would take the next record for damage and drop what is still
+        // unread. The unread records themselves tell the next number.
+        if let Some(seq) = r.seq_after(read, write) {
+            r.seq = seq;
+        }
         Ok(r)
+    }
+
+    /// The number of the record that follows the published ones between
+    /// `read` and `write`, read from their headers (None when nothing is
+    /// unread or the headers do not add up to `write`).
+    fn seq_after(&self, read: u64, write: u64) -> Option<u64> {
+        let mut head = [0u8; REC_HEADER];
+        let (mut pos, mut first, mut records) = (read, None, 0u64);
+        while pos < write {
+            self.copy_out(pos, &mut head);
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4")) as usize;
+            if len > self.max_payload() {
+                return None;
+            }
+            first.get_or_insert(u32::from_le_bytes(head[4..8].try_into().expect("4")));
+            pos += padded(len) as u64;
+            records += 1;
+        }
+        (pos == write).then_some(first.map(|f| u64::from(f) + records)?)
     }
 
     /// The incarnation the receiver wrote at init.
@@ -336,6 +362,35 @@ mod tests {
 
     fn region(len: usize) -> Vec<u64> {
         vec![0u64; len / 8]
+    }
+
+    #[test]
+    fn a_sender_that_died_while_publishing_is_followed_without_losing_unread_records() {
+        let mut mem = region(HEADER + 4096);
+        let base = mem.as_mut_ptr() as *mut u8;
+        let mut tx = unsafe { Ring::init(base, HEADER + 4096, 1) };
+        let mut rx = unsafe { Ring::open(base, HEADER + 4096) }.unwrap();
+        let mut out = Vec::new();
+        for i in 0..3u8 {
+            assert!(tx.push(&[i; 10]));
+        }
+        tx.publish();
+        assert!(rx.pop(&mut out).unwrap());
+        assert_eq!(out, [0; 10]);
+        // Two more records written; the sender dies after storing write_seq
+        // and before storing write_pos.
+        assert!(tx.push(&[3; 10]));
+        assert!(tx.push(&[4; 10]));
+        tx.write_seq().store(tx.seq, Ordering::Relaxed);
+        // A new sender process maps the ring again.
+        let mut tx = unsafe { Ring::open(base, HEADER + 4096) }.unwrap();
+        assert!(tx.push(&[9; 10]));
+        tx.publish();
+        let mut got = Vec::new();
+        while rx.pop(&mut out).expect("no record taken for damage") {
+            got.push(out[0]);
+        }
+        assert_eq!(got, [1, 2, 9]);
     }
 
     #[test]

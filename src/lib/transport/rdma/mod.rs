@@ -208,6 +208,10 @@ pub struct RdmaTransport {
     owner: u64,
     /// Log writes refused by fencing, as writer and as reader.
     revoked: u64,
+    /// Why polling the completion queue failed: the queue every link
+    /// shares is unusable, so `recv` reports it and the replica stops (a
+    /// restart opens the device again).
+    cq_failed: Option<String>,
 }
 
 fn wr_id(generation: u64, recv: bool, peer: usize) -> u64 {
@@ -247,6 +251,7 @@ impl RdmaTransport {
             next_tag: 0,
             retry_at: vec![None; n],
             notices: Vec::new(),
+            cq_failed: None,
             buf: Vec::new(),
             scratch: Vec::new(),
             wc: vec![ibverbs_sys::ibv_wc::default(); 64],
@@ -513,7 +518,10 @@ impl RdmaTransport {
         loop {
             let n = match self.dev.poll(&mut self.wc) {
                 Ok(n) => n,
-                Err(_) => return,
+                Err(e) => {
+                    self.cq_failed.get_or_insert_with(|| e.to_string());
+                    return;
+                }
             };
             for i in 0..n {
                 let wc = self.wc[i];
@@ -835,6 +843,13 @@ impl Transport for RdmaTransport {
     fn recv(&mut self, timeout: Duration, out: &mut Vec<Envelope>) -> std::io::Result<()> {
         self.dev.take_events();
         self.reap();
+        if let Some(why) = &self.cq_failed {
+            // Every link's completions go through this queue: without it no
+            // write is known to have landed and no slot is ever freed.
+            return Err(std::io::Error::other(format!(
+                "the RDMA completion queue failed ({why}); restart the replica to open the device again"
+            )));
+        }
         self.flush();
         self.pump_tcp(out)?;
         let got = self.drain(out);
