@@ -1071,6 +1071,94 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     );
 }
 
+/// A snapshot download that cannot finish is given up and asked for again:
+/// first the receiving replica's disk is too small for it (it used to stop,
+/// and again at every restart), then its source stops answering in the
+/// middle of it (the download used to wait for that replica forever, and
+/// with it the engine, so the two replicas left could not commit).
+#[test]
+fn a_snapshot_download_that_cannot_finish_is_given_up_and_asked_for_again() {
+    let _one = serial();
+    let (program, mut extra) =
+        redis_with_snapshot_hooks(" && head -c 256M /dev/zero > $FALCON_SNAPSHOT_DIR/padding");
+    extra.extend(["--snapshot-every", "1000"].map(String::from));
+    let mut c = Cluster::start_toml(3, program, "refuse", extra, "segment_size = \"64KiB\"\n");
+    let leader = c.leader(Duration::from_secs(30));
+    let far = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    c.kill(far);
+    let far_dir = c.dir.path().join(format!("data/{}", far + 1));
+    std::fs::remove_dir_all(&far_dir).unwrap();
+    let disk = SmallDisks::mount(vec![far_dir.clone()], "64m");
+    assert_eq!(set_many(c.addrs[leader].1, "a", 1500), 1500);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            c.log(leader).contains("snapshot of the program at op")
+                && c.log(other).contains("snapshot of the program at op")
+        }),
+        "no snapshot taken; logs:\n{}\n---\n{}",
+        c.log(leader),
+        c.log(other)
+    );
+    // 256 MiB of snapshot, 64 MiB of disk: given up, and tried again.
+    c.start_node(far);
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .log(far)
+            .matches("gave up the snapshot download")
+            .count()
+            >= 2),
+        "{}",
+        c.log(far)
+    );
+    assert!(
+        c.log(far).contains("No space left on device"),
+        "{}",
+        c.log(far)
+    );
+    assert!(
+        c.exit_status(far, Duration::from_millis(200)).is_none(),
+        "{}",
+        c.log(far)
+    );
+    // Room for it now; in the middle of the next download its source stops.
+    util::must(&format!("mount -o remount,size=2g {}", far_dir.display()));
+    let incoming = far_dir.join("snapshot.incoming");
+    assert!(
+        wait_until(Duration::from_secs(60), || std::fs::metadata(&incoming)
+            .is_ok_and(|m| m.len() > 96 << 20)),
+        "no download got past the old disk's size: {}",
+        c.log(far)
+    );
+    let source = c.nodes[leader].as_ref().unwrap().id();
+    signal(source, nix::sys::signal::Signal::SIGSTOP);
+    let stored = wait_until(Duration::from_secs(90), || {
+        set_many(c.addrs[other].1, "b", 1) == 1 || set_many(c.addrs[far].1, "b", 1) == 1
+    });
+    signal(source, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        stored,
+        "the two replicas left did not take a write; far replica:\n{}\nother:\n{}",
+        c.log(far),
+        c.log(other)
+    );
+    let log = c.log(far);
+    assert!(
+        log.contains("no longer leads; the leader is asked again")
+            || log.contains("has not answered for 15 s"),
+        "{log}"
+    );
+    assert!(log.contains("installed the snapshot at op"), "{log}");
+    assert!(
+        wait_until(Duration::from_secs(60), || c.digests_agree()),
+        "digests differ: {:?}\n{}",
+        c.digests(),
+        c.log(far)
+    );
+    drop(c);
+    drop(disk);
+}
+
 #[test]
 fn three_redis_replicas_over_shared_memory_agree() {
     let _one = serial();

@@ -659,11 +659,18 @@ struct Fetch {
     offset: u64,
     file: std::fs::File,
     asked: Instant,
+    /// The last answer from `from`.
+    heard: Instant,
     started: Instant,
 }
 
 /// How long a replica waits for a snapshot chunk before it asks again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
+/// How long a snapshot's source may stay silent before the download is
+/// given up (and the leader asked again).
+const FETCH_GIVE_UP: Duration = Duration::from_secs(15);
+/// The longest wait before asking again after downloads were given up.
+const FETCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bytes of snapshot per message.
 const SNAPSHOT_CHUNK: usize = 512 << 10;
 
@@ -782,6 +789,11 @@ struct Node<'a> {
     /// A snapshot being packed on its own thread (the loop goes on).
     packing: Option<Packing>,
     fetch: Option<Fetch>,
+    /// Downloads given up in a row, and when the leader is asked again
+    /// after the last one (1 s, doubling up to 30 s: a disk too small for
+    /// the snapshot is not filled again at once).
+    fetch_failures: u32,
+    refetch_at: Option<Instant>,
     /// A fetched and checked snapshot file, to install.
     install: Option<PathBuf>,
     /// Said once: a snapshot is needed but there is no --restore-cmd.
@@ -1924,10 +1936,65 @@ impl Node<'_> {
             offset: 0,
             file,
             asked: Instant::now(),
+            heard: Instant::now(),
             started: Instant::now(),
         });
         self.ask_chunk();
         Ok(())
+    }
+
+    /// The snapshot on its way will not come (its source went silent, the
+    /// leadership moved, this disk cannot hold it): the partial download
+    /// goes and the leader is asked again — after a wait that grows when
+    /// this replica's own disk failed (`local`). A resync's own download
+    /// fails the resync instead.
+    fn drop_fetch(&mut self, why: &str, local: bool) -> Result<(), NodeError> {
+        let Some(f) = self.fetch.take() else {
+            return Ok(());
+        };
+        drop(f.file);
+        let _ = std::fs::remove_file(self.data_dir.join("snapshot.incoming"));
+        if self.resync.as_ref().is_some_and(|r| r.fetching()) {
+            return self.fail_resync(why);
+        }
+        let wait = if local {
+            self.fetch_failures += 1;
+            FETCH_RETRY
+                .saturating_mul(1 << (self.fetch_failures - 1).min(5))
+                .min(FETCH_BACKOFF_MAX)
+        } else {
+            Duration::ZERO
+        };
+        self.refetch_at = Some(Instant::now() + wait);
+        self.ui.warn(&format!(
+            "gave up the snapshot download from replica {}: {why}; the leader is asked again{}",
+            self.ids[f.from as usize],
+            if local {
+                format!(" in {} s", wait.as_secs())
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// Why the snapshot on its way should be given up, if it should.
+    fn fetch_stalled(&self) -> Option<String> {
+        let f = self.fetch.as_ref()?;
+        if f.heard.elapsed() >= FETCH_GIVE_UP {
+            Some(format!(
+                "replica {} has not answered for {} s",
+                self.ids[f.from as usize],
+                FETCH_GIVE_UP.as_secs()
+            ))
+        } else if f.from != self.engine.leader() {
+            Some(format!(
+                "replica {} no longer leads",
+                self.ids[f.from as usize]
+            ))
+        } else {
+            None
+        }
     }
 
     fn ask_chunk(&mut self) {
@@ -1954,10 +2021,16 @@ impl Node<'_> {
             Message::SnapshotRequest { op, offset, .. } => {
                 let view = self.engine.view();
                 let (data, total) = if self.snapshot_op >= op && self.snapshot_op > 0 {
-                    read_chunk(&self.snapshot_path(), offset).map_err(io_err(format!(
-                        "reading {}",
-                        self.snapshot_path().display()
-                    )))?
+                    // A snapshot this replica cannot read is one it does
+                    // not have (the asker waits, then asks the leader).
+                    read_chunk(&self.snapshot_path(), offset).unwrap_or_else(|e| {
+                        self.ui.warn(&format!(
+                            "replica {} asked for the snapshot, and reading {} failed: {e}",
+                            self.ids[from as usize],
+                            self.snapshot_path().display()
+                        ));
+                        (Vec::new(), 0)
+                    })
                 } else {
                     (Vec::new(), 0)
                 };
@@ -1986,6 +2059,7 @@ impl Node<'_> {
                 if from != f.from {
                     return Ok(());
                 }
+                f.heard = Instant::now();
                 if op == 0 || op < f.need {
                     // It has none that covers what we need yet: ask again later.
                     return Ok(());
@@ -1994,9 +2068,9 @@ impl Node<'_> {
                     // A newer snapshot there: start over with it.
                     f.snap_op = op;
                     f.offset = 0;
-                    f.file
-                        .set_len(0)
-                        .map_err(io_err("restarting the snapshot download"))?;
+                    if let Err(e) = f.file.set_len(0) {
+                        return self.drop_fetch(&format!("restarting the download: {e}"), true);
+                    }
                     if offset != 0 {
                         self.ask_chunk();
                         return Ok(());
@@ -2006,21 +2080,22 @@ impl Node<'_> {
                     return Ok(());
                 }
                 use std::os::unix::fs::FileExt;
-                f.file
-                    .write_all_at(&data, offset)
-                    .map_err(io_err("writing the snapshot download"))?;
+                if let Err(e) = f.file.write_all_at(&data, offset) {
+                    return self.drop_fetch(&format!("writing snapshot.incoming: {e}"), true);
+                }
                 f.offset += data.len() as u64;
                 if f.offset < total {
                     self.ask_chunk();
                     return Ok(());
                 }
+                if let Err(e) = f.file.sync_all() {
+                    return self.drop_fetch(&format!("syncing snapshot.incoming: {e}"), true);
+                }
                 let f = self.fetch.take().expect("checked");
-                f.file
-                    .sync_all()
-                    .map_err(io_err("syncing the snapshot download"))?;
                 let path = self.data_dir.join("snapshot.incoming");
                 match snapshot::read_meta(&path) {
                     Ok(meta) if meta.op >= f.need => {
+                        self.fetch_failures = 0;
                         self.ui.note(&format!(
                             "received the snapshot at op {} ({} bytes in {:.1} s)",
                             meta.op,
@@ -2030,6 +2105,7 @@ impl Node<'_> {
                         self.install = Some(path);
                     }
                     Ok(meta) => {
+                        let _ = std::fs::remove_file(&path);
                         self.ui.warn(&format!(
                             "the snapshot received covers op {} only, {} is needed; asking again",
                             meta.op, f.need
@@ -2040,6 +2116,7 @@ impl Node<'_> {
                         })?;
                     }
                     Err(e) => {
+                        let _ = std::fs::remove_file(&path);
                         self.ui.warn(&format!(
                             "the snapshot received is unusable: {e}; asking again"
                         ));
@@ -3663,6 +3740,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         snapshotting: Snapshotting::Idle,
         packing: None,
         fetch: None,
+        fetch_failures: 0,
+        refetch_at: None,
         install: None,
         told_no_restore: false,
         vm,
@@ -4016,6 +4095,17 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if let Some(path) = node.install.take() {
             node.install_snapshot(path)?;
+        }
+        if let Some(why) = node.fetch_stalled() {
+            node.drop_fetch(&why, false)?;
+        }
+        if node.refetch_at.is_some_and(|t| Instant::now() >= t) {
+            // The engine stops waiting and takes the leader's next offer.
+            node.refetch_at = None;
+            node.step(Input::SnapshotInstalled {
+                op: 0,
+                open_conns: Vec::new(),
+            })?;
         }
         if node
             .fetch

@@ -411,7 +411,7 @@ impl Node<'_> {
 
     /// Ends the resync under way as failed, saying why; an engine fetch
     /// held back for it goes now.
-    fn fail_resync(&mut self, why: &str) -> Result<(), NodeError> {
+    pub(super) fn fail_resync(&mut self, why: &str) -> Result<(), NodeError> {
         self.ui.error(&format!("resync: {why}"));
         if let Some(r) = self.resync.take() {
             self.last_resync =
