@@ -2832,6 +2832,82 @@ fn a_diverged_redis_copy_is_found_reported_refused_as_leader_and_rebuilt_by_resy
     eprintln!("{}", r.stdout);
 }
 
+/// A resync makes the base it rebuilt from this replica's own: a restart
+/// after it restores that, not the snapshot the replica had taken of its
+/// diverged copy (which used to bring the divergence back, unmarked).
+#[test]
+fn a_restart_after_a_resync_does_not_bring_the_divergence_back() {
+    let _one = serial();
+    let (program, mut extra) = redis_with_snapshot_hooks("");
+    extra.extend(["--snapshot-every", "200"].map(String::from));
+    let mut c = Cluster::start_toml(3, program, "refuse", extra, "");
+    let leader = c.leader(Duration::from_secs(20));
+    let bad = (leader + 1) % 3;
+    // Written behind falcon's back and not seen yet: the replica's own
+    // snapshot takes it in.
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["SET", "secret", "not-the-clusters"]).as_deref(),
+        Some("+OK")
+    );
+    assert_eq!(set_many(c.addrs[leader].1, "k", 300), 300);
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .log(bad)
+            .contains("snapshot of the program at op")),
+        "{}",
+        c.log(bad)
+    );
+    // A read shows it.
+    assert_eq!(
+        c.client_cmd(leader, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !statuses(&c)[bad]["diverged"]
+            .is_null()),
+        "{}",
+        c.log(bad)
+    );
+    let r = failover(
+        &c,
+        &[
+            "resync",
+            "--node",
+            &(bad + 1).to_string(),
+            "--from",
+            "leader",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}\n{}", c.log(bad));
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()
+            && statuses(&c)[bad]["diverged"].is_null()),
+        "{:?}\n{}",
+        c.digests(),
+        c.log(bad)
+    );
+    c.stop(bad);
+    c.start_node(bad);
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .log(bad)
+            .contains("restored the program from the snapshot at op")),
+        "{}",
+        c.log(bad)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || c.digests_agree()),
+        "after the restart: {:?}, secret {:?}\n{}",
+        c.digests(),
+        resp_command(c.addrs[bad].2, &["GET", "secret"]),
+        c.log(bad)
+    );
+    assert_eq!(
+        resp_command(c.addrs[bad].2, &["GET", "secret"]).as_deref(),
+        Some("(nil)")
+    );
+}
+
 #[test]
 fn a_resync_reports_only_what_the_rebuilt_copy_wrote_not_the_old_copy_while_the_snapshot_travels() {
     let _one = serial();

@@ -590,6 +590,7 @@ impl Node<'_> {
         }
         let pid = self.start_program_at(base, &open_at_base)?;
         self.import_resp_state(&resp_state, problem.as_deref());
+        self.own_base(snapshot_file, base)?;
         self.ui
             .detail(&format!("started the program again (pid {pid})"));
         // The program's restart kept the loop from the leader's heartbeats.
@@ -605,6 +606,32 @@ impl Node<'_> {
             r.upto = r.upto.max(upto);
             r.pb = pb;
         }
+        Ok(())
+    }
+
+    /// The rebuilt program's base becomes this replica's own: the leader's
+    /// snapshot replaces this replica's (which may hold the divergence),
+    /// or, rebuilt from the initial state, this replica keeps none, so that
+    /// a restart does not bring the diverged copy back.
+    fn own_base(&mut self, snapshot_file: Option<&Path>, base: u64) -> Result<(), NodeError> {
+        let own = self.snapshot_path();
+        let done = match snapshot_file {
+            Some(file) => std::fs::rename(file, &own),
+            None => std::fs::remove_file(&own).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
+        };
+        done.and_then(|()| std::fs::File::open(&self.data_dir)?.sync_all())
+            .map_err(|e| NodeError::Io {
+                context: format!("putting the resync's base in place as {}", own.display()),
+                source: e,
+            })?;
+        self.snapshot_op = if snapshot_file.is_some() { base } else { 0 };
+        self.next_snapshot_at = base + self.snapshot_every;
         Ok(())
     }
 
