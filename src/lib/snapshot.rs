@@ -125,6 +125,32 @@ fn list_files(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
                 stack.push(path);
             } else if ft.is_file() {
                 out.push((relative(&path)?, path));
+            } else {
+                // Left out, it would be missing from every restore, and the
+                // log below the snapshot is dropped: refuse instead. A link
+                // to a file is packed as the file.
+                let target = std::fs::metadata(&path);
+                match target {
+                    Ok(m) if ft.is_symlink() && m.is_file() => {
+                        out.push((relative(&path)?, path));
+                    }
+                    _ => {
+                        let what = if !ft.is_symlink() {
+                            "neither a file nor a directory (a FIFO, socket or device)"
+                        } else if target.is_err() {
+                            "a symbolic link to nothing"
+                        } else {
+                            "a symbolic link to something other than a file"
+                        };
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!(
+                                "{} is {what}: a snapshot carries files and directories only (copy the files it names into the snapshot directory)",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -141,6 +167,18 @@ pub fn pack(
     dest: &Path,
 ) -> Result<SnapshotMeta, SnapshotError> {
     let files = list_files(src).map_err(io_ctx(format!("reading {}", src.display())))?;
+    if files.len() > COUNT_MAX as usize || open_conns.len() > COUNT_MAX as usize {
+        return Err(io_ctx(format!("packing {}", src.display()))(
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} files and {} open connections: a snapshot holds at most {COUNT_MAX} of each",
+                    files.len(),
+                    open_conns.len()
+                ),
+            ),
+        ));
+    }
     let tmp = dest.with_extension("tmp");
     let ctx = || format!("writing {}", tmp.display());
     let f = File::create(&tmp).map_err(io_ctx(ctx()))?;
@@ -188,8 +226,16 @@ pub fn pack(
         w.inner.flush()?;
         w.inner.get_ref().sync_all()
     };
-    write().map_err(io_ctx(ctx()))?;
-    std::fs::rename(&tmp, dest).map_err(io_ctx(format!("renaming {}", tmp.display())))?;
+    // Half a snapshot (a full disk, a file that shrank) is not left behind
+    // to keep the disk full.
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_ctx(ctx())(e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_ctx(format!("renaming {}", tmp.display()))(e));
+    }
     if let Some(parent) = dest.parent() {
         File::open(parent)
             .and_then(|d| d.sync_all())
@@ -418,6 +464,61 @@ mod tests {
         );
         // An empty directory comes back too (PostgreSQL needs its pg_notify).
         assert!(out.join("empty/deeper").is_dir());
+    }
+
+    #[test]
+    fn a_link_to_a_file_is_packed_as_the_file_and_what_cannot_be_packed_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(d.path().join("dump.rdb"), b"REDIS0011 state").unwrap();
+        std::os::unix::fs::symlink(d.path().join("dump.rdb"), src.join("dump.rdb")).unwrap();
+        let dest = d.path().join(FILE_NAME);
+        pack(&src, 7, &[], &dest).unwrap();
+        let out = d.path().join("out");
+        unpack(&dest, &out).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("dump.rdb")).unwrap(),
+            b"REDIS0011 state"
+        );
+        // A FIFO, a link to nothing, a link to a directory: an error that
+        // names the entry, no snapshot written, the old one kept.
+        let before = std::fs::read(&dest).unwrap();
+        let bad = src.join("bad");
+        let make: [(&dyn Fn(), &str); 3] = [
+            (
+                &|| nix::unistd::mkfifo(&bad, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+                "neither a file nor a directory",
+            ),
+            (
+                &|| std::os::unix::fs::symlink(d.path().join("nothing"), &bad).unwrap(),
+                "a symbolic link to nothing",
+            ),
+            (
+                &|| std::os::unix::fs::symlink(d.path(), &bad).unwrap(),
+                "a symbolic link to something other than a file",
+            ),
+        ];
+        for (create, what) in make {
+            create();
+            let e = pack(&src, 8, &[], &dest).unwrap_err().to_string();
+            assert!(
+                e.contains(&bad.display().to_string()) && e.contains(what),
+                "{e}"
+            );
+            std::fs::remove_file(&bad).unwrap();
+        }
+        assert_eq!(std::fs::read(&dest).unwrap(), before);
+        // A file that says it is longer than it reads (sysfs: 4096 bytes
+        // said, a line read): the half-written snapshot does not stay.
+        let sysfs = Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
+        if sysfs.exists() {
+            std::os::unix::fs::symlink(sysfs, src.join("short")).unwrap();
+            let e = pack(&src, 9, &[], &dest).unwrap_err().to_string();
+            assert!(e.contains("shrank while it was packed"), "{e}");
+            assert!(!d.path().join("snapshot.tmp").exists());
+            assert_eq!(std::fs::read(&dest).unwrap(), before);
+        }
     }
 
     #[test]

@@ -637,8 +637,15 @@ enum Snapshotting {
         op: u64,
         open_conns: Vec<u64>,
         started: Instant,
+        /// When to say again that it still runs (and applying waits).
+        say_at: Duration,
     },
 }
+
+/// A `--snapshot-cmd` that runs this long is said to (applying waits for
+/// it), and again every [`SNAPSHOT_CMD_SAY_EVERY`].
+const SNAPSHOT_CMD_SAY_AFTER: Duration = Duration::from_secs(10);
+const SNAPSHOT_CMD_SAY_EVERY: Duration = Duration::from_secs(30);
 
 /// A snapshot being packed: the files `--snapshot-cmd` wrote, into
 /// `snapshot.packed` beside the current one, on a thread of its own.
@@ -1762,6 +1769,7 @@ impl Node<'_> {
                             op,
                             open_conns: self.open_conns.iter().copied().collect(),
                             started: Instant::now(),
+                            say_at: SNAPSHOT_CMD_SAY_AFTER,
                         };
                     }
                     Err(e) => {
@@ -1778,9 +1786,19 @@ impl Node<'_> {
                 op,
                 open_conns,
                 started,
+                say_at,
             } => {
                 let status = match child.try_wait() {
-                    Ok(None) => return Ok(()),
+                    Ok(None) => {
+                        if started.elapsed() >= *say_at {
+                            *say_at += SNAPSHOT_CMD_SAY_EVERY;
+                            let (pid, secs) = (child.id(), started.elapsed().as_secs());
+                            self.ui.warn(&format!(
+                                "--snapshot-cmd (pid {pid}) has run for {secs} s; this replica applies nothing until it ends (kill it to go on without this snapshot)"
+                            ));
+                        }
+                        return Ok(());
+                    }
                     Ok(Some(status)) => Ok(status),
                     Err(e) => Err(e),
                 };
@@ -3376,6 +3394,14 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     // From here on the log changes: no seal may outlive this start.
     seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"))?;
+    // What a stop in the middle of taking, packing or receiving a snapshot
+    // left: none of it is the snapshot, and it may be large.
+    for stale in ["snapshot.tmp", "snapshot.packed", "snapshot.incoming"] {
+        let _ = std::fs::remove_file(rc.data_dir.join(stale));
+    }
+    for stale in ["snapshot.work", "snapshot.restore"] {
+        let _ = std::fs::remove_dir_all(rc.data_dir.join(stale));
+    }
     if recovery.after_failed_fsync {
         ui.warn(
             "an fsync of this log failed before this start: the log was read from the disk, not from the page cache",
