@@ -4,8 +4,10 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc::{SyncSender, sync_channel};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{Call, Request};
 
@@ -78,34 +80,110 @@ pub fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(
     }
 }
 
-/// Serves `GET /metrics` on `addr` from a thread: each scrape asks the event
-/// loop for the text (through `calls`, then `wake`).
+/// Scrapes served at once; more are answered 503 at once.
+const SCRAPES_MAX: usize = 8;
+/// A text this fresh is served again instead of asking the loop: however
+/// often the endpoint is asked, the loop renders at most once per period.
+const TEXT_FRESH: Duration = Duration::from_secs(1);
+
+/// What every scrape shares: the way to the loop and the last text.
+struct Scrapes {
+    calls: SyncSender<Call>,
+    wake: Box<dyn Fn() + Send + Sync>,
+    last: Mutex<Option<(Instant, String)>>,
+    serving: AtomicUsize,
+}
+
+/// Serves `GET /metrics` on `addr`, a thread per scrape (at most
+/// [`SCRAPES_MAX`]): a scrape asks the event loop for the text (through
+/// `calls`, then `wake`) unless the last one is under a second old.
 pub fn serve(
     addr: SocketAddr,
     calls: SyncSender<Call>,
-    wake: impl Fn() + Send + 'static,
+    wake: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         std::io::Error::new(e.kind(), format!("--metrics: listening on {addr}: {e}"))
     })?;
     let bound = listener.local_addr()?;
+    let shared = Arc::new(Scrapes {
+        calls,
+        wake: Box::new(wake),
+        last: Mutex::new(None),
+        serving: AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("falcon-metrics".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else {
+                let Ok(mut stream) = stream else {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 };
-                // One scrape at a time: Prometheus scrapes rarely, and a
-                // stalled client is cut off by the timeouts.
-                answer(stream, &calls, &wake);
+                // A few silent or slow clients cannot hold every scrape up.
+                if shared.serving.fetch_add(1, Ordering::AcqRel) >= SCRAPES_MAX {
+                    shared.serving.fetch_sub(1, Ordering::AcqRel);
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = respond(
+                        &mut stream,
+                        "503 Service Unavailable",
+                        "too many scrapes at once\n",
+                    );
+                    continue;
+                }
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("falcon-scrape".into())
+                    .spawn(move || {
+                        answer(stream, &sh);
+                        sh.serving.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    shared.serving.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })?;
     Ok(bound)
 }
 
-fn answer(mut stream: TcpStream, calls: &SyncSender<Call>, wake: &dyn Fn()) {
+fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The metrics text: the last one if fresh, else the loop's (None when the
+/// loop does not answer within 2 s or its queue is full).
+fn text(sh: &Scrapes) -> Option<String> {
+    // One scrape asks the loop at a time; the others then take its text.
+    let mut last = sh.last.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, t)) = last.as_ref() {
+        if at.elapsed() < TEXT_FRESH {
+            return Some(t.clone());
+        }
+    }
+    let (reply, rx) = sync_channel(1);
+    let call = Call {
+        request: Request::Metrics,
+        reply,
+        asked: Instant::now(),
+    };
+    match sh.calls.try_send(call) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => return None,
+    }
+    (sh.wake)();
+    let t = rx
+        .recv_timeout(Duration::from_secs(2))
+        .ok()
+        .and_then(|v| v.get("text").and_then(|t| t.as_str()).map(String::from))?;
+    *last = Some((Instant::now(), t.clone()));
+    Some(t)
+}
+
+fn answer(mut stream: TcpStream, sh: &Scrapes) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let mut head = Vec::new();
@@ -135,22 +213,7 @@ fn answer(mut stream: TcpStream, calls: &SyncSender<Call>, wake: &dyn Fn()) {
     } else if path != "/metrics" && path != "/" {
         ("404 Not Found", "falcon serves /metrics\n".to_string())
     } else {
-        let (reply, rx) = sync_channel(1);
-        let text = if calls
-            .send(Call {
-                request: Request::Metrics,
-                reply,
-            })
-            .is_ok()
-        {
-            wake();
-            rx.recv_timeout(Duration::from_secs(2))
-                .ok()
-                .and_then(|v| v.get("text").and_then(|t| t.as_str()).map(String::from))
-        } else {
-            None
-        };
-        match text {
+        match text(sh) {
             Some(t) => ("200 OK", t),
             None => (
                 "503 Service Unavailable",
@@ -158,16 +221,65 @@ fn answer(mut stream: TcpStream, calls: &SyncSender<Call>, wake: &dyn Fn()) {
             ),
         }
     };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let _ = respond(&mut stream, status, &body);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silent_clients_hold_up_no_scrape_and_scrapes_share_one_text_a_second() {
+        let (tx, rx) = sync_channel::<Call>(64);
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        std::thread::spawn(move || {
+            for c in rx {
+                a.fetch_add(1, Ordering::SeqCst);
+                let _ = c
+                    .reply
+                    .send(serde_json::json!({"ok": true, "text": "falcon_up 1\n"}));
+            }
+        });
+        let addr = serve("127.0.0.1:0".parse().unwrap(), tx, || {}).unwrap();
+        let get = |req: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(req).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        // As many silent clients as scrapes are served at once: one more
+        // is told at once, not made to wait.
+        let silent: Vec<TcpStream> = (0..SCRAPES_MAX)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let over = get(b"GET /metrics HTTP/1.0\r\n\r\n");
+        assert!(
+            over.starts_with("HTTP/1.1 503") && over.contains("too many"),
+            "{over}"
+        );
+        drop(silent);
+        // Once their threads saw them go, every scrape is answered; many
+        // scrapes in a second ask the loop once.
+        let gone = Instant::now();
+        while !get(b"GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200") {
+            assert!(gone.elapsed() < Duration::from_secs(5), "still refused");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let start = Instant::now();
+        for _ in 0..20 {
+            let ok = get(b"GET /metrics HTTP/1.0\r\n\r\n");
+            assert!(
+                ok.starts_with("HTTP/1.1 200") && ok.ends_with("falcon_up 1\n"),
+                "{ok}"
+            );
+        }
+        let secs = start.elapsed().as_secs();
+        let n = asked.load(Ordering::SeqCst);
+        assert!(n >= 1 && n as u64 <= secs + 2, "{n} renders in {secs} s");
+    }
 
     #[test]
     fn a_histogram_renders_cumulative_buckets() {

@@ -41,6 +41,13 @@ const CONNECTIONS_MAX: usize = 32;
 const IDLE: Duration = Duration::from_secs(30);
 /// How long the thread waits for the event loop to answer.
 const LOOP_WAIT: Duration = Duration::from_secs(5);
+/// A request that changes something (a transfer, a resync, a snapshot) and
+/// waited this long for the event loop is not carried out: its asker gives
+/// up at [`LOOP_WAIT`] and would not hear that it was.
+pub const ACT_WITHIN: Duration = Duration::from_secs(4);
+/// How long a client should wait for the answer to a request that changes
+/// something: past the socket's own wait for the loop.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(6);
 
 /// What a client may ask (fields a request does not use are ignored).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +233,17 @@ pub struct Call {
     pub request: Request,
     /// The answer (a JSON object with "ok").
     pub reply: SyncSender<serde_json::Value>,
+    /// When it was asked.
+    pub asked: std::time::Instant,
+}
+
+impl Call {
+    /// A request that changes something and waited [`ACT_WITHIN`] or more:
+    /// not to be carried out (its asker is told the replica did not answer).
+    pub fn expired(&self) -> bool {
+        !matches!(self.request, Request::Status | Request::Metrics)
+            && self.asked.elapsed() >= ACT_WITHIN
+    }
 }
 
 /// Why a request to a replica got no answer.
@@ -239,7 +257,15 @@ pub enum AdminError {
         /// What failed.
         source: std::io::Error,
     },
-    /// The connection broke or timed out.
+    /// No answer in time.
+    #[error("{path}: no answer within {secs} s (the replica may be busy: restarting its program, installing a snapshot)", secs = .waited.as_secs_f64())]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long the client waited.
+        waited: Duration,
+    },
+    /// The connection broke.
     #[error("{path}: {source}")]
     Io {
         /// The socket.
@@ -275,9 +301,21 @@ pub fn call(
         path: path.to_path_buf(),
         source,
     })?;
-    let io = |source| AdminError::Io {
-        path: path.to_path_buf(),
-        source,
+    let io = |source: std::io::Error| {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            AdminError::Timeout {
+                path: path.to_path_buf(),
+                waited: timeout,
+            }
+        } else {
+            AdminError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
@@ -480,7 +518,15 @@ fn serve(stream: UnixStream, tx: &SyncSender<Call>, wake: &(dyn Fn() + Send + Sy
                 )),
                 Ok(request) => {
                     let (reply, answer) = sync_channel(1);
-                    if tx.send(Call { request, reply }).is_err() {
+                    let asked = std::time::Instant::now();
+                    if tx
+                        .send(Call {
+                            request,
+                            reply,
+                            asked,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                     wake();
@@ -566,5 +612,27 @@ mod tests {
         assert!(e.to_string().contains("another falcon replica"), "{e}");
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_loop_that_does_not_answer_is_a_timeout_and_a_late_change_is_not_carried_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let (_server, rx) = AdminServer::start(&path, &Ui::plain(), || {}).unwrap();
+        let e = call(&path, &Request::Status, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, AdminError::Timeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("no answer within 0.3 s"), "{e}");
+        let waiting = rx.recv().unwrap();
+        assert!(!waiting.expired());
+        let (reply, _answer) = std::sync::mpsc::sync_channel(1);
+        let past = |request| Call {
+            request,
+            reply: reply.clone(),
+            asked: std::time::Instant::now() - ACT_WITHIN,
+        };
+        assert!(past(Request::Transfer { to: 2 }).expired());
+        assert!(past(Request::Snapshot).expired());
+        assert!(!past(Request::Status).expired());
+        assert!(!past(Request::Metrics).expired());
     }
 }

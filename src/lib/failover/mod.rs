@@ -178,6 +178,9 @@ pub struct Seen {
     pub id: u32,
     /// It answered.
     pub up: bool,
+    /// It runs but did not answer in time (busy), as far as can be told.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub busy: bool,
     /// Why not, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -222,6 +225,7 @@ pub fn survey(cfg: &ClusterConfig) -> Vec<Seen> {
             Ok(st) => Seen {
                 id,
                 up: true,
+                busy: false,
                 error: None,
                 lag: leader_last.map(|l| l.saturating_sub(st.last_op)),
                 status: Some(st),
@@ -229,6 +233,7 @@ pub fn survey(cfg: &ClusterConfig) -> Vec<Seen> {
             Err(e) => Seen {
                 id,
                 up: false,
+                busy: matches!(e, AdminError::Timeout { .. }),
                 error: Some(match e {
                     AdminError::Connect { source, .. }
                         if matches!(
@@ -436,7 +441,7 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
             None => {
                 t.add_row([
                     s.id.to_string(),
-                    ui.bad("down"),
+                    ui.bad(if s.busy { "no answer" } else { "down" }),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -465,7 +470,19 @@ fn status_table(cfg: &ClusterConfig, seen: &[Seen], ui: &Ui) -> String {
         .iter()
         .any(|s| s.status.as_ref().is_some_and(|st| st.role == "leader"))
     {
-        notes.push("no replica leads: the cluster takes no writes now".into());
+        let busy: Vec<String> = seen
+            .iter()
+            .filter(|s| s.busy)
+            .map(|s| s.id.to_string())
+            .collect();
+        notes.push(if busy.is_empty() {
+            "no replica leads: the cluster takes no writes now".into()
+        } else {
+            format!(
+                "no replica that answered leads; replica {} did not answer in time (busy? it may be the leader)",
+                busy.join(", ")
+            )
+        });
     }
     for n in notes {
         text.push_str(&n);
@@ -557,7 +574,7 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
     admin::call(
         &admin::socket_path(&old_dir),
         &Request::Transfer { to: args.to },
-        ASK,
+        admin::ANSWER_WAIT,
     )
     .map_err(|e| FailoverError::Failed(format!("replica {}: {e}", old.id)))?;
     ui.detail(&format!(
@@ -577,6 +594,7 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
                 .iter()
                 .map(|s| match &s.status {
                     Some(st) => format!("{} {} in view {}", s.id, st.role, st.view),
+                    None if s.busy => format!("{} not answering", s.id),
                     None => format!("{} down", s.id),
                 })
                 .collect();
@@ -587,7 +605,8 @@ fn transfer(args: &TransferArgs, ui: &Ui, out: &mut dyn Write) -> Result<Status,
                 roles.join(", ")
             )));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // (Each look is a status the new leader's loop builds: not too often.)
+        std::thread::sleep(Duration::from_millis(10));
     };
     let took = started.elapsed();
     let old_now = admin::status(&old_dir, ASK).ok();
@@ -818,8 +837,12 @@ fn leader_snapshot(
         .ok_or_else(|| {
             FailoverError::Failed(format!("no replica {} in the cluster file", leader.id))
         })?;
-    let answer = admin::call(&admin::socket_path(&dir), &Request::Snapshot, ASK)
-        .map_err(|e| FailoverError::Failed(format!("the leader (replica {}): {e}", leader.id)))?;
+    let answer = admin::call(
+        &admin::socket_path(&dir),
+        &Request::Snapshot,
+        admin::ANSWER_WAIT,
+    )
+    .map_err(|e| FailoverError::Failed(format!("the leader (replica {}): {e}", leader.id)))?;
     let op = answer
         .get("op")
         .and_then(serde_json::Value::as_u64)

@@ -128,6 +128,20 @@ impl Node<'_> {
         };
         let calls: Vec<Call> = rx.try_iter().collect();
         for call in calls {
+            if call.expired() {
+                // Its asker has been told (or is about to be) that the
+                // replica did not answer: carrying it out now would do
+                // what the operator was told did not happen.
+                self.ui.warn(&format!(
+                    "an admin request waited {:.1} s for this replica's loop and is not carried out: {:?}",
+                    call.asked.elapsed().as_secs_f64(),
+                    call.request
+                ));
+                let _ = call.reply.send(crate::admin::refusal(
+                    "the request waited too long for the replica; it was not carried out: ask again",
+                ));
+                continue;
+            }
             let answer = match call.request {
                 Request::Status => serde_json::json!({"ok": true, "status": self.status()}),
                 Request::Metrics => serde_json::json!({"ok": true, "text": self.metrics_text()}),
