@@ -1071,6 +1071,14 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     );
 }
 
+/// The ops of the snapshots a replica's log says it took.
+fn snapshot_ops(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split("snapshot of the program at op ").nth(1))
+        .filter_map(|r| r.split(':').next()?.parse().ok())
+        .collect()
+}
+
 /// A snapshot download that cannot finish is given up and asked for again:
 /// first the receiving replica's disk is too small for it (it used to stop,
 /// and again at every restart), then its source stops answering in the
@@ -1154,6 +1162,50 @@ fn a_snapshot_download_that_cannot_finish_is_given_up_and_asked_for_again() {
         "digests differ: {:?}\n{}",
         c.digests(),
         c.log(far)
+    );
+
+    // The source takes a newer snapshot while a download is under way: the
+    // download goes on with the one it began with (it used to start over,
+    // and could forever when snapshots come faster than a download), and
+    // the source keeps the log after it until the replica has caught up.
+    c.kill(far);
+    util::must(&format!("rm -rf {}/*", far_dir.display()));
+    let leader = c.leader(Duration::from_secs(30));
+    let taken = snapshot_ops(&c.log(leader)).len();
+    c.start_node(far);
+    assert!(
+        wait_until(Duration::from_secs(60), || std::fs::metadata(&incoming)
+            .is_ok_and(|m| m.len() > 64 << 20)),
+        "no download began: {}",
+        c.log(far)
+    );
+    let pid = c.nodes[far].as_ref().unwrap().id();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let more = set_many(c.addrs[leader].1, "c", 1200);
+    let newer = wait_until(Duration::from_secs(30), || {
+        snapshot_ops(&c.log(leader)).len() > taken
+    });
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(more, 1200);
+    assert!(newer, "no newer snapshot: {}", c.log(leader));
+    assert!(
+        wait_until(Duration::from_secs(60), || c.digests_agree()),
+        "digests differ: {:?}\n{}",
+        c.digests(),
+        c.log(far)
+    );
+    let log = c.log(far);
+    let received: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("received the snapshot at op ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .collect();
+    let newest = *snapshot_ops(&c.log(leader)).last().unwrap();
+    assert!(
+        received.len() == 1
+            && received[0] < newest
+            && log.matches("fetching a snapshot").count() == 1,
+        "received {received:?}, the source's newest {newest}:\n{log}"
     );
     drop(c);
     drop(disk);

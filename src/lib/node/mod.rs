@@ -671,6 +671,17 @@ struct Fetch {
     started: Instant,
 }
 
+/// A snapshot on its way from here to another replica.
+struct Sending {
+    op: u64,
+    file: std::fs::File,
+    total: u64,
+    asked: Instant,
+}
+
+/// A download nobody asked the next chunk of for this long is over.
+const SENDING_IDLE: Duration = Duration::from_secs(60);
+
 /// How long a replica waits for a snapshot chunk before it asks again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
 /// How long a snapshot's source may stay silent before the download is
@@ -800,6 +811,10 @@ struct Node<'a> {
     /// after the last one (1 s, doubling up to 30 s: a disk too small for
     /// the snapshot is not filled again at once).
     fetch_failures: u32,
+    /// Snapshots being sent, per replica asking: the file as it was when
+    /// that download began, so that a newer snapshot taken meanwhile
+    /// neither restarts it nor lets the log below it go.
+    sending: HashMap<NodeId, Sending>,
     refetch_at: Option<Instant>,
     /// A fetched and checked snapshot file, to install.
     install: Option<PathBuf>,
@@ -1908,7 +1923,18 @@ impl Node<'_> {
     /// Drops log segments (and engine memory) the snapshot at `op` covers,
     /// keeping half an interval so a follower just behind needs no snapshot.
     fn compact(&mut self, op: u64) -> Result<(), NodeError> {
-        let below = (op + 1).saturating_sub(self.snapshot_every / 2).max(1);
+        self.sending.retain(|_, s| s.asked.elapsed() < SENDING_IDLE);
+        // A replica still receiving an older snapshot needs the ops after it.
+        let below = (op + 1)
+            .saturating_sub(self.snapshot_every / 2)
+            .min(
+                self.sending
+                    .values()
+                    .map(|s| s.op + 1)
+                    .min()
+                    .unwrap_or(u64::MAX),
+            )
+            .max(1);
         let removed = self.log.remove_segments_below(below)?;
         if removed > 0 {
             self.ui.detail(&format!(
@@ -2015,6 +2041,59 @@ impl Node<'_> {
         }
     }
 
+    /// The chunk at `offset` of the snapshot `from` downloads (one that
+    /// covers `op`): its bytes, the file's size and the snapshot's op; no
+    /// bytes, size 0 and op 0 when this replica has none to give.
+    fn snapshot_chunk(&mut self, from: NodeId, op: u64, offset: u64) -> (Vec<u8>, u64, u64) {
+        self.sending.retain(|_, s| s.asked.elapsed() < SENDING_IDLE);
+        let going_on = offset > 0 && self.sending.get(&from).is_some_and(|s| s.op >= op);
+        if !going_on {
+            self.sending.remove(&from);
+            if self.snapshot_op < op || self.snapshot_op == 0 {
+                return (Vec::new(), 0, 0);
+            }
+            let path = self.snapshot_path();
+            match std::fs::File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+                Ok((total, file)) => {
+                    self.sending.insert(
+                        from,
+                        Sending {
+                            op: self.snapshot_op,
+                            file,
+                            total,
+                            asked: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    // A snapshot this replica cannot read is one it does
+                    // not have (the asker waits, then asks the leader).
+                    self.ui.warn(&format!(
+                        "replica {} asked for the snapshot, and opening {} failed: {e}",
+                        self.ids[from as usize],
+                        path.display()
+                    ));
+                    return (Vec::new(), 0, 0);
+                }
+            }
+        }
+        let s = self.sending.get_mut(&from).expect("inserted");
+        s.asked = Instant::now();
+        match read_chunk(&s.file, s.total, offset) {
+            // (Kept after the last chunk, which may be asked again, until
+            // idle: a new download starts at offset 0.)
+            Ok(data) => (data, s.total, s.op),
+            Err(e) => {
+                self.sending.remove(&from);
+                self.ui.warn(&format!(
+                    "replica {} asked for the snapshot, and reading it at byte {offset} failed: {e}",
+                    self.ids[from as usize]
+                ));
+                (Vec::new(), 0, 0)
+            }
+        }
+    }
+
     fn ask_chunk(&mut self) {
         let view = self.engine.view();
         let Some(f) = &mut self.fetch else {
@@ -2038,21 +2117,7 @@ impl Node<'_> {
         match msg {
             Message::SnapshotRequest { op, offset, .. } => {
                 let view = self.engine.view();
-                let (data, total) = if self.snapshot_op >= op && self.snapshot_op > 0 {
-                    // A snapshot this replica cannot read is one it does
-                    // not have (the asker waits, then asks the leader).
-                    read_chunk(&self.snapshot_path(), offset).unwrap_or_else(|e| {
-                        self.ui.warn(&format!(
-                            "replica {} asked for the snapshot, and reading {} failed: {e}",
-                            self.ids[from as usize],
-                            self.snapshot_path().display()
-                        ));
-                        (Vec::new(), 0)
-                    })
-                } else {
-                    (Vec::new(), 0)
-                };
-                let snap_op = if total > 0 { self.snapshot_op } else { 0 };
+                let (data, total, snap_op) = self.snapshot_chunk(from, op, offset);
                 self.send(
                     from,
                     Message::SnapshotChunk {
@@ -3268,14 +3333,12 @@ impl Ready {
 }
 
 /// Bytes `offset ..` (at most [`SNAPSHOT_CHUNK`]) of the file, and its length.
-fn read_chunk(path: &Path, offset: u64) -> io::Result<(Vec<u8>, u64)> {
+fn read_chunk(f: &std::fs::File, total: u64, offset: u64) -> io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)?;
-    let total = f.metadata()?.len();
     let n = total.saturating_sub(offset).min(SNAPSHOT_CHUNK as u64) as usize;
     let mut buf = vec![0u8; n];
     f.read_exact_at(&mut buf, offset)?;
-    Ok((buf, total))
+    Ok(buf)
 }
 
 /// How [`read_to_end`] left a socket.
@@ -3767,6 +3830,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         packing: None,
         fetch: None,
         fetch_failures: 0,
+        sending: HashMap::new(),
         refetch_at: None,
         install: None,
         told_no_restore: false,
