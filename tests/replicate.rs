@@ -1071,6 +1071,27 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
     );
 }
 
+/// A start that fails its checks (here a damaged view state) leaves the
+/// log's seal in place for the next start to check (it used to be removed
+/// first, so a log swapped or rolled back meanwhile went unnoticed).
+#[test]
+fn a_start_that_fails_its_checks_keeps_the_seal() {
+    let _one = serial();
+    let mut c = Cluster::start(1, redis_program());
+    c.leader(Duration::from_secs(20));
+    assert_eq!(set_many(c.addrs[0].1, "s", 10), 10);
+    c.stop(0);
+    let dir = c.dir.path().join("data/1");
+    let seal = dir.join("log.seal");
+    assert!(seal.exists(), "a clean stop seals the log");
+    std::fs::write(dir.join("state"), "garbage").unwrap();
+    c.start_node(0);
+    let st = c.exit_status(0, Duration::from_secs(20));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
+    assert!(c.log(0).contains("not a falcon state file"), "{}", c.log(0));
+    assert!(seal.exists(), "the seal went with a failed start");
+}
+
 /// The ops of the snapshots a replica's log says it took.
 fn snapshot_ops(log: &str) -> Vec<u64> {
     log.lines()

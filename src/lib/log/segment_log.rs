@@ -253,7 +253,7 @@ impl<S: Storage> SegmentLog<S> {
                 f.set_len(torn.offset)
                     .and_then(|_| f.sync_data())
                     .map_err(|e| {
-                        log.storage.leave_fsync_note();
+                        note_failed_fsync(&log.storage);
                         LogError::io(format!("cutting the torn tail of {}", torn.file), e)
                     })?;
             }
@@ -610,7 +610,7 @@ impl<S: Storage> SegmentLog<S> {
     /// [`Storage::leave_fsync_note`]).
     fn poison(&mut self) {
         self.poisoned = true;
-        self.storage.leave_fsync_note();
+        note_failed_fsync(&self.storage);
     }
 
     fn sync_active(&mut self) -> Result<(), LogError> {
@@ -986,6 +986,17 @@ fn locate<F>(seg: &Segment<F>, op: u64) -> (u64, u64, u32) {
 }
 
 /// A failed fdatasync, worded for the operator: fatal, never retried.
+/// Leaves the note that makes the next start read the log from the disk;
+/// when even that fails (a disk going read-only), says what to do instead.
+fn note_failed_fsync<S: Storage>(storage: &S) {
+    if let Err(e) = storage.leave_fsync_note() {
+        tracing::error!(
+            "an fsync of the log in {} failed, and the note that makes the next start read the log from the disk could not be written ({e}): before this replica starts again, reboot the host or drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches), or it may read entries that never reached the disk",
+            storage.describe("")
+        );
+    }
+}
+
 fn fsync_failed(describe: &str, e: std::io::Error) -> LogError {
     // The source is wrapped: a failed fsync is never "out of space, retry
     // later" (`is_no_space`), even when it says ENOSPC; the data it was to

@@ -38,7 +38,9 @@ pub trait Storage: Send + 'static {
     fn lock(&self) -> io::Result<Box<dyn Send>>;
     /// A failed fsync leaves a note (best effort). It need not be durable:
     /// what it warns of is the page cache, which a reboot empties anyway.
-    fn leave_fsync_note(&self) {}
+    fn leave_fsync_note(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// If a failed fsync left its note: drops what the OS caches of the
     /// directory's files, so that they are read from the disk again (a page
     /// whose writeback failed may stay cached, readable, and not on the
@@ -228,11 +230,11 @@ impl Storage for FsStorage {
             self.dir.join(name).display().to_string()
         }
     }
-    fn leave_fsync_note(&self) {
-        let _ = std::fs::write(
+    fn leave_fsync_note(&self) -> io::Result<()> {
+        std::fs::write(
             self.dir.join(FSYNC_NOTE),
             "an fsync of this log failed; falcon reads the log from the disk (not the page cache) at its next start\n",
-        );
+        )
     }
     fn forget_cache_after_failed_fsync(&self) -> io::Result<bool> {
         if !self.dir.join(FSYNC_NOTE).exists() {
@@ -711,7 +713,7 @@ mod tests {
         assert!(resident(&path) > 0, "a file just written is cached");
         assert!(!storage.forget_cache_after_failed_fsync().unwrap());
         assert!(resident(&path) > 0, "no note: the cache stays");
-        storage.leave_fsync_note();
+        storage.leave_fsync_note().unwrap();
         assert!(storage.forget_cache_after_failed_fsync().unwrap());
         assert_eq!(resident(&path), 0, "the note: read from the disk again");
         assert_eq!(file.read_full_at(&mut buf, 0).unwrap(), 1 << 20);

@@ -500,11 +500,22 @@ impl AppConn {
 
 /// The state file next to the log: `view log_view`, written atomically.
 fn save_state(dir: &Path, st: PersistentState) -> io::Result<()> {
-    let tmp = dir.join("state.tmp");
+    write_durably(
+        dir,
+        "state",
+        format!("{} {}\n", st.view, st.log_view).as_bytes(),
+    )
+}
+
+/// Writes `name` in `dir` so that a crash leaves the old file or the new
+/// one, both whole, and the new one is on disk when this returns: a
+/// temporary file, synced, renamed over it, the directory synced.
+pub(super) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{} {}", st.view, st.log_view)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join("state"))?;
+    std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -3455,8 +3466,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .into());
         }
     }
-    // From here on the log changes: no seal may outlive this start.
-    seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"))?;
+    // The seal goes when the log first changes, after the checks below: a
+    // start that fails them leaves it for the next start to check.
+    let unseal = || seal::remove(&rc.data_dir).map_err(io_err("removing the log seal"));
     // What a stop in the middle of taking, packing or receiving a snapshot
     // left: none of it is the snapshot, and it may be large.
     for stale in ["snapshot.tmp", "snapshot.packed", "snapshot.incoming"] {
@@ -3517,6 +3529,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             if log.last_op() < meta.op {
                 // Installed from the leader, then stopped before new entries arrived.
+                unseal()?;
                 log.reset(meta.op + 1, 0)?;
             }
             let restored = hooks.restore(cmd, &snap_path)?;
@@ -3545,6 +3558,8 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     let open_at_base = restored
         .as_ref()
         .map_or_else(Vec::new, |m| m.open_conns.clone());
+    // From here on the log changes: no seal may outlive this start.
+    unseal()?;
     let stored_first = base.max(log.first_op() - 1) + 1;
     // Ops up to the saved commit point are committed: they stay on disk
     // (replayed from there), and only the rest is held in memory.
@@ -3942,6 +3957,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     }
     let cfg_sync = cfg.sync;
     let peers_on_tcp = cfg.transport == crate::config::TransportKind::Tcp;
+    let our_transport = cfg.transport;
+    // Peers already told of for running another transport.
+    let mut other_transport_said = vec![false; cfg.replicas.len()];
     let mut last_peer_turn = Instant::now();
     let mut peers_busy = false;
     let mut events = Events::with_capacity(1024);
@@ -4152,7 +4170,19 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 continue;
             }
             if matches!(env.msg, Message::LinkSetup { .. }) {
-                // A peer that runs another transport; its own transport would have taken it.
+                // A peer that runs another transport (its own transport
+                // would have taken it): said once per peer, since its
+                // links never come up the way it waits for.
+                if let Some(said) = other_transport_said.get_mut(env.from as usize) {
+                    if !*said {
+                        *said = true;
+                        node.ui.warn(&format!(
+                            "replica {} runs transport = \"rdma\", this replica transport = {}: every replica of a cluster needs the same transport (the cluster file's `transport`)",
+                            node.ids.get(env.from as usize).copied().unwrap_or(0),
+                            serde_json::to_string(&our_transport).unwrap_or_default()
+                        ));
+                    }
+                }
                 continue;
             }
             if node.role == Role::Follower

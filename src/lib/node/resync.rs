@@ -128,28 +128,32 @@ impl Resync {
 /// Reads the divergence mark of an earlier run, if any.
 pub(super) fn load_mark(data_dir: &Path, ui: &Ui) -> Option<Diverged> {
     let path = data_dir.join(MARK_FILE);
-    let text = std::fs::read_to_string(&path).ok()?;
-    match serde_json::from_str(&text) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            ui.warn(&format!(
-                "{} is not a divergence mark ({e}); taken as one anyway: resync the replica to clear it",
-                path.display()
-            ));
-            Some(Diverged {
-                mismatch: Mismatch {
-                    conn: 0,
-                    offset: 0,
-                    end: 0,
-                    chunk: 0,
-                    what: format!("unreadable mark in {}", path.display()),
-                },
-                op: u64::MAX,
-                leader: 0,
-                at_ns: 0,
-            })
-        }
-    }
+    // Only a mark that is not there means none: one that cannot be read
+    // may well be there.
+    let why = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => format!("cannot be read: {e}"),
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(d) => return Some(d),
+            Err(e) => format!("is not a divergence mark: {e}"),
+        },
+    };
+    ui.warn(&format!(
+        "{} {why}; taken as a mark anyway: resync the replica to clear it",
+        path.display()
+    ));
+    Some(Diverged {
+        mismatch: Mismatch {
+            conn: 0,
+            offset: 0,
+            end: 0,
+            chunk: 0,
+            what: format!("unreadable mark in {}", path.display()),
+        },
+        op: u64::MAX,
+        leader: 0,
+        at_ns: 0,
+    })
 }
 
 impl Node<'_> {
@@ -245,8 +249,9 @@ impl Node<'_> {
         );
         self.ui.error(&text);
         let path = self.data_dir.join(MARK_FILE);
-        if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&mark).expect("serializes"))
-        {
+        // Durable: a mark lost in a power cut would let this copy lead.
+        let bytes = serde_json::to_vec_pretty(&mark).expect("serializes");
+        if let Err(e) = super::write_durably(&self.data_dir, MARK_FILE, &bytes) {
             self.ui.warn(&format!(
                 "could not write the divergence mark {} ({e}): a restart forgets it",
                 path.display()
@@ -736,5 +741,24 @@ impl Node<'_> {
         }
         self.last_resync = Some(report);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_mark_that_is_not_there_means_none() {
+        let d = tempfile::tempdir().unwrap();
+        let ui = Ui::plain();
+        assert!(load_mark(d.path(), &ui).is_none());
+        // Garbage, or a mark that cannot be read: taken as a mark.
+        std::fs::write(d.path().join(MARK_FILE), b"{not json").unwrap();
+        assert!(load_mark(d.path(), &ui).is_some());
+        std::fs::remove_file(d.path().join(MARK_FILE)).unwrap();
+        std::fs::create_dir(d.path().join(MARK_FILE)).unwrap();
+        let mark = load_mark(d.path(), &ui).expect("an unreadable mark is a mark");
+        assert!(mark.mismatch.what.contains("unreadable mark"), "{mark:?}");
     }
 }
