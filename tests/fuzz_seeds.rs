@@ -124,6 +124,16 @@ fn messages() -> Vec<(&'static str, Message)> {
                 data: Bytes::from_static(&[1, 2, 3, 4]),
             },
         ),
+        ("recover", Message::Recover { view: 0, nonce: 42 }),
+        (
+            "recover_ok",
+            Message::RecoverOk {
+                view,
+                nonce: 42,
+                last_op: 9,
+                flags: 2,
+            },
+        ),
     ]
 }
 

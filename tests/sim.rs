@@ -47,6 +47,7 @@ fn run_many(
                             t.committed += r.committed;
                             t.completed += r.completed;
                             t.crashes += r.crashes;
+                            t.wipes += r.wipes;
                             t.restarts_from_commit_point += r.restarts_from_commit_point;
                             t.partitions += r.partitions;
                             t.events += r.events;
@@ -71,12 +72,13 @@ fn seeds_run_clean() {
     let started = Instant::now();
     let (failures, t) = run_many(first, count, &SimOptions::default(), false);
     eprintln!(
-        "{count} seeds from {first} in {:.1}s: {} entries committed, {} client ops, {} crashes ({} restarted from a saved commit point), {} partition changes, {} events, {:.0} simulated s, max view {}",
+        "{count} seeds from {first} in {:.1}s: {} entries committed, {} client ops, {} crashes ({} restarted from a saved commit point, {} lost their disk), {} partition changes, {} events, {:.0} simulated s, max view {}",
         started.elapsed().as_secs_f64(),
         t.committed,
         t.completed,
         t.crashes,
         t.restarts_from_commit_point,
+        t.wipes,
         t.partitions,
         t.events,
         t.sim_ns as f64 / 1e9,
@@ -101,7 +103,7 @@ fn seeds_run_clean() {
         "the seeds must exercise faults"
     );
     assert!(
-        count < 100 || t.restarts_from_commit_point > 0,
+        count < 100 || (t.restarts_from_commit_point > 0 && t.wipes > 0),
         "no restart used a saved commit point"
     );
 }
@@ -136,6 +138,19 @@ fn checkers_catch_commit_at_a_minority() {
             ..Bugs::default()
         },
         "commit at a minority",
+    );
+}
+
+/// A replica that lost its disk and starts as in a new cluster (no
+/// recovery: what falcon did before) breaks agreement or durability.
+#[test]
+fn checkers_catch_a_replica_that_forgot_what_it_voted() {
+    catches(
+        Bugs {
+            amnesiac_restart: true,
+            ..Bugs::default()
+        },
+        "a restart without recovery after a lost disk",
     );
 }
 

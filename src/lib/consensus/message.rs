@@ -16,7 +16,7 @@ pub type NodeId = u32;
 /// Frame magic.
 pub const MAGIC: u16 = 0xFA1C;
 /// Encoding version written and accepted.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// The largest encoded message accepted (64 MiB).
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// The most entries one message may carry.
@@ -149,6 +149,27 @@ pub enum Message {
         /// The view probed.
         view: u64,
     },
+    /// A replica that started without any state (a new cluster, or a data
+    /// directory emptied) asks where the cluster is before it takes part:
+    /// it may have voted or acknowledged entries it no longer remembers.
+    Recover {
+        /// The sender's view (0: it has none).
+        view: u64,
+        /// Ties answers to this round of asking.
+        nonce: u64,
+    },
+    /// The answer to [`Message::Recover`].
+    RecoverOk {
+        /// The replier's view.
+        view: u64,
+        /// The round answered.
+        nonce: u64,
+        /// The replier's last op.
+        last_op: u64,
+        /// [`RECOVER_FRESH`]: the replier has no state either;
+        /// [`RECOVER_LEADING`]: it leads `view` now.
+        flags: u64,
+    },
     /// Leader → follower: the entries you need are compacted away here; fetch a
     /// snapshot covering everything up to `op`.
     NeedSnapshot {
@@ -192,6 +213,11 @@ pub enum Message {
         data: Bytes,
     },
 }
+
+/// [`Message::RecoverOk`]: the replier is itself without state, recovering.
+pub const RECOVER_FRESH: u64 = 1;
+/// [`Message::RecoverOk`]: the replier leads its view (status normal).
+pub const RECOVER_LEADING: u64 = 2;
 
 /// The most bytes one [`Message::LinkSetup`] carries.
 pub const LINK_SETUP_MAX: usize = 4096;
@@ -245,6 +271,13 @@ impl Message {
             | Message::ViewProbe { view }
             | Message::ViewProbeOk { view } => pad(&[*view]),
             Message::SnapshotRequest { view, op, offset } => pad(&[*view, *op, *offset]),
+            Message::Recover { view, nonce } => pad(&[*view, *nonce]),
+            Message::RecoverOk {
+                view,
+                nonce,
+                last_op,
+                flags,
+            } => pad(&[*view, *nonce, *last_op, *flags]),
             Message::LinkSetup { view, .. } => pad(&[*view]),
             Message::SnapshotChunk {
                 view,
@@ -305,6 +338,8 @@ impl Message {
             Message::SnapshotRequest { .. } => "snapshot_request",
             Message::SnapshotChunk { .. } => "snapshot_chunk",
             Message::LinkSetup { .. } => "link_setup",
+            Message::Recover { .. } => "recover",
+            Message::RecoverOk { .. } => "recover_ok",
         }
     }
 }
@@ -361,6 +396,8 @@ const T_SNAP_CHUNK: u8 = 13;
 const T_LINK_SETUP: u8 = 14;
 const T_PROBE: u8 = 15;
 const T_PROBE_OK: u8 = 16;
+const T_RECOVER: u8 = 17;
+const T_RECOVER_OK: u8 = 18;
 
 fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -396,6 +433,8 @@ pub fn encode(env: &Envelope, out: &mut Vec<u8>) {
         Message::LinkSetup { .. } => T_LINK_SETUP,
         Message::ViewProbe { .. } => T_PROBE,
         Message::ViewProbeOk { .. } => T_PROBE_OK,
+        Message::Recover { .. } => T_RECOVER,
+        Message::RecoverOk { .. } => T_RECOVER_OK,
     };
     out.push(t);
     out.extend_from_slice(&env.cluster.to_le_bytes());
@@ -584,6 +623,16 @@ pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
         T_NEWER => Message::NewerView { view: r.u64()? },
         T_PROBE => Message::ViewProbe { view: r.u64()? },
         T_PROBE_OK => Message::ViewProbeOk { view: r.u64()? },
+        T_RECOVER => Message::Recover {
+            view: r.u64()?,
+            nonce: r.u64()?,
+        },
+        T_RECOVER_OK => Message::RecoverOk {
+            view: r.u64()?,
+            nonce: r.u64()?,
+            last_op: r.u64()?,
+            flags: r.u64()?,
+        },
         T_SNAP => Message::NeedSnapshot {
             view: r.u64()?,
             op: r.u64()?,
@@ -705,6 +754,13 @@ mod tests {
             Message::NewerView { view: 9 },
             Message::ViewProbe { view: 5 },
             Message::ViewProbeOk { view: 5 },
+            Message::Recover { view: 0, nonce: 77 },
+            Message::RecoverOk {
+                view: 4,
+                nonce: 77,
+                last_op: 90,
+                flags: RECOVER_LEADING,
+            },
             Message::NeedSnapshot { view: 4, op: 100 },
             Message::SnapshotRequest {
                 view: 4,

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-use super::message::{Envelope, Message, NodeId};
+use super::message::{Envelope, Message, NodeId, RECOVER_FRESH, RECOVER_LEADING};
 use crate::log::storage::SplitMix;
 use crate::log::{Entry, Kind};
 
@@ -16,6 +16,10 @@ pub struct Bugs {
     pub commit_at_minority: bool,
     /// The new leader keeps its own log instead of the best of the majority's.
     pub skip_log_merge: bool,
+    /// A replica that lost its state starts as in a new cluster instead of
+    /// recovering ([`Replica::recovering`]); read by the simulator, which
+    /// starts the replicas.
+    pub amnesiac_restart: bool,
 }
 
 /// Static configuration of one replica.
@@ -378,6 +382,24 @@ pub struct Replica {
     leave_view: bool,
     /// New leader of view 0: save the state before the first command.
     save_first: bool,
+    /// Started without any state: asking where the cluster is before it
+    /// takes part ([`Replica::recovering`]).
+    recovering: Option<Recovering>,
+    /// Recovered into this view, whose leader's log then ended at this op:
+    /// it votes in no view change and says yes to no probe until its own
+    /// log, in step with a leader, reaches that op or comes from a later
+    /// view (what it acknowledged before it lost its state is in that log,
+    /// and a majority's copy of it may need this replica's).
+    rejoin_upto: Option<(u64, u64)>,
+}
+
+/// A replica without state asking where the cluster is.
+struct Recovering {
+    nonce: u64,
+    /// When this round of asking began (None: not yet asked).
+    asked_at: Option<u64>,
+    /// This round's answers: view, last op, flags.
+    answers: BTreeMap<NodeId, (u64, u64, u64)>,
 }
 
 impl Replica {
@@ -403,6 +425,46 @@ impl Replica {
             r.save_first = true;
         }
         r
+    }
+
+    /// A replica that starts without any state — no saved view, no log, no
+    /// snapshot — in a cluster of several: a new cluster, or a replica
+    /// whose data directory was emptied. Since it cannot tell which, and in
+    /// the second case it may have voted or acknowledged entries it no
+    /// longer remembers, it takes no part at first: it asks the others.
+    /// If a majority of the others is without state or entries too and
+    /// nobody has any, the cluster is new: it starts a view change past
+    /// every view it heard of. Otherwise,
+    /// once a majority of the others answered and the leader of the newest
+    /// view among them says it leads, it joins that view as a follower and
+    /// takes the leader's log, voting in no view change until it has it.
+    pub fn recovering(cfg: Config, seed: u64, now: u64) -> Replica {
+        if cfg.n == 1 {
+            return Replica::new(cfg, seed, now);
+        }
+        let mut r = Replica::restart(
+            cfg,
+            seed,
+            now,
+            PersistentState::default(),
+            1,
+            Vec::new(),
+            Vec::new(),
+        );
+        r.status = Status::ViewChange;
+        r.leave_view = false;
+        r.recovering = Some(Recovering {
+            nonce: 0,
+            asked_at: None,
+            answers: BTreeMap::new(),
+        });
+        r
+    }
+
+    /// Still asking where the cluster is ([`Replica::recovering`]), or
+    /// rejoined and still taking the leader's log.
+    pub fn rejoining(&self) -> bool {
+        self.recovering.is_some() || self.rejoin_upto.is_some()
     }
 
     /// A replica restarted with ops up to `first_op - 1` known committed
@@ -499,6 +561,8 @@ impl Replica {
             snapshot_wait: None,
             leave_view: false,
             save_first: false,
+            recovering: None,
+            rejoin_upto: None,
             cfg,
         };
         r.durable = r.last_op();
@@ -648,6 +712,23 @@ impl Replica {
     /// Feeds one input at time `now` (ns, monotonic) and appends the commands to `out`.
     pub fn step(&mut self, now: u64, input: Input, out: &mut Vec<Command>) {
         self.now = self.now.max(now);
+        if self.recovering.is_some() {
+            match input {
+                Input::Tick => self.ask_where(out),
+                Input::Receive(env) => self.on_receive_recovering(env, out),
+                // Nothing to propose, install or hand over yet.
+                _ => {}
+            }
+            return;
+        }
+        if let Some((view, upto)) = self.rejoin_upto {
+            if self.status == Status::Normal
+                && self.log_view == self.view
+                && (self.last_op() >= upto || self.view > view)
+            {
+                self.rejoin_upto = None;
+            }
+        }
         if self.save_first {
             self.save_first = false;
             out.push(Command::SaveState(self.persistent_state()));
@@ -1003,6 +1084,10 @@ impl Replica {
     /// by the difference.
     pub fn next_timer(&self) -> Option<u64> {
         let hb = self.cfg.heartbeat_ns;
+        if let Some(r) = &self.recovering {
+            let round = self.recover_round();
+            return Some(r.asked_at.map_or(self.now, |t| t.saturating_add(round)));
+        }
         match self.status {
             Status::Normal if self.is_leader() => {
                 let notify = self
@@ -1092,6 +1177,142 @@ impl Replica {
         }
     }
 
+    // ---- recovery of a replica without state ----
+
+    /// How long one round of asking lasts: answers of one round only are
+    /// weighed together, and a round must outlast a round trip.
+    fn recover_round(&self) -> u64 {
+        (self.cfg.election_timeout_ns / 2).max(self.cfg.heartbeat_ns)
+    }
+
+    /// Asks every other replica where the cluster is, a new round every
+    /// [`Self::recover_round`].
+    fn ask_where(&mut self, out: &mut Vec<Command>) {
+        let hb = self.recover_round();
+        let now = self.now;
+        let nonce = self.rng.next_u64() % IMPOSSIBLE;
+        let Some(r) = &mut self.recovering else {
+            return;
+        };
+        if r.asked_at.is_some_and(|t| now.saturating_sub(t) < hb) {
+            return;
+        }
+        r.nonce = nonce;
+        r.asked_at = Some(now);
+        r.answers.clear();
+        let view = self.view;
+        for f in self.others() {
+            self.send(out, f, Message::Recover { view, nonce });
+        }
+    }
+
+    /// Where this replica is, for one that recovers.
+    fn answer_recover(&mut self, to: NodeId, nonce: u64, out: &mut Vec<Command>) {
+        let mut flags = 0;
+        if self.recovering.is_some() {
+            flags |= RECOVER_FRESH;
+        } else if self.status == Status::Normal && self.is_leader() {
+            flags |= RECOVER_LEADING;
+        }
+        let msg = Message::RecoverOk {
+            view: self.view,
+            nonce,
+            last_op: self.last_op(),
+            flags,
+        };
+        self.send(out, to, msg);
+    }
+
+    fn on_receive_recovering(&mut self, env: Envelope, out: &mut Vec<Command>) {
+        if env.cluster != self.cfg.cluster_id
+            || env.from >= self.cfg.n
+            || env.from == self.cfg.id
+            || env.to != self.cfg.id
+            || !plausible(&env.msg)
+        {
+            return;
+        }
+        match env.msg {
+            Message::Recover { nonce, .. } => self.answer_recover(env.from, nonce, out),
+            // A pre-vote to leave a view this replica led before it lost
+            // its state: that view has no working leader, since this
+            // replica leads nothing now (and a yes promises nothing). The
+            // others may need it to move on, and it needs them to.
+            Message::ViewProbe { view }
+                if view >= 1 && self.cfg.leader_of(view - 1) == self.cfg.id =>
+            {
+                self.send(out, env.from, Message::ViewProbeOk { view });
+            }
+            Message::RecoverOk {
+                view,
+                nonce,
+                last_op,
+                flags,
+            } => {
+                let Some(r) = &mut self.recovering else {
+                    return;
+                };
+                if nonce != r.nonce || r.asked_at.is_none() {
+                    return;
+                }
+                r.answers.insert(env.from, (view, last_op, flags));
+                self.decide_recovery(out);
+            }
+            // It takes no part in anything else yet.
+            _ => {}
+        }
+    }
+
+    fn decide_recovery(&mut self, out: &mut Vec<Command>) {
+        let quorum = self.cfg.quorum();
+        let Some(r) = &self.recovering else {
+            return;
+        };
+        // Without state, or with no entry: a replica of a new cluster that
+        // has started (every view that really started holds its leader's
+        // first entry).
+        let blank = |a: &(u64, u64, u64)| a.2 & RECOVER_FRESH != 0 || a.1 == 0;
+        let fresh = r.answers.values().filter(|a| blank(a)).count();
+        if fresh == r.answers.len() {
+            // Nobody that answered has state: a new cluster once a majority
+            // of the others (as many as any recovery needs) is known to be
+            // without. Fewer would not do: with three replicas, one that
+            // never had state and one that lost it would make a majority
+            // without the one that holds the committed entries.
+            if fresh >= quorum {
+                // No entry can be committed anywhere (that takes a majority
+                // holding it). A view change past every view named starts
+                // the cluster: this replica may have led a view before it
+                // lost its state, and must not lead it a second time.
+                let newest = r.answers.values().map(|a| a.0).max().unwrap_or(0);
+                self.recovering = None;
+                self.view = newest;
+                self.last_leader_contact = self.now;
+                self.start_view_change(newest + 1, out);
+            }
+            return;
+        }
+        // Some replica has state: the newest view among a majority of the
+        // others is at least every view this replica may have voted in (any
+        // two majorities share a replica), and that view's leader, leading,
+        // has every entry this replica may have acknowledged.
+        if r.answers.len() < quorum {
+            return;
+        }
+        let newest = r.answers.values().map(|a| a.0).max().unwrap_or(0);
+        let leader = self.cfg.leader_of(newest);
+        let Some(&(view, last_op, flags)) = r.answers.get(&leader) else {
+            return;
+        };
+        if view != newest || flags & RECOVER_LEADING == 0 {
+            return;
+        }
+        self.recovering = None;
+        self.rejoin_upto = Some((newest, last_op));
+        self.adopt_view(newest, out);
+        self.ask_leader_for_log(out);
+    }
+
     // ---- view change ----
 
     /// A pre-vote: asks the others whether they would join a view change to
@@ -1102,6 +1323,13 @@ impl Replica {
     /// from the leader itself.
     fn probe_view(&mut self, view: u64, out: &mut Vec<Command>) {
         self.reset_election_deadline();
+        if self.rejoin_upto.is_some() {
+            // No vote before the leader's log is here: ask for it again.
+            if self.status == Status::ViewChange {
+                self.ask_leader_for_log(out);
+            }
+            return;
+        }
         self.probe = Some((view, BTreeSet::new()));
         for f in self.others() {
             self.send(out, f, Message::ViewProbe { view });
@@ -1162,6 +1390,10 @@ impl Replica {
     /// leader asks for the chunk it lacks rather than get the first again
     /// every heartbeat).
     fn send_dvc(&self, from: u64, summary: bool, out: &mut Vec<Command>) {
+        if self.rejoin_upto.is_some() {
+            // Its log is not yet the leader's: no vote ([`Replica::recovering`]).
+            return;
+        }
         let last = self.last_op();
         let from = from.max(self.stored_first).min(last + 1);
         let dvc = |op_start, entries| Message::DoViewChange {
@@ -1755,9 +1987,14 @@ impl Replica {
         let from = env.from;
         let v = env.msg.view();
         match env.msg {
+            Message::Recover { nonce, .. } => {
+                self.answer_recover(from, nonce, out);
+                return;
+            }
+            Message::RecoverOk { .. } => return,
             // Pre-votes promise nothing and move no view.
             Message::ViewProbe { view } => {
-                if view > self.view && self.leaderless() {
+                if view > self.view && self.leaderless() && self.rejoin_upto.is_none() {
                     self.send(out, from, Message::ViewProbeOk { view });
                 } else if view <= self.view {
                     // The prober is behind: it learns of this view.
@@ -1950,7 +2187,9 @@ impl Replica {
             | Message::SnapshotChunk { .. }
             | Message::LinkSetup { .. }
             | Message::ViewProbe { .. }
-            | Message::ViewProbeOk { .. } => {}
+            | Message::ViewProbeOk { .. }
+            | Message::Recover { .. }
+            | Message::RecoverOk { .. } => {}
             Message::NeedSnapshot { op, .. } => {
                 if from == self.leader() && op > self.commit && self.snapshot_wait.is_none() {
                     self.snapshot_wait = Some(op);

@@ -3572,8 +3572,16 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             .map_or(0, |d| d.as_nanos() as u64),
     );
     let engine = match state {
+        // Nothing saved: a new cluster, or a data directory emptied. It
+        // asks the others which before it takes part (it may have voted or
+        // acknowledged entries it no longer remembers).
         _ if log.last_op() == 0 && base == 0 && state.is_none() => {
-            Replica::new(engine_cfg, seed, wall_base)
+            if cfg.replicas.len() > 1 {
+                ui.note(
+                    "no saved state here: asking the other replicas whether the cluster is new or this replica lost its data (it takes part once a majority of them answered)",
+                );
+            }
+            Replica::recovering(engine_cfg, seed, wall_base)
         }
         st if known >= stored_first => Replica::restart_committed(
             engine_cfg,

@@ -152,6 +152,11 @@ impl Checkers {
         Ok(())
     }
 
+    /// A replica lost its disk: it starts again from view 0.
+    pub fn on_wiped(&mut self, node: u32) {
+        self.views.remove(&node);
+    }
+
     /// Commit points never go back within one incarnation.
     pub fn on_commit(&mut self, node: u32, incarnation: u64, commit: u64) -> Result<(), Violation> {
         let prev = self.commits.entry((node, incarnation)).or_insert(0);

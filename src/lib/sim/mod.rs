@@ -73,6 +73,14 @@ pub struct Knobs {
     /// never); a restarted replica takes the ops up to it as committed,
     /// replays them from its log, and holds only the rest in memory.
     pub commit_save_ns: Option<u64>,
+    /// Some crashes also lose the replica's whole disk (its data directory
+    /// emptied): it restarts without any state and must recover from the
+    /// others. One at a time: a second replica loses its disk only once
+    /// the first has the leader's log again.
+    pub wipe: bool,
+    /// The replicas start as replicas without state that find out the
+    /// cluster is new ([`Replica::recovering`]), not as [`Replica::new`].
+    pub start_recovering: bool,
 }
 
 impl Knobs {
@@ -121,6 +129,21 @@ impl Knobs {
                 }
                 (r.next_u64() % 3 != 0).then(|| pick(&mut r, MS, 100 * MS))
             },
+            // Likewise (further along a copy still).
+            wipe: {
+                let mut r = rng.clone();
+                for _ in 0..9 {
+                    r.next_u64();
+                }
+                r.next_u64() % 3 == 0
+            },
+            start_recovering: {
+                let mut r = rng.clone();
+                for _ in 0..11 {
+                    r.next_u64();
+                }
+                r.next_u64() % 2 == 0
+            },
         }
     }
 }
@@ -134,6 +157,8 @@ pub struct Report {
     pub completed: u64,
     /// Crashes injected.
     pub crashes: u64,
+    /// Of them, crashes that lost the replica's disk.
+    pub wipes: u64,
     /// Partition changes injected.
     pub partitions: u64,
     /// Highest view reached.
@@ -277,6 +302,8 @@ struct Sim {
     /// Links cut: (from, to).
     cut: BTreeSet<(u32, u32)>,
     healed: bool,
+    /// The replica that last lost its disk.
+    wiped: Option<u32>,
     check: Checkers,
     history: Vec<Completed>,
     report: Report,
@@ -602,8 +629,20 @@ impl Sim {
 
     fn check_durability(&self) -> Result<(), Violation> {
         let durable: Vec<&[u64]> = self.nodes.iter().map(|n| n.durable_fp.as_slice()).collect();
+        // A replica that lost its disk lost its copies with it, until it
+        // has the leader's log again.
+        let lost = usize::from(self.wiped_lagging());
         self.check
-            .majority_durable(&durable, (self.knobs.n / 2 + 1) as usize)
+            .majority_durable(&durable, (self.knobs.n / 2 + 1) as usize - lost)
+    }
+
+    /// The replica that last lost its disk has not the leader's log again yet.
+    fn wiped_lagging(&self) -> bool {
+        self.wiped.is_some_and(|w| {
+            let nd = &self.nodes[w as usize];
+            nd.engine.as_ref().is_none_or(Replica::rejoining)
+                || nd.durable_fp.len() < self.check.committed.len()
+        })
     }
 
     /// A reply to a client, over the simulated network.
@@ -755,6 +794,14 @@ impl Sim {
                     Vec::new(),
                 )
             }
+            // Nothing saved at all: a replica that never had state, or lost it.
+            None if entries.is_empty() && storage.read_file("STATE").is_none() => {
+                if self.opts.bugs.amnesiac_restart {
+                    Replica::new(cfg, seed, self.now)
+                } else {
+                    Replica::recovering(cfg, seed, self.now)
+                }
+            }
             None => Replica::restart(cfg, seed, self.now, state, first, entries, Vec::new()),
         };
         let n = &mut self.nodes[node as usize];
@@ -817,7 +864,12 @@ impl Sim {
     fn run(&mut self) -> Result<(), Violation> {
         let n = self.knobs.n;
         for i in 0..n {
-            let engine = Replica::new(self.config(i), self.rng.next_u64(), 0);
+            let seed = self.rng.next_u64();
+            let engine = if self.knobs.start_recovering {
+                Replica::recovering(self.config(i), seed, 0)
+            } else {
+                Replica::new(self.config(i), seed, 0)
+            };
             let storage = MemStorage::new();
             let (log, _) =
                 SegmentLog::open(storage.clone(), log_opts(i)).map_err(|e| Violation {
@@ -957,7 +1009,29 @@ impl Sim {
                         continue;
                     }
                     let victim = self.rng.next_u64() as u32 % n;
+                    // One replica without state at a time (the fault model:
+                    // a second, while the first has not the leader's log
+                    // again, may hold the only other copy of an entry).
+                    let others_whole = (0..n).filter(|&i| i != victim).all(|i| {
+                        self.nodes[i as usize]
+                            .engine
+                            .as_ref()
+                            .is_some_and(|e| !e.rejoining())
+                    });
+                    let wipe = self.knobs.wipe
+                        && others_whole
+                        && !self.wiped_lagging()
+                        && self.chance(0.5);
                     self.crash(victim);
+                    if wipe && self.nodes[victim as usize].engine.is_none() {
+                        let nd = &mut self.nodes[victim as usize];
+                        nd.storage = MemStorage::new();
+                        nd.durable_fp.clear();
+                        self.wiped = Some(victim);
+                        self.report.wipes += 1;
+                        self.check.on_wiped(victim);
+                        self.note(|| format!("node {victim} lost its disk"));
+                    }
                     self.check_durability()?;
                     let down = self.range((5 * MS, 300 * MS));
                     self.at(self.now + down, Ev::Restart(victim));
@@ -1212,6 +1286,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions) -> Result<Report, Box<Failure>> {
         clients: Vec::new(),
         cut: BTreeSet::new(),
         healed: false,
+        wiped: None,
         check: Checkers::default(),
         history: Vec::new(),
         report: Report::default(),
