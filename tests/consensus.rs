@@ -107,7 +107,8 @@ fn normal_4_1_leader_appends_and_prepares() {
         vec![
             Command::SaveState(PersistentState {
                 view: 0,
-                log_view: 0
+                log_view: 0,
+                ..PersistentState::default()
             }),
             Command::Append(batch),
             send(1, prepare.clone()),
@@ -432,7 +433,8 @@ fn view_change_4_2_timeout_starts_a_view_change() {
         vec![
             Command::SaveState(PersistentState {
                 view: 1,
-                log_view: 0
+                log_view: 0,
+                ..PersistentState::default()
             }),
             Command::RoleChanged {
                 role: Role::ViewChange,
@@ -548,7 +550,8 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
         vec![
             Command::SaveState(PersistentState {
                 view: 1,
-                log_view: 0
+                log_view: 0,
+                ..PersistentState::default()
             }),
             Command::RoleChanged {
                 role: Role::ViewChange,
@@ -579,7 +582,8 @@ fn view_change_4_2_new_leader_merges_the_best_log() {
             Command::Append(vec![entry(0, 2, 1, "b")]),
             Command::SaveState(PersistentState {
                 view: 1,
-                log_view: 1
+                log_view: 1,
+                ..PersistentState::default()
             }),
             Command::RoleChanged {
                 role: Role::Leader,
@@ -623,6 +627,7 @@ fn view_change_4_2_higher_log_view_beats_longer_log() {
         PersistentState {
             view: 3,
             log_view: 1,
+            ..PersistentState::default()
         },
         1,
         vec![
@@ -693,6 +698,7 @@ fn view_change_closes_every_open_connection() {
         PersistentState {
             view: 0,
             log_view: 0,
+            ..PersistentState::default()
         },
         1,
         vec![open(1, 5), open(2, 6), close(3, 5), open(4, 9)],
@@ -744,6 +750,7 @@ fn view_change_4_2_backup_installs_start_view() {
         PersistentState {
             view: 1,
             log_view: 0,
+            ..PersistentState::default()
         },
         1,
         vec![entry(0, 1, 1, "a"), entry(0, 2, 1, "stale")],
@@ -772,7 +779,8 @@ fn view_change_4_2_backup_installs_start_view() {
             Command::Append(vec![noop(1, 2, 4)]),
             Command::SaveState(PersistentState {
                 view: 1,
-                log_view: 1
+                log_view: 1,
+                ..PersistentState::default()
             }),
             Command::RoleChanged {
                 role: Role::Follower,
@@ -801,6 +809,7 @@ fn recovery_4_3_never_acts_in_an_older_view() {
         PersistentState {
             view: 4,
             log_view: 4,
+            ..PersistentState::default()
         },
         1,
         vec![],
@@ -861,7 +870,8 @@ fn recovery_4_3_a_restarted_first_leader_does_not_lead_view_0_again() {
         out[0],
         Command::SaveState(PersistentState {
             view: 1,
-            log_view: 0
+            log_view: 0,
+            ..PersistentState::default()
         })
     );
     assert!(matches!(out.last(), Some(Command::Rejected { .. })));
@@ -878,6 +888,7 @@ fn recovery_4_3_a_restarted_leader_leaves_its_view() {
         PersistentState {
             view: 2,
             log_view: 2,
+            ..PersistentState::default()
         },
         1,
         vec![],
@@ -888,7 +899,8 @@ fn recovery_4_3_a_restarted_leader_leaves_its_view() {
         out[0],
         Command::SaveState(PersistentState {
             view: 3,
-            log_view: 2
+            log_view: 2,
+            ..PersistentState::default()
         })
     );
     assert_eq!(r.view(), 3);
@@ -930,7 +942,8 @@ fn transfer_hands_leadership_to_a_caught_up_replica() {
     assert!(
         out.contains(&Command::SaveState(PersistentState {
             view: 2,
-            log_view: 0
+            log_view: 0,
+            ..PersistentState::default()
         })),
         "view 2 is led by replica 2"
     );
@@ -1036,6 +1049,7 @@ fn view_change_4_2_new_leader_asks_for_the_rest_of_the_best_log() {
         PersistentState {
             view: 3,
             log_view: 1,
+            ..PersistentState::default()
         },
         1,
         vec![entry(1, 1, 1, "a")],
@@ -1213,6 +1227,7 @@ fn catch_up_sends_committed_entries_in_chunks() {
         PersistentState {
             view: 0,
             log_view: 0,
+            ..PersistentState::default()
         },
         1,
         vec![],
@@ -1387,6 +1402,7 @@ fn a_restarted_cluster_moves_logs_larger_than_a_message_in_chunks() {
                 PersistentState {
                     view: 0,
                     log_view: 0,
+                    ..PersistentState::default()
                 },
                 1,
                 logs[id as usize].clone(),

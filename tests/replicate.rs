@@ -765,6 +765,55 @@ while True:
     c.close()
 "#;
 
+/// A server that stops listening (and keeps running) when a client sends
+/// `close-listener`.
+const CLOSING_SERVER: &str = r#"
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
+def serve(c):
+    for line in c.makefile("rb"):
+        if line.strip() == b"close-listener":
+            s.close()
+            c.sendall(b"closed\n")
+threading.Thread(target=lambda: threading.Event().wait(), daemon=False).start()
+try:
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+except OSError:
+    pass
+"#;
+
+/// A replica that cannot open the program's connection for a client stops
+/// with the reason (it used to go on and skip that client's input, which
+/// the other replicas' programs got: its copy differed without a word).
+#[test]
+fn a_program_that_takes_no_more_connections_stops_the_replica_with_the_reason() {
+    let _one = serial();
+    let mut c = Cluster::start(1, python_program(CLOSING_SERVER));
+    c.leader_by(Duration::from_secs(20), |i| {
+        TcpStream::connect(c.addrs[i].1).is_ok()
+    });
+    let s = TcpStream::connect(c.addrs[0].1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"close-listener\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert_eq!(line, "closed\n");
+    let _second = TcpStream::connect(c.addrs[0].1).unwrap();
+    let st = c.exit_status(0, Duration::from_secs(20));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
+    assert!(
+        c.log(0).contains("cannot connect to the program")
+            && c.log(0).contains("this replica stops rather than skip"),
+        "{}",
+        c.log(0)
+    );
+}
+
 /// A server that answers `ping` with `pong` and, to `flood`, writes
 /// without end (as fast as the socket takes it).
 const FLOOD_SERVER: &str = r#"
@@ -1892,14 +1941,24 @@ fn an_insider_with_impossible_messages_moves_nothing_while_the_cluster_commits()
     use falcon::transport::tcp::{TcpOptions, TcpTransport};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let _one = serial();
-    // Five replicas in the file; the fifth never runs: the insider poses as
-    // it. (Four run: a new cluster starts once each replica heard a
-    // majority of the others say they have no state either.)
+    // Five replicas in the file; the fifth stops once the cluster runs and
+    // the insider poses as it. (A new cluster starts once every replica
+    // heard every other say it has no state either.)
     let mut c = Cluster::configure(5, redis_program(), "refuse", Vec::new(), "");
-    for i in 0..4 {
+    for i in 0..5 {
         c.start_node(i);
     }
-    let leader = c.leader(Duration::from_secs(30));
+    let mut leader = c.leader(Duration::from_secs(30));
+    if leader == 4 {
+        assert_eq!(
+            failover(&c, &["transfer", "--to", "1"]).code,
+            0,
+            "{}",
+            c.log(4)
+        );
+        leader = c.leader(Duration::from_secs(30));
+    }
+    c.kill(4);
     let key = std::fs::read(c.dir.path().join("cluster.key")).unwrap();
     let cluster = falcon::config::cluster_id("e2e");
     let peers: Vec<SocketAddr> = c.addrs.iter().map(|a| a.0).collect();

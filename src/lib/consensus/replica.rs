@@ -116,6 +116,15 @@ pub struct PersistentState {
     pub view: u64,
     /// The last view in which its log was in step with that view's leader.
     pub log_view: u64,
+    /// Rejoined after it lost its state ([`Replica::recovering`]): the view
+    /// it joined and the op its leader's log reached then (0: not
+    /// rejoining). It votes in no view change until its log is there, across
+    /// restarts too.
+    #[serde(default)]
+    pub rejoin_view: u64,
+    /// See `rejoin_view`.
+    #[serde(default)]
+    pub rejoin_upto: u64,
 }
 
 /// Inputs.
@@ -562,7 +571,7 @@ impl Replica {
             leave_view: false,
             save_first: false,
             recovering: None,
-            rejoin_upto: None,
+            rejoin_upto: (state.rejoin_upto > 0).then_some((state.rejoin_view, state.rejoin_upto)),
             cfg,
         };
         r.durable = r.last_op();
@@ -672,9 +681,12 @@ impl Replica {
     }
     /// Persistent state as it should be on disk now.
     pub fn persistent_state(&self) -> PersistentState {
+        let (rejoin_view, rejoin_upto) = self.rejoin_upto.unwrap_or((0, 0));
         PersistentState {
             view: self.view,
             log_view: self.log_view,
+            rejoin_view,
+            rejoin_upto,
         }
     }
 
@@ -721,12 +733,17 @@ impl Replica {
             }
             return;
         }
-        if let Some((view, upto)) = self.rejoin_upto {
+        if let Some((view, upto)) = self.rejoin_upto.filter(|_| !matches!(input, Input::Tick)) {
+            // (On disk: the log, in step with this view's leader, reaches
+            // the op or comes from a later view. What makes it so is an
+            // input, never a tick: ticks before the next timer stay silent.)
             if self.status == Status::Normal
                 && self.log_view == self.view
+                && self.durable >= self.last_op()
                 && (self.last_op() >= upto || self.view > view)
             {
                 self.rejoin_upto = None;
+                out.push(Command::SaveState(self.persistent_state()));
             }
         }
         if self.save_first {
@@ -1208,6 +1225,9 @@ impl Replica {
 
     /// Where this replica is, for one that recovers.
     fn answer_recover(&mut self, to: NodeId, nonce: u64, out: &mut Vec<Command>) {
+        // A DoViewChange it sent before it lost its state speaks for a log
+        // it no longer has.
+        self.dvcs.remove(&to);
         let mut flags = 0;
         if self.recovering.is_some() {
             flags |= RECOVER_FRESH;
@@ -1273,13 +1293,14 @@ impl Replica {
         // first entry).
         let blank = |a: &(u64, u64, u64)| a.2 & RECOVER_FRESH != 0 || a.1 == 0;
         let fresh = r.answers.values().filter(|a| blank(a)).count();
-        if fresh == r.answers.len() {
-            // Nobody that answered has state: a new cluster once a majority
-            // of the others (as many as any recovery needs) is known to be
-            // without. Fewer would not do: with three replicas, one that
+        if fresh == r.answers.len() && fresh + 1 == self.cfg.n as usize {
+            // Every other replica answered, and none holds an entry: a new
+            // cluster. Fewer would not do: with three replicas, one that
             // never had state and one that lost it would make a majority
-            // without the one that holds the committed entries.
-            if fresh >= quorum {
+            // without the one that holds the committed entries; with five,
+            // one still behind could take entries this replica acknowledged
+            // before it lost them from a leader that did not answer.
+            {
                 // No entry can be committed anywhere (that takes a majority
                 // holding it). A view change past every view named starts
                 // the cluster: this replica may have led a view before it
@@ -1475,7 +1496,9 @@ impl Replica {
 
     /// At the new leader: with a majority of DoViewChanges, merge the logs and start the view.
     fn try_start_view(&mut self, out: &mut Vec<Command>) {
-        if self.status != Status::ViewChange || !self.is_leader() {
+        // Leading a view counts this replica's log as one of the majority's:
+        // not before it has the log it rejoined for.
+        if self.status != Status::ViewChange || !self.is_leader() || self.rejoin_upto.is_some() {
             return;
         }
         if self.dvcs.len() + 1 < self.cfg.quorum() {

@@ -498,13 +498,51 @@ impl AppConn {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (the program started
+/// next inherits it): a leader holds two descriptors per client and a
+/// follower three per forwarded one, where the usual soft limit is 1,024.
+/// Says so when even the hard limit is below what the limits allow.
+fn raise_open_file_limit(ui: &Ui, client_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let needed = (2 * client_connections.max(FORWARDS_MAX) + 256) as u64;
+    if lim.rlim_cur < needed {
+        ui.warn(&format!(
+            "the open-file limit is {} (hard limit {}): limits.client_connections = {client_connections} needs about {needed}; clients past it wait until descriptors free up (raise it with `ulimit -n` or LimitNOFILE=)",
+            lim.rlim_cur, lim.rlim_max
+        ));
+    }
+}
+
 /// The state file next to the log: `view log_view`, written atomically.
 fn save_state(dir: &Path, st: PersistentState) -> io::Result<()> {
-    write_durably(
-        dir,
-        "state",
-        format!("{} {}\n", st.view, st.log_view).as_bytes(),
-    )
+    // (`view log_view`, then, while it rejoins after a lost disk, the view
+    // it joined and the op it must reach before it votes again.)
+    let text = if st.rejoin_upto > 0 {
+        format!(
+            "{} {} {} {}\n",
+            st.view, st.log_view, st.rejoin_view, st.rejoin_upto
+        )
+    } else {
+        format!("{} {}\n", st.view, st.log_view)
+    };
+    write_durably(dir, "state", text.as_bytes())
 }
 
 /// Writes `name` in `dir` so that a crash leaves the old file or the new
@@ -523,10 +561,26 @@ fn load_state(dir: &Path) -> io::Result<Option<PersistentState>> {
     match std::fs::read_to_string(dir.join("state")) {
         Ok(s) => {
             let mut it = s.split_whitespace().map(str::parse::<u64>);
-            match (it.next(), it.next()) {
-                (Some(Ok(view)), Some(Ok(log_view))) => {
-                    Ok(Some(PersistentState { view, log_view }))
+            match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+                (Some(Ok(view)), Some(Ok(log_view)), None, None, None) => {
+                    Ok(Some(PersistentState {
+                        view,
+                        log_view,
+                        ..PersistentState::default()
+                    }))
                 }
+                (
+                    Some(Ok(view)),
+                    Some(Ok(log_view)),
+                    Some(Ok(rejoin_view)),
+                    Some(Ok(rejoin_upto)),
+                    None,
+                ) => Ok(Some(PersistentState {
+                    view,
+                    log_view,
+                    rejoin_view,
+                    rejoin_upto,
+                })),
                 _ => Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: not a falcon state file", dir.join("state").display()),
@@ -792,6 +846,14 @@ struct Node<'a> {
     /// Refused clients (over `client_connections`, or input refused as too
     /// much is pending), logged at most once a second.
     refused_client: OncePerSecond,
+    /// Accepting a client failed (out of descriptors): when to try again
+    /// (readiness that was reported once is not reported again).
+    accept_again: Option<Instant>,
+    accept_failed: OncePerSecond,
+    /// A connection to the program could not be made for a client's
+    /// connection: its input would go nowhere on this replica only, so the
+    /// replica stops (why).
+    app_failed: Option<String>,
     /// Refused peer connections, logged at most once a second.
     refused_peer: OncePerSecond,
     /// When a message too large for a peer's queue was last logged.
@@ -2476,7 +2538,9 @@ impl Node<'_> {
 
     /// A connection to the program for `conn` (or [`SHARED`]).
     fn connect_app(&mut self, conn: u64) {
-        if let Ok(std) = std::net::TcpStream::connect(self.app_addr) {
+        let connected = std::net::TcpStream::connect(self.app_addr);
+        let failure = connected.as_ref().err().map(ToString::to_string);
+        if let Ok(std) = connected {
             let _ = std.set_nodelay(true);
             let _ = std.set_nonblocking(true);
             let mut stream = TcpStream::from_std(std);
@@ -2507,10 +2571,17 @@ impl Node<'_> {
                 );
             }
         } else {
-            self.ui.error(&format!(
-                "cannot connect to the program at {}",
-                self.app_addr
-            ));
+            // The other replicas give this connection's input to their
+            // programs; skipping it here would make this copy differ
+            // without a word. Stop instead: a restart replays the log.
+            self.app_failed.get_or_insert_with(|| {
+                format!(
+                    "cannot connect to the program at {} for a client's connection (op {}): {}; this replica stops rather than skip that client's input (if the program is running, check the open-file limit, `ulimit -n`)",
+                    self.app_addr,
+                    self.applied_op,
+                    failure.unwrap_or_default()
+                )
+            });
         }
     }
 
@@ -2897,11 +2968,23 @@ impl Node<'_> {
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    return Err(NodeError::Io {
-                        context: "accepting clients".into(),
-                        source: e,
-                    });
+                    // Out of descriptors or memory: the connections wait in
+                    // the listen queue, the replica goes on, and accepting
+                    // is tried again shortly.
+                    self.accept_again = Some(Instant::now() + Duration::from_millis(100));
+                    if let Some(held) = self.accept_failed.due() {
+                        let hint = if e.raw_os_error() == Some(libc::EMFILE) {
+                            " (raise the open-file limit, `ulimit -n`, or lower limits.client_connections)"
+                        } else {
+                            ""
+                        };
+                        self.ui.warn(&format!(
+                            "cannot accept client connections: {e}{hint}; trying again ({held} more failures)"
+                        ));
+                    }
+                    return Ok(());
                 }
             }
         }
@@ -3614,6 +3697,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
     ));
     let replay_target = log.last_op().saturating_sub(base);
     crate::app::catch_forwarded_signals().map_err(io_err("installing the signal handlers"))?;
+    raise_open_file_limit(ui, cfg.limits.client_connections);
     let mut vm = None;
     let mut vm_socket: Option<PathBuf> = None;
     let app = if let Some(t) = opts.tap.as_ref().filter(|t| t.socket.is_some()) {
@@ -3831,6 +3915,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         memory_entries: opts.memory_entries.max(1),
         limits: cfg.limits,
         refused_client: OncePerSecond::default(),
+        accept_again: None,
+        accept_failed: OncePerSecond::default(),
+        app_failed: None,
         refused_peer: OncePerSecond::default(),
         too_large_at: None,
         closes_owed: HashSet::new(),
@@ -4226,6 +4313,19 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         }
         if let Some(why) = node.fetch_stalled() {
             node.drop_fetch(&why, false)?;
+        }
+        if node.accept_again.is_some_and(|t| Instant::now() >= t) {
+            node.accept_again = None;
+            node.accept_clients()?;
+        }
+        if let Some(why) = node.app_failed.take() {
+            // As every stop: the log synced and sealed.
+            node.sync()?;
+            node.seal();
+            return Err(NodeError::Io {
+                context: "connecting to the program".into(),
+                source: io::Error::other(why),
+            });
         }
         if node.refetch_at.is_some_and(|t| Instant::now() >= t) {
             // The engine stops waiting and takes the leader's next offer.

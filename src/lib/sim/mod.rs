@@ -509,7 +509,11 @@ impl Sim {
                 let n = &mut self.nodes[node as usize];
                 n.storage.write_file(
                     "STATE",
-                    format!("{} {}", state.view, state.log_view).as_bytes(),
+                    format!(
+                        "{} {} {} {}",
+                        state.view, state.log_view, state.rejoin_view, state.rejoin_upto
+                    )
+                    .as_bytes(),
                 );
                 inputs.push(Input::Durable { op: d });
             }
@@ -748,6 +752,8 @@ impl Sim {
                 Some(PersistentState {
                     view: it.next()?.parse().ok()?,
                     log_view: it.next()?.parse().ok()?,
+                    rejoin_view: it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+                    rejoin_upto: it.next().and_then(|x| x.parse().ok()).unwrap_or(0),
                 })
             })
             .unwrap_or_default();
