@@ -419,15 +419,7 @@ impl Replica {
     /// [`Replica::restart`] and never leads view 0 a second time. A node
     /// must call `new` only when it has no saved state at all.
     pub fn new(cfg: Config, seed: u64, now: u64) -> Replica {
-        let mut r = Replica::restart(
-            cfg,
-            seed,
-            now,
-            PersistentState::default(),
-            1,
-            Vec::new(),
-            Vec::new(),
-        );
+        let mut r = Replica::empty(cfg, seed, now);
         if r.is_leader() && r.cfg.n > 1 {
             r.leave_view = false;
             r.become_leader_state();
@@ -441,25 +433,17 @@ impl Replica {
     /// whose data directory was emptied. Since it cannot tell which, and in
     /// the second case it may have voted or acknowledged entries it no
     /// longer remembers, it takes no part at first: it asks the others.
-    /// If a majority of the others is without state or entries too and
-    /// nobody has any, the cluster is new: it starts a view change past
-    /// every view it heard of. Otherwise,
-    /// once a majority of the others answered and the leader of the newest
-    /// view among them says it leads, it joins that view as a follower and
-    /// takes the leader's log, voting in no view change until it has it.
+    /// If every other replica answered that it holds no entry either, the
+    /// cluster is new: it starts a view change past every view it heard
+    /// of. Otherwise, once a majority of the others answered and the
+    /// leader of the newest view among them says it leads, it joins that
+    /// view as a follower and takes the leader's log, voting in no view
+    /// change until it has it (docs/consensus.md).
     pub fn recovering(cfg: Config, seed: u64, now: u64) -> Replica {
         if cfg.n == 1 {
             return Replica::new(cfg, seed, now);
         }
-        let mut r = Replica::restart(
-            cfg,
-            seed,
-            now,
-            PersistentState::default(),
-            1,
-            Vec::new(),
-            Vec::new(),
-        );
+        let mut r = Replica::empty(cfg, seed, now);
         r.status = Status::ViewChange;
         r.leave_view = false;
         r.recovering = Some(Recovering {
@@ -474,6 +458,19 @@ impl Replica {
     /// rejoined and still taking the leader's log.
     pub fn rejoining(&self) -> bool {
         self.recovering.is_some() || self.rejoin_upto.is_some()
+    }
+
+    /// No saved state, no entries.
+    fn empty(cfg: Config, seed: u64, now: u64) -> Replica {
+        Replica::restart(
+            cfg,
+            seed,
+            now,
+            PersistentState::default(),
+            1,
+            Vec::new(),
+            Vec::new(),
+        )
     }
 
     /// A replica restarted with ops up to `first_op - 1` known committed
