@@ -768,23 +768,29 @@ while True:
 /// A server that stops listening (and keeps running) when a client sends
 /// `close-listener`.
 const CLOSING_SERVER: &str = r#"
-import socket, sys, threading
+import socket, sys, threading, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen(64)
+s.settimeout(0.05)
+stop = threading.Event()
 def serve(c):
     for line in c.makefile("rb"):
         if line.strip() == b"close-listener":
-            s.close()
+            stop.set()
+            while s.fileno() != -1:
+                time.sleep(0.01)
             c.sendall(b"closed\n")
-threading.Thread(target=lambda: threading.Event().wait(), daemon=False).start()
-try:
-    while True:
+while not stop.is_set():
+    try:
         c, _ = s.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-except OSError:
-    pass
+    except socket.timeout:
+        continue
+    c.settimeout(None)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+s.close()
+threading.Event().wait()
 "#;
 
 /// A replica that cannot open the program's connection for a client stops

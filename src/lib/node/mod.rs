@@ -850,10 +850,6 @@ struct Node<'a> {
     /// (readiness that was reported once is not reported again).
     accept_again: Option<Instant>,
     accept_failed: OncePerSecond,
-    /// A connection to the program could not be made for a client's
-    /// connection: its input would go nowhere on this replica only, so the
-    /// replica stops (why).
-    app_failed: Option<String>,
     /// Refused peer connections, logged at most once a second.
     refused_peer: OncePerSecond,
     /// When a message too large for a peer's queue was last logged.
@@ -2574,14 +2570,12 @@ impl Node<'_> {
             // The other replicas give this connection's input to their
             // programs; skipping it here would make this copy differ
             // without a word. Stop instead: a restart replays the log.
-            self.app_failed.get_or_insert_with(|| {
-                format!(
-                    "cannot connect to the program at {} for a client's connection (op {}): {}; this replica stops rather than skip that client's input (if the program is running, check the open-file limit, `ulimit -n`)",
-                    self.app_addr,
-                    self.applied_op,
-                    failure.unwrap_or_default()
-                )
-            });
+            self.lose_program(format!(
+                "cannot connect to the program at {} for a client's connection (op {}): {}; this replica stops rather than skip that client's input (if the program is running, check the open-file limit, `ulimit -n`)",
+                self.app_addr,
+                self.applied_op,
+                failure.unwrap_or_default()
+            ));
         }
     }
 
@@ -3305,12 +3299,9 @@ impl Node<'_> {
     /// its whole commands go down the shared connection.
     fn mux_data(&mut self, conn: u64, payload: &[u8]) {
         if !self.apps.contains_key(&SHARED) {
+            // (A failure stops the replica: connect_app says why.)
             self.connect_app(SHARED);
             if !self.apps.contains_key(&SHARED) {
-                self.lose_program(format!(
-                    "cannot connect to the program at {} (program_protocol = \"resp\")",
-                    self.app_addr
-                ));
                 return;
             }
         }
@@ -3917,7 +3908,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         refused_client: OncePerSecond::default(),
         accept_again: None,
         accept_failed: OncePerSecond::default(),
-        app_failed: None,
         refused_peer: OncePerSecond::default(),
         too_large_at: None,
         closes_owed: HashSet::new(),
@@ -4317,15 +4307,6 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         if node.accept_again.is_some_and(|t| Instant::now() >= t) {
             node.accept_again = None;
             node.accept_clients()?;
-        }
-        if let Some(why) = node.app_failed.take() {
-            // As every stop: the log synced and sealed.
-            node.sync()?;
-            node.seal();
-            return Err(NodeError::Io {
-                context: "connecting to the program".into(),
-                source: io::Error::other(why),
-            });
         }
         if node.refetch_at.is_some_and(|t| Instant::now() >= t) {
             // The engine stops waiting and takes the leader's next offer.
