@@ -184,6 +184,31 @@ const APP_READS_PER_TURN: usize = 64;
 const FORWARDS_MAX: usize = 1024;
 
 /// Passes a client connection on to the leader, on two threads (one per direction).
+/// TCP keepalive after 5 s idle (3 probes a second apart) and a 10 s limit
+/// on unacknowledged data: a peer whose host died is noticed in seconds,
+/// not the kernel's default two hours (idle) or quarter of an hour (data).
+fn keep_alive(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: setsockopt on an open socket with an int option.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
+}
+
 fn forward(
     client: std::net::TcpStream,
     leader: SocketAddr,
@@ -211,6 +236,11 @@ fn forward(
             };
             let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
+            // A leader whose host dies sends no close: keepalive probes
+            // (after 5 s idle, 3 one second apart) and a 10 s limit on
+            // unacknowledged data end the forward, and the client, told
+            // by the close, tries another replica.
+            keep_alive(&upstream);
             let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
                 return;
             };
@@ -4846,5 +4876,39 @@ fn replica(
             ));
             Ok(crate::output::Status::Failure)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forward_to_the_leader_notices_a_dead_host_in_seconds() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        keep_alive(&s);
+        let get = |level, name| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt of an int option into an int.
+            let r = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 5);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 10_000);
     }
 }
