@@ -724,7 +724,7 @@ impl Replica {
         if self.recovering.is_some() {
             match input {
                 Input::Tick => self.ask_where(out),
-                Input::Receive(env) => self.on_receive_recovering(env, out),
+                Input::Receive(env) => self.on_receive(env, out),
                 // Nothing to propose, install or hand over yet.
                 _ => {}
             }
@@ -1240,15 +1240,9 @@ impl Replica {
         self.send(out, to, msg);
     }
 
+    /// A message while asking where the cluster is (checked by
+    /// [`Self::on_receive`] like any other).
     fn on_receive_recovering(&mut self, env: Envelope, out: &mut Vec<Command>) {
-        if env.cluster != self.cfg.cluster_id
-            || env.from >= self.cfg.n
-            || env.from == self.cfg.id
-            || env.to != self.cfg.id
-            || !plausible(&env.msg)
-        {
-            return;
-        }
         match env.msg {
             Message::Recover { nonce, .. } => self.answer_recover(env.from, nonce, out),
             // A pre-vote to leave a view this replica led before it lost
@@ -1994,6 +1988,9 @@ impl Replica {
         }
         if !plausible(&env.msg) {
             return;
+        }
+        if self.recovering.is_some() {
+            return self.on_receive_recovering(env, out);
         }
         if matches!(
             env.msg,

@@ -2091,14 +2091,14 @@ impl Node<'_> {
     /// goes and the leader is asked again — after a wait that grows when
     /// this replica's own disk failed (`local`). A resync's own download
     /// fails the resync instead.
-    fn drop_fetch(&mut self, why: &str, local: bool) -> Result<(), NodeError> {
+    pub(super) fn drop_fetch(&mut self, why: &str, local: bool) -> Result<(), NodeError> {
         let Some(f) = self.fetch.take() else {
             return Ok(());
         };
         drop(f.file);
         let _ = std::fs::remove_file(self.data_dir.join("snapshot.incoming"));
         if self.resync.as_ref().is_some_and(|r| r.fetching()) {
-            return self.fail_resync(why);
+            return self.fail_resync(&format!("{why}; run the resync again"));
         }
         let wait = if local {
             self.fetch_failures += 1;

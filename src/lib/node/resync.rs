@@ -666,25 +666,22 @@ impl Node<'_> {
                 return self.fail_resync(&e.to_string());
             }
         }
+        // (A source that went silent or stopped leading gives the download
+        // up in the loop, as every download: `drop_fetch` fails the resync.)
         if let Some(r) = self.resync.as_ref().filter(|r| r.fetching) {
-            let leader = self.engine.leader();
-            let why = if r.started.elapsed() >= RESYNC_FETCH_MAX {
-                Some(format!(
+            if r.started.elapsed() >= RESYNC_FETCH_MAX {
+                let why = format!(
                     "the leader's snapshot did not arrive within {} s",
                     RESYNC_FETCH_MAX.as_secs()
-                ))
-            } else if self.fetch.is_none() && self.install.is_none() {
-                Some("the snapshot received from the leader was not usable".to_string())
-            } else if self.fetch.as_ref().is_some_and(|f| f.from != leader) {
-                Some("the leadership changed while the leader's snapshot was on its way; run the resync again".to_string())
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                if self.fetch.take().is_some() {
-                    let _ = std::fs::remove_file(self.data_dir.join("snapshot.incoming"));
-                }
-                return self.fail_resync(&why);
+                );
+                return if self.fetch.is_some() {
+                    self.drop_fetch(&why, false)
+                } else {
+                    self.fail_resync(&why)
+                };
+            }
+            if self.fetch.is_none() && self.install.is_none() {
+                return self.fail_resync("the snapshot received from the leader was not usable");
             }
         }
         let Some(r) = self.resync.as_mut().filter(|r| !r.fetching) else {
