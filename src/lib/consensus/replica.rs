@@ -578,8 +578,10 @@ impl Replica {
         } else if leads {
             r.status = Status::ViewChange;
             r.leave_view = true;
-        } else if r.log_view != r.view {
-            // Crashed during a view change: wait for the view's leader.
+        } else if r.log_view != r.view || r.rejoin_upto.is_some() {
+            // Crashed during a view change, or while taking the leader's
+            // log after a lost disk: wait for the view's leader (and ask it
+            // for its log).
             r.status = Status::ViewChange;
         }
         r.reset_election_deadline();
