@@ -666,6 +666,41 @@ fn a_follower_forwards_clients_to_the_leader() {
         answers_reach_clients_that_close_or_quit(c.addrs[i].1, &format!("replica {}", i + 1));
     }
     assert!(c.digests_agree(), "{:?}", c.digests());
+
+    // A client forwarded to a leader that stops answering (its process
+    // stopped: its kernel still acknowledges, so TCP never gives up) is
+    // closed when the others elect a new leader, and reconnects.
+    let leader = statuses(&c)
+        .iter()
+        .position(|s| s["role"] == "leader")
+        .expect("a leader");
+    let f = (leader + 1) % 3;
+    let mut fwd = TcpStream::connect(c.addrs[f].1).unwrap();
+    fwd.write_all(b"PING\r\n").unwrap();
+    fwd.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut pong = [0u8; 7];
+    fwd.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let pid = c.nodes[leader].as_ref().unwrap().id();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let mut rest = Vec::new();
+    let ended = fwd.read_to_end(&mut rest);
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        matches!(ended, Ok(0)),
+        "the forwarded connection stayed open after the leader stopped: {ended:?}; replica {}'s log:\n{}",
+        f + 1,
+        c.log(f)
+    );
+    // The line comes just after the close.
+    let said = wait_until(Duration::from_secs(5), || {
+        c.log(f).contains("forwarded to the old leader")
+    });
+    assert!(said, "{}", c.log(f));
+    let served = wait_until(Duration::from_secs(20), || {
+        c.client_cmd(f, &["SET", "after", "failover"]).as_deref() == Some("+OK")
+    });
+    assert!(served, "the reconnected client was not served");
 }
 
 #[test]

@@ -209,31 +209,80 @@ fn keep_alive(s: &std::net::TcpStream) {
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
 }
 
-fn forward(
-    client: std::net::TcpStream,
-    leader: SocketAddr,
-    active: Arc<std::sync::atomic::AtomicUsize>,
-) {
+/// The connections a follower forwards to the leader: how many threads
+/// carry them, and their sockets by the leader they go to, so that a change
+/// of leader closes them at once (their sessions on the old leader are
+/// closed on every replica anyway; a client told by the close tries again).
+#[derive(Default)]
+struct Forwards {
+    /// Forwarding threads running (the limit is [`FORWARDS_MAX`]).
+    threads: std::sync::atomic::AtomicUsize,
+    next: std::sync::atomic::AtomicU64,
+    /// Per forward: the leader's client address, the client's socket and,
+    /// once connected, the leader's.
+    live: std::sync::Mutex<HashMap<u64, (SocketAddr, Vec<std::net::TcpStream>)>>,
+}
+
+impl Forwards {
+    fn live(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (SocketAddr, Vec<std::net::TcpStream>)>> {
+        // A forwarding thread that panicked holding the lock left the map whole.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shuts down every forward that goes to another leader than `leader`;
+    /// how many.
+    fn close_all_but(&self, leader: SocketAddr) -> usize {
+        let mut live = self.live();
+        let stale: Vec<u64> = live
+            .iter()
+            .filter(|(_, (to, _))| *to != leader)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            if let Some((_, socks)) = live.remove(id) {
+                for s in socks {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+        stale.len()
+    }
+}
+
+fn forward(client: std::net::TcpStream, leader: SocketAddr, set: Arc<Forwards>) {
     /// Gives the connection's place back however the thread ends (a panic
     /// included), so the count of forwards never leaks.
-    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    struct Counted(Arc<Forwards>, u64);
     impl Drop for Counted {
         fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
+            self.0.live().remove(&self.1);
+            self.0.threads.fetch_sub(1, Ordering::Relaxed);
         }
     }
-    let counted = Counted(active);
+    set.threads.fetch_add(1, Ordering::Relaxed);
+    let id = set.next.fetch_add(1, Ordering::Relaxed);
+    if let Ok(c) = client.try_clone() {
+        set.live().insert(id, (leader, vec![c]));
+    }
+    let counted = Counted(set, id);
     // If no thread can be started, the connection is dropped and its place
     // given back (the closure, and the guard in it, are dropped).
     let _ = std::thread::Builder::new()
         .name("falcon-forward".into())
         .spawn(move || {
-            let _counted = counted;
+            let counted = counted;
             let Ok(upstream) =
                 std::net::TcpStream::connect_timeout(&leader, Duration::from_secs(1))
             else {
                 return;
             };
+            // The leader changed while this connected: the client goes.
+            match (counted.0.live().get_mut(&counted.1), upstream.try_clone()) {
+                (Some((_, socks)), Ok(u)) => socks.push(u),
+                _ => return,
+            }
             let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
             // A leader whose host dies sends no close: keepalive probes
@@ -839,7 +888,7 @@ struct Node<'a> {
     hook_children: Vec<std::process::Child>,
     follower_clients: FollowerClients,
     client_addrs: Vec<SocketAddr>,
-    forwards: Arc<std::sync::atomic::AtomicUsize>,
+    forwards: Arc<Forwards>,
     /// Entries applied to the program since start, and the log's end at start
     /// (reported once the replay reaches it).
     applied: u64,
@@ -1516,6 +1565,17 @@ impl Node<'_> {
                 self.transport
                     .grant(view, (role != Role::ViewChange).then_some(leader));
                 let (me, lead) = (self.ids[self.me as usize], self.ids[leader as usize]);
+                // Clients passed on to the old leader: their sessions there
+                // end with its view, and a dead host would hold them until
+                // TCP gives up. They are closed now, and reconnect.
+                let closed = self
+                    .forwards
+                    .close_all_but(self.client_addrs[leader as usize]);
+                if closed > 0 {
+                    self.ui.note(&format!(
+                        "closed {closed} client connection(s) forwarded to the old leader; their clients reconnect"
+                    ));
+                }
                 let name = match role {
                     Role::Leader => "leader",
                     Role::Follower => "follower",
@@ -3020,7 +3080,7 @@ impl Node<'_> {
         if self.follower_clients == FollowerClients::Refuse || self.role != Role::Follower {
             return;
         }
-        if self.forwards.load(Ordering::Relaxed) >= FORWARDS_MAX {
+        if self.forwards.threads.load(Ordering::Relaxed) >= FORWARDS_MAX {
             self.observed.clients_refused += 1;
             if self.refusal_loggable() {
                 self.ui.warn(&format!(
@@ -3036,7 +3096,6 @@ impl Node<'_> {
         if std.set_nonblocking(false).is_err() {
             return;
         }
-        self.forwards.fetch_add(1, Ordering::Relaxed);
         forward(std, leader, self.forwards.clone());
     }
 
@@ -3910,7 +3969,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         hook_children: Vec::new(),
         follower_clients: opts.follower_clients,
         client_addrs: cfg.replicas.iter().map(|r| r.client).collect(),
-        forwards: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        forwards: Arc::default(),
         applied: 0,
         replay: (replay_target > 0).then(|| {
             (
