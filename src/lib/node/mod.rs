@@ -3340,7 +3340,11 @@ impl Node<'_> {
         }
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
-        self.program_output(conn, &answer, (end != End::Open).then_some(end == End::Eof));
+        // A program that closes after the client's own close may drop
+        // answers it had not sent yet (Redis does), as many as timing has
+        // it: that end is not compared, only the output before it.
+        let clean = end == End::Eof && a.shut.is_none();
+        self.program_output(conn, &answer, eof.then_some(clean));
         // The next input waited for this output (see Kind::Await).
         let awaited = self
             .apply_queue
