@@ -671,6 +671,11 @@ fn a_follower_forwards_clients_to_the_leader() {
     for i in 0..3 {
         assert!(!c.log(i).contains("divergence"), "{}", c.log(i));
     }
+    // How much of its answers Redis sends before it closes after a
+    // client's close depends on timing: no copy is taken for diverged.
+    for i in 0..3 {
+        assert!(!c.log(i).contains("divergence"), "{}", c.log(i));
+    }
 
     // A client forwarded to a leader that stops answering (its process
     // stopped: its kernel still acknowledges, so TCP never gives up) is
@@ -901,7 +906,9 @@ fn a_program_that_floods_its_output_does_not_stop_the_cluster() {
         let Ok(mut s) = TcpStream::connect_timeout(&c.addrs[i].1, Duration::from_secs(1)) else {
             return false;
         };
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Three floods and three replicas share two cores here: a pong
+        // may take seconds. A loop stalled by the flood gives none at all.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         if s.write_all(b"ping\n").is_err() {
             return false;
         }
@@ -2398,6 +2405,11 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
             .unwrap()
     };
 
+    // The connection that found the leader has gone (its close reaches the
+    // program once the program is quiet, then the slot is free).
+    assert!(wait_until(Duration::from_secs(5), || statuses(&c)[leader]
+        ["clients"]
+        == 0));
     // client_connections = 8: the first 8 are served, the rest closed at once.
     let mut conns = Vec::new();
     let (mut served, mut refused) = (0, 0);
@@ -3534,13 +3546,13 @@ fn a_program_that_answers_differently_on_one_replica_is_caught_at_the_first_diff
         st[2]
     );
     for i in (0..2).filter(|&i| i != leader) {
+        // The last chunk is compared once the programs closed.
+        let all = wait_until(Duration::from_secs(10), || {
+            statuses(&c)[i]["output_chunks"]["compared"].as_u64() >= Some(5)
+        });
+        let st = statuses(&c);
         assert!(st[i]["diverged"].is_null(), "replica {}: {}", i + 1, st[i]);
-        assert!(
-            st[i]["output_chunks"]["compared"].as_u64() >= Some(5),
-            "replica {}: {}",
-            i + 1,
-            st[i]
-        );
+        assert!(all, "replica {}: {}", i + 1, st[i]);
     }
     assert!(
         c.log(2).contains("bytes 2048..3072 (chunk 3"),

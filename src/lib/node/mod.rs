@@ -546,14 +546,22 @@ struct AppConn {
     /// Opened again on a program restored from a snapshot: its output
     /// offsets do not line up with the leader's (no `Await` waits on it).
     reopened: bool,
-    /// Closed in the log: close once everything written so far reached the program.
-    closing: bool,
+    /// Closed in the log (when): the FIN goes once everything written so
+    /// far reached the program and it has gone quiet (see [`AppConn::may_shut`]).
+    closing: Option<Instant>,
+    /// Input last handed to it or output last read from it.
+    active: Instant,
     /// Our side is shut (FIN sent): the program still reads what is left and
     /// answers; the connection goes once the program closes its side too.
     /// (Dropping it at once could reset the connection and lose requests the
     /// program has not read yet.)
     shut: Option<Instant>,
 }
+
+/// How long a program is quiet on a connection before the client's close reaches it.
+const QUIET: Duration = Duration::from_millis(20);
+/// How long the client's close waits for the program to go quiet at most.
+const QUIET_MAX: Duration = Duration::from_secs(1);
 
 /// How long a half-closed program connection may stay open before it is dropped.
 const SHUT_WAIT: Duration = Duration::from_secs(10);
@@ -567,9 +575,22 @@ const OWED_MAX: usize = 1 << 16;
 const SHARED: u64 = 0;
 
 impl AppConn {
+    /// Whether the client's close may reach the program now: everything
+    /// written so far went, and the program has gone [`QUIET`] since its
+    /// last input or output (or was told of the close [`QUIET_MAX`] ago).
+    /// A program that reads the end of its input may close at once and
+    /// drop the answers it has not sent yet (Redis does), as many as
+    /// timing has it: each replica's copy would answer a different share,
+    /// and differ from the leader's.
+    fn may_shut(&self) -> bool {
+        self.closing.is_some_and(|at| {
+            self.out.is_empty() && (self.active.elapsed() >= QUIET || at.elapsed() >= QUIET_MAX)
+        })
+    }
+
     /// Sends FIN after everything written so far.
     fn shut_write(&mut self) {
-        self.closing = false;
+        self.closing = None;
         if self.shut.is_none() {
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
             self.shut = Some(Instant::now());
@@ -2476,16 +2497,18 @@ impl Node<'_> {
                         return;
                     }
                     a.out.extend_from_slice(&e.payload);
+                    a.active = Instant::now();
                     flush(&mut a.stream, &mut a.out);
                 }
             }
             Kind::Close => {
                 // Bytes still on their way to the program go first: a replica
                 // replaying its log writes faster than the program reads.
-                match self.apps.get_mut(&e.conn) {
-                    Some(a) if !a.out.is_empty() => a.closing = true,
-                    Some(a) => a.shut_write(),
-                    None => {}
+                if let Some(a) = self.apps.get_mut(&e.conn) {
+                    a.closing = Some(Instant::now());
+                    if a.may_shut() {
+                        a.shut_write();
+                    }
                 }
                 if let Some(m) = &mut self.mux {
                     let mut out = Vec::new();
@@ -2651,7 +2674,8 @@ impl Node<'_> {
                         read_total: 0,
                         await_gap: 0,
                         reopened: false,
-                        closing: false,
+                        closing: None,
+                        active: Instant::now(),
                         shut: None,
                     },
                 );
@@ -3317,8 +3341,12 @@ impl Node<'_> {
             return;
         };
         if ready.writable {
+            let before = a.out.len();
             flush(&mut a.stream, &mut a.out);
-            if a.closing && a.out.is_empty() {
+            if a.out.len() < before {
+                a.active = Instant::now();
+            }
+            if a.may_shut() {
                 a.shut_write();
             }
         }
@@ -3340,11 +3368,10 @@ impl Node<'_> {
         }
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
-        // A program that closes after the client's own close may drop
-        // answers it had not sent yet (Redis does), as many as timing has
-        // it: that end is not compared, only the output before it.
-        let clean = end == End::Eof && a.shut.is_none();
-        self.program_output(conn, &answer, eof.then_some(clean));
+        if !answer.is_empty() {
+            a.active = Instant::now();
+        }
+        self.program_output(conn, &answer, eof.then_some(end == End::Eof));
         // The next input waited for this output (see Kind::Await).
         let awaited = self
             .apply_queue
@@ -4197,6 +4224,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             node.hook_children
                 .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+            for a in node.apps.values_mut().filter(|a| a.may_shut()) {
+                a.shut_write();
+            }
             let stale: Vec<u64> = node
                 .apps
                 .iter()
