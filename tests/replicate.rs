@@ -2537,6 +2537,74 @@ fn every_limit_pushes_back_or_refuses_and_memory_stays_bounded() {
 /// entries than `pending_entries` or `program_backlog` (65,536 each by
 /// default) hold hundreds of MB. `pending_bytes` and
 /// `program_backlog_bytes` push the flood back on the client all the same.
+/// `--null-program`: the leader answers each frame itself (16 bytes); a
+/// client that sends frames and reads none of its answers is cut off at
+/// `client_buffer`, as when a program answers it.
+#[test]
+fn a_null_program_client_that_reads_no_answers_is_cut_off() {
+    let _one = serial();
+    let mut c = Cluster::configure(
+        1,
+        Vec::new(),
+        "refuse",
+        vec!["--null-program".into()],
+        "[limits]\nclient_buffer = \"64KiB\"\n",
+    );
+    c.start_node(0);
+    let ok = wait_until(Duration::from_secs(20), || {
+        TcpStream::connect(c.addrs[0].1).is_ok()
+    });
+    assert!(ok, "{}", c.log(0));
+    let s = {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        // Little room in the kernel for the unread answers.
+        setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+        let SocketAddr::V4(v4) = c.addrs[0].1 else {
+            panic!("not IPv4")
+        };
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+        TcpStream::from(fd)
+    };
+    // 2,000,000 empty frames: 32 MB of answers, none read (more than the
+    // kernel's socket buffers hold).
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let frames = vec![0u8; 4 * 1000];
+        (0..2000).all(|_| w.write_all(&frames).is_ok())
+    });
+    // Its frames were taken, and then it was gone.
+    let gone = wait_until(Duration::from_secs(60), || {
+        let st = statuses(&c);
+        st[0]["applied"].as_u64() > Some(1000) && st[0]["clients"].as_u64() == Some(0)
+    });
+    assert!(
+        gone,
+        "a client that read none of its answers stayed connected: {}\n{}",
+        statuses(&c)[0],
+        c.log(0)
+    );
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    let pid = c.nodes[0].as_ref().unwrap().id();
+    assert!(rss(pid) < 256 << 20, "{} MiB", rss(pid) >> 20);
+    // The replica goes on serving others.
+    let mut t = TcpStream::connect(c.addrs[0].1).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(&[0, 0, 0, 0]).unwrap();
+    let mut answer = [0u8; 16];
+    t.read_exact(&mut answer).unwrap();
+    assert!(u64::from_le_bytes(answer[..8].try_into().unwrap()) > 0);
+}
+
 #[test]
 fn the_byte_limits_push_back_large_values() {
     let _one = serial();

@@ -2476,12 +2476,19 @@ impl Node<'_> {
                     0
                 };
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
-                    if let Some(c) = self.clients.get_mut(&t) {
-                        if c.out.is_empty() {
-                            self.acked_clients.push(t);
+                    let limit = self.limits.client_buffer;
+                    match self.clients.get_mut(&t) {
+                        // A client that does not read its answers is cut
+                        // off, as when a program answers it.
+                        Some(c) if c.out.len() + 16 > limit => self.drop_client(t, true),
+                        Some(c) => {
+                            if c.out.is_empty() {
+                                self.acked_clients.push(t);
+                            }
+                            c.out.extend_from_slice(&e.op.to_le_bytes());
+                            c.out.extend_from_slice(&inside_ns.to_le_bytes());
                         }
-                        c.out.extend_from_slice(&e.op.to_le_bytes());
-                        c.out.extend_from_slice(&inside_ns.to_le_bytes());
+                        None => {}
                     }
                 }
             }
