@@ -865,6 +865,69 @@ fn a_program_that_takes_no_more_connections_stops_the_replica_with_the_reason() 
     );
 }
 
+/// A server that stops taking connections when told `stop-accepting`, its
+/// listener left open with room for one connection in its queue.
+const STUCK_SERVER: &str = r#"
+import socket, sys, threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(0)
+s.settimeout(0.05)
+stop = threading.Event()
+def serve(c):
+    for line in c.makefile("rb"):
+        if line.strip() == b"stop-accepting":
+            stop.set()
+            c.sendall(b"stopped\n")
+while not stop.is_set():
+    try:
+        c, _ = s.accept()
+    except socket.timeout:
+        continue
+    c.settimeout(None)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+threading.Event().wait()
+"#;
+
+/// A program that stops taking connections does not hold the replica's
+/// loop while a connect to it waits (the kernel's connect timeout is two
+/// minutes): the replica answers its admin socket meanwhile, and stops
+/// with the reason after 30 s (it cannot skip the client's input).
+#[test]
+fn a_program_that_takes_no_connection_does_not_hold_the_loop() {
+    let _one = serial();
+    let mut c = Cluster::start(1, python_program(STUCK_SERVER));
+    c.leader_by(Duration::from_secs(20), |i| {
+        TcpStream::connect(c.addrs[i].1).is_ok()
+    });
+    let s = TcpStream::connect(c.addrs[0].1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"stop-accepting\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert_eq!(line, "stopped\n");
+    // The first waits in the program's listen queue; the second finds it full.
+    let _queued = TcpStream::connect(c.addrs[0].1).unwrap();
+    let _stuck = TcpStream::connect(c.addrs[0].1).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let st = statuses(&c);
+    assert!(
+        st[0]["role"] == "leader",
+        "no status while a connect to the program waits: {}\n{}",
+        st[0],
+        c.log(0)
+    );
+    let st = c.exit_status(0, Duration::from_secs(60));
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
+    assert!(
+        c.log(0).contains("the program took no connection in 30 s")
+            && c.log(0).contains("this replica stops rather than skip"),
+        "{}",
+        c.log(0)
+    );
+}
+
 /// A server that answers `ping` with `pong` and, to `flood`, writes
 /// without end (as fast as the socket takes it).
 const FLOOD_SERVER: &str = r#"

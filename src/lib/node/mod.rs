@@ -551,12 +551,18 @@ struct AppConn {
     closing: Option<Instant>,
     /// Input last handed to it or output last read from it.
     active: Instant,
+    /// Connecting since then (see [`Node::connect_app`]).
+    connecting: Option<Instant>,
     /// Our side is shut (FIN sent): the program still reads what is left and
     /// answers; the connection goes once the program closes its side too.
     /// (Dropping it at once could reset the connection and lose requests the
     /// program has not read yet.)
     shut: Option<Instant>,
 }
+
+/// How long the program may take to accept a connection before the replica
+/// stops (it cannot skip the input the connection carries).
+const APP_CONNECT_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a program is quiet on a connection before the client's close reaches it.
 const QUIET: Duration = Duration::from_millis(20);
@@ -584,7 +590,9 @@ impl AppConn {
     /// and differ from the leader's.
     fn may_shut(&self) -> bool {
         self.closing.is_some_and(|at| {
-            self.out.is_empty() && (self.active.elapsed() >= QUIET || at.elapsed() >= QUIET_MAX)
+            self.out.is_empty()
+                && self.connecting.is_none()
+                && (self.active.elapsed() >= QUIET || at.elapsed() >= QUIET_MAX)
         })
     }
 
@@ -1815,7 +1823,11 @@ impl Node<'_> {
     /// program_protocol = "resp": what the loop's turn handed the program
     /// goes in one write, at its end.
     fn flush_shared(&mut self) {
-        if let Some(a) = self.apps.get_mut(&SHARED).filter(|a| !a.out.is_empty()) {
+        if let Some(a) = self
+            .apps
+            .get_mut(&SHARED)
+            .filter(|a| !a.out.is_empty() && a.connecting.is_none())
+        {
             flush(&mut a.stream, &mut a.out);
         }
     }
@@ -2505,7 +2517,9 @@ impl Node<'_> {
                     }
                     a.out.extend_from_slice(&e.payload);
                     a.active = Instant::now();
-                    flush(&mut a.stream, &mut a.out);
+                    if a.connecting.is_none() {
+                        flush(&mut a.stream, &mut a.out);
+                    }
                 }
             }
             Kind::Close => {
@@ -2652,22 +2666,23 @@ impl Node<'_> {
         self.connect_app(conn);
     }
 
-    /// A connection to the program for `conn` (or [`SHARED`]).
+    /// A connection to the program for `conn` (or [`SHARED`]). The connect
+    /// does not wait: what the log gives the connection waits in its buffer
+    /// until the program takes it (see [`Node::app_connected`]), and the
+    /// loop goes on meanwhile (a program whose listen queue is full would
+    /// otherwise hold it for the kernel's whole connect timeout).
     fn connect_app(&mut self, conn: u64) {
-        let connected = std::net::TcpStream::connect(self.app_addr);
-        let failure = connected.as_ref().err().map(ToString::to_string);
-        if let Ok(std) = connected {
-            let _ = std.set_nodelay(true);
-            let _ = std.set_nonblocking(true);
-            let mut stream = TcpStream::from_std(std);
-            let token = Token(APP_BASE + self.next_token);
-            self.next_token += 1;
-            if self
-                .poll
+        let token = Token(APP_BASE + self.next_token);
+        let registered = TcpStream::connect(self.app_addr).and_then(|mut stream| {
+            self.poll
                 .registry()
                 .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                .is_ok()
-            {
+                .map(|()| stream)
+        });
+        match registered {
+            Ok(stream) => {
+                self.next_token += 1;
+                let _ = stream.set_nodelay(true);
                 self.app_tokens.insert(token, conn);
                 if conn != SHARED {
                     self.digests.opened(conn);
@@ -2684,19 +2699,68 @@ impl Node<'_> {
                         closing: None,
                         active: Instant::now(),
                         shut: None,
+                        connecting: Some(Instant::now()),
                     },
                 );
             }
+            Err(e) => self.app_connect_failed(conn, &e.to_string()),
+        }
+    }
+
+    /// The other replicas give this connection's input to their programs;
+    /// skipping it here would make this copy differ without a word. Stop
+    /// instead: a restart replays the log.
+    fn app_connect_failed(&mut self, conn: u64, why: &str) {
+        let what = if conn == SHARED {
+            "falcon's connection"
         } else {
-            // The other replicas give this connection's input to their
-            // programs; skipping it here would make this copy differ
-            // without a word. Stop instead: a restart replays the log.
-            self.lose_program(format!(
-                "cannot connect to the program at {} for a client's connection (op {}): {}; this replica stops rather than skip that client's input (if the program is running, check the open-file limit, `ulimit -n`)",
-                self.app_addr,
-                self.applied_op,
-                failure.unwrap_or_default()
-            ));
+            "a client's connection"
+        };
+        self.lose_program(format!(
+            "cannot connect to the program at {} for {what} (op {}): {why}; this replica stops rather than skip that client's input (if the program is running, check the open-file limit, `ulimit -n`, and that it accepts connections)",
+            self.app_addr, self.applied_op,
+        ));
+    }
+
+    /// Whether the connection to the program for `conn` is up; one still
+    /// connecting that failed, or waited [`APP_CONNECT_WAIT`], stops the replica.
+    fn app_connected(&mut self, conn: u64) -> bool {
+        let Some(a) = self.apps.get_mut(&conn) else {
+            return false;
+        };
+        let Some(since) = a.connecting else {
+            return true;
+        };
+        let failed = match a.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e.to_string()),
+            Ok(None) => match a.stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    if since.elapsed() < APP_CONNECT_WAIT {
+                        return false;
+                    }
+                    Some(format!(
+                        "the program took no connection in {} s",
+                        APP_CONNECT_WAIT.as_secs()
+                    ))
+                }
+                Err(e) => Some(e.to_string()),
+            },
+        };
+        match failed {
+            None => {
+                a.connecting = None;
+                true
+            }
+            Some(why) => {
+                let token = a.token;
+                if let Some(mut a) = self.apps.remove(&conn) {
+                    let _ = self.poll.registry().deregister(&mut a.stream);
+                }
+                self.app_tokens.remove(&token);
+                self.app_connect_failed(conn, &why);
+                false
+            }
         }
     }
 
@@ -3340,6 +3404,9 @@ impl Node<'_> {
         let Some(&conn) = self.app_tokens.get(&t) else {
             return;
         };
+        if !self.app_connected(conn) {
+            return;
+        }
         if conn == SHARED && self.mux.is_some() {
             self.on_shared(t, ready);
             return;
@@ -4233,6 +4300,15 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
                 .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
             for a in node.apps.values_mut().filter(|a| a.may_shut()) {
                 a.shut_write();
+            }
+            let connecting: Vec<u64> = node
+                .apps
+                .iter()
+                .filter(|(_, a)| a.connecting.is_some())
+                .map(|(&c, _)| c)
+                .collect();
+            for c in connecting {
+                node.app_connected(c);
             }
             let stale: Vec<u64> = node
                 .apps
