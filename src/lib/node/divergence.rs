@@ -131,6 +131,8 @@ struct Conn {
     unaligned: bool,
     /// What is hashed of the output (see [`Protocol`]).
     norm: Normalizer,
+    /// The client's close reached this copy's program (see [`resolve`]).
+    client_closed: bool,
 }
 
 impl Conn {
@@ -172,6 +174,7 @@ impl Conn {
             expected: VecDeque::new(),
             ended: None,
             unaligned: false,
+            client_closed: false,
         }
     }
 }
@@ -342,6 +345,13 @@ impl Digests {
         self.settle(conn, mismatches);
     }
 
+    /// The client's close reached this copy's program (see [`resolve`]).
+    pub fn client_closed(&mut self, conn: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.client_closed = true;
+        }
+    }
+
     /// A leader's chunk, from a `Digest` entry this replica applied.
     pub fn leader(&mut self, theirs: Chunk, mismatches: &mut Vec<Mismatch>) {
         if !self.on() {
@@ -421,6 +431,22 @@ fn resolve(c: &mut Conn, theirs: &Chunk) -> Resolved {
         })
     };
     let complete = c.ended == Some(true);
+    // A program that reads the end of its input after the client's close
+    // may close at once and drop the answers it has not sent yet (Redis
+    // does, also after QUIT), as many as timing has it: one copy's output
+    // may stop short of another's. Where that leaves one copy a chunk or
+    // more short of the other, the difference is not taken for divergence
+    // (the chunks both wrote still are compared); within one chunk it
+    // cannot be told from a different answer, and still counts.
+    if c.client_closed {
+        let start = theirs.end - theirs.len;
+        let we_stopped_short =
+            c.ended.is_some() && c.total < theirs.end && (!theirs.last || c.total < start);
+        let they_stopped_short = theirs.last && c.total >= start + theirs.chunk_size;
+        if we_stopped_short || they_stopped_short {
+            return Resolved::Unchecked;
+        }
+    }
     if theirs.last {
         // The leader's copy closed the connection after `end` bytes.
         if c.total > theirs.end {
@@ -534,9 +560,22 @@ mod tests {
     /// A follower fed `mine`, compared with a leader that wrote `theirs`, with
     /// the leader's digests arriving before (`early`) or after its own output.
     fn compare(mine: &[u8], theirs: &[u8], early: bool) -> (Counts, Vec<Mismatch>) {
+        compare_closed(mine, theirs, early, false)
+    }
+
+    /// As [`compare`]; `client_closed`: the client's close reached this copy first.
+    fn compare_closed(
+        mine: &[u8],
+        theirs: &[u8],
+        early: bool,
+        client_closed: bool,
+    ) -> (Counts, Vec<Mismatch>) {
         let leader = chunks_of(theirs, 300, 1024);
         let mut f = Digests::new(1024, Protocol::Bytes);
         f.opened(7);
+        if client_closed {
+            f.client_closed(7);
+        }
         let (mut chunks, mut m) = (Vec::new(), Vec::new());
         if early {
             for c in &leader {
@@ -596,6 +635,40 @@ mod tests {
             let (_, m) = compare(&longer, &theirs, early);
             assert!(!m.is_empty(), "longer, early {early}");
             assert_eq!(m[0].chunk, 5, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn output_cut_short_at_the_clients_close_by_a_chunk_or_more_is_not_divergence() {
+        let theirs = vec![b'x'; 5000];
+        let mut longer = vec![b'x'; 7000];
+        for early in [false, true] {
+            // This copy a chunk or more short (ends in chunk 3 of 5), or
+            // the leader's (this copy wrote past the chunk it ended in).
+            for mine in [&theirs[..2500], &theirs[..1000], &longer[..]] {
+                let (counts, m) = compare_closed(mine, &theirs, early, true);
+                assert!(m.is_empty(), "{} bytes, early {early}: {m:?}", mine.len());
+                assert!(counts.unchecked >= 1, "{counts:?}");
+                // Without the client's close first, it is divergence.
+                let (_, m) = compare_closed(mine, &theirs, early, false);
+                assert!(!m.is_empty(), "{} bytes, early {early}", mine.len());
+            }
+            // The bytes both wrote are still compared.
+            let mut cut = theirs[..2500].to_vec();
+            cut[1500] = b'y';
+            let (_, m) = compare_closed(&cut, &theirs, early, true);
+            assert_eq!(m.len(), 1, "{m:?}");
+            assert_eq!(m[0].chunk, 2);
+            // Within the last chunk a shorter or longer answer still differs
+            // (a short answer that differs, then the client closed).
+            for mine in [&theirs[..4500], &longer[..5100]] {
+                let (_, m) = compare_closed(mine, &theirs, early, true);
+                assert_eq!(m.len(), 1, "{} bytes, early {early}: {m:?}", mine.len());
+            }
+            longer[4500] = b'y';
+            let (_, m) = compare_closed(&longer[..5000], &theirs, early, true);
+            assert_eq!(m.len(), 1, "{m:?}");
+            longer[4500] = b'x';
         }
     }
 

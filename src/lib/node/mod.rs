@@ -546,11 +546,8 @@ struct AppConn {
     /// Opened again on a program restored from a snapshot: its output
     /// offsets do not line up with the leader's (no `Await` waits on it).
     reopened: bool,
-    /// Closed in the log (when): the FIN goes once everything written so
-    /// far reached the program and it has gone quiet (see [`AppConn::may_shut`]).
-    closing: Option<Instant>,
-    /// Input last handed to it or output last read from it.
-    active: Instant,
+    /// Closed in the log: close once everything written so far reached the program.
+    closing: bool,
     /// Connecting since then (see [`Node::connect_app`]).
     connecting: Option<Instant>,
     /// Our side is shut (FIN sent): the program still reads what is left and
@@ -564,11 +561,6 @@ struct AppConn {
 /// stops (it cannot skip the input the connection carries).
 const APP_CONNECT_WAIT: Duration = Duration::from_secs(30);
 
-/// How long a program is quiet on a connection before the client's close reaches it.
-const QUIET: Duration = Duration::from_millis(20);
-/// How long the client's close waits for the program to go quiet at most.
-const QUIET_MAX: Duration = Duration::from_secs(1);
-
 /// How long a half-closed program connection may stay open before it is dropped.
 const SHUT_WAIT: Duration = Duration::from_secs(10);
 
@@ -581,24 +573,9 @@ const OWED_MAX: usize = 1 << 16;
 const SHARED: u64 = 0;
 
 impl AppConn {
-    /// Whether the client's close may reach the program now: everything
-    /// written so far went, and the program has gone [`QUIET`] since its
-    /// last input or output (or was told of the close [`QUIET_MAX`] ago).
-    /// A program that reads the end of its input may close at once and
-    /// drop the answers it has not sent yet (Redis does), as many as
-    /// timing has it: each replica's copy would answer a different share,
-    /// and differ from the leader's.
-    fn may_shut(&self) -> bool {
-        self.closing.is_some_and(|at| {
-            self.out.is_empty()
-                && self.connecting.is_none()
-                && (self.active.elapsed() >= QUIET || at.elapsed() >= QUIET_MAX)
-        })
-    }
-
     /// Sends FIN after everything written so far.
     fn shut_write(&mut self) {
-        self.closing = None;
+        self.closing = false;
         if self.shut.is_none() {
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
             self.shut = Some(Instant::now());
@@ -882,6 +859,9 @@ struct Node<'a> {
     client_of_conn: HashMap<u64, Token>,
     apps: HashMap<u64, AppConn>,
     app_tokens: HashMap<Token, u64>,
+    /// Program connections still connecting: nothing more is applied until
+    /// they are up (the program must see their input in log order).
+    app_connecting: HashSet<u64>,
     next_token: usize,
     next_conn: u64,
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
@@ -1845,6 +1825,12 @@ impl Node<'_> {
             return;
         }
         while let Some(front) = self.apply_queue.front() {
+            // A connection to the program still connecting holds everything
+            // after it, however long (the replica stops after
+            // APP_CONNECT_WAIT): the program sees the input in log order.
+            if !self.app_connecting.is_empty() {
+                return;
+            }
             // The leader's client waited for this much output before its
             // next input: so does this replica's program (or ANSWER_WAIT passes).
             // Down one connection the order is the connection's: nothing waits.
@@ -2489,18 +2475,22 @@ impl Node<'_> {
                 };
                 if let Some(&t) = self.client_of_conn.get(&e.conn) {
                     let limit = self.limits.client_buffer;
-                    match self.clients.get_mut(&t) {
+                    if let Some(c) = self.clients.get_mut(&t) {
                         // A client that does not read its answers is cut
-                        // off, as when a program answers it.
-                        Some(c) if c.out.len() + 16 > limit => self.drop_client(t, true),
-                        Some(c) => {
+                        // off, as when a program answers it (what it has
+                        // room for goes first: it may be reading).
+                        if c.out.len() + 16 > limit {
+                            flush(&mut c.stream, &mut c.out);
+                        }
+                        if c.out.len() + 16 > limit {
+                            self.drop_client(t, true);
+                        } else {
                             if c.out.is_empty() {
                                 self.acked_clients.push(t);
                             }
                             c.out.extend_from_slice(&e.op.to_le_bytes());
                             c.out.extend_from_slice(&inside_ns.to_le_bytes());
                         }
-                        None => {}
                     }
                 }
             }
@@ -2516,7 +2506,6 @@ impl Node<'_> {
                         return;
                     }
                     a.out.extend_from_slice(&e.payload);
-                    a.active = Instant::now();
                     if a.connecting.is_none() {
                         flush(&mut a.stream, &mut a.out);
                     }
@@ -2525,11 +2514,13 @@ impl Node<'_> {
             Kind::Close => {
                 // Bytes still on their way to the program go first: a replica
                 // replaying its log writes faster than the program reads.
-                if let Some(a) = self.apps.get_mut(&e.conn) {
-                    a.closing = Some(Instant::now());
-                    if a.may_shut() {
+                match self.apps.get_mut(&e.conn) {
+                    Some(a) if !a.out.is_empty() || a.connecting.is_some() => a.closing = true,
+                    Some(a) => {
                         a.shut_write();
+                        self.digests.client_closed(e.conn);
                     }
+                    None => {}
                 }
                 if let Some(m) = &mut self.mux {
                     let mut out = Vec::new();
@@ -2696,12 +2687,14 @@ impl Node<'_> {
                         read_total: 0,
                         await_gap: 0,
                         reopened: false,
-                        closing: None,
-                        active: Instant::now(),
+                        closing: false,
                         shut: None,
                         connecting: Some(Instant::now()),
                     },
                 );
+                self.app_connecting.insert(conn);
+                // Over loopback the handshake is usually done already.
+                self.app_connected(conn);
             }
             Err(e) => self.app_connect_failed(conn, &e.to_string()),
         }
@@ -2747,6 +2740,7 @@ impl Node<'_> {
                 Err(e) => Some(e.to_string()),
             },
         };
+        self.app_connecting.remove(&conn);
         match failed {
             None => {
                 a.connecting = None;
@@ -2853,6 +2847,7 @@ impl Node<'_> {
             // as if it were talking to the program itself.
             self.end_client(conn);
         }
+        self.app_connecting.remove(&conn);
         if let Some(mut a) = self.apps.remove(&conn) {
             let _ = self.poll.registry().deregister(&mut a.stream);
             self.app_tokens.remove(&a.token);
@@ -3404,8 +3399,12 @@ impl Node<'_> {
         let Some(&conn) = self.app_tokens.get(&t) else {
             return;
         };
+        let was_connecting = !self.app_connecting.is_empty();
         if !self.app_connected(conn) {
             return;
+        }
+        if was_connecting && self.app_connecting.is_empty() {
+            self.pump_apply();
         }
         if conn == SHARED && self.mux.is_some() {
             self.on_shared(t, ready);
@@ -3415,13 +3414,10 @@ impl Node<'_> {
             return;
         };
         if ready.writable {
-            let before = a.out.len();
             flush(&mut a.stream, &mut a.out);
-            if a.out.len() < before {
-                a.active = Instant::now();
-            }
-            if a.may_shut() {
+            if a.closing && a.out.is_empty() {
                 a.shut_write();
+                self.digests.client_closed(conn);
             }
         }
         if !ready.readable {
@@ -3442,9 +3438,6 @@ impl Node<'_> {
         }
         let eof = end != End::Open;
         a.read_total += answer.len() as u64;
-        if !answer.is_empty() {
-            a.active = Instant::now();
-        }
         self.program_output(conn, &answer, eof.then_some(end == End::Eof));
         // The next input waited for this output (see Kind::Await).
         let awaited = self
@@ -4055,6 +4048,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         client_of_conn: HashMap::new(),
         apps: HashMap::new(),
         app_tokens: HashMap::new(),
+        app_connecting: HashSet::new(),
         next_token: 0,
         next_conn: 1,
         held: Vec::new(),
@@ -4298,17 +4292,18 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             node.hook_children
                 .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
-            for a in node.apps.values_mut().filter(|a| a.may_shut()) {
-                a.shut_write();
-            }
             let connecting: Vec<u64> = node
                 .apps
                 .iter()
                 .filter(|(_, a)| a.connecting.is_some())
                 .map(|(&c, _)| c)
                 .collect();
+            let held = !node.app_connecting.is_empty();
             for c in connecting {
                 node.app_connected(c);
+            }
+            if held && node.app_connecting.is_empty() {
+                node.pump_apply();
             }
             let stale: Vec<u64> = node
                 .apps
