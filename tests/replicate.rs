@@ -805,75 +805,23 @@ while True:
     c.close()
 "#;
 
-/// A server that stops listening (and keeps running) when a client sends
-/// `close-listener`.
-const CLOSING_SERVER: &str = r#"
-import socket, sys, threading, time
+/// A server that, when a client sends `stop`, stops taking connections and
+/// says `stopped`. Its second argument says how: `close` closes its
+/// listener (from the main thread: a close from another thread left a
+/// blocked `accept` taking connections); `stuck` leaves it open, with room
+/// for one connection in its queue.
+const STOPPING_SERVER: &str = r#"
+import socket, sys, threading
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(64)
-s.settimeout(0.05)
-stop = threading.Event()
-def serve(c):
-    for line in c.makefile("rb"):
-        if line.strip() == b"close-listener":
-            stop.set()
-            while s.fileno() != -1:
-                time.sleep(0.01)
-            c.sendall(b"closed\n")
-while not stop.is_set():
-    try:
-        c, _ = s.accept()
-    except socket.timeout:
-        continue
-    c.settimeout(None)
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-s.close()
-threading.Event().wait()
-"#;
-
-/// A replica that cannot open the program's connection for a client stops
-/// with the reason (it used to go on and skip that client's input, which
-/// the other replicas' programs got: its copy differed without a word).
-#[test]
-fn a_program_that_takes_no_more_connections_stops_the_replica_with_the_reason() {
-    let _one = serial();
-    let mut c = Cluster::start(1, python_program(CLOSING_SERVER));
-    c.leader_by(Duration::from_secs(20), |i| {
-        TcpStream::connect(c.addrs[i].1).is_ok()
-    });
-    let s = TcpStream::connect(c.addrs[0].1).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&s).write_all(b"close-listener\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    assert_eq!(line, "closed\n");
-    let _second = TcpStream::connect(c.addrs[0].1).unwrap();
-    let st = c.exit_status(0, Duration::from_secs(20));
-    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
-    assert!(
-        c.log(0).contains("cannot connect to the program")
-            && c.log(0).contains("this replica stops rather than skip"),
-        "{}",
-        c.log(0)
-    );
-}
-
-/// A server that stops taking connections when told `stop-accepting`, its
-/// listener left open with room for one connection in its queue.
-const STUCK_SERVER: &str = r#"
-import socket, sys, threading, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(0)
+s.listen(0 if sys.argv[2] == "stuck" else 64)
 s.settimeout(0.05)
 stop = threading.Event()
 stopped = threading.Event()
 def serve(c):
     for line in c.makefile("rb"):
-        if line.strip() == b"stop-accepting":
+        if line.strip() == b"stop":
             stop.set()
             stopped.wait()
             c.sendall(b"stopped\n")
@@ -884,9 +832,58 @@ while not stop.is_set():
         continue
     c.settimeout(None)
     threading.Thread(target=serve, args=(c,), daemon=True).start()
+if sys.argv[2] == "close":
+    s.close()
 stopped.set()
 threading.Event().wait()
 "#;
+
+/// A one-replica cluster of [`STOPPING_SERVER`] (`how`), told to stop
+/// taking connections; then two more clients connect.
+fn program_stops_taking_connections(how: &str) -> (Cluster, [TcpStream; 3]) {
+    let mut program = python_program(STOPPING_SERVER);
+    program.push(how.into());
+    let c = Cluster::start(1, program);
+    c.leader_by(Duration::from_secs(20), |i| {
+        TcpStream::connect(c.addrs[i].1).is_ok()
+    });
+    let s = TcpStream::connect(c.addrs[0].1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"stop\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert_eq!(line, "stopped\n");
+    // (`stuck`: the first waits in the program's listen queue; the second finds it full.)
+    let first = TcpStream::connect(c.addrs[0].1).unwrap();
+    let second = TcpStream::connect(c.addrs[0].1).unwrap();
+    (c, [s, first, second])
+}
+
+/// The replica stopped within `within`, and said `why` and that it stops
+/// rather than skip the client's input.
+fn stopped_rather_than_skip(c: &mut Cluster, within: Duration, why: &str) {
+    let st = c.exit_status(0, within);
+    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
+    assert!(
+        c.log(0).contains(why) && c.log(0).contains("this replica stops rather than skip"),
+        "{}",
+        c.log(0)
+    );
+}
+
+/// A replica that cannot open the program's connection for a client stops
+/// with the reason (it used to go on and skip that client's input, which
+/// the other replicas' programs got: its copy differed without a word).
+#[test]
+fn a_program_that_takes_no_more_connections_stops_the_replica_with_the_reason() {
+    let _one = serial();
+    let (mut c, _clients) = program_stops_taking_connections("close");
+    stopped_rather_than_skip(
+        &mut c,
+        Duration::from_secs(20),
+        "cannot connect to the program",
+    );
+}
 
 /// A program that stops taking connections does not hold the replica's
 /// loop while a connect to it waits (the kernel's connect timeout is two
@@ -895,19 +892,7 @@ threading.Event().wait()
 #[test]
 fn a_program_that_takes_no_connection_does_not_hold_the_loop() {
     let _one = serial();
-    let mut c = Cluster::start(1, python_program(STUCK_SERVER));
-    c.leader_by(Duration::from_secs(20), |i| {
-        TcpStream::connect(c.addrs[i].1).is_ok()
-    });
-    let s = TcpStream::connect(c.addrs[0].1).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&s).write_all(b"stop-accepting\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    assert_eq!(line, "stopped\n");
-    // The first waits in the program's listen queue; the second finds it full.
-    let _queued = TcpStream::connect(c.addrs[0].1).unwrap();
-    let _stuck = TcpStream::connect(c.addrs[0].1).unwrap();
+    let (mut c, _clients) = program_stops_taking_connections("stuck");
     std::thread::sleep(Duration::from_secs(2));
     let st = statuses(&c);
     assert!(
@@ -916,13 +901,10 @@ fn a_program_that_takes_no_connection_does_not_hold_the_loop() {
         st[0],
         c.log(0)
     );
-    let st = c.exit_status(0, Duration::from_secs(60));
-    assert!(st.is_some_and(|s| !s.success()), "{st:?}: {}", c.log(0));
-    assert!(
-        c.log(0).contains("the program took no connection in 30 s")
-            && c.log(0).contains("this replica stops rather than skip"),
-        "{}",
-        c.log(0)
+    stopped_rather_than_skip(
+        &mut c,
+        Duration::from_secs(60),
+        "the program took no connection in 30 s",
     );
 }
 
