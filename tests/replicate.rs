@@ -708,6 +708,60 @@ fn a_follower_forwards_clients_to_the_leader() {
     assert!(served, "the reconnected client was not served");
 }
 
+/// A client a follower forwards that reads none of its answers is let go
+/// once a write to it has made no progress for 30 s (it held the forward's
+/// two threads for good).
+#[test]
+fn a_forwarded_client_that_reads_nothing_is_let_go() {
+    let _one = serial();
+    let c = Cluster::start_with(3, redis_program(), "forward");
+    let leader = c.leader_by(Duration::from_secs(30), |i| {
+        statuses(&c)[i]["role"] == "leader"
+    });
+    let f = (leader + 1) % 3;
+    let s = {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+        let SocketAddr::V4(v4) = c.addrs[f].1 else {
+            panic!("not IPv4")
+        };
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+        TcpStream::from(fd)
+    };
+    // 100 KB, asked for 300 times: 30 MB of answers, none read.
+    // (In Redis's protocol: an inline command over 64 KiB is refused, or
+    // not, as the bytes happen to arrive.)
+    let value = "b".repeat(100_000);
+    (&s).write_all(format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$100000\r\n{value}\r\n").as_bytes())
+        .unwrap();
+    (&s).write_all(&b"GET big\r\n".repeat(300)).unwrap();
+    let forwarded = || statuses(&c)[f]["forwarded"].as_u64();
+    assert!(
+        wait_until(Duration::from_secs(10), || forwarded() == Some(1)),
+        "{}\n{}",
+        statuses(&c)[f],
+        c.log(f)
+    );
+    let gone = wait_until(Duration::from_secs(60), || forwarded() == Some(0));
+    assert!(
+        gone,
+        "the forward of a client that reads nothing stayed: {}\n{}",
+        statuses(&c)[f],
+        c.log(f)
+    );
+    // The follower forwards other clients as before.
+    assert_eq!(c.client_cmd(f, &["PING"]).as_deref(), Some("+PONG"));
+}
+
 #[test]
 fn role_hooks_run_and_hostile_peers_are_refused_while_the_cluster_serves() {
     let _one = serial();

@@ -179,6 +179,9 @@ pub struct NodeStatus {
     pub uptime_s: f64,
     /// Client connections open on this replica.
     pub clients: usize,
+    /// Client connections this follower passes on to the leader.
+    #[serde(default)]
+    pub forwarded: usize,
     /// The data directory.
     pub data_dir: PathBuf,
     /// How this replica was started (argv and working directory), so that a

@@ -237,6 +237,10 @@ impl Node<'_> {
             log_bytes: self.log_bytes(),
             uptime_s: self.start.elapsed().as_secs_f64(),
             clients: self.clients.len(),
+            forwarded: self
+                .forwards
+                .threads
+                .load(std::sync::atomic::Ordering::Relaxed),
             data_dir: self.data_dir.clone(),
             argv: o.argv.clone(),
             cwd: o.cwd.clone(),

@@ -182,12 +182,42 @@ const APP_READS_PER_TURN: usize = 64;
 
 /// Forwarded connections at most, per replica.
 const FORWARDS_MAX: usize = 1024;
+/// How long a forwarded client may take to read one piece of its answers
+/// ([`READ_CHUNK`]) before the forward lets it go (it reads none of them).
+const FORWARD_WRITE_WAIT: Duration = Duration::from_secs(30);
 
-/// Passes a client connection on to the leader, on two threads (one per direction).
-/// TCP keepalive after 5 s idle (3 probes a second apart) and a 10 s limit
-/// on unacknowledged data: a peer whose host died is noticed in seconds,
-/// not the kernel's default two hours (idle) or quarter of an hour (data).
-fn keep_alive(s: &std::net::TcpStream) {
+/// Writes `buf` to a socket whose writes time out (SO_SNDTIMEO), giving up
+/// once `within` has passed. (A client that reads nothing still lets the
+/// kernel take a little more now and then, as its send buffer grows: a
+/// timeout per write alone could go on for minutes.)
+fn write_within(s: &mut std::net::TcpStream, mut buf: &[u8], within: Duration) -> io::Result<()> {
+    let start = Instant::now();
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        if !buf.is_empty() && start.elapsed() >= within {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+    }
+    Ok(())
+}
+
+/// TCP keepalive after 5 s idle (3 probes a second apart) and, with
+/// `user_timeout`, a 10 s limit on unacknowledged data: a peer whose host
+/// died is noticed in seconds, not the kernel's default two hours (idle) or
+/// quarter of an hour (data). (Not for a client's socket: the limit also
+/// ends a connection whose reader pauses, a zero window, for 10 s.)
+fn keep_alive(s: &std::net::TcpStream, user_timeout: bool) {
     use std::os::fd::AsRawFd;
     let fd = s.as_raw_fd();
     let set = |level, name, value: libc::c_int| {
@@ -206,7 +236,9 @@ fn keep_alive(s: &std::net::TcpStream) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
+    if user_timeout {
+        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
+    }
 }
 
 /// The connections a follower forwards to the leader: how many threads
@@ -251,6 +283,7 @@ impl Forwards {
     }
 }
 
+/// Passes a client connection on to the leader, on two threads (one per direction).
 fn forward(client: std::net::TcpStream, leader: SocketAddr, set: Arc<Forwards>) {
     /// Gives the connection's place back however the thread ends (a panic
     /// included), so the count of forwards never leaks.
@@ -285,11 +318,15 @@ fn forward(client: std::net::TcpStream, leader: SocketAddr, set: Arc<Forwards>) 
             }
             let _ = upstream.set_nodelay(true);
             let _ = client.set_nodelay(true);
+            // A client that reads nothing, or whose host died, would hold
+            // this forward's threads for good.
+            let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
+            keep_alive(&client, false);
             // A leader whose host dies sends no close: keepalive probes
             // (after 5 s idle, 3 one second apart) and a 10 s limit on
             // unacknowledged data end the forward, and the client, told
             // by the close, tries another replica.
-            keep_alive(&upstream);
+            keep_alive(&upstream, true);
             let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
                 return;
             };
@@ -304,7 +341,7 @@ fn forward(client: std::net::TcpStream, leader: SocketAddr, set: Arc<Forwards>) 
                         match u2.read(&mut buf) {
                             Ok(0) => break,
                             Ok(n) => {
-                                if c2.write_all(&buf[..n]).is_err() {
+                                if write_within(&mut c2, &buf[..n], FORWARD_WRITE_WAIT).is_err() {
                                     break;
                                 }
                                 moving.fetch_add(n as u64, Ordering::Relaxed);
@@ -3572,9 +3609,13 @@ impl Node<'_> {
         }
     }
 
+    /// The replica stops at the end of the loop's turn, for the first reason
+    /// given (later ones in the same turn, often the same, are not said).
     fn lose_program(&mut self, why: String) {
-        self.ui.error(&why);
-        self.program_lost.get_or_insert(why);
+        if self.program_lost.is_none() {
+            self.ui.error(&why);
+            self.program_lost = Some(why);
+        }
     }
 }
 
@@ -5059,7 +5100,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        keep_alive(&s);
+        keep_alive(&s, true);
         let get = |level, name| {
             let mut v: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
