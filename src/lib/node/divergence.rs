@@ -434,16 +434,27 @@ fn resolve(c: &mut Conn, theirs: &Chunk) -> Resolved {
     // A program that reads the end of its input after the client's close
     // may close at once and drop the answers it has not sent yet (Redis
     // does, also after QUIT), as many as timing has it: one copy's output
-    // may stop short of another's. Where that leaves one copy a chunk or
-    // more short of the other, the difference is not taken for divergence
-    // (the chunks both wrote still are compared); within one chunk it
-    // cannot be told from a different answer, and still counts.
+    // may stop short of another's. Totals a chunk (`chunk_size`) or more
+    // apart are not taken for divergence (the chunks both wrote are still
+    // compared); closer ones cannot be told from a different answer, and
+    // still count.
     if c.client_closed {
-        let start = theirs.end - theirs.len;
-        let we_stopped_short =
-            c.ended.is_some() && c.total < theirs.end && (!theirs.last || c.total < start);
-        let they_stopped_short = theirs.last && c.total >= start + theirs.chunk_size;
-        if we_stopped_short || they_stopped_short {
+        let size = theirs.chunk_size;
+        if theirs.last {
+            if c.total > theirs.end {
+                if c.total - theirs.end >= size {
+                    return Resolved::Unchecked;
+                }
+                if c.ended.is_none() {
+                    // This copy may still write a chunk past the leader's end.
+                    return Resolved::Wait;
+                }
+            } else if c.ended.is_some() && theirs.end - c.total >= size {
+                return Resolved::Unchecked;
+            }
+        } else if c.ended.is_some() && c.total < theirs.end {
+            // This copy ended before the leader's copy completed this
+            // chunk: the leader's last chunk says by how much.
             return Resolved::Unchecked;
         }
     }
@@ -560,7 +571,7 @@ mod tests {
     /// A follower fed `mine`, compared with a leader that wrote `theirs`, with
     /// the leader's digests arriving before (`early`) or after its own output.
     fn compare(mine: &[u8], theirs: &[u8], early: bool) -> (Counts, Vec<Mismatch>) {
-        compare_closed(mine, theirs, early, false)
+        compare_closed(mine, theirs, early, false, 500)
     }
 
     /// As [`compare`]; `client_closed`: the client's close reached this copy first.
@@ -569,6 +580,7 @@ mod tests {
         theirs: &[u8],
         early: bool,
         client_closed: bool,
+        piece: usize,
     ) -> (Counts, Vec<Mismatch>) {
         let leader = chunks_of(theirs, 300, 1024);
         let mut f = Digests::new(1024, Protocol::Bytes);
@@ -582,7 +594,7 @@ mod tests {
                 f.leader(*c, &mut m);
             }
         }
-        for piece in mine.chunks(500) {
+        for piece in mine.chunks(piece) {
             f.output(7, piece, true, &mut chunks, &mut m);
         }
         f.end(7, true, true, &mut chunks, &mut m);
@@ -640,35 +652,44 @@ mod tests {
 
     #[test]
     fn output_cut_short_at_the_clients_close_by_a_chunk_or_more_is_not_divergence() {
+        // Chunks of 1024; the leader's copy wrote 5000 bytes.
         let theirs = vec![b'x'; 5000];
         let mut longer = vec![b'x'; 7000];
         for early in [false, true] {
-            // This copy a chunk or more short (ends in chunk 3 of 5), or
-            // the leader's (this copy wrote past the chunk it ended in).
-            for mine in [&theirs[..2500], &theirs[..1000], &longer[..]] {
-                let (counts, m) = compare_closed(mine, &theirs, early, true);
-                assert!(m.is_empty(), "{} bytes, early {early}: {m:?}", mine.len());
-                assert!(counts.unchecked >= 1, "{counts:?}");
-                // Without the client's close first, it is divergence.
-                let (_, m) = compare_closed(mine, &theirs, early, false);
-                assert!(!m.is_empty(), "{} bytes, early {early}", mine.len());
+            for piece in [100, 500] {
+                // A chunk or more short, or long: not divergence.
+                for len in [1000, 2500, 3976, 6024, 7000] {
+                    let mine = &longer[..len];
+                    let (counts, m) = compare_closed(mine, &theirs, early, true, piece);
+                    assert!(
+                        m.is_empty(),
+                        "{len} bytes, early {early}, pieces of {piece}: {m:?}"
+                    );
+                    assert!(counts.unchecked >= 1, "{counts:?}");
+                    // Without the client's close first, it is.
+                    let (_, m) = compare_closed(mine, &theirs, early, false, piece);
+                    assert!(!m.is_empty(), "{len} bytes, early {early}");
+                }
+                // Less than a chunk apart: it still differs.
+                for len in [3977, 3990, 4500, 4999, 5001, 5100, 6023] {
+                    let (_, m) = compare_closed(&longer[..len], &theirs, early, true, piece);
+                    assert_eq!(
+                        m.len(),
+                        1,
+                        "{len} bytes, early {early}, pieces of {piece}: {m:?}"
+                    );
+                }
+                // The bytes both wrote are still compared.
+                let mut cut = theirs[..2500].to_vec();
+                cut[1500] = b'y';
+                let (_, m) = compare_closed(&cut, &theirs, early, true, piece);
+                assert_eq!(m.len(), 1, "{m:?}");
+                assert_eq!(m[0].chunk, 2);
+                longer[4500] = b'y';
+                let (_, m) = compare_closed(&longer[..5000], &theirs, early, true, piece);
+                assert_eq!(m.len(), 1, "{m:?}");
+                longer[4500] = b'x';
             }
-            // The bytes both wrote are still compared.
-            let mut cut = theirs[..2500].to_vec();
-            cut[1500] = b'y';
-            let (_, m) = compare_closed(&cut, &theirs, early, true);
-            assert_eq!(m.len(), 1, "{m:?}");
-            assert_eq!(m[0].chunk, 2);
-            // Within the last chunk a shorter or longer answer still differs
-            // (a short answer that differs, then the client closed).
-            for mine in [&theirs[..4500], &longer[..5100]] {
-                let (_, m) = compare_closed(mine, &theirs, early, true);
-                assert_eq!(m.len(), 1, "{} bytes, early {early}: {m:?}", mine.len());
-            }
-            longer[4500] = b'y';
-            let (_, m) = compare_closed(&longer[..5000], &theirs, early, true);
-            assert_eq!(m.len(), 1, "{m:?}");
-            longer[4500] = b'x';
         }
     }
 

@@ -1865,7 +1865,8 @@ impl Node<'_> {
             // A connection to the program still connecting holds everything
             // after it, however long (the replica stops after
             // APP_CONNECT_WAIT): the program sees the input in log order.
-            if !self.app_connecting.is_empty() {
+            // A replica that lost its program (it stops) applies no more.
+            if !self.app_connecting.is_empty() || self.program_lost.is_some() {
                 return;
             }
             // The leader's client waited for this much output before its
