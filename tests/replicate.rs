@@ -555,6 +555,27 @@ fn send_then_read(addr: SocketAddr, bytes: Vec<u8>, half_close: bool) -> (Vec<u8
     (got, closed)
 }
 
+/// A client connection to `addr` whose socket receives at most `size`
+/// bytes unread (a client that reads slowly, or not at all).
+fn connect_with_receive_buffer(addr: SocketAddr, size: usize) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &size).unwrap();
+    let SocketAddr::V4(v4) = addr else {
+        panic!("{addr}: not IPv4")
+    };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+    TcpStream::from(fd)
+}
+
 /// A client that closes its writing side after its requests still gets
 /// every answer, then the end of the connection, as from Redis itself;
 /// and so does one whose QUIT follows a pipeline larger than the socket
@@ -588,24 +609,7 @@ fn answers_reach_clients_that_close_or_quit(addr: SocketAddr, what: &str) {
     // QUIT after 5 MB of answers the client has not read yet (a small
     // receive buffer): they wait in falcon, and still all arrive, however
     // slowly the client then reads.
-    let s = {
-        use nix::sys::socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
-        };
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::RcvBuf, &16384).unwrap();
-        let SocketAddr::V4(v4) = addr else {
-            panic!("{addr}: not IPv4")
-        };
-        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
-        TcpStream::from(fd)
-    };
+    let s = connect_with_receive_buffer(addr, 16384);
     let value = "w".repeat(1000);
     (&s).write_all(format!("SET big {value}\r\n").as_bytes())
         .unwrap();
@@ -719,24 +723,7 @@ fn a_forwarded_client_that_reads_nothing_is_let_go() {
         statuses(&c)[i]["role"] == "leader"
     });
     let f = (leader + 1) % 3;
-    let s = {
-        use nix::sys::socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
-        };
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
-        let SocketAddr::V4(v4) = c.addrs[f].1 else {
-            panic!("not IPv4")
-        };
-        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
-        TcpStream::from(fd)
-    };
+    let s = connect_with_receive_buffer(c.addrs[f].1, 4096);
     // 100 KB, asked for 300 times: 30 MB of answers, none read.
     // (In Redis's protocol: an inline command over 64 KiB is refused, or
     // not, as the bytes happen to arrive.)
@@ -2652,25 +2639,8 @@ fn a_null_program_client_that_reads_no_answers_is_cut_off() {
         TcpStream::connect(c.addrs[0].1).is_ok()
     });
     assert!(ok, "{}", c.log(0));
-    let s = {
-        use nix::sys::socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
-        };
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        // Little room in the kernel for the unread answers.
-        setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
-        let SocketAddr::V4(v4) = c.addrs[0].1 else {
-            panic!("not IPv4")
-        };
-        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
-        TcpStream::from(fd)
-    };
+    // Little room in the kernel for the unread answers.
+    let s = connect_with_receive_buffer(c.addrs[0].1, 4096);
     // 2,000,000 empty frames: 32 MB of answers, none read (more than the
     // kernel's socket buffers hold).
     let mut w = s.try_clone().unwrap();
