@@ -212,12 +212,12 @@ fn write_within(s: &mut std::net::TcpStream, mut buf: &[u8], within: Duration) -
     Ok(())
 }
 
-/// TCP keepalive after 5 s idle (3 probes a second apart) and, with
-/// `user_timeout`, a 10 s limit on unacknowledged data: a peer whose host
-/// died is noticed in seconds, not the kernel's default two hours (idle) or
-/// quarter of an hour (data). (Not for a client's socket: the limit also
-/// ends a connection whose reader pauses, a zero window, for 10 s.)
-fn keep_alive(s: &std::net::TcpStream, user_timeout: bool) {
+/// TCP keepalive after 5 s idle (3 probes a second apart) and a limit of
+/// `user_timeout_ms` on unacknowledged data: a peer whose host died is
+/// noticed in seconds, not the kernel's default two hours (idle) or quarter
+/// of an hour (data). (The limit also ends a connection whose reader does
+/// not read, a zero window, that long: a client's socket gets more.)
+fn keep_alive(s: &std::net::TcpStream, user_timeout_ms: libc::c_int) {
     use std::os::fd::AsRawFd;
     let fd = s.as_raw_fd();
     let set = |level, name, value: libc::c_int| {
@@ -236,9 +236,7 @@ fn keep_alive(s: &std::net::TcpStream, user_timeout: bool) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-    if user_timeout {
-        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000);
-    }
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms);
 }
 
 /// The connections a follower forwards to the leader: how many threads
@@ -321,12 +319,12 @@ fn forward(client: std::net::TcpStream, leader: SocketAddr, set: Arc<Forwards>) 
             // A client that reads nothing, or whose host died, would hold
             // this forward's threads for good.
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
-            keep_alive(&client, false);
+            keep_alive(&client, 60_000);
             // A leader whose host dies sends no close: keepalive probes
             // (after 5 s idle, 3 one second apart) and a 10 s limit on
             // unacknowledged data end the forward, and the client, told
             // by the close, tries another replica.
-            keep_alive(&upstream, true);
+            keep_alive(&upstream, 10_000);
             let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
                 return;
             };
@@ -5101,7 +5099,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        keep_alive(&s, true);
+        keep_alive(&s, 10_000);
         let get = |level, name| {
             let mut v: libc::c_int = 0;
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
