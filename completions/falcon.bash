@@ -743,7 +743,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__replicate)
-            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --snapshot-timeout --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -797,6 +797,10 @@ _falcon() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --snapshot-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --memory-entries)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -837,7 +841,7 @@ _falcon() {
             return 0
             ;;
         falcon__subcmd__tap__subcmd__attach)
-            opts="-v -q -h -V --create --capture --qemu-socket --deliver --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
+            opts="-v -q -h -V --create --capture --qemu-socket --deliver --config --node --election-timeout --app-timeout --follower-clients --on-leader --on-follower --reset-cmd --on-divergence --snapshot-cmd --restore-cmd --snapshot-every --snapshot-timeout --null-program --memory-entries --poll --metrics --tls-cert --tls-key --tls-ca --new-key --json --verbose --quiet --color --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -900,6 +904,10 @@ _falcon() {
                     return 0
                     ;;
                 --snapshot-every)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshot-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1260,6 +1260,48 @@ fn snapshots_compact_the_log_and_bring_back_a_replica_far_behind() {
 /// A start that fails its checks (here a damaged view state) leaves the
 /// log's seal in place for the next start to check (it used to be removed
 /// first, so a log swapped or rolled back meanwhile went unnoticed).
+/// A --snapshot-cmd that runs past --snapshot-timeout is killed with all
+/// it started; that snapshot is given up and applying goes on.
+#[test]
+fn a_snapshot_cmd_past_its_timeout_is_killed_and_applying_goes_on() {
+    let _one = serial();
+    let hooks = [
+        "--snapshot-cmd",
+        "sleep 617; true",
+        "--restore-cmd",
+        "true",
+        "--snapshot-every",
+        "5",
+        "--snapshot-timeout",
+        "2s",
+    ];
+    let c = Cluster::start_full(
+        1,
+        redis_program(),
+        "refuse",
+        hooks.map(String::from).to_vec(),
+    );
+    let leader = c.leader(Duration::from_secs(20));
+    assert_eq!(set_many(c.addrs[leader].1, "k", 20), 20, "{}", c.log(0));
+    let log = c.log(0);
+    let pid: u32 = log
+        .split("--snapshot-cmd (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no timeout said:\n{log}"));
+    assert!(log.contains("ran past --snapshot-timeout (2s)"), "{log}");
+    // Nothing it started is left: its process group is empty.
+    let gone = wait_until(Duration::from_secs(5), || {
+        !util::sh(&format!("pgrep -g {pid}")).status.success()
+    });
+    assert!(
+        gone,
+        "{}",
+        String::from_utf8_lossy(&util::sh("ps -ef").stdout)
+    );
+}
+
 #[test]
 fn a_start_that_fails_its_checks_keeps_the_seal() {
     let _one = serial();

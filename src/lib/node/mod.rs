@@ -97,6 +97,9 @@ pub struct NodeOptions {
     pub restore_cmd: Option<String>,
     /// Entries applied between two snapshots.
     pub snapshot_every: u64,
+    /// How long `snapshot_cmd` may run before it is stopped and the
+    /// snapshot given up.
+    pub snapshot_timeout: Duration,
     /// No program: clients send length-prefixed frames and the leader
     /// answers each committed frame with its op (`falcon bench --consensus`).
     pub null_program: bool,
@@ -989,6 +992,7 @@ struct Node<'a> {
     snapshot_cmd: Option<String>,
     restore_cmd: Option<String>,
     snapshot_every: u64,
+    snapshot_timeout: Duration,
     /// The op of the last entry applied to the program, and the connections open then.
     applied_op: u64,
     open_conns: std::collections::BTreeSet<u64>,
@@ -1981,16 +1985,16 @@ impl Node<'_> {
                     .map_err(io_err(format!("creating {}", work.display())))?;
                 let op = self.applied_op;
                 let op_s = op.to_string();
-                let spawned = self
-                    .hooks_env
-                    .command(
-                        &cmd,
-                        &[
-                            ("FALCON_SNAPSHOT_DIR", work.as_os_str()),
-                            ("FALCON_OP", op_s.as_ref()),
-                        ],
-                    )
-                    .spawn();
+                let mut command = self.hooks_env.command(
+                    &cmd,
+                    &[
+                        ("FALCON_SNAPSHOT_DIR", work.as_os_str()),
+                        ("FALCON_OP", op_s.as_ref()),
+                    ],
+                );
+                // Its own process group: a timeout kills all it started.
+                std::os::unix::process::CommandExt::process_group(&mut command, 0);
+                let spawned = command.spawn();
                 match spawned {
                     Ok(child) => {
                         self.snapshotting = Snapshotting::Running {
@@ -2018,12 +2022,23 @@ impl Node<'_> {
                 say_at,
             } => {
                 let status = match child.try_wait() {
+                    Ok(None) if started.elapsed() >= self.snapshot_timeout => {
+                        let pid = child.id();
+                        self.ui.error(&format!(
+                            "--snapshot-cmd (pid {pid}) ran past --snapshot-timeout ({}); killing it and everything it started",
+                            humantime::format_duration(self.snapshot_timeout)
+                        ));
+                        // SAFETY: kill(2) on the process group the command leads.
+                        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+                        child.wait()
+                    }
                     Ok(None) => {
                         if started.elapsed() >= *say_at {
                             *say_at += SNAPSHOT_CMD_SAY_EVERY;
                             let (pid, secs) = (child.id(), started.elapsed().as_secs());
                             self.ui.warn(&format!(
-                                "--snapshot-cmd (pid {pid}) has run for {secs} s; this replica applies nothing until it ends (kill it to go on without this snapshot)"
+                                "--snapshot-cmd (pid {pid}) has run for {secs} s; this replica applies nothing until it ends (kill it to go on without this snapshot; --snapshot-timeout kills it at {})",
+                                humantime::format_duration(self.snapshot_timeout)
                             ));
                         }
                         return Ok(());
@@ -4150,6 +4165,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         snapshot_cmd: opts.snapshot_cmd.clone(),
         restore_cmd: opts.restore_cmd.clone(),
         snapshot_every: opts.snapshot_every.max(1),
+        snapshot_timeout: opts.snapshot_timeout,
         applied_op: base,
         open_conns: open_at_base.iter().copied().collect(),
         snapshot_op: snap.as_ref().map_or(0, |m| m.op),
@@ -4749,6 +4765,12 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
 
+    /// How long --snapshot-cmd may run (applying is paused meanwhile): past
+    /// it, the command and everything it started are killed, this snapshot
+    /// is given up (the log keeps every entry) and applying goes on.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub snapshot_timeout: Duration,
+
     /// Run no program: clients send frames (u32 little-endian length, then
     /// the bytes) and the leader answers each committed frame with its op
     /// and the nanoseconds from proposing it to applying it on the leader
@@ -5072,6 +5094,7 @@ fn replica(
         snapshot_cmd: args.snapshot_cmd.clone(),
         restore_cmd: args.restore_cmd.clone(),
         snapshot_every: args.snapshot_every,
+        snapshot_timeout: args.snapshot_timeout,
         null_program: args.null_program,
         memory_entries: args.memory_entries,
         poll: args.poll,
