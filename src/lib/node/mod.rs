@@ -267,20 +267,18 @@ impl Forwards {
     /// Shuts down every forward that goes to another leader than `leader`;
     /// how many.
     fn close_all_but(&self, leader: SocketAddr) -> usize {
-        let mut live = self.live();
-        let stale: Vec<u64> = live
-            .iter()
-            .filter(|(_, (to, _))| *to != leader)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &stale {
-            if let Some((_, socks)) = live.remove(id) {
-                for s in socks {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
-                }
+        let mut closed = 0;
+        self.live().retain(|_, (to, socks)| {
+            if *to == leader {
+                return true;
             }
-        }
-        stale.len()
+            for s in socks.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            closed += 1;
+            false
+        });
+        closed
     }
 }
 
@@ -586,8 +584,6 @@ struct AppConn {
     reopened: bool,
     /// Closed in the log: close once everything written so far reached the program.
     closing: bool,
-    /// Connecting since then (see [`Node::connect_app`]).
-    connecting: Option<Instant>,
     /// Our side is shut (FIN sent): the program still reads what is left and
     /// answers; the connection goes once the program closes its side too.
     /// (Dropping it at once could reset the connection and lose requests the
@@ -897,9 +893,10 @@ struct Node<'a> {
     client_of_conn: HashMap<u64, Token>,
     apps: HashMap<u64, AppConn>,
     app_tokens: HashMap<Token, u64>,
-    /// Program connections still connecting: nothing more is applied until
-    /// they are up (the program must see their input in log order).
-    app_connecting: HashSet<u64>,
+    /// Program connections still connecting, since when: nothing more is
+    /// applied until they are up (the program must see their input in log
+    /// order; see [`Node::connect_app`]).
+    app_connecting: HashMap<u64, Instant>,
     next_token: usize,
     next_conn: u64,
     held: Vec<(u64, NodeId, crate::consensus::Message)>,
@@ -1842,11 +1839,10 @@ impl Node<'_> {
     /// program_protocol = "resp": what the loop's turn handed the program
     /// goes in one write, at its end.
     fn flush_shared(&mut self) {
-        if let Some(a) = self
-            .apps
-            .get_mut(&SHARED)
-            .filter(|a| !a.out.is_empty() && a.connecting.is_none())
-        {
+        if self.app_connecting.contains_key(&SHARED) {
+            return;
+        }
+        if let Some(a) = self.apps.get_mut(&SHARED).filter(|a| !a.out.is_empty()) {
             flush(&mut a.stream, &mut a.out);
         }
     }
@@ -2557,7 +2553,7 @@ impl Node<'_> {
                         return;
                     }
                     a.out.extend_from_slice(&e.payload);
-                    if a.connecting.is_none() {
+                    if !self.app_connecting.contains_key(&e.conn) {
                         flush(&mut a.stream, &mut a.out);
                     }
                 }
@@ -2566,7 +2562,9 @@ impl Node<'_> {
                 // Bytes still on their way to the program go first: a replica
                 // replaying its log writes faster than the program reads.
                 match self.apps.get_mut(&e.conn) {
-                    Some(a) if !a.out.is_empty() || a.connecting.is_some() => a.closing = true,
+                    Some(a) if !a.out.is_empty() || self.app_connecting.contains_key(&e.conn) => {
+                        a.closing = true
+                    }
                     Some(a) => {
                         a.shut_write();
                         self.digests.client_closed(e.conn);
@@ -2740,10 +2738,9 @@ impl Node<'_> {
                         reopened: false,
                         closing: false,
                         shut: None,
-                        connecting: Some(Instant::now()),
                     },
                 );
-                self.app_connecting.insert(conn);
+                self.app_connecting.insert(conn, Instant::now());
                 // Over loopback the handshake is usually done already.
                 self.app_connected(conn);
             }
@@ -2766,13 +2763,24 @@ impl Node<'_> {
         ));
     }
 
+    /// [`Node::app_connected`] from the loop (an event, or the periodic
+    /// check): once the last connection is up, applying resumes.
+    fn check_app_connect(&mut self, conn: u64) -> bool {
+        let held = !self.app_connecting.is_empty();
+        let up = self.app_connected(conn);
+        if held && self.app_connecting.is_empty() {
+            self.pump_apply();
+        }
+        up
+    }
+
     /// Whether the connection to the program for `conn` is up; one still
     /// connecting that failed, or waited [`APP_CONNECT_WAIT`], stops the replica.
     fn app_connected(&mut self, conn: u64) -> bool {
         let Some(a) = self.apps.get_mut(&conn) else {
             return false;
         };
-        let Some(since) = a.connecting else {
+        let Some(&since) = self.app_connecting.get(&conn) else {
             return true;
         };
         let failed = match a.stream.take_error() {
@@ -2793,10 +2801,7 @@ impl Node<'_> {
         };
         self.app_connecting.remove(&conn);
         match failed {
-            None => {
-                a.connecting = None;
-                true
-            }
+            None => true,
             Some(why) => {
                 let token = a.token;
                 if let Some(mut a) = self.apps.remove(&conn) {
@@ -3450,12 +3455,8 @@ impl Node<'_> {
         let Some(&conn) = self.app_tokens.get(&t) else {
             return;
         };
-        let was_connecting = !self.app_connecting.is_empty();
-        if !self.app_connected(conn) {
+        if !self.check_app_connect(conn) {
             return;
-        }
-        if was_connecting && self.app_connecting.is_empty() {
-            self.pump_apply();
         }
         if conn == SHARED && self.mux.is_some() {
             self.on_shared(t, ready);
@@ -4103,7 +4104,7 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
         client_of_conn: HashMap::new(),
         apps: HashMap::new(),
         app_tokens: HashMap::new(),
-        app_connecting: HashSet::new(),
+        app_connecting: HashMap::new(),
         next_token: 0,
         next_conn: 1,
         held: Vec::new(),
@@ -4348,18 +4349,9 @@ pub fn run(opts: NodeOptions, ui: &Ui, stop: Arc<AtomicBool>) -> Result<NodeExit
             }
             node.hook_children
                 .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
-            let connecting: Vec<u64> = node
-                .apps
-                .iter()
-                .filter(|(_, a)| a.connecting.is_some())
-                .map(|(&c, _)| c)
-                .collect();
-            let held = !node.app_connecting.is_empty();
+            let connecting: Vec<u64> = node.app_connecting.keys().copied().collect();
             for c in connecting {
-                node.app_connected(c);
-            }
-            if held && node.app_connecting.is_empty() {
-                node.pump_apply();
+                node.check_app_connect(c);
             }
             let stale: Vec<u64> = node
                 .apps
