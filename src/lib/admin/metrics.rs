@@ -147,11 +147,13 @@ pub fn serve(
 }
 
 fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
-    write!(
-        stream,
+    // One write: the connection may be closed with the request unread
+    // (a 503 at once), which resets it and drops what is not sent yet.
+    let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
+    );
+    stream.write_all(response.as_bytes())
 }
 
 /// The metrics text: the last one if fresh, else the loop's (None when the
